@@ -1,0 +1,62 @@
+"""Model configuration: pure data, no groups, no devices."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    num_layers: int
+    hidden_size: int
+    num_attention_heads: int
+    vocab_size: int  # padded (a multiple of make_vocab_size_divisible_by * TP)
+    max_position_embeddings: int
+    ffn_hidden_size: Optional[int] = None  # default 4 * hidden
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    rotary_base: float = 10000.0
+    normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
+    norm_epsilon: float = 1e-5
+    swiglu: bool = False
+    add_bias_linear: bool = True
+    untie_embeddings_and_output_weights: bool = False
+    hidden_dropout: float = 0.1
+    attention_dropout: float = 0.1
+    init_method_std: float = 0.02
+    params_dtype: torch.dtype = torch.float32
+
+    def __post_init__(self):
+        if self.ffn_hidden_size is None:
+            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+        if self.hidden_size % self.num_attention_heads:
+            raise ValueError(
+                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
+                f"{self.num_attention_heads}"
+            )
+        if self.position_embedding_type not in ("learned_absolute", "rope"):
+            raise ValueError(
+                f"--position-embedding-type {self.position_embedding_type!r}: use learned_absolute or rope"
+            )
+        if self.normalization not in ("LayerNorm", "RMSNorm"):
+            raise ValueError(f"--normalization {self.normalization!r}: use LayerNorm or RMSNorm")
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_attention_heads
+
+    def check_tensor_parallel(self, tp: int) -> None:
+        """Raise if the model cannot be split over `tp` ranks, naming the flag and valid sizes."""
+        for flag, value in (
+            ("--num-attention-heads", self.num_attention_heads),
+            ("--hidden-size", self.hidden_size),
+            ("--ffn-hidden-size", self.ffn_hidden_size),
+        ):
+            if value % tp:
+                valid = [t for t in range(1, value + 1) if value % t == 0 and t <= 64]
+                raise ValueError(
+                    f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}; "
+                    f"use a TP size in {valid} or change {flag}"
+                )

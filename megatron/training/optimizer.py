@@ -1,0 +1,261 @@
+"""Mixed-precision AdamW over flat buffers, with ZeRO-1 sharding and the tiled step.
+
+Parameters are packed into flat buffers ("flat groups"), one per (reduction group, weight decay,
+TP-split): the model's parameters become views into `param_buf`, their gradients accumulate
+into `grad_buf` (p.main_grad views) through a post-accumulate hook. A step is:
+
+  1. reduce grads over the group (DP, or expert-DP for experts): all-reduce, or reduce-scatter
+     into this rank's shard with ZeRO-1
+  2. fp16 only: overflow check over the world; skip the step and back off the scale on overflow
+  3. global grad norm (each element counted once over the world) and the clip coefficient
+  4. for each tile of at most `tile_size` elements of this rank's shard: upcast the grads,
+     unscale and clip them, AdamW-update the fp32 master weights, write the tile back
+  5. ZeRO-1: all-gather the updated parameters over the group
+
+The tile loop is the only loop (untiled = one tile), so tiled and untiled steps do the same
+elementwise arithmetic and agree bitwise; the step's temporaries are bounded by the tile.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+
+from megatron.model.params import spec_of
+from ted_patches import comm
+from ted_patches.topology import Group, TEDGroups
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    lr: float = 1e-4
+    min_lr: float = 0.0
+    weight_decay: float = 0.01
+    adam_beta1: float = 0.9
+    adam_beta2: float = 0.999
+    adam_eps: float = 1e-8
+    clip_grad: float = 1.0
+    use_distributed_optimizer: bool = False  # ZeRO-1
+    tile_size: int = 0  # elements per tile of the step; 0 = untiled
+    fp16: bool = False
+    loss_scale: Optional[float] = None  # fp16: a static scale; None = dynamic
+    initial_loss_scale: float = 2.0**32
+    min_loss_scale: float = 1.0
+    loss_scale_window: int = 1000
+    hysteresis: int = 2
+    accumulate_grads_in_fp32: bool = False
+
+
+class LossScaler:
+    """Dynamic loss scale for fp16 (Megatron's rule): halve after `hysteresis` overflowing steps,
+    double after `window` clean ones. A static scale never changes; bf16/fp32 use scale 1."""
+
+    def __init__(self, cfg: OptimizerConfig):
+        self.dynamic = cfg.fp16 and cfg.loss_scale is None
+        self.scale = (cfg.loss_scale or cfg.initial_loss_scale) if cfg.fp16 else 1.0
+        self.min_scale, self.window, self.hysteresis = cfg.min_loss_scale, cfg.loss_scale_window, cfg.hysteresis
+        self._clean, self._overflows_left = 0, cfg.hysteresis
+
+    def update(self, overflow: bool) -> None:
+        if not self.dynamic:
+            return
+        if overflow:
+            self._clean = 0
+            self._overflows_left -= 1
+            if self._overflows_left <= 0:
+                self.scale = max(self.scale / 2.0, self.min_scale)
+                self._overflows_left = self.hysteresis
+        else:
+            self._clean += 1
+            if self._clean % self.window == 0:
+                self.scale *= 2.0
+                self._overflows_left = self.hysteresis
+
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean": self._clean, "overflows_left": self._overflows_left}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.scale, self._clean, self._overflows_left = state["scale"], state["clean"], state["overflows_left"]
+
+
+def adamw_(p, g, m, v, *, step: int, lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
+    """In-place AdamW on fp32 tensors, as torch.optim.AdamW computes it."""
+    if wd:
+        p.mul_(1.0 - lr * wd)
+    m.lerp_(g, 1.0 - beta1)
+    v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+    denom = (v.sqrt() / math.sqrt(1.0 - beta2**step)).add_(eps)
+    p.addcdiv_(m, denom, value=-lr / (1.0 - beta1**step))
+
+
+class FlatGroup:
+    """Parameters that share a reduction group, weight decay and TP placement, packed flat.
+
+    This rank owns elements [lo, hi) of the buffers (all of them without ZeRO-1) and keeps fp32
+    master weights and Adam moments for those only."""
+
+    def __init__(self, params: list, group: Group, *, shard: bool, decay: bool, tp_split: bool,
+                 grad_dtype: torch.dtype):
+        self.params, self.group, self.decay, self.tp_split, self.shard = params, group, decay, tp_split, shard
+        nshards = group.size if shard else 1
+        numel = sum(p.numel() for p in params)
+        padded = -(-numel // nshards) * nshards
+        ref = params[0]
+        self.param_buf = torch.zeros(padded, dtype=ref.dtype, device=ref.device)
+        self.grad_buf = torch.zeros(padded, dtype=grad_dtype, device=ref.device)
+        offset = 0
+        for p in params:
+            n = p.numel()
+            self.param_buf[offset:offset + n].copy_(p.detach().view(-1))
+            p.data = self.param_buf[offset:offset + n].view_as(p)
+            p.main_grad = self.grad_buf[offset:offset + n].view_as(p)
+            offset += n
+        per = padded // nshards
+        self.lo = (group.rank if shard else 0) * per
+        self.hi = self.lo + per
+        mine = self.param_buf[self.lo:self.hi]
+        # fp32 params without sharding are their own master weights: no copy.
+        self.master = mine if mine.dtype == torch.float32 else mine.float()
+        self.exp_avg = torch.zeros_like(self.master, dtype=torch.float32)
+        self.exp_avg_sq = torch.zeros_like(self.master, dtype=torch.float32)
+
+    @property
+    def grads(self) -> torch.Tensor:
+        """This rank's (reduced) gradient shard."""
+        return self.grad_buf[self.lo:self.hi]
+
+    def reduce_grads(self) -> None:
+        """Average over the group: all-reduce, or reduce-scatter into this rank's shard."""
+        n = self.group.size
+        if n == 1:
+            return
+        if self.shard:
+            self.grads.copy_(comm.raw_reduce_scatter(self.grad_buf.view(n, -1), self.group))
+        else:
+            comm.all_reduce_(self.grad_buf, self.group)
+        self.grads.div_(n)
+
+    def counts_in_norm(self, groups: TEDGroups) -> bool:
+        """Whether this rank's shard is the one copy that enters the global norm."""
+        if not self.tp_split and groups.tp.rank != 0:
+            return False
+        return self.shard or self.group.rank == 0
+
+    def gather_params(self) -> None:
+        if self.shard and self.group.size > 1:
+            comm.all_gather_into(self.param_buf, self.param_buf[self.lo:self.hi].clone(), self.group)
+
+    def state_bytes(self) -> int:
+        """Bytes of optimizer state this rank holds (master copy when separate, and moments)."""
+        own_master = self.master.data_ptr() != self.param_buf[self.lo:self.hi].data_ptr()
+        tensors = [self.exp_avg, self.exp_avg_sq] + ([self.master] if own_master else [])
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+
+@dataclass(frozen=True)
+class StepResult:
+    grad_norm: float  # unscaled, before clipping
+    skipped: bool  # fp16 overflow
+    loss_scale: float
+
+
+class Optimizer:
+    """AdamW with fp32 master weights over the model's flat groups."""
+
+    def __init__(self, model: torch.nn.Module, groups: TEDGroups, cfg: OptimizerConfig):
+        self.cfg, self.groups = cfg, groups
+        self.scaler = LossScaler(cfg)
+        self.step_count = 0
+        keyed: dict[tuple, list] = {}
+        for p in model.parameters():
+            if p.requires_grad:
+                spec = spec_of(p)
+                keyed.setdefault((spec.expert, spec.decay, spec.tp_dim is not None), []).append(p)
+        self.flat_groups = []
+        for (expert, decay, tp_split), params in keyed.items():
+            grad_dtype = torch.float32 if cfg.accumulate_grads_in_fp32 else params[0].dtype
+            group = groups.edp if expert else groups.dp
+            self.flat_groups.append(FlatGroup(params, group, shard=cfg.use_distributed_optimizer,
+                                              decay=decay, tp_split=tp_split, grad_dtype=grad_dtype))
+        # One scheduler-facing dict per flat group (megatron-core's OptimizerParamScheduler sets
+        # 'lr' and 'weight_decay' = wd * 'wd_mult' in these).
+        self.param_groups = [
+            {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "wd_mult": 1.0 if fg.decay else 0.0}
+            for fg in self.flat_groups
+        ]
+        for p in self.params():
+            p.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+
+    def params(self):
+        return (p for fg in self.flat_groups for p in fg.params)
+
+    def zero_grad(self) -> None:
+        for fg in self.flat_groups:
+            fg.grad_buf.zero_()
+
+    @torch.no_grad()
+    def reduce_gradients(self) -> None:
+        """Average the accumulated gradients over DP / expert-DP (step 1); call before `step`."""
+        for fg in self.flat_groups:
+            fg.reduce_grads()
+
+    @torch.no_grad()
+    def step(self) -> StepResult:
+        """Steps 2-5 on reduced gradients."""
+        scale = self.scaler.scale
+        if self.cfg.fp16:
+            overflow = self._overflow()
+            self.scaler.update(overflow)
+            if overflow:
+                return StepResult(float("nan"), True, scale)
+        norm = self.grad_norm() / scale
+        clip = self.cfg.clip_grad / (norm + 1e-6) if 0 < self.cfg.clip_grad < norm + 1e-6 else 1.0
+        self.step_count += 1
+        for fg, pg in zip(self.flat_groups, self.param_groups):
+            self._update(fg, pg, clip / scale)
+            fg.gather_params()
+        return StepResult(norm, False, scale)
+
+    def grad_norm(self) -> float:
+        """Global L2 norm of the (reduced, still scaled) gradients; identical on every rank."""
+        device = self.flat_groups[0].grad_buf.device
+        total = torch.zeros((), dtype=torch.float64, device=device)
+        for fg in self.flat_groups:
+            if fg.counts_in_norm(self.groups):
+                total += torch.linalg.vector_norm(fg.grads, dtype=torch.float32).double() ** 2
+        comm.all_reduce_(total, self.groups.world)
+        return math.sqrt(total.item())
+
+    def _overflow(self) -> bool:
+        found = torch.zeros((), device=self.flat_groups[0].grad_buf.device)
+        for fg in self.flat_groups:
+            found = torch.maximum(found, (~torch.isfinite(fg.grads)).any().float())
+        comm.all_reduce_(found, self.groups.world, op=dist.ReduceOp.MAX)
+        return bool(found.item())
+
+    def _update(self, fg: FlatGroup, pg: dict, grad_factor: float) -> None:
+        n = fg.hi - fg.lo
+        tile = self.cfg.tile_size if self.cfg.tile_size > 0 else max(n, 1)
+        c = self.cfg
+        for a in range(0, n, tile):
+            b = min(a + tile, n)
+            g = fg.grads[a:b]
+            g = g if g.dtype == torch.float32 else g.float()  # the only upcast: one tile at a time
+            g.mul_(grad_factor)
+            adamw_(fg.master[a:b], g, fg.exp_avg[a:b], fg.exp_avg_sq[a:b], step=self.step_count,
+                   lr=pg["lr"], beta1=c.adam_beta1, beta2=c.adam_beta2, eps=c.adam_eps, wd=pg["weight_decay"])
+            mine = fg.param_buf[fg.lo + a:fg.lo + b]
+            if mine.data_ptr() != fg.master[a:b].data_ptr():
+                mine.copy_(fg.master[a:b])
+
+    def state_bytes(self) -> int:
+        return sum(fg.state_bytes() for fg in self.flat_groups)
+
+
+def _accumulate_into_main_grad(p: torch.Tensor) -> None:
+    p.main_grad.add_(p.grad)
+    p.grad = None

@@ -1,0 +1,242 @@
+"""Autograd collectives over an explicit `Group`, each recording what it sends in a ledger.
+
+Every function states its contract as "forward; backward". Collectives over a group of size 1
+are identities and issue nothing (and record nothing): a one-process run takes the same code path.
+
+Bytes are counted as the size of the buffer this rank hands to the collective (its send buffer):
+for an all-to-all the whole input, for an all-gather its own shard, for a reduce-scatter or
+all-reduce the whole input. That makes "DTD sends 1/TP of the bytes" an exact statement.
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ted_patches.topology import Group
+
+
+@dataclass(frozen=True)
+class CommRecord:
+    kind: str  # all_to_all | all_gather | reduce_scatter | all_reduce
+    group: str  # tp | dp | ep | edp | world
+    nbytes: int
+
+
+class CommLedger:
+    """What this rank's collectives sent. Reset it, run a step, read counts and bytes."""
+
+    def __init__(self):
+        self.records: list[CommRecord] = []
+
+    def record(self, kind: str, group: Group, tensor: torch.Tensor) -> None:
+        self.records.append(CommRecord(kind, group.name, tensor.numel() * tensor.element_size()))
+
+    def reset(self) -> None:
+        self.records.clear()
+
+    def count(self, kind: str | None = None, group: str | None = None) -> int:
+        return sum(1 for r in self._select(kind, group))
+
+    def nbytes(self, kind: str | None = None, group: str | None = None) -> int:
+        return sum(r.nbytes for r in self._select(kind, group))
+
+    def summary(self) -> dict[tuple[str, str], tuple[int, int]]:
+        """(kind, group) -> (calls, bytes)."""
+        calls, nbytes = Counter(), Counter()
+        for r in self.records:
+            calls[(r.kind, r.group)] += 1
+            nbytes[(r.kind, r.group)] += r.nbytes
+        return {k: (calls[k], nbytes[k]) for k in calls}
+
+    def _select(self, kind, group):
+        return (r for r in self.records if (kind is None or r.kind == kind) and (group is None or r.group == group))
+
+
+# torch 2.13 renamed the tensor-form collectives; keep working on older torch too.
+_all_gather_single = getattr(dist, "all_gather_single", None) or dist.all_gather_into_tensor
+_reduce_scatter_single = getattr(dist, "reduce_scatter_single", None) or dist.reduce_scatter_tensor
+
+
+def _record(kind: str, group: Group, tensor: torch.Tensor) -> None:
+    if group.ledger is not None:
+        group.ledger.record(kind, group, tensor)
+
+
+# ---- plain (non-autograd) collectives ---------------------------------------------------------
+def raw_all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Equal-split all-to-all over dim 0."""
+    if group.size == 1:
+        return x
+    x = x.contiguous()
+    _record("all_to_all", group, x)
+    out = torch.empty_like(x)
+    dist.all_to_all_single(out, x, group=group.pg)
+    return out
+
+
+def raw_all_gather(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Concatenate every rank's `x` along a new leading dim: [n, *x.shape]."""
+    if group.size == 1:
+        return x.unsqueeze(0)
+    x = x.contiguous()
+    _record("all_gather", group, x)
+    out = x.new_empty(group.size * x.numel())
+    _all_gather_single(out, x.view(-1), group=group.pg)
+    return out.view(group.size, *x.shape)
+
+
+def all_gather_into(out: torch.Tensor, x: torch.Tensor, group: Group) -> torch.Tensor:
+    """All-gather `x` from every rank into the flat `out` (rank-major), no extra buffer."""
+    if group.size == 1:
+        return out.copy_(x.view_as(out))
+    _record("all_gather", group, x)
+    _all_gather_single(out.view(-1), x.contiguous().view(-1), group=group.pg)
+    return out
+
+
+def raw_reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """Sum [n, ...] over ranks and keep this rank's entry of the leading dim."""
+    if group.size == 1:
+        return x[0]
+    x = x.contiguous()
+    _record("reduce_scatter", group, x)
+    out = x.new_empty(x[0].numel())
+    _reduce_scatter_single(out, x.view(-1), group=group.pg)
+    return out.view(x.shape[1:])
+
+
+def all_reduce_(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
+    """In-place all-reduce."""
+    if group.size > 1:
+        _record("all_reduce", group, x)
+        dist.all_reduce(x, op=op, group=group.pg)
+    return x
+
+
+# ---- autograd collectives ---------------------------------------------------------------------
+class _AllToAll(torch.autograd.Function):
+    """all-to-all over dim 0; backward: all-to-all."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return raw_all_to_all(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw_all_to_all(grad, ctx.group), None
+
+
+class _Drop(torch.autograd.Function):
+    """[n, ...] replicated -> keep my entry of dim 0; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x[group.rank]
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw_all_gather(grad, ctx.group), None
+
+
+class _GatherToReplicated(torch.autograd.Function):
+    """all-gather into a new dim 0; backward: keep my entry (the consumer is replicated, so every
+    rank holds the same full gradient)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return raw_all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad[ctx.group.rank], None
+
+
+class _GatherToSplit(torch.autograd.Function):
+    """all-gather into a new dim 0; backward: reduce-scatter (the consumer is split over the group,
+    so each rank's gradient is a partial sum)."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return raw_all_gather(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw_reduce_scatter(grad, ctx.group), None
+
+
+class _ReduceScatter(torch.autograd.Function):
+    """[n, ...] partial sums -> summed, my entry of dim 0; backward: all-gather."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return raw_reduce_scatter(x, group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return raw_all_gather(grad, ctx.group), None
+
+
+class _CopyToSplit(torch.autograd.Function):
+    """identity into a region split over the group; backward: all-reduce of the partial grads."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        ctx.group = group
+        return x
+
+    @staticmethod
+    def backward(ctx, grad):
+        return all_reduce_(grad.contiguous().clone(), ctx.group), None
+
+
+class _ReduceFromSplit(torch.autograd.Function):
+    """all-reduce of partial outputs; backward: identity."""
+
+    @staticmethod
+    def forward(ctx, x, group):
+        return all_reduce_(x.contiguous().clone(), group)
+
+    @staticmethod
+    def backward(ctx, grad):
+        return grad, None
+
+
+def _apply(fn, identity, x, group):
+    return identity(x) if group.size == 1 else fn.apply(x, group)
+
+
+def all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _apply(_AllToAll, lambda t: t, x, group)
+
+
+def drop(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _apply(_Drop, lambda t: t[0], x, group)
+
+
+def gather_to_replicated(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _apply(_GatherToReplicated, lambda t: t.unsqueeze(0), x, group)
+
+
+def gather_to_split(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _apply(_GatherToSplit, lambda t: t.unsqueeze(0), x, group)
+
+
+def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _apply(_ReduceScatter, lambda t: t[0], x, group)
+
+
+def copy_to_split(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _apply(_CopyToSplit, lambda t: t, x, group)
+
+
+def reduce_from_split(x: torch.Tensor, group: Group) -> torch.Tensor:
+    return _apply(_ReduceFromSplit, lambda t: t, x, group)

@@ -1,0 +1,164 @@
+"""The TED rank layout and the explicit process-group object handed to every layer.
+
+Layout (megatron-core's order "tp-cp-ep-dp-pp" with expert TP = TP):
+    rank = tp + TP * dp                  dense view
+    dp   = ep + EP * edp                 the DP group is split into EP groups
+so the EP group holds ranks with the SAME TP rank (all-to-all moves whole TP shards), and the
+expert-DP group holds the ranks that own the same experts and the same TP shard.
+
+`Topology` is pure arithmetic (testable without processes). `TEDGroups` wraps the process
+groups that megatron-core's parallel_state built; layers receive it explicitly and never read
+parallel_state globals.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import Optional
+
+import torch.distributed as dist
+
+
+class LayoutError(ValueError):
+    """An invalid (TP, EP, DP) layout or a model that does not fit it. Raised before any collective."""
+
+
+@dataclass(frozen=True)
+class Topology:
+    world_size: int
+    tp: int = 1
+    ep: int = 1
+
+    def __post_init__(self):
+        if self.tp < 1 or self.ep < 1 or self.world_size < 1:
+            raise LayoutError(
+                f"--tensor-model-parallel-size ({self.tp}), --expert-model-parallel-size ({self.ep}) "
+                f"and the world size ({self.world_size}) must be >= 1"
+            )
+        if self.world_size % self.tp:
+            valid = [t for t in range(1, self.world_size + 1) if self.world_size % t == 0]
+            raise LayoutError(
+                f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
+                f"{self.tp}; use one of {valid}"
+            )
+        if self.dp % self.ep:
+            valid = [e for e in range(1, self.dp + 1) if self.dp % e == 0]
+            raise LayoutError(
+                f"data-parallel size {self.dp} (= world {self.world_size} / TP {self.tp}) is not "
+                f"divisible by --expert-model-parallel-size {self.ep}; use one of {valid}"
+            )
+
+    @property
+    def dp(self) -> int:
+        return self.world_size // self.tp
+
+    @property
+    def edp(self) -> int:
+        """Expert-data-parallel size: replicas of each expert shard."""
+        return self.dp // self.ep
+
+    # -- rank <-> coordinates ------------------------------------------------------------
+    def coords(self, rank: int) -> "Coords":
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} outside world of {self.world_size}")
+        tp, dp = rank % self.tp, rank // self.tp
+        return Coords(tp=tp, dp=dp, ep=dp % self.ep, edp=dp // self.ep)
+
+    def rank(self, tp: int = 0, dp: Optional[int] = None, ep: int = 0, edp: int = 0) -> int:
+        """Rank of the given coordinates; `dp` or the pair (`ep`, `edp`) names the data-parallel slot."""
+        if dp is None:
+            dp = ep + self.ep * edp
+        return tp + self.tp * dp
+
+    # -- group tables (lists of rank lists, each ordered by rank in group) ------------------
+    def tp_groups(self) -> list[list[int]]:
+        return [[self.rank(tp=t, dp=d) for t in range(self.tp)] for d in range(self.dp)]
+
+    def dp_groups(self) -> list[list[int]]:
+        return [[self.rank(tp=t, dp=d) for d in range(self.dp)] for t in range(self.tp)]
+
+    def ep_groups(self) -> list[list[int]]:
+        return [
+            [self.rank(tp=t, ep=e, edp=x) for e in range(self.ep)]
+            for x in range(self.edp)
+            for t in range(self.tp)
+        ]
+
+    def edp_groups(self) -> list[list[int]]:
+        return [
+            [self.rank(tp=t, ep=e, edp=x) for x in range(self.edp)]
+            for e in range(self.ep)
+            for t in range(self.tp)
+        ]
+
+    def describe(self) -> str:
+        return f"TP={self.tp} EP={self.ep} DP={self.dp} expert-DP={self.edp} (world {self.world_size})"
+
+
+@dataclass(frozen=True)
+class Coords:
+    tp: int
+    dp: int
+    ep: int
+    edp: int
+
+
+@dataclass(frozen=True)
+class Group:
+    """One process group with its name, this rank's place in it, and the ledger its collectives
+    write to. Our collectives over a group of size 1 are identities that issue nothing."""
+
+    name: str
+    pg: dist.ProcessGroup
+    ranks: tuple[int, ...]
+    rank: int
+    ledger: "object" = dataclasses.field(compare=False, repr=False, default=None)
+
+    @property
+    def size(self) -> int:
+        return len(self.ranks)
+
+
+@dataclass(frozen=True)
+class TEDGroups:
+    """Everything a layer needs to know about parallelism: the topology, this rank's coordinates,
+    and the four groups. Built once per process by `megatron.training.initialize`."""
+
+    topology: Topology
+    coords: Coords
+    tp: Group
+    dp: Group
+    ep: Group
+    edp: Group
+    world: Group
+
+    @property
+    def ledger(self):
+        return self.tp.ledger
+
+
+def groups_from_parallel_state(topology: Topology, ledger=None) -> TEDGroups:
+    """Wrap the groups megatron-core's `initialize_model_parallel` made, checking them against
+    the topology's own tables so the two can never disagree silently."""
+    from megatron.core import parallel_state as ps
+
+    from ted_patches.comm import CommLedger
+
+    ledger = ledger if ledger is not None else CommLedger()
+    rank = dist.get_rank()
+    wanted = {
+        "tp": (ps.get_tensor_model_parallel_group(), topology.tp_groups()),
+        "dp": (ps.get_data_parallel_group(), topology.dp_groups()),
+        "ep": (ps.get_expert_model_parallel_group(), topology.ep_groups()),
+        "edp": (ps.get_expert_data_parallel_group(), topology.edp_groups()),
+    }
+    groups = {}
+    for name, (pg, table) in wanted.items():
+        ranks = tuple(dist.get_process_group_ranks(pg))
+        mine = next(g for g in table if rank in g)
+        if list(ranks) != mine:
+            raise RuntimeError(f"parallel_state {name} group {ranks} != topology's {mine}")
+        groups[name] = Group(name, pg, ranks, ranks.index(rank), ledger)
+    world = Group("world", dist.group.WORLD, tuple(range(topology.world_size)), rank, ledger)
+    return TEDGroups(topology, topology.coords(rank), world=world, **groups)

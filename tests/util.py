@@ -1,0 +1,52 @@
+"""Helpers shared by the multi-process tests: synthetic data, full-tensor gathering, comparison."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.model.params import gather_full, spec_of
+
+
+def synthetic_microbatch(index: int, mbs: int, seq: int, vocab: int, seed: int = 0) -> dict:
+    """Micro-batch number `index` of a deterministic token stream."""
+    gen = torch.Generator().manual_seed(seed * 100_003 + index)
+    data = torch.randint(0, vocab, (mbs, seq + 1), generator=gen)
+    return {
+        "tokens": data[:, :-1].contiguous(),
+        "labels": data[:, 1:].contiguous(),
+        "position_ids": torch.arange(seq).expand(mbs, seq).contiguous(),
+        "loss_mask": torch.ones(mbs, seq),
+    }
+
+
+def my_microbatches(step: int, groups, micro_per_step: int, **kw) -> list[dict]:
+    """This DP rank's micro-batches of a step: of each block of DP micro-batches, DP rank r takes
+    the r-th (Megatron's sampler); accumulation walks the blocks in order."""
+    dp, r = groups.dp.size, groups.dp.rank
+    return [synthetic_microbatch(step * micro_per_step + i * dp + r, **kw) for i in range(micro_per_step // dp)]
+
+
+def full_tensors(model, groups, grads: bool = False) -> dict[str, torch.Tensor]:
+    """Every parameter (or its accumulated gradient) gathered to the full tensor."""
+    out = {}
+    for name, p in model.named_parameters():
+        t = p.main_grad if grads else p
+        out[name] = gather_full(t, spec_of(p), groups).clone()
+    return out
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    """max|a - b| / max|b|: relative to the tensor's scale, robust to entries near zero."""
+    a, b = a.double(), b.double()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+
+
+def assert_close_dicts(got: dict, want: dict, tol: float, what: str) -> float:
+    assert got.keys() == want.keys(), f"{what}: parameter names differ"
+    worst = 0.0
+    for k in want:
+        assert got[k].shape == want[k].shape, f"{what} {k}: shape {tuple(got[k].shape)} != {tuple(want[k].shape)}"
+        err = rel_err(got[k], want[k])
+        assert err <= tol, f"{what} {k}: relative error {err:.3e} > {tol}"
+        worst = max(worst, err)
+    return worst
