@@ -35,18 +35,25 @@ def full_tensors(model, groups, grads: bool = False) -> dict[str, torch.Tensor]:
     return out
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    """max|a - b| / max|b|: relative to the tensor's scale, robust to entries near zero."""
+def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
+    """max|a - b| / max(max|b|, floor): relative to the tensor's scale, robust to entries near zero."""
     a, b = a.double(), b.double()
-    return ((a - b).abs().max() / b.abs().max().clamp(min=1e-30)).item()
+    return ((a - b).abs().max() / b.abs().max().clamp(min=floor)).item()
 
 
-def assert_close_dicts(got: dict, want: dict, tol: float, what: str) -> float:
+# Parameters after a few AdamW steps are compared relative to max(their scale, the init std):
+# a zero-initialized bias is only ~steps * lr large by then, and Adam's normalized update turns
+# fp32 rounding in a gradient whose steps nearly cancel into a relative error of that small
+# scale (seen: 1.3e-5 on a LayerNorm bias of ~3e-3 while losses agreed to 3e-8).
+PARAM_FLOOR = 0.02
+
+
+def assert_close_dicts(got: dict, want: dict, tol: float, what: str, floor: float = 1e-30) -> float:
     assert got.keys() == want.keys(), f"{what}: parameter names differ"
     worst = 0.0
     for k in want:
         assert got[k].shape == want[k].shape, f"{what} {k}: shape {tuple(got[k].shape)} != {tuple(want[k].shape)}"
-        err = rel_err(got[k], want[k])
+        err = rel_err(got[k], want[k], floor)
         assert err <= tol, f"{what} {k}: relative error {err:.3e} > {tol}"
         worst = max(worst, err)
     return worst

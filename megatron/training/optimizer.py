@@ -5,7 +5,10 @@ TP-split): the model's parameters become views into `param_buf`, their gradients
 into `grad_buf` (p.main_grad views) through a post-accumulate hook. A step is:
 
   1. reduce grads over the group (DP, or expert-DP for experts): all-reduce, or reduce-scatter
-     into this rank's shard with ZeRO-1
+     into this rank's shard with ZeRO-1, and divide by the DP size. Every gradient is the mean
+     over the DP ranks' micro-batches: an expert's gradient already sums the losses of all its
+     EP peers (their tokens came to it through the all-to-all), so summing over expert-DP and
+     dividing by expert-DP alone would scale it by EP.
   2. fp16 only: overflow check over the world; skip the step and back off the scale on overflow
   3. global grad norm (each element counted once over the world) and the clip coefficient
   4. for each tile of at most `tile_size` elements of this rank's shard: upcast the grads,
@@ -99,8 +102,9 @@ class FlatGroup:
     master weights and Adam moments for those only."""
 
     def __init__(self, params: list, group: Group, *, shard: bool, decay: bool, tp_split: bool,
-                 grad_dtype: torch.dtype):
+                 grad_dtype: torch.dtype, dp_size: int):
         self.params, self.group, self.decay, self.tp_split, self.shard = params, group, decay, tp_split, shard
+        self.dp_size = dp_size
         nshards = group.size if shard else 1
         numel = sum(p.numel() for p in params)
         padded = -(-numel // nshards) * nshards
@@ -129,15 +133,14 @@ class FlatGroup:
         return self.grad_buf[self.lo:self.hi]
 
     def reduce_grads(self) -> None:
-        """Average over the group: all-reduce, or reduce-scatter into this rank's shard."""
+        """Sum over the group (all-reduce, or reduce-scatter into this rank's shard), / DP size."""
         n = self.group.size
-        if n == 1:
-            return
-        if self.shard:
+        if n > 1 and self.shard:
             self.grads.copy_(comm.raw_reduce_scatter(self.grad_buf.view(n, -1), self.group))
-        else:
+        elif n > 1:
             comm.all_reduce_(self.grad_buf, self.group)
-        self.grads.div_(n)
+        if self.dp_size > 1:
+            self.grads.div_(self.dp_size)
 
     def counts_in_norm(self, groups: TEDGroups) -> bool:
         """Whether this rank's shard is the one copy that enters the global norm."""
@@ -180,7 +183,8 @@ class Optimizer:
             grad_dtype = torch.float32 if cfg.accumulate_grads_in_fp32 else params[0].dtype
             group = groups.edp if expert else groups.dp
             self.flat_groups.append(FlatGroup(params, group, shard=cfg.use_distributed_optimizer,
-                                              decay=decay, tp_split=tp_split, grad_dtype=grad_dtype))
+                                              decay=decay, tp_split=tp_split, grad_dtype=grad_dtype,
+                                              dp_size=groups.dp.size))
         # One scheduler-facing dict per flat group (megatron-core's OptimizerParamScheduler sets
         # 'lr' and 'weight_decay' = wd * 'wd_mult' in these).
         self.param_groups = [

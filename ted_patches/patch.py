@@ -1,0 +1,31 @@
+"""The one explicit call that turns a GPT into a TED GPT-MoE."""
+
+from __future__ import annotations
+
+from megatron.model.gpt import GPTModel
+from megatron.model.transformer import megatron_parallel_config
+from ted_patches.config import MoEConfig
+from ted_patches.moe_layer import MoELayer
+
+
+def apply_patches(model: GPTModel, cfg: MoEConfig, seed: int) -> GPTModel:
+    """Replace the MLP of each layer in `cfg.layers` with a TED MoE layer, then redraw the
+    parameters from `seed` (layout-independent, so every layout gets the same model)."""
+    bad = [i for i in cfg.layers if not 0 <= i < len(model.layers)]
+    if bad:
+        raise ValueError(f"MoE layer indices {bad} outside the model's {len(model.layers)} layers "
+                         "(check --expert-interval / --moe-layer-freq against --num-layers)")
+    mp = megatron_parallel_config(model.cfg, model.groups)
+    device = model.embedding.weight.device
+    for i in cfg.layers:
+        model.layers[i].mlp = MoELayer(model.cfg, cfg, model.groups, mp).to(device)
+    model.initialize(seed)
+    return model
+
+
+def moe_layer_indices(num_layers: int, *, expert_interval: int | None = None, layer_freq: int | None = None):
+    """Megatron-DeepSpeed's --expert-interval N puts MoE in layers N, 2N, ... (1-based);
+    Megatron-Core's --moe-layer-freq N in layers 0, N, 2N, ... (0-based)."""
+    if expert_interval is not None:
+        return tuple(i for i in range(num_layers) if (i + 1) % expert_interval == 0)
+    return tuple(i for i in range(num_layers) if i % (layer_freq or 1) == 0)

@@ -1,0 +1,156 @@
+"""The TED MoE layer equals one process at every layout (tier 2: multi-process gloo).
+
+Each DP rank feeds its own micro-batch; the single-process reference runs the same micro-batches
+one after another (capacity, dropping and the aux loss are per micro-batch in both) and averages.
+Outputs, aux and z losses, and every gathered, DP-reduced gradient must agree within 1e-5
+relative; DTD on and off within 1e-6, with exactly 1/TP of the all-to-all bytes.
+"""
+
+import functools
+
+import pytest
+import torch
+
+from harness import run, ted_groups
+from megatron.model import GPTModel, ModelConfig
+from megatron.model.params import init_parameters
+from megatron.training.optimizer import Optimizer, OptimizerConfig
+from megatron.training.training import train_step
+from ted_patches.config import MoEConfig
+from ted_patches.moe_layer import MoELayer
+from ted_patches.patch import apply_patches, moe_layer_indices
+from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err
+
+LAYOUTS = [(1, 2, 2), (2, 1, 1), (2, 2, 2), (1, 4, 4), (2, 2, 4), (2, 4, 4)]  # (TP, EP, DP)
+VARIANTS = [(1, True), (2, True), (1, False), (2, False)]  # (top-k, drop tokens)
+MBS, SEQ, H = 4, 16, 32
+
+
+def model_config(**kw) -> ModelConfig:
+    base = dict(num_layers=2, hidden_size=H, num_attention_heads=4, ffn_hidden_size=64, vocab_size=96,
+                max_position_embeddings=SEQ, hidden_dropout=0.0, attention_dropout=0.0)
+    return ModelConfig(**{**base, **kw})
+
+
+def moe_config(topk: int, drop: bool, **kw) -> MoEConfig:
+    base = dict(num_experts=8, layers=(1,), topk=topk, capacity_factor=1.0, min_capacity=4, drop_tokens=drop,
+                aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    return MoEConfig(**{**base, **kw})
+
+
+class MoEOnly(torch.nn.Module):
+    def __init__(self, mcfg, cfg, groups, seed=7):
+        super().__init__()
+        self.moe = MoELayer(mcfg, cfg, groups)
+        init_parameters(self, seed, groups)
+
+
+def layer_input(index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Micro-batch `index`: the layer input and a fixed probe G (loss = <y, G> + aux)."""
+    gen = torch.Generator().manual_seed(1000 + index)
+    return torch.randn(MBS, SEQ, H, generator=gen), torch.randn(MBS, SEQ, H, generator=gen)
+
+
+def run_layer(groups, cfg, microbatches: list[int]) -> dict:
+    """Forward + backward of the listed micro-batches (loss averaged over them, as gradient
+    accumulation does), gradients averaged over DP by the optimizer's own path."""
+    module = MoEOnly(model_config(), cfg, groups)
+    opt = Optimizer(module, groups, OptimizerConfig())
+    opt.zero_grad()
+    groups.ledger.reset()
+    outs = {}
+    for index in microbatches:
+        x, probe = layer_input(index)
+        y, aux = module.moe(x)
+        ((y * probe).sum() + aux.loss).div(len(microbatches)).backward()
+        outs[index] = dict(y=y.detach(), aux=aux.aux_loss.item(), z=aux.z_loss.item(), dropped=aux.dropped.item())
+    a2a = groups.ledger.nbytes("all_to_all", "ep")
+    opt.reduce_gradients()
+    return dict(outs=outs, grads=full_tensors(module, groups, grads=True), a2a_bytes=a2a)
+
+
+def layer_case(tp: int, ep: int) -> list:
+    """Every variant on this rank's micro-batch; with TP > 1 also DTD off."""
+    groups = ted_groups(tp, ep)
+    results = {}
+    for topk, drop in VARIANTS:
+        for dtd in ([True, False] if tp > 1 else [True]):
+            res = run_layer(groups, moe_config(topk, drop, dtd=dtd), [groups.dp.rank])
+            if torch.distributed.get_rank() != 0:
+                res.pop("grads")
+            results[(topk, drop, dtd)] = res
+    return results
+
+
+@functools.cache
+def layer_reference(dp: int) -> dict:
+    groups = ted_groups(1, 1)
+    return {(k, d): run_layer(groups, moe_config(k, d), list(range(dp))) for k, d in VARIANTS}
+
+
+@pytest.mark.parametrize("tp,ep,dp", LAYOUTS)
+def test_moe_layer_equals_single_process(tp, ep, dp):
+    ranks = run(tp * dp, layer_case, tp, ep)
+    ref = layer_reference(dp)
+    for (topk, drop, dtd), res in ranks[0].items():
+        want = ref[(topk, drop)]
+        what = f"top-{topk} {'drop' if drop else 'no-drop'} dtd={dtd}"
+        for rank_result in ranks:  # every rank's micro-batch output (TP ranks hold copies)
+            for index, got in rank_result[(topk, drop, dtd)]["outs"].items():
+                w = want["outs"][index]
+                assert rel_err(got["y"], w["y"]) <= 1e-5, f"{what}: output of micro-batch {index}"
+                assert abs(got["aux"] - w["aux"]) <= 1e-5 * abs(w["aux"]), f"{what}: aux loss"
+                assert abs(got["z"] - w["z"]) <= 1e-5 * abs(w["z"]), f"{what}: z loss"
+                assert got["dropped"] == w["dropped"], f"{what}: dropped fraction"
+        assert_close_dicts(res["grads"], want["grads"], 1e-5, f"{what} grad")
+    if tp > 1:  # DTD is neutral and sends 1/TP of the all-to-all bytes
+        for topk, drop in VARIANTS:
+            on, off = ranks[0][(topk, drop, True)], ranks[0][(topk, drop, False)]
+            for index in on["outs"]:
+                assert rel_err(on["outs"][index]["y"], off["outs"][index]["y"]) <= 1e-6
+            assert_close_dicts(on["grads"], off["grads"], 1e-6, "DTD on vs off grad")
+            if ep > 1:
+                assert on["a2a_bytes"] > 0 and on["a2a_bytes"] * tp == off["a2a_bytes"]
+
+
+def test_drop_mode_really_drops_and_no_drop_mode_does_not():
+    ref = layer_reference(2)
+    for k in (1, 2):
+        assert all(o["dropped"] > 0 for o in ref[(k, True)]["outs"].values())
+        assert all(o["dropped"] == 0 for o in ref[(k, False)]["outs"].values())
+
+
+# ---- a whole GPT-MoE, 3 optimizer steps --------------------------------------------------------
+GPT_MICRO, GPT_MBS = 4, 2
+
+
+def gpt_case(tp: int, ep: int, topk: int, drop: bool, steps: int = 3) -> dict | None:
+    groups = ted_groups(tp, ep)
+    mcfg = model_config()
+    model = apply_patches(GPTModel(mcfg, groups, seed=99, init=False),
+                          moe_config(topk, drop, layers=moe_layer_indices(2, expert_interval=2)), seed=99)
+    opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=1.0))
+    out = {"loss": [], "aux": [], "norm": []}
+    data = dict(mbs=GPT_MBS, seq=SEQ, vocab=mcfg.vocab_size)
+    for step in range(steps):
+        metrics = train_step(model, opt, my_microbatches(step, groups, GPT_MICRO, **data), groups)
+        out["loss"].append(metrics.lm_loss)
+        out["aux"].append(metrics.aux_loss)
+        out["norm"].append(metrics.grad_norm)
+    out["final"] = full_tensors(model, groups)
+    return out if torch.distributed.get_rank() == 0 else None
+
+
+@functools.cache
+def gpt_reference(topk: int, drop: bool) -> dict:
+    return gpt_case(1, 1, topk, drop)
+
+
+@pytest.mark.parametrize("topk,drop", [(2, True), (1, False)])
+@pytest.mark.parametrize("tp,ep,dp", LAYOUTS)
+def test_gpt_moe_three_steps_equal_single_process(tp, ep, dp, topk, drop):
+    got, ref = run(tp * dp, gpt_case, tp, ep, topk, drop)[0], gpt_reference(topk, drop)
+    for key in ("loss", "aux", "norm"):
+        for a, b in zip(got[key], ref[key]):
+            assert abs(a - b) <= 1e-5 * abs(b), f"{key}: {got[key]} != {ref[key]}"
+    assert_close_dicts(got["final"], ref["final"], 1e-5, "param after 3 steps", PARAM_FLOOR)
