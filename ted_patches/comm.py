@@ -10,8 +10,11 @@ all-reduce the whole input. That makes "DTD sends 1/TP of the bytes" an exact st
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
 from collections import Counter
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import torch.distributed as dist
@@ -66,16 +69,56 @@ def _record(kind: str, group: Group, tensor: torch.Tensor) -> None:
         group.ledger.record(kind, group, tensor)
 
 
+# ---- the forward-output stash behind communication-aware checkpointing (ted_patches/cac.py) -----
+class CommStash:
+    """Outputs of the collectives run inside one checkpointed region, in call order. While
+    recording, collectives run and their outputs are kept; while replaying (the recompute),
+    collectives return the kept outputs in the same order and send nothing."""
+
+    def __init__(self):
+        self.outputs: list[torch.Tensor] = []
+        self.position: Optional[int] = None  # None: recording
+
+    @contextlib.contextmanager
+    def active(self, replay: bool):
+        self.position = 0 if replay else None
+        token = _ACTIVE_STASH.set(self)
+        try:
+            yield
+        finally:
+            _ACTIVE_STASH.reset(token)
+
+
+_ACTIVE_STASH: contextvars.ContextVar[Optional[CommStash]] = contextvars.ContextVar("ted_comm_stash", default=None)
+
+
+def _communicate(kind: str, group: Group, x: torch.Tensor, run) -> torch.Tensor:
+    """Record and run one collective, or serve it from the active stash during a recompute."""
+    stash = _ACTIVE_STASH.get()
+    if stash is not None and stash.position is not None:
+        out = stash.outputs[stash.position]
+        stash.position += 1
+        return out
+    _record(kind, group, x)
+    out = run()
+    if stash is not None:
+        stash.outputs.append(out)
+    return out
+
+
 # ---- plain (non-autograd) collectives ---------------------------------------------------------
 def raw_all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
     """Equal-split all-to-all over dim 0."""
     if group.size == 1:
         return x
     x = x.contiguous()
-    _record("all_to_all", group, x)
-    out = torch.empty_like(x)
-    dist.all_to_all_single(out, x, group=group.pg)
-    return out
+
+    def run():
+        out = torch.empty_like(x)
+        dist.all_to_all_single(out, x, group=group.pg)
+        return out
+
+    return _communicate("all_to_all", group, x, run)
 
 
 def raw_all_gather(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -83,10 +126,13 @@ def raw_all_gather(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group.size == 1:
         return x.unsqueeze(0)
     x = x.contiguous()
-    _record("all_gather", group, x)
-    out = x.new_empty(group.size * x.numel())
-    _all_gather_single(out, x.view(-1), group=group.pg)
-    return out.view(group.size, *x.shape)
+
+    def run():
+        out = x.new_empty(group.size * x.numel())
+        _all_gather_single(out, x.view(-1), group=group.pg)
+        return out.view(group.size, *x.shape)
+
+    return _communicate("all_gather", group, x, run)
 
 
 def all_gather_into(out: torch.Tensor, x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -103,17 +149,26 @@ def raw_reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
     if group.size == 1:
         return x[0]
     x = x.contiguous()
-    _record("reduce_scatter", group, x)
-    out = x.new_empty(x[0].numel())
-    _reduce_scatter_single(out, x.view(-1), group=group.pg)
-    return out.view(x.shape[1:])
+
+    def run():
+        out = x.new_empty(x[0].numel())
+        _reduce_scatter_single(out, x.view(-1), group=group.pg)
+        return out.view(x.shape[1:])
+
+    return _communicate("reduce_scatter", group, x, run)
 
 
 def all_reduce_(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
     """In-place all-reduce."""
     if group.size > 1:
-        _record("all_reduce", group, x)
-        dist.all_reduce(x, op=op, group=group.pg)
+
+        def run():
+            dist.all_reduce(x, op=op, group=group.pg)
+            return x
+
+        out = _communicate("all_reduce", group, x, run)
+        if out is not x:
+            x.copy_(out)
     return x
 
 

@@ -22,10 +22,3 @@ def apply_patches(model: GPTModel, cfg: MoEConfig, seed: int) -> GPTModel:
     model.initialize(seed)
     return model
 
-
-def moe_layer_indices(num_layers: int, *, expert_interval: int | None = None, layer_freq: int | None = None):
-    """Megatron-DeepSpeed's --expert-interval N puts MoE in layers N, 2N, ... (1-based);
-    Megatron-Core's --moe-layer-freq N in layers 0, N, 2N, ... (0-based)."""
-    if expert_interval is not None:
-        return tuple(i for i in range(num_layers) if (i + 1) % expert_interval == 0)
-    return tuple(i for i in range(num_layers) if i % (layer_freq or 1) == 0)

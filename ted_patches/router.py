@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
@@ -39,8 +40,10 @@ class Routing:
 
 
 def token_capacity(num_tokens: int, num_experts: int, topk: int, factor: float, min_capacity: int) -> int:
-    """ceil(T / E * cf * k), at least min_capacity (DeepSpeed's formula)."""
-    return max(math.ceil(num_tokens / num_experts * (factor * topk)), min_capacity)
+    """ceil(T / E * (cf * k)), at least min_capacity: DeepSpeed's formula, in fp32 as it computes
+    it, so the two agree at the rounding edges too."""
+    product = np.float32(num_tokens / num_experts) * np.float32(factor * topk)
+    return max(math.ceil(product), min_capacity)
 
 
 def top_k(logits_TE: torch.Tensor, probs_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -113,8 +116,7 @@ class Router(torch.nn.Module):
             factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
             return token_capacity(num_tokens, cfg.num_experts, cfg.topk, factor, cfg.min_capacity)
         # no-drop: room for the fullest expert of any rank this all-to-all talks to
-        largest = counts_E.max().reshape(1).clone()
-        comm.all_reduce_(largest, self.groups.ep, op=dist.ReduceOp.MAX)
+        largest = comm.all_reduce_(counts_E.max().reshape(1).clone(), self.groups.ep, op=dist.ReduceOp.MAX)
         return max(int(largest.item()), 1)
 
     def _normalize(self, prob_A, keep_A, T: int, K: int) -> torch.Tensor:

@@ -16,9 +16,9 @@ from megatron.model import GPTModel, ModelConfig
 from megatron.model.params import init_parameters
 from megatron.training.optimizer import Optimizer, OptimizerConfig
 from megatron.training.training import train_step
-from ted_patches.config import MoEConfig
+from ted_patches.config import MoEConfig, moe_layer_indices
 from ted_patches.moe_layer import MoELayer
-from ted_patches.patch import apply_patches, moe_layer_indices
+from ted_patches.patch import apply_patches
 from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err
 
 LAYOUTS = [(1, 2, 2), (2, 1, 1), (2, 2, 2), (1, 4, 4), (2, 2, 4), (2, 4, 4)]  # (TP, EP, DP)

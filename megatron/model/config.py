@@ -60,3 +60,32 @@ class ModelConfig:
                     f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}; "
                     f"use a TP size in {valid} or change {flag}"
                 )
+
+
+@dataclass(frozen=True)
+class RecomputeConfig:
+    """Activation checkpointing (Megatron's flags) and TED's communication-aware variant."""
+
+    granularity: Optional[str] = None  # None | full | selective (the attention core only)
+    method: Optional[str] = None  # full only: uniform (chunks of num_layers) | block (first num_layers)
+    num_layers: int = 1
+    cac: bool = True  # reuse the MoE all-to-all / TP gather outputs in the recompute
+
+    def check(self, model_layers: int) -> None:
+        if self.granularity not in (None, "full", "selective"):
+            raise ValueError(f"--recompute-granularity {self.granularity!r}: use full or selective")
+        if self.granularity == "full" and self.method not in ("uniform", "block"):
+            raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
+        if self.granularity != "full" and self.method is not None:
+            raise ValueError("--recompute-method applies to --recompute-granularity full only")
+        if self.granularity == "full" and not 1 <= self.num_layers <= model_layers:
+            raise ValueError(f"--recompute-num-layers {self.num_layers} must be in [1, --num-layers {model_layers}]")
+
+    def full_chunks(self, model_layers: int) -> list[list[int]]:
+        """Layer indices run under one checkpoint each (full granularity); other layers run plain."""
+        if self.granularity != "full":
+            return []
+        if self.method == "uniform":
+            n = self.num_layers
+            return [list(range(i, min(i + n, model_layers))) for i in range(0, model_layers, n)]
+        return [[i] for i in range(self.num_layers)]

@@ -11,6 +11,7 @@ from megatron.core.tensor_parallel import VocabParallelEmbedding
 from megatron.model.config import ModelConfig
 from megatron.model.cross_entropy import vocab_parallel_cross_entropy
 from megatron.model.params import init_parameters, set_spec
+from megatron.model.recompute import checkpoint
 from megatron.model.rng import TPRandom
 from megatron.model.transformer import (
     RotaryEmbedding,
@@ -20,6 +21,7 @@ from megatron.model.transformer import (
     column_linear,
     megatron_parallel_config,
 )
+from ted_patches.comm import CommStash
 from ted_patches.topology import TEDGroups
 
 
@@ -59,6 +61,10 @@ class GPTModel(torch.nn.Module):
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
 
         self.layers = torch.nn.ModuleList(TransformerLayer(cfg, mp, groups, self.rng) for _ in range(cfg.num_layers))
+        # Activation checkpointing (set by ted_patches.cac.apply_recompute): layer ranges run
+        # under one checkpoint each, and whether collectives inside are kept for the recompute.
+        self.checkpoint_chunks: list[list[int]] = []
+        self.communication_aware = False
         self.final_norm = build_norm(cfg)
         # The output layer shares the embedding weight unless untied (then it has its own).
         untied = cfg.untie_embeddings_and_output_weights
@@ -82,10 +88,13 @@ class GPTModel(torch.nn.Module):
             rope = self.rotary(position_ids)
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
         aux = []
-        for layer in self.layers:
-            x, layer_aux = layer(x, rope)
-            if layer_aux is not None:
-                aux.append(layer_aux)
+        for start, end, recompute in self._segments():
+            if recompute:
+                stash = CommStash() if self.communication_aware else None
+                x, seg_aux = checkpoint(self._run_layers, x, rope, start, end, rng=self.rng, stash=stash)
+            else:
+                x, seg_aux = self._run_layers(x, rope, start, end)
+            aux += seg_aux
         x = self.final_norm(x)
         weight = None if self.cfg.untie_embeddings_and_output_weights else self.embedding.weight
         logits, _ = self.output(x, weight=weight)
@@ -95,4 +104,24 @@ class GPTModel(torch.nn.Module):
         mask = torch.ones_like(losses) if loss_mask is None else loss_mask.float()
         lm_loss = (losses * mask).sum() / mask.sum().clamp(min=1.0)
         return GPTOutput(lm_loss, aux)
+
+    def _run_layers(self, x, rope, start: int, end: int):
+        aux = []
+        for layer in self.layers[start:end]:
+            x, layer_aux = layer(x, rope)
+            if layer_aux is not None:
+                aux.append(layer_aux)
+        return x, aux
+
+    def _segments(self) -> list[tuple[int, int, bool]]:
+        """(start, end, checkpointed) ranges covering all layers in order."""
+        out, position = [], 0
+        for chunk in self.checkpoint_chunks:
+            if chunk[0] > position:
+                out.append((position, chunk[0], False))
+            out.append((chunk[0], chunk[-1] + 1, True))
+            position = chunk[-1] + 1
+        if position < len(self.layers):
+            out.append((position, len(self.layers), False))
+        return out
 

@@ -18,6 +18,7 @@ from megatron.core.tensor_parallel import ColumnParallelLinear, RowParallelLinea
 
 from megatron.model.config import ModelConfig
 from megatron.model.params import set_spec
+from megatron.model.recompute import checkpoint
 from megatron.model.rng import TPRandom
 from ted_patches.topology import TEDGroups
 
@@ -114,6 +115,7 @@ class SelfAttention(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, mp, groups: TEDGroups, rng: TPRandom):
         super().__init__()
         self.cfg, self.rng = cfg, rng
+        self.recompute_core = False  # selective recompute: checkpoint the attention core only
         self.heads = cfg.num_attention_heads // groups.tp.size
         h = cfg.hidden_size
         self.qkv = column_linear(mp, groups, h, 3 * h, std=cfg.init_method_std, bias=cfg.add_bias_linear)
@@ -125,14 +127,20 @@ class SelfAttention(torch.nn.Module):
         q, k, v = qkv.view(b, s, self.heads, 3, self.cfg.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
-        p = self.cfg.attention_dropout if self.training else 0.0
-        if p > 0:
-            with self.rng.fork():  # dropout on this rank's heads: a per-TP-rank stream
-                ctx = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        if self.recompute_core:
+            ctx = checkpoint(self._core, q, k, v, rng=self.rng)
         else:
-            ctx = F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            ctx = self._core(q, k, v)
         out, _ = self.proj(ctx.transpose(1, 2).reshape(b, s, self.heads * self.cfg.head_dim))
         return out
+
+
+    def _core(self, q, k, v):
+        p = self.cfg.attention_dropout if self.training else 0.0
+        if p == 0:
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+        with self.rng.fork():  # dropout on this rank's heads: a per-TP-rank stream
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
 
 
 class MLP(torch.nn.Module):

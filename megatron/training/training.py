@@ -1,16 +1,26 @@
-"""One training step: micro-batches -> forward/backward with accumulation -> optimizer step."""
+"""Pretraining: model and optimizer set-up, the train loop with accumulation, evaluation and
+Megatron-format logging."""
 
 from __future__ import annotations
 
+import math
+import sys
+import time
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
+import torch.distributed as dist
 
+from megatron.model import GPTModel
+from megatron.training.arguments import Config
+from megatron.training.data import build_train_valid_test_datasets, collate
 from megatron.training.optimizer import Optimizer
 from ted_patches import comm
 from ted_patches.topology import TEDGroups
 
 
+# ---- one step -----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class StepMetrics:
     lm_loss: float  # mean over the step's micro-batches on all DP ranks
@@ -44,3 +54,196 @@ def reduce_losses(values: torch.Tensor, groups: TEDGroups) -> list[float]:
     """Mean over the DP group (every DP rank ran the same number of micro-batches)."""
     comm.all_reduce_(values, groups.dp)
     return (values / groups.dp.size).tolist()
+
+
+# ---- set-up -------------------------------------------------------------------------------------
+def build_model(cfg: Config, groups: TEDGroups, device) -> GPTModel:
+    """The GPT (with TED MoE layers and activation checkpointing when configured), initialized
+    from the seed independently of the layout, in the training dtype."""
+    from ted_patches.cac import apply_recompute
+    from ted_patches.patch import apply_patches
+
+    model = GPTModel(cfg.model, groups, seed=cfg.train.seed, device=device, init=cfg.moe is None)
+    if cfg.moe is not None:
+        apply_patches(model, cfg.moe, seed=cfg.train.seed)
+    apply_recompute(model, cfg.recompute)
+    return model.to(dtype=cfg.model.params_dtype)
+
+
+def build_scheduler(optimizer: Optimizer, cfg: Config):
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    t, o = cfg.train, cfg.optim
+    return OptimizerParamScheduler(
+        optimizer, init_lr=0.0 if t.lr_warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
+        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.lr_decay_iters, lr_decay_style=t.lr_decay_style,
+        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
+    )
+
+
+def step_microbatches(dataset, step: int, cfg: Config, groups: TEDGroups, device) -> list[dict]:
+    """This DP rank's micro-batches of global step `step`: of each block of micro x DP samples
+    DP rank r takes the r-th micro-batch (Megatron's sampler), so every micro-batch holds the
+    same samples whatever the DP size; accumulation walks the blocks in order."""
+    t, dp, r = cfg.train, groups.dp.size, groups.dp.rank
+    out = []
+    for i in range(t.num_microbatches(dp)):
+        start = step * t.global_batch_size + (i * dp + r) * t.micro_batch_size
+        batch = collate([dataset[j] for j in range(start, start + t.micro_batch_size)])
+        out.append({k: batch[k].to(device) for k in ("tokens", "labels", "loss_mask", "position_ids")})
+    return out
+
+
+@torch.no_grad()
+def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, device) -> float:
+    """Mean LM loss over --eval-iters global batches of `dataset`, from batch `first_step`."""
+    model.eval()
+    total = torch.zeros(2, dtype=torch.float64, device=device)
+    for step in range(first_step, first_step + cfg.train.eval_iters):
+        mbs = step_microbatches(dataset, step, cfg, groups, device)
+        for mb in mbs:
+            total[0] += model(**mb).lm_loss.double()
+        total[1] += len(mbs)
+    model.train()
+    comm.all_reduce_(total, groups.dp)
+    return (total[0] / total[1]).item()
+
+
+def flops_per_iteration(cfg: Config) -> float:
+    """Model FLOPs of one training iteration (forward x3 for backward, x4 with full recompute),
+    counting the k active experts per token and no capacity padding."""
+    m, t = cfg.model, cfg.train
+    h, s, f = m.hidden_size, t.seq_length, m.ffn_hidden_size
+    mlp = (6 if m.swiglu else 4) * h * f
+    per_layer = [8 * h * h + 4 * s * h + mlp for _ in range(m.num_layers)]  # qkv+proj, scores+context, mlp
+    if cfg.moe is not None:
+        fe = cfg.moe.expert_ffn_hidden_size or f
+        expert = (6 if m.swiglu else 4) * h * fe
+        for i in cfg.moe.layers:
+            per_layer[i] += 2 * h * cfg.moe.num_experts + (cfg.moe.topk * expert - mlp)
+            if cfg.moe.mlp_type == "residual":
+                per_layer[i] += mlp
+    per_token = sum(per_layer) + 2 * h * m.vocab_size
+    passes = 4 if cfg.recompute.granularity == "full" else 3
+    return passes * per_token * t.global_batch_size * s
+
+
+# ---- logging ------------------------------------------------------------------------------------
+class TrainLog:
+    """Megatron's iteration line, averaged over --log-interval, and TensorBoard scalars; rank 0."""
+
+    def __init__(self, cfg: Config, enabled: bool):
+        self.cfg, self.enabled = cfg, enabled
+        self.writer = None
+        if enabled and cfg.train.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=cfg.train.tensorboard_dir)
+        self._reset()
+        self.start = time.time()
+        self.skipped_total = 0
+        self.flops = flops_per_iteration(cfg)
+
+    def _reset(self):
+        self.sum_lm = self.sum_aux = self.sum_norm = 0.0
+        self.count = self.skipped = self.nans = 0
+        self.t0 = time.time()
+
+    def step(self, iteration: int, metrics: StepMetrics, lr: float) -> None:
+        if metrics.skipped:
+            self.skipped += 1
+        elif not math.isfinite(metrics.lm_loss):
+            self.nans += 1
+        else:
+            self.sum_lm += metrics.lm_loss
+            self.sum_aux += metrics.aux_loss
+            self.sum_norm += metrics.grad_norm
+            self.count += 1
+        if self.writer is not None and not metrics.skipped:
+            for name, value in (("lm-loss", metrics.lm_loss), ("moe-aux-loss", metrics.aux_loss),
+                                ("grad-norm", metrics.grad_norm), ("learning-rate", lr),
+                                ("loss-scale", metrics.loss_scale)):
+                self.writer.add_scalar(name, value, iteration)
+        if iteration % self.cfg.train.log_interval == 0 or iteration == self.cfg.train.train_iters:
+            self._line(iteration, metrics, lr)
+
+    def _line(self, iteration: int, metrics: StepMetrics, lr: float) -> None:
+        t, n = self.cfg.train, max(self.count, 1)
+        iters = self.count + self.skipped + self.nans
+        per_iter = (time.time() - self.t0) / max(iters, 1)
+        self.skipped_total += self.skipped
+        tokens_per_s = t.global_batch_size * t.seq_length / per_iter
+        tflops = self.flops / per_iter / self.cfg.topology.world_size / 1e12
+        eta = timedelta(seconds=int(per_iter * (t.train_iters - iteration)))
+        moe = f" moe aux loss: {self.sum_aux / n:.6E} |" if self.cfg.moe is not None else ""
+        line = (
+            f" iteration {iteration:8d}/{t.train_iters:8d} | consumed samples: {iteration * t.global_batch_size:12d} |"
+            f" elapsed time per iteration (ms): {per_iter * 1000:.1f} | learning rate: {lr:.6E} |"
+            f" global batch size: {t.global_batch_size:5d} | lm loss: {self.sum_lm / n:.6E} |{moe}"
+            f" loss scale: {metrics.loss_scale:.1f} | grad norm: {self.sum_norm / n:.3f} |"
+            f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nans:3d} |"
+            f" tokens per second: {tokens_per_s:.1f} | TFLOP/s per device: {tflops:.3f} | ETA: {eta} |"
+        )
+        if self.enabled:
+            print(line, flush=True)
+        self._reset()
+
+    def evaluation(self, iteration: int, name: str, loss: float) -> None:
+        if not self.enabled:
+            return
+        text = f" {name} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {math.exp(min(loss, 20)):.6E} |"
+        print("-" * len(text), text, "-" * len(text), sep="\n", flush=True)
+        if self.writer is not None:
+            self.writer.add_scalar(f"lm-loss {name}", loss, iteration)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def print_rank0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
+
+
+# ---- the loop -----------------------------------------------------------------------------------
+def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
+    """Train for --train-iters, evaluating every --eval-interval; returns the loss history."""
+    t = cfg.train
+    model = build_model(cfg, groups, device)
+    optimizer = Optimizer(model, groups, cfg.optim)
+    scheduler = build_scheduler(optimizer, cfg)
+    eval_rounds = t.train_iters // t.eval_interval + 1
+    samples = (t.train_iters * t.global_batch_size, eval_rounds * t.eval_iters * t.global_batch_size,
+               t.eval_iters * t.global_batch_size)
+    train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
+        data_path=cfg.data.data_path, split=cfg.data.split, mock=cfg.data.mock, seq_length=t.seq_length,
+        seed=t.seed, tokenizer=tokenizer, num_samples=samples, cache_dir=cfg.data.cache_dir,
+        eod_mask_loss=cfg.data.eod_mask_loss,
+    )
+    print_rank0(f"> {cfg.topology.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters on rank 0; "
+                f"{t.num_microbatches(groups.dp.size)} micro-batches of {t.micro_batch_size} per step and DP rank")
+    log = TrainLog(cfg, enabled=groups.world.rank == 0)
+    history = {"lm_loss": [], "valid": [], "test": None}
+    eval_round = 0
+    for iteration in range(1, t.train_iters + 1):
+        metrics = train_step(model, optimizer, step_microbatches(train_ds, iteration - 1, cfg, groups, device), groups)
+        lr = optimizer.param_groups[0]["lr"]
+        scheduler.step(1)
+        history["lm_loss"].append(metrics.lm_loss)
+        log.step(iteration, metrics, lr)
+        if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
+            loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
+            eval_round += 1
+            history["valid"].append((iteration, loss))
+            log.evaluation(iteration, "validation", loss)
+    if valid_ds is not None and t.eval_iters and t.train_iters % t.eval_interval:
+        loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
+        history["valid"].append((t.train_iters, loss))
+        log.evaluation(t.train_iters, "validation", loss)
+    if test_ds is not None and t.eval_iters:
+        history["test"] = evaluate(model, test_ds, 0, cfg, groups, device)
+        log.evaluation(t.train_iters, "test", history["test"])
+    log.close()
+    sys.stdout.flush()
+    return history

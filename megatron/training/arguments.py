@@ -1,0 +1,369 @@
+"""Megatron-compatible command line -> typed configs. The only place argv is parsed.
+
+`parse_args` reads flags (Megatron-LM names; Megatron-DeepSpeed's MoE names as aliases);
+`build_config` turns them, with the world size and the tokenizer's vocabulary, into frozen
+configs and checks every rule that can fail, so a bad launch dies on every rank with one clear
+line before any process group exists.
+"""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from megatron.model.config import ModelConfig, RecomputeConfig
+from megatron.training.optimizer import OptimizerConfig
+from ted_patches.config import AUX_LOSS_TYPES, DROP_POLICIES, GATE_NORMALIZATIONS, MLP_TYPES, MoEConfig, moe_layer_indices
+from ted_patches.topology import Topology
+
+
+class ConfigError(ValueError):
+    """A bad flag or flag combination; the message names the flag and a way out."""
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    data_path: Optional[list]
+    split: str
+    mock: bool
+    cache_dir: Optional[str]
+    eod_mask_loss: bool
+    tokenizer_type: str
+    tokenizer_model: Optional[str]
+    vocab_file: Optional[str]
+    merge_file: Optional[str]
+    vocab_size: Optional[int]
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    micro_batch_size: int
+    global_batch_size: int
+    train_iters: int
+    seq_length: int
+    seed: int
+    lr_decay_style: str
+    lr_warmup_iters: int
+    lr_decay_iters: int
+    eval_interval: int
+    eval_iters: int
+    log_interval: int
+    tensorboard_dir: Optional[str]
+    backend: Optional[str]
+    timeout_minutes: int
+
+    def num_microbatches(self, dp: int) -> int:
+        return self.global_batch_size // (self.micro_batch_size * dp)
+
+
+@dataclass(frozen=True)
+class Config:
+    topology: Topology
+    model: ModelConfig
+    moe: Optional[MoEConfig]
+    recompute: RecomputeConfig
+    optim: OptimizerConfig
+    train: TrainConfig
+    data: DataConfig
+
+
+# ---- the parser -------------------------------------------------------------------------------
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="pretrain_gpt_moe.py", allow_abbrev=False,
+        description="Megatron-TED: GPT-MoE pretraining with tensor-expert-data parallelism.",
+    )
+    _model_args(p.add_argument_group("model"))
+    _moe_args(p.add_argument_group("mixture of experts (Megatron-Core names; Megatron-DeepSpeed aliases)"))
+    _parallel_args(p.add_argument_group("parallelism"))
+    _train_args(p.add_argument_group("training"))
+    _optim_args(p.add_argument_group("optimizer and precision"))
+    _data_args(p.add_argument_group("data and tokenizer"))
+    _log_args(p.add_argument_group("logging and evaluation"))
+    return p
+
+
+def _model_args(g):
+    g.add_argument("--num-layers", type=int, required=True)
+    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
+    g.add_argument("--num-attention-heads", type=int, required=True)
+    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
+    g.add_argument("--rotary-base", type=float, default=10000.0)
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--swiglu", action="store_true", help="SwiGLU instead of GELU in MLPs and experts")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
+    g.add_argument("--hidden-dropout", type=float, default=0.1)
+    g.add_argument("--attention-dropout", type=float, default=0.1)
+    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
+                   help="pad the vocabulary to a multiple of this x TP")
+    g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
+                   help="activation checkpointing: full = whole layers; selective = the attention core")
+    g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
+                   help="full recompute: uniform = every --recompute-num-layers layers as one chunk; "
+                        "block = only the first --recompute-num-layers layers")
+    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--disable-moe-cac", action="store_true",
+                   help="turn off communication-aware checkpointing (recompute then repeats the "
+                        "MoE all-to-alls)")
+
+
+def _moe_args(g):
+    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (none or 1: dense GPT)")
+    g.add_argument("--expert-interval", type=int, default=None,
+                   help="MoE in layers N, 2N, ... (1-based, Megatron-DeepSpeed; default 2)")
+    g.add_argument("--moe-layer-freq", type=int, default=None,
+                   help="MoE in layers 0, N, 2N, ... (0-based, Megatron-Core)")
+    g.add_argument("--moe-router-topk", "--topk", dest="topk", type=int, default=1)
+    g.add_argument("--moe-expert-capacity-factor", "--moe-train-capacity-factor", dest="capacity_factor",
+                   type=float, default=1.0)
+    g.add_argument("--moe-eval-capacity-factor", dest="eval_capacity_factor", type=float, default=1.0)
+    g.add_argument("--moe-min-capacity", type=int, default=4)
+    g.add_argument("--disable-moe-token-dropping", action="store_true",
+                   help="no capacity limit: capacity = the fullest expert over the EP group")
+    g.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="position")
+    g.add_argument("--moe-gate-normalization", choices=GATE_NORMALIZATIONS, default="surviving",
+                   help="surviving: renormalize top-k gates over kept choices (DeepSpeed); "
+                        "topk: before dropping (Megatron-Core); none: raw probabilities")
+    g.add_argument("--moe-router-load-balancing-type", choices=AUX_LOSS_TYPES, default="deepspeed",
+                   help="deepspeed: first choices only; aux_loss: Megatron-Core's switch loss over k choices / k")
+    g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", dest="aux_loss_coeff", type=float, default=0.01)
+    g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
+    g.add_argument("--moe-input-jitter-eps", type=float, default=0.0)
+    g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size (default: --ffn-hidden-size)")
+    g.add_argument("--mlp-type", choices=MLP_TYPES, default="standard", help="residual: Megatron-DeepSpeed's residual MoE")
+    g.add_argument("--disable-moe-dtd", action="store_true", help="turn off duplicate token dropping")
+
+
+def _parallel_args(g):
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--expert-model-parallel-size", "--moe-expert-parallel-size", dest="expert_model_parallel_size",
+                   type=int, default=1)
+    g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
+                   help="must equal --tensor-model-parallel-size (TED splits experts over TP)")
+    g.add_argument("--enable-expert-tensor-parallelism", action="store_true",
+                   help="accepted for Megatron-DeepSpeed scripts: experts are always split over TP here")
+    g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="only 1 is supported")
+    g.add_argument("--sequence-parallel", action="store_true", help="not supported")
+    g.add_argument("--use-distributed-optimizer", action="store_true",
+                   help="ZeRO-1: shard fp32 master weights and Adam states over DP (experts: expert-DP)")
+    g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
+                   help="default: nccl with GPUs, gloo without")
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+
+
+def _train_args(g):
+    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP")
+    g.add_argument("--train-iters", type=int, required=True)
+    g.add_argument("--seed", type=int, default=1234)
+
+
+def _optim_args(g):
+    g.add_argument("--lr", type=float, required=True)
+    g.add_argument("--min-lr", type=float, default=0.0)
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"], default="linear")
+    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of --lr-decay-iters")
+    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
+    g.add_argument("--weight-decay", type=float, default=0.01)
+    g.add_argument("--adam-beta1", type=float, default=0.9)
+    g.add_argument("--adam-beta2", type=float, default=0.999)
+    g.add_argument("--adam-eps", type=float, default=1e-8)
+    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--optimizer-tile-size", type=int, default=0,
+                   help="tiled optimizer step: elements per tile (0 = untiled)")
+    g.add_argument("--bf16", action="store_true")
+    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--loss-scale", type=float, default=None, help="fp16 static loss scale (default: dynamic)")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
+    g.add_argument("--min-loss-scale", type=float, default=1.0)
+    g.add_argument("--loss-scale-window", type=int, default=1000)
+    g.add_argument("--hysteresis", type=int, default=2)
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+
+
+def _data_args(g):
+    g.add_argument("--data-path", nargs="*", default=None, help="PREFIX ... or WEIGHT PREFIX ...")
+    g.add_argument("--split", default="969, 30, 1")
+    g.add_argument("--mock-data", action="store_true", help="deterministic synthetic data")
+    g.add_argument("--data-cache-path", default=None)
+    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--tokenizer-type", default=None,
+                   help="SentencePieceTokenizer | GPT2BPETokenizer | NullTokenizer (default with --mock-data)")
+    g.add_argument("--tokenizer-model", default=None)
+    g.add_argument("--vocab-file", default=None)
+    g.add_argument("--merge-file", default=None)
+    g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+
+
+def _log_args(g):
+    g.add_argument("--log-interval", type=int, default=100)
+    g.add_argument("--eval-interval", type=int, default=1000)
+    g.add_argument("--eval-iters", type=int, default=100)
+    g.add_argument("--tensorboard-dir", default=None)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
+
+
+# ---- namespace -> configs -----------------------------------------------------------------------
+def tokenizer_kwargs(args) -> dict:
+    kind = args.tokenizer_type or ("NullTokenizer" if args.mock_data else None)
+    if kind is None:
+        raise ConfigError("--tokenizer-type is required with --data-path "
+                          "(SentencePieceTokenizer, GPT2BPETokenizer or NullTokenizer)")
+    return dict(tokenizer_type=kind, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
+                merge_file=args.merge_file, vocab_size=args.vocab_size)
+
+
+def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
+    if divisible_by < 1:
+        raise ConfigError(f"--make-vocab-size-divisible-by must be >= 1 (got {divisible_by})")
+    multiple = divisible_by * tp
+    return -(-vocab_size // multiple) * multiple
+
+
+def build_config(args, world_size: int, vocab_size: int) -> Config:
+    """All checks that can fail, in the order a user would fix them. Raises ConfigError."""
+    try:
+        return _build(args, world_size, vocab_size)
+    except ConfigError:
+        raise
+    except ValueError as e:  # a config dataclass's own check: same contract
+        raise ConfigError(str(e)) from None
+
+
+def _build(args, world_size: int, vocab_size: int) -> Config:
+    _check_unsupported(args)
+    topology = Topology(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size)
+    model = _model_config(args, topology, vocab_size)
+    moe = _moe_config(args, topology)
+    train = _train_config(args, topology)
+    optim = OptimizerConfig(
+        lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
+        adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
+        use_distributed_optimizer=args.use_distributed_optimizer, tile_size=args.optimizer_tile_size,
+        fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
+        min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
+        hysteresis=args.hysteresis, accumulate_grads_in_fp32=args.accumulate_allreduce_grads_in_fp32,
+    )
+    if args.min_lr > args.lr:
+        raise ConfigError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
+    if args.optimizer_tile_size < 0:
+        raise ConfigError("--optimizer-tile-size must be >= 0 (0 = untiled)")
+    recompute = RecomputeConfig(args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
+                                cac=not args.disable_moe_cac)
+    recompute.check(model.num_layers)
+    return Config(topology, model, moe, recompute, optim, train, _data_config(args))
+
+
+def _check_unsupported(args) -> None:
+    if args.pipeline_model_parallel_size != 1:
+        raise ConfigError("--pipeline-model-parallel-size must be 1: pipeline parallelism is not supported; "
+                          "use --tensor-model-parallel-size / --expert-model-parallel-size")
+    if args.sequence_parallel:
+        raise ConfigError("--sequence-parallel is not supported; drop the flag")
+    if args.expert_tensor_parallel_size not in (None, args.tensor_model_parallel_size):
+        raise ConfigError(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} must equal "
+                          f"--tensor-model-parallel-size {args.tensor_model_parallel_size} (TED splits "
+                          "each expert over the TP group); drop the flag")
+    if args.fp16 and args.bf16:
+        raise ConfigError("--fp16 and --bf16 are both given: choose one")
+    if args.expert_interval is not None and args.moe_layer_freq is not None:
+        raise ConfigError("--expert-interval and --moe-layer-freq are both given: choose one")
+
+
+def _model_config(args, topology: Topology, vocab_size: int) -> ModelConfig:
+    max_pos = args.max_position_embeddings or args.seq_length
+    if args.position_embedding_type == "learned_absolute" and args.seq_length > max_pos:
+        raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {max_pos}")
+    dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
+    model = ModelConfig(
+        num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
+        vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, topology.tp),
+        max_position_embeddings=max_pos, ffn_hidden_size=args.ffn_hidden_size,
+        position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
+        normalization=args.normalization, norm_epsilon=args.norm_epsilon, swiglu=args.swiglu,
+        add_bias_linear=not args.disable_bias_linear,
+        untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
+        hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
+        init_method_std=args.init_method_std, params_dtype=dtype,
+    )
+    model.check_tensor_parallel(topology.tp)
+    return model
+
+
+def _moe_config(args, topology: Topology) -> Optional[MoEConfig]:
+    if (args.num_experts or 1) == 1:  # Megatron-DeepSpeed: --num-experts 1 means a dense model
+        if topology.ep > 1:
+            raise ConfigError(f"--expert-model-parallel-size {topology.ep} needs --num-experts")
+        return None
+    for flag, value in (("--expert-interval", args.expert_interval), ("--moe-layer-freq", args.moe_layer_freq)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    if args.expert_interval is None and args.moe_layer_freq is None:
+        layers = moe_layer_indices(args.num_layers, expert_interval=2)
+    else:
+        layers = moe_layer_indices(args.num_layers, expert_interval=args.expert_interval, layer_freq=args.moe_layer_freq)
+    if not layers:
+        raise ConfigError(f"no layer of --num-layers {args.num_layers} gets an MoE block with --expert-interval "
+                          f"{args.expert_interval}: use an interval <= --num-layers")
+    if args.moe_ffn_hidden_size is not None and args.moe_ffn_hidden_size % topology.tp:
+        raise ConfigError(f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by "
+                          f"--tensor-model-parallel-size {topology.tp}")
+    moe = MoEConfig(
+        num_experts=args.num_experts, layers=layers, topk=args.topk, capacity_factor=args.capacity_factor,
+        eval_capacity_factor=args.eval_capacity_factor, min_capacity=args.moe_min_capacity,
+        drop_tokens=not args.disable_moe_token_dropping, drop_policy=args.moe_token_drop_policy,
+        gate_normalization=args.moe_gate_normalization, aux_loss_type=args.moe_router_load_balancing_type,
+        aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff, jitter_eps=args.moe_input_jitter_eps,
+        dtd=not args.disable_moe_dtd, mlp_type=args.mlp_type, expert_ffn_hidden_size=args.moe_ffn_hidden_size,
+    )
+    moe.check_expert_parallel(topology.ep)
+    return moe
+
+
+def _train_config(args, topology: Topology) -> TrainConfig:
+    dp, mbs = topology.dp, args.micro_batch_size
+    gbs = args.global_batch_size or mbs * dp
+    if mbs < 1 or gbs % (mbs * dp):
+        raise ConfigError(
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}; "
+            f"use a multiple of {mbs * dp}, e.g. {mbs * dp * max(1, round(gbs / (mbs * dp)))}"
+        )
+    for flag, value in (("--train-iters", args.train_iters), ("--log-interval", args.log_interval),
+                        ("--eval-interval", args.eval_interval)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    decay_iters = args.lr_decay_iters or args.train_iters
+    warmup = args.lr_warmup_iters
+    if args.lr_warmup_fraction is not None:
+        warmup = int(args.lr_warmup_fraction * decay_iters)
+    if warmup >= decay_iters:
+        raise ConfigError(f"learning-rate warmup ({warmup} iterations) must be shorter than --lr-decay-iters "
+                          f"{decay_iters}")
+    return TrainConfig(
+        micro_batch_size=mbs, global_batch_size=gbs, train_iters=args.train_iters, seq_length=args.seq_length,
+        seed=args.seed, lr_decay_style=args.lr_decay_style, lr_warmup_iters=warmup, lr_decay_iters=decay_iters,
+        eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
+        tensorboard_dir=args.tensorboard_dir, backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes,
+    )
+
+
+def _data_config(args) -> DataConfig:
+    if not args.mock_data and not args.data_path:
+        raise ConfigError("no training data: give --data-path PREFIX [...] (from tools/preprocess_data.py) "
+                          "or --mock-data")
+    kw = tokenizer_kwargs(args)
+    return DataConfig(data_path=args.data_path, split=args.split, mock=args.mock_data,
+                      cache_dir=args.data_cache_path, eod_mask_loss=args.eod_mask_loss, **kw)

@@ -1,0 +1,26 @@
+"""Communication-aware activation checkpointing (CAC) and the recompute set-up.
+
+Plain activation checkpointing recomputes a layer's forward in backward, so each MoE layer
+runs its all-to-alls three times per step (forward, recompute, backward: 6 instead of 4).
+CAC keeps the outputs of the MoE layer's collectives (all-to-alls, TP gathers, reduce-scatter)
+from the forward and serves them to the recompute (ted_patches.comm.CommStash), which then
+communicates nothing: back to 4 all-to-alls, for the memory of those kept buffers. The
+numbers are unchanged: the recompute receives exactly what the forward received.
+"""
+
+from __future__ import annotations
+
+from megatron.model.config import RecomputeConfig
+from megatron.model.gpt import GPTModel
+from ted_patches.moe_layer import MoELayer
+
+
+def apply_recompute(model: GPTModel, cfg: RecomputeConfig) -> GPTModel:
+    """Set Megatron's recompute granularity/method on the model; CAC whenever a recomputed
+    chunk holds an MoE layer, unless turned off."""
+    model.checkpoint_chunks = cfg.full_chunks(len(model.layers))
+    recomputed = {i for chunk in model.checkpoint_chunks for i in chunk}
+    model.communication_aware = cfg.cac and any(isinstance(model.layers[i].mlp, MoELayer) for i in recomputed)
+    for layer in model.layers:
+        layer.attention.recompute_core = cfg.granularity == "selective"
+    return model

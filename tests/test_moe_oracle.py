@@ -1,0 +1,241 @@
+"""DeepSpeed's MoE layer (`deepspeed.moe.layer.MoE`, the paper's reference code) as an oracle.
+
+For the SAME gate and expert weights, our MoELayer (aux_loss_type "deepspeed", gate_normalization
+"surviving", drop_policy "position") and DeepSpeed's MoE (use_rts=False, noisy_gate_policy=None,
+top2_2nd_expert_sampling=False, eval capacity factor = training one) give the same output, aux
+loss, expert counts, and the same raw per-rank gradients (input, gate, every local expert's
+weights and biases; read from .grad right after backward: DeepSpeed does no DP all-reduce
+itself, and ours is done by the Optimizer, which is not used here), within 1e-5 relative
+(max|a - b| / max|b|):
+  * top-2 with tokens dropped (cf 1.0) and without (drop_tokens False);
+  * top-1 where nothing is dropped (cf = E, and drop_tokens False). Top-1 with an over-full
+    expert is not compared: DeepSpeed keeps the tokens `torch.topk` picks among equal one-hot
+    scores (no documented order), ours keeps them in token order;
+at EP = 1 (in this process, no DeepSpeed distributed state at all) and EP = 2 (a 2-rank gloo
+world; each rank has its own input, expert ids r * E_l + i live on EP rank r in both).
+
+DeepSpeed's tensor-parallel path (`groups.mpu` set, `deepspeed.moe.mappings` drop/gather) is not
+compared: as shipped it cannot run on gloo. `_gather_tokens` all-gathers an N-D tensor into a 1-D
+buffer, which NCCL accepts (numel check only) but ProcessGroupGloo::allgather rejects ("invalid
+tensor size"); and with drop_tokens=True it never pads the capacity to a multiple of TP. Our TP
+path is checked against one process in test_moe.py instead.
+
+State hygiene (the pytest process and the harness workers are shared with every other test file):
+importing deepspeed here adds only its own 'DeepSpeed' logger; the two environment variables it
+sets at import (DS_ACCELERATOR, PYTORCH_NVML_BASED_CUDA_CHECK) are restored. Only the EP = 2 workers
+call `deepspeed.init_distributed`, which, with torch.distributed already initialized, just wraps
+the existing default group (it neither re-initializes nor replaces it) and creates DeepSpeed's
+own 'ep_size_2' groups with `new_group` on both ranks alike. Its JIT build of a shared-memory op
+(unused by the MoE layer, ~30 s) is skipped by stubbing `build_shm_op` for that one call.
+"""
+
+import importlib
+import os
+
+import pytest
+import torch
+
+_ENV = ("DS_ACCELERATOR", "PYTORCH_NVML_BASED_CUDA_CHECK")
+_saved_env = {k: os.environ.get(k) for k in _ENV}
+os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip accelerator auto-detection
+try:
+    deepspeed = pytest.importorskip("deepspeed")
+    from deepspeed.accelerator import get_accelerator
+
+    get_accelerator()  # resolved and cached now, while DS_ACCELERATOR is set
+    from deepspeed.moe.layer import MoE
+    from deepspeed.moe.sharded_moe import _capacity as ds_capacity
+    from deepspeed.utils import groups as ds_groups
+finally:
+    for _k, _v in _saved_env.items():
+        if _v is None:
+            os.environ.pop(_k, None)
+        else:
+            os.environ[_k] = _v
+
+import torch.nn.functional as F  # noqa: E402
+
+from harness import run, ted_groups  # noqa: E402
+from megatron.model import ModelConfig  # noqa: E402
+from megatron.model.transformer import activation  # noqa: E402
+from ted_patches.config import MoEConfig  # noqa: E402
+from ted_patches.moe_layer import MoELayer  # noqa: E402
+from ted_patches.router import token_capacity  # noqa: E402
+from util import rel_err  # noqa: E402
+
+E, H, FFN = 8, 16, 32
+B, S = 4, 16  # T = 64 tokens per rank
+AUX = 0.1  # loss = <y, G> + AUX * aux
+TOL = 1e-5
+# name -> (top-k, capacity factor, drop tokens)
+CASES = {
+    "top2-drop-cf1": (2, 1.0, True),
+    "top2-nodrop": (2, 1.0, False),
+    "top1-cfE-nodrop-by-capacity": (1, float(E), True),
+    "top1-nodrop": (1, 1.0, False),
+}
+GRADS = ("x", "gate", "w1", "b1", "w2", "b2")
+
+
+def full_weights(seed: int = 1234) -> dict:
+    """Global weights. Gate: logits = x @ wg.T; expert e: w2[e] @ gelu(w1[e] @ x + b1[e]) + b2[e]."""
+    g = torch.Generator().manual_seed(seed)
+    return dict(
+        wg=torch.randn(E, H, generator=g) * 0.5,
+        w1=torch.randn(E, FFN, H, generator=g) / H**0.5,
+        b1=torch.randn(E, FFN, generator=g) * 0.1,
+        w2=torch.randn(E, H, FFN, generator=g) / FFN**0.5,
+        b2=torch.randn(E, H, generator=g) * 0.1,
+    )
+
+
+def rank_input(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(100 + rank)
+    return torch.randn(B, S, H, generator=g), torch.randn(B, S, H, generator=g)
+
+
+def expert_module() -> torch.nn.Module:
+    return torch.nn.Sequential(torch.nn.Linear(H, FFN), torch.nn.GELU(), torch.nn.Linear(FFN, H))
+
+
+def _ds_init_distributed() -> None:
+    """deepspeed.init_distributed on an already initialized torch.distributed, without its JIT build."""
+    import deepspeed.comm.comm as ds_comm
+
+    if ds_comm.is_initialized():
+        return
+    # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm re-exports the
+    # name `torch`): take the module object itself.
+    ds_torch = importlib.import_module("deepspeed.comm.torch")
+    build = ds_torch.build_shm_op
+    ds_torch.build_shm_op = lambda: None
+    try:
+        deepspeed.init_distributed(dist_backend="gloo")
+    finally:
+        ds_torch.build_shm_op = build
+
+
+def build_ds(ep: int, k: int, cf: float, drop: bool, w: dict, ep_rank: int):
+    moe = MoE(hidden_size=H, expert=expert_module(), num_experts=E, ep_size=ep, k=k, capacity_factor=cf,
+              eval_capacity_factor=cf, min_capacity=4, use_residual=False, noisy_gate_policy=None,
+              drop_tokens=drop, use_rts=False, use_tutel=False, enable_expert_tensor_parallelism=False,
+              top2_2nd_expert_sampling=False)
+    if ep > 1:
+        _ds_init_distributed()
+        moe.set_deepspeed_parallelism()  # creates (once per process) and sets the 'ep_size_{ep}' group
+        name = moe.expert_group_name
+        assert ds_groups._get_expert_parallel_rank(name) == ep_rank, "DeepSpeed's EP rank != ours"
+    layer = moe.deepspeed_moe
+    with torch.no_grad():
+        layer.gate.wg.weight.copy_(w["wg"])
+        for i, ex in enumerate(layer.experts.deepspeed_experts):
+            gid = ep_rank * (E // ep) + i
+            ex[0].weight.copy_(w["w1"][gid])
+            ex[0].bias.copy_(w["b1"][gid])
+            ex[2].weight.copy_(w["w2"][gid])
+            ex[2].bias.copy_(w["b2"][gid])
+    return moe
+
+
+def build_ours(groups, k: int, cf: float, drop: bool, w: dict) -> MoELayer:
+    mcfg = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=1, ffn_hidden_size=FFN, vocab_size=16,
+                       max_position_embeddings=S, hidden_dropout=0.0, attention_dropout=0.0)
+    cfg = MoEConfig(num_experts=E, layers=(0,), topk=k, capacity_factor=cf, eval_capacity_factor=cf,
+                    min_capacity=4, drop_tokens=drop, drop_policy="position", gate_normalization="surviving",
+                    aux_loss_type="deepspeed", aux_loss_coeff=AUX, z_loss_coeff=0.0, jitter_eps=0.0)
+    layer = MoELayer(mcfg, cfg, groups)
+    ids = [groups.ep.rank * (E // groups.ep.size) + i for i in range(E // groups.ep.size)]
+    with torch.no_grad():
+        layer.router.weight.copy_(w["wg"])
+        for name in ("w1", "b1", "w2", "b2"):
+            getattr(layer.experts, name).copy_(w[name][ids])
+    return layer
+
+
+def run_ds(moe, x, gy) -> dict:
+    x = x.clone().requires_grad_(True)
+    out, l_aux, counts = moe(x)
+    ((out * gy).sum() + AUX * l_aux).backward()
+    layer = moe.deepspeed_moe
+    exs = layer.experts.deepspeed_experts
+    return dict(out=out.detach(), aux=l_aux.detach(), counts=counts.long(), x=x.grad, gate=layer.gate.wg.weight.grad,
+                w1=torch.stack([e[0].weight.grad for e in exs]), b1=torch.stack([e[0].bias.grad for e in exs]),
+                w2=torch.stack([e[2].weight.grad for e in exs]), b2=torch.stack([e[2].bias.grad for e in exs]))
+
+
+def run_ours(layer: MoELayer, x, gy) -> dict:
+    x = x.clone().requires_grad_(True)
+    y, aux = layer(x)
+    ((y * gy).sum() + aux.loss).backward()
+    ex = layer.experts
+    return dict(out=y.detach(), aux=aux.aux_loss, counts=aux.counts_E.long(), x=x.grad, gate=layer.router.weight.grad,
+                w1=ex.w1.grad, b1=ex.b1.grad, w2=ex.w2.grad, b2=ex.b2.grad, dropped=aux.dropped.item())
+
+
+def oracle_case(ep: int, names: list[str]) -> dict:
+    """On every rank: ours vs DeepSpeed for each case; the relative errors and what was dropped."""
+    groups = ted_groups(1, ep)
+    torch.manual_seed(0)  # nothing random should be drawn; keep it deterministic regardless
+    w = full_weights()
+    x, gy = rank_input(groups.ep.rank if ep > 1 else 0)
+    results = {}
+    for name in names:
+        k, cf, drop = CASES[name]
+        ds = run_ds(build_ds(ep, k, cf, drop, w, groups.ep.rank), x, gy)
+        ours = run_ours(build_ours(groups, k, cf, drop, w), x, gy)
+        errs = {key: rel_err(ours[key], ds[key]) for key in ("out", "aux") + GRADS}
+        errs["counts_equal"] = bool(torch.equal(ours["counts"], ds["counts"]))
+        errs["dropped"] = ours["dropped"]
+        errs["grad_norms"] = {key: ds[key].norm().item() for key in GRADS}
+        results[name] = errs
+    return results
+
+
+def check(results_by_rank: list[dict], names: list[str]) -> None:
+    for rank, results in enumerate(results_by_rank):
+        for name in names:
+            errs = results[name]
+            what = f"rank {rank} {name}"
+            print(what, {k: f"{v:.2e}" for k, v in errs.items() if isinstance(v, float) and k != "dropped"},
+                  f"dropped={errs['dropped']:.4f}")
+            assert errs["counts_equal"], f"{what}: expert counts differ"
+            for key in ("out", "aux") + GRADS:
+                assert errs[key] <= TOL, f"{what}: {key} relative error {errs[key]:.3e} > {TOL}"
+            # every compared gradient is a real signal, not zeros agreeing with zeros
+            assert all(v > 0 for v in errs["grad_norms"].values()), f"{what}: a gradient is all zero"
+            if name == "top2-drop-cf1":
+                assert errs["dropped"] > 0, f"{what}: the drop case dropped nothing"
+            else:
+                assert errs["dropped"] == 0, f"{what}: tokens were dropped"
+
+
+def test_activation_is_exact_gelu_in_both():
+    h = torch.linspace(-4, 4, 101)
+    cfg = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=1, vocab_size=16, max_position_embeddings=S)
+    assert torch.equal(activation(cfg, h), F.gelu(h, approximate="none"))
+    assert not torch.equal(activation(cfg, h), F.gelu(h, approximate="tanh"))
+    moe = build_ds(1, 1, 1.0, True, full_weights(), 0)
+    for ex in moe.deepspeed_moe.experts.deepspeed_experts:
+        assert isinstance(ex[1], torch.nn.GELU) and ex[1].approximate == "none"
+
+
+def test_capacity_formula_equals_deepspeed():
+    """token_capacity == DeepSpeed's _capacity (fp32 ceil of T/E * (cf * k), at least min_capacity),
+    including the rounding edges where a float64 formula would be one larger."""
+    edges = [(10, 3, 3, 1.1), (5, 3, 3, 0.2), (10, 3, 3, 0.1)]  # float64 gives +1 on these
+    grid = [(t, e, k, cf) for t in (1, 7, 10, 64, 100, 333, 1000, 4096) for e in (1, 3, 6, 8, 64)
+            for k in (1, 2, 3) for cf in (0.1, 0.2, 0.3, 0.5, 1.0, 1.1, 1.25, 1.3, 2.0)]
+    for t, e, k, cf in edges + grid:
+        for m in (0, 4):
+            want = int(ds_capacity(torch.empty(t, e), torch.tensor(cf * k), torch.tensor(m)))
+            assert token_capacity(t, e, k, cf, m) == want, f"T={t} E={e} k={k} cf={cf} min={m}"
+
+
+def test_oracle_ep1():
+    names = list(CASES)
+    check(run(1, oracle_case, 1, names), names)
+
+
+def test_oracle_ep2():
+    names = list(CASES)
+    check(run(2, oracle_case, 2, names), names)
