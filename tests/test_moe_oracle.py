@@ -11,6 +11,9 @@ itself, and ours is done by the Optimizer, which is not used here), within 1e-5 
   * top-1 where nothing is dropped (cf = E, and drop_tokens False). Top-1 with an over-full
     expert is not compared: DeepSpeed keeps the tokens `torch.topk` picks among equal one-hot
     scores (no documented order), ours keeps them in token order;
+  * also top-3 with drops, which DeepSpeed routes through `topkgating`: per expert the most
+    probable tokens survive and l_aux counts all k choices divided by k, i.e. our drop_policy
+    "probs" with aux_loss_type "aux_loss" (gates still renormalized over the survivors);
 at EP = 1 (in this process, no DeepSpeed distributed state at all) and EP = 2 (a 2-rank gloo
 world; each rank has its own input, expert ids r * E_l + i live on EP rank r in both).
 
@@ -29,6 +32,7 @@ own 'ep_size_2' groups with `new_group` on both ranks alike. Its JIT build of a 
 (unused by the MoE layer, ~30 s) is skipped by stubbing `build_shm_op` for that one call.
 """
 
+import dataclasses
 import importlib
 import os
 
@@ -67,13 +71,16 @@ E, H, FFN = 8, 16, 32
 B, S = 4, 16  # T = 64 tokens per rank
 AUX = 0.1  # loss = <y, G> + AUX * aux
 TOL = 1e-5
-# name -> (top-k, capacity factor, drop tokens)
+# name -> (top-k, capacity factor, drop tokens, our MoEConfig overrides)
+TOPK_GATING = dict(drop_policy="probs", aux_loss_type="aux_loss")  # DeepSpeed's k >= 3 semantics
 CASES = {
-    "top2-drop-cf1": (2, 1.0, True),
-    "top2-nodrop": (2, 1.0, False),
-    "top1-cfE-nodrop-by-capacity": (1, float(E), True),
-    "top1-nodrop": (1, 1.0, False),
+    "top2-drop-cf1": (2, 1.0, True, {}),
+    "top2-nodrop": (2, 1.0, False, {}),
+    "top1-cfE-nodrop-by-capacity": (1, float(E), True, {}),
+    "top1-nodrop": (1, 1.0, False, {}),
+    "top3-probs-drop-cf1": (3, 1.0, True, TOPK_GATING),
 }
+DROPPING = ("top2-drop-cf1", "top3-probs-drop-cf1")
 GRADS = ("x", "gate", "w1", "b1", "w2", "b2")
 
 
@@ -137,12 +144,13 @@ def build_ds(ep: int, k: int, cf: float, drop: bool, w: dict, ep_rank: int):
     return moe
 
 
-def build_ours(groups, k: int, cf: float, drop: bool, w: dict) -> MoELayer:
+def build_ours(groups, k: int, cf: float, drop: bool, w: dict, overrides: dict) -> MoELayer:
     mcfg = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=1, ffn_hidden_size=FFN, vocab_size=16,
                        max_position_embeddings=S, hidden_dropout=0.0, attention_dropout=0.0)
     cfg = MoEConfig(num_experts=E, layers=(0,), topk=k, capacity_factor=cf, eval_capacity_factor=cf,
                     min_capacity=4, drop_tokens=drop, drop_policy="position", gate_normalization="surviving",
                     aux_loss_type="deepspeed", aux_loss_coeff=AUX, z_loss_coeff=0.0, jitter_eps=0.0)
+    cfg = dataclasses.replace(cfg, **overrides)
     layer = MoELayer(mcfg, cfg, groups)
     ids = [groups.ep.rank * (E // groups.ep.size) + i for i in range(E // groups.ep.size)]
     with torch.no_grad():
@@ -180,9 +188,9 @@ def oracle_case(ep: int, names: list[str]) -> dict:
     x, gy = rank_input(groups.ep.rank if ep > 1 else 0)
     results = {}
     for name in names:
-        k, cf, drop = CASES[name]
+        k, cf, drop, overrides = CASES[name]
         ds = run_ds(build_ds(ep, k, cf, drop, w, groups.ep.rank), x, gy)
-        ours = run_ours(build_ours(groups, k, cf, drop, w), x, gy)
+        ours = run_ours(build_ours(groups, k, cf, drop, w, overrides), x, gy)
         errs = {key: rel_err(ours[key], ds[key]) for key in ("out", "aux") + GRADS}
         errs["counts_equal"] = bool(torch.equal(ours["counts"], ds["counts"]))
         errs["dropped"] = ours["dropped"]
@@ -203,7 +211,7 @@ def check(results_by_rank: list[dict], names: list[str]) -> None:
                 assert errs[key] <= TOL, f"{what}: {key} relative error {errs[key]:.3e} > {TOL}"
             # every compared gradient is a real signal, not zeros agreeing with zeros
             assert all(v > 0 for v in errs["grad_norms"].values()), f"{what}: a gradient is all zero"
-            if name == "top2-drop-cf1":
+            if name in DROPPING:
                 assert errs["dropped"] > 0, f"{what}: the drop case dropped nothing"
             else:
                 assert errs["dropped"] == 0, f"{what}: tokens were dropped"

@@ -175,12 +175,16 @@ class TrainLog:
         tokens_per_s = t.global_batch_size * t.seq_length / per_iter
         tflops = self.flops / per_iter / self.cfg.topology.world_size / 1e12
         eta = timedelta(seconds=int(per_iter * (t.train_iters - iteration)))
-        moe = f" moe aux loss: {self.sum_aux / n:.6E} |" if self.cfg.moe is not None else ""
+        losses = ""  # as Megatron: no loss values when every iteration of the interval was skipped
+        if self.count:
+            losses = f" lm loss: {self.sum_lm / n:.6E} |"
+            if self.cfg.moe is not None:
+                losses += f" moe aux loss: {self.sum_aux / n:.6E} |"
+            losses += f" grad norm: {self.sum_norm / n:.3f} |"
         line = (
             f" iteration {iteration:8d}/{t.train_iters:8d} | consumed samples: {iteration * t.global_batch_size:12d} |"
             f" elapsed time per iteration (ms): {per_iter * 1000:.1f} | learning rate: {lr:.6E} |"
-            f" global batch size: {t.global_batch_size:5d} | lm loss: {self.sum_lm / n:.6E} |{moe}"
-            f" loss scale: {metrics.loss_scale:.1f} | grad norm: {self.sum_norm / n:.3f} |"
+            f" global batch size: {t.global_batch_size:5d} |{losses} loss scale: {metrics.loss_scale:.1f} |"
             f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nans:3d} |"
             f" tokens per second: {tokens_per_s:.1f} | TFLOP/s per device: {tflops:.3f} | ETA: {eta} |"
         )

