@@ -1,0 +1,89 @@
+"""Bad input fails before any collective, on every rank, naming the flag and a way out."""
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+import pretrain_gpt_moe
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 --micro-batch-size 2 "
+        "--train-iters 2 --lr 1e-3 --mock-data --vocab-size 100").split()
+
+
+def fails(argv, world, capsys, rank=0, monkeypatch=None) -> str:
+    monkeypatch.setenv("WORLD_SIZE", str(world))
+    monkeypatch.setenv("RANK", str(rank))
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_gpt_moe.load_config(BASE + argv)
+    assert exit_info.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize("world,argv,expect", [
+    (6, ["--tensor-model-parallel-size", "4"], "--tensor-model-parallel-size 4; use one of [1, 2, 3, 6]"),
+    (2, ["--tensor-model-parallel-size", "2", "--num-attention-heads", "1"], "--num-attention-heads 1 is not divisible"),
+    (4, ["--tensor-model-parallel-size", "4", "--ffn-hidden-size", "66"], "--ffn-hidden-size 66 is not divisible"),
+    (1, ["--hidden-size", "66"], "--hidden-size 66 is not divisible by --num-attention-heads 4"),
+    (2, ["--make-vocab-size-divisible-by", "0"], "--make-vocab-size-divisible-by must be >= 1"),
+    (8, ["--tensor-model-parallel-size", "2", "--expert-model-parallel-size", "3", "--num-experts", "6"],
+     "--expert-model-parallel-size 3; use one of [1, 2, 4]"),
+    (4, ["--expert-model-parallel-size", "4", "--num-experts", "6"], "--num-experts 6 is not divisible"),
+    (1, ["--num-experts", "8", "--moe-router-topk", "9"], "--moe-router-topk 9 must be between 1 and --num-experts 8"),
+    (1, ["--num-experts", "8", "--moe-expert-capacity-factor", "0"], "--moe-expert-capacity-factor must be > 0"),
+    (1, ["--num-experts", "8", "--topk", "2", "--moe-train-capacity-factor", "-1"], "--moe-expert-capacity-factor must be > 0"),
+    (2, ["--expert-model-parallel-size", "2"], "needs --num-experts"),
+    (1, ["--fp16", "--bf16"], "--fp16 and --bf16 are both given"),
+    (2, ["--global-batch-size", "6"], "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
+    (1, ["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size must be 1"),
+    (2, ["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"], "--expert-tensor-parallel-size 1 must equal"),
+    (1, ["--recompute-granularity", "full"], "--recompute-method uniform or block"),
+    (1, ["--num-experts", "4", "--expert-interval", "3", "--num-layers", "2"], "no layer of --num-layers 2"),
+])
+def test_bad_layout_or_flag_is_a_clear_error(world, argv, expect, capsys, monkeypatch):
+    err = fails(argv, world, capsys, rank=world - 1, monkeypatch=monkeypatch)
+    assert expect in err and f"(rank {world - 1})" in err, err
+
+
+def test_missing_or_broken_data_files_name_the_file(tmp_path, capsys, monkeypatch):
+    base = [a for a in BASE if a != "--mock-data"]
+    monkeypatch.setattr(sys, "argv", ["x"])
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    prefix = str(tmp_path / "corpus_text_document")
+    with pytest.raises(SystemExit):
+        pretrain_gpt_moe.load_config(base + ["--tokenizer-type", "NullTokenizer", "--data-path", prefix])
+    assert f"{prefix}.idx not found" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain_gpt_moe.load_config(base + ["--tokenizer-type", "SentencePieceTokenizer",
+                                             "--tokenizer-model", str(tmp_path / "nope.model"), "--data-path", prefix])
+    assert "--tokenizer-model" in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        pretrain_gpt_moe.load_config([a for a in base if a != "--vocab-size" and a != "100"])
+    assert "--data-path" in capsys.readouterr().err
+
+
+def test_unknown_flag_is_rejected(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        pretrain_gpt_moe.load_config(BASE + ["--save", "/tmp/ckpt"])
+    assert exit_info.value.code == 2 and "unrecognized arguments: --save" in capsys.readouterr().err
+
+
+def test_every_rank_of_a_real_launch_exits_before_any_collective():
+    """Four real processes of a world of 4 with an invalid layout (TP=3): each exits with status 2
+    and its own error line, without ever waiting for a peer (no rendezvous happens)."""
+    argv = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), *BASE, "--tensor-model-parallel-size", "3"]
+    start = time.time()
+    procs = []
+    for rank in range(4):
+        env = dict(os.environ, RANK=str(rank), WORLD_SIZE="4", LOCAL_RANK=str(rank), MASTER_ADDR="127.0.0.1",
+                   MASTER_PORT="1", OMP_NUM_THREADS="1")
+        procs.append(subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    for rank, p in enumerate(procs):
+        _, err = p.communicate(timeout=120)
+        assert p.returncode == 2, err
+        assert f"error (rank {rank}): world size 4 is not divisible by --tensor-model-parallel-size 3" in err
+    assert time.time() - start < 60
