@@ -1,0 +1,121 @@
+"""The paper's optimizations leave the numbers unchanged (tier 2): recompute with and without
+CAC, ZeRO-1 and the tiled optimizer step; CAC's all-to-all count and ZeRO's state bytes."""
+
+import functools
+
+import pytest
+import torch
+
+from harness import run, ted_groups
+from megatron.model import GPTModel
+from megatron.model.config import RecomputeConfig
+from megatron.training.optimizer import Optimizer, OptimizerConfig
+from megatron.training.training import forward_backward, train_step
+from ted_patches.cac import apply_recompute
+from ted_patches.config import moe_layer_indices
+from ted_patches.patch import apply_patches
+from test_moe import model_config, moe_config
+from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches
+
+SEQ, MBS, MICRO = 16, 2, 2
+RECOMPUTE = {
+    "none": RecomputeConfig(),
+    "full": RecomputeConfig("full", "uniform", 1, cac=False),
+    "full+cac": RecomputeConfig("full", "uniform", 1, cac=True),
+    "block+cac": RecomputeConfig("full", "block", 2, cac=True),
+    "selective": RecomputeConfig("selective"),
+}
+
+
+def build(groups, recompute: RecomputeConfig, layers=4, dropout=0.0):
+    mcfg = model_config(num_layers=layers, hidden_dropout=dropout, attention_dropout=dropout)
+    model = GPTModel(mcfg, groups, seed=11, init=False)
+    apply_patches(model, moe_config(2, True, layers=moe_layer_indices(layers, expert_interval=2)), seed=11)
+    return apply_recompute(model, recompute), mcfg
+
+
+def recompute_case(tp: int, ep: int, name: str, dropout: float = 0.0) -> dict:
+    """Gradients of one step (2 micro-batches) and the all-to-alls it sent, per MoE layer."""
+    groups = ted_groups(tp, ep)
+    torch.manual_seed(3)  # dropout masks: the same stream in every variant
+    model, mcfg = build(groups, RECOMPUTE[name], dropout=dropout)
+    opt = Optimizer(model, groups, OptimizerConfig())
+    opt.zero_grad()
+    mbs = my_microbatches(0, groups, MICRO, mbs=MBS, seq=SEQ, vocab=mcfg.vocab_size)
+    groups.ledger.reset()
+    forward_backward(model, mbs, 1.0)
+    moe_layers = 2
+    a2a = groups.ledger.count("all_to_all", "ep") / (moe_layers * len(mbs))
+    opt.reduce_gradients()
+    grads = full_tensors(model, groups, grads=True)
+    return {"grads": grads, "a2a_per_layer_per_microbatch": a2a} if torch.distributed.get_rank() == 0 else None
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1])
+def test_recompute_and_cac_leave_gradients_unchanged_and_cac_saves_a_third_of_the_all_to_alls(dropout):
+    results = {name: run(4, recompute_case, 2, 2, name, dropout)[0] for name in RECOMPUTE}
+    base = results["none"]
+    for name, res in results.items():
+        assert_close_dicts(res["grads"], base["grads"], 1e-6, f"{name} vs no recompute")
+    counts = {name: res["a2a_per_layer_per_microbatch"] for name, res in results.items()}
+    assert counts["none"] == 4 and counts["selective"] == 4
+    assert counts["full"] == 6, counts
+    assert counts["full+cac"] == 4 and counts["block+cac"] == 4, counts
+
+
+# ---- ZeRO-1 and the tiled step -----------------------------------------------------------------
+OPTIMIZERS = {
+    "plain": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5),
+    "tiled": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, tile_size=1000),
+    "zero1": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, use_distributed_optimizer=True),
+    "zero1+tiled": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, use_distributed_optimizer=True, tile_size=777),
+}
+
+
+def optimizer_case(tp: int, ep: int, name: str, dtype=torch.float32, steps: int = 5) -> dict:
+    groups = ted_groups(tp, ep)
+    model, mcfg = build(groups, RecomputeConfig(), layers=2)
+    model.to(dtype)
+    opt = Optimizer(model, groups, OPTIMIZERS[name])
+    for step in range(steps):
+        train_step(model, opt, my_microbatches(step, groups, 4, mbs=MBS, seq=SEQ, vocab=mcfg.vocab_size), groups)
+    state = [(fg.group.name, fg.param_buf.numel(), fg.state_bytes()) for fg in opt.flat_groups]
+    params = full_tensors(model, groups)
+    return {"params": params, "state": state} if torch.distributed.get_rank() == 0 else None
+
+
+@functools.cache
+def optimizer_results(dtype_name: str) -> dict:
+    dtype = getattr(torch, dtype_name)
+    return {name: run(8, optimizer_case, 2, 2, name, dtype)[0] for name in OPTIMIZERS}
+
+
+def test_zero1_and_tiled_steps_match_the_plain_optimizer():
+    res = optimizer_results("float32")
+    plain = res["plain"]["params"]
+    for name in ("tiled", "zero1", "zero1+tiled"):  # ZeRO reduce-scatters: another summation order
+        assert_close_dicts(res[name]["params"], plain, 1e-6, name, PARAM_FLOOR)
+    for k in plain:  # tiling changes only the loop, not the arithmetic: bitwise
+        assert torch.equal(res["tiled"]["params"][k], plain[k]), k
+        assert torch.equal(res["zero1+tiled"]["params"][k], res["zero1"]["params"][k]), k
+
+
+def test_zero1_divides_optimizer_state_by_the_sharding_group():
+    """fp32 params are their own master weights, so the state is the two Adam moments: 8 bytes per
+    element, divided by DP (4) for dense parameters and by expert-DP (2) for expert parameters."""
+    res = optimizer_results("float32")
+    sizes = {"dp": 4, "edp": 2}
+    for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"], res["zero1"]["state"]):
+        assert plain_bytes == 8 * numel
+        assert zero_bytes * sizes[group] == -(-numel // sizes[group]) * sizes[group] * 8
+
+
+def test_bf16_params_keep_fp32_master_weights_and_tiled_is_bitwise():
+    res = optimizer_results("bfloat16")
+    for k, v in res["plain"]["params"].items():
+        assert v.dtype == torch.bfloat16
+        assert torch.equal(res["tiled"]["params"][k], v), k
+    sizes = {"dp": 4, "edp": 2}
+    for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"], res["zero1"]["state"]):
+        assert plain_bytes == 12 * numel  # fp32 master + two moments
+        assert zero_bytes * sizes[group] == plain_bytes
