@@ -78,9 +78,9 @@ def one_expert_case(tp: int) -> dict:
             moe = MoELayer(mcfg, cfg, groups)
             with torch.no_grad():
                 moe.router.weight.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(6)))
-                moe.experts.w1[0].copy_(shard(w1, 0, r, t))
+                moe.experts.w1[0].copy_(shard(w1, 0, r, t).t())  # experts store [in, out]
                 moe.experts.b1[0].copy_(shard(b1, 0, r, t))
-                moe.experts.w2[0].copy_(shard(w2, 1, r, t))
+                moe.experts.w2[0].copy_(shard(w2, 1, r, t).t())
                 moe.experts.b2[0].copy_(b2)
             routing = moe.router(x0.reshape(-1, H))
             assert torch.equal(routing.weight_N, torch.ones(MBS * SEQ)), "gate weight of the one expert is not 1.0"
@@ -88,8 +88,8 @@ def one_expert_case(tp: int) -> dict:
             y, aux = moe(x)
             (y * gy).sum().backward()
             assert aux.dropped.item() == 0
-            got = dict(y=y.detach(), x=x.grad, w1=moe.experts.w1.grad[0], b1=moe.experts.b1.grad[0],
-                       w2=moe.experts.w2.grad[0], b2=moe.experts.b2.grad[0])
+            got = dict(y=y.detach(), x=x.grad, w1=moe.experts.w1.grad[0].t(), b1=moe.experts.b1.grad[0],
+                       w2=moe.experts.w2.grad[0].t(), b2=moe.experts.b2.grad[0])
             results[(norm, drop, dtd)] = {k: rel_err(got[k], want[k]) for k in want}
     return results
 

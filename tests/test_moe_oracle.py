@@ -155,8 +155,10 @@ def build_ours(groups, k: int, cf: float, drop: bool, w: dict, overrides: dict) 
     ids = [groups.ep.rank * (E // groups.ep.size) + i for i in range(E // groups.ep.size)]
     with torch.no_grad():
         layer.router.weight.copy_(w["wg"])
-        for name in ("w1", "b1", "w2", "b2"):
+        for name in ("b1", "b2"):
             getattr(layer.experts, name).copy_(w[name][ids])
+        for name in ("w1", "w2"):  # ours are stored [in, out], nn.Linear's [out, in]
+            getattr(layer.experts, name).copy_(w[name][ids].transpose(1, 2))
     return layer
 
 
@@ -177,7 +179,8 @@ def run_ours(layer: MoELayer, x, gy) -> dict:
     ((y * gy).sum() + aux.loss).backward()
     ex = layer.experts
     return dict(out=y.detach(), aux=aux.aux_loss, counts=aux.counts_E.long(), x=x.grad, gate=layer.router.weight.grad,
-                w1=ex.w1.grad, b1=ex.b1.grad, w2=ex.w2.grad, b2=ex.b2.grad, dropped=aux.dropped.item())
+                w1=ex.w1.grad.transpose(1, 2), b1=ex.b1.grad, w2=ex.w2.grad.transpose(1, 2), b2=ex.b2.grad,
+                dropped=aux.dropped.item())
 
 
 def oracle_case(ep: int, names: list[str]) -> dict:
