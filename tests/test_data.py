@@ -11,6 +11,8 @@ import importlib.util
 import json
 import os
 import signal
+import subprocess
+import sys
 
 import numpy
 import pytest
@@ -160,11 +162,24 @@ def test_unweighted_blend_mixes_by_size_and_gives_every_sample_asked(corpus, tmp
 
 
 def test_blend_without_process_group_with_cache_dir(corpus, tmp_path):
-    # megatron-core's BlendedDataset calls torch.distributed.get_rank() on a cache miss
-    if torch.distributed.is_initialized():
-        pytest.skip("this process already joined a process group (test order)")
-    train = build(["1", corpus["a"], "1", corpus["b"]], tmp_path, num_samples=(60, 5, 0))[0]
-    assert len(train) == 60
+    """megatron-core's BlendedDataset calls torch.distributed.get_rank() on a cache miss; our
+    builder must work without any process group. This pytest process has one (the harness's
+    single-process reference), so the build runs in a fresh interpreter."""
+    code = (
+        "import sys, torch; sys.path[:0] = [sys.argv[1]]\n"
+        "from megatron.training.data import build_train_valid_test_datasets\n"
+        "from megatron.training.tokenizer import build_tokenizer\n"
+        "assert not torch.distributed.is_initialized()\n"
+        "train = build_train_valid_test_datasets(data_path=['1', sys.argv[2], '1', sys.argv[3]], split='9,1,0',\n"
+        "    mock=False, seq_length=%d, seed=1234, tokenizer=build_tokenizer('NullTokenizer', vocab_size=%d),\n"
+        "    num_samples=(60, 5, 0), cache_dir=sys.argv[4])[0]\n"
+        "print(len(train))\n" % (SEQ, VOCAB)
+    )
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    done = subprocess.run([sys.executable, "-c", code, root, corpus["a"], corpus["b"], str(tmp_path / "cache")],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert done.stdout.split()[-1] == "60"
 
 
 # --- .bin/.idx validation -------------------------------------------------------------------

@@ -52,7 +52,7 @@ def device_for(backend: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -73,7 +73,7 @@ def initialize_distributed(
     if not dist.is_initialized():
         if env.world_size == 1:  # a plain `python pretrain_gpt_moe.py` run
             os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
-            os.environ.setdefault("MASTER_PORT", str(_free_port()))
+            os.environ.setdefault("MASTER_PORT", str(free_port()))
         elif "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
             raise RuntimeError("MASTER_ADDR and MASTER_PORT must be set (torchrun sets them; under Slurm "
                                "export them in the batch script)")
