@@ -24,38 +24,22 @@ tensor size"); and with drop_tokens=True it never pads the capacity to a multipl
 path is checked against one process in test_moe.py instead.
 
 State hygiene (the pytest process and the harness workers are shared with every other test file):
-importing deepspeed here adds only its own 'DeepSpeed' logger; the two environment variables it
-sets at import (DS_ACCELERATOR, PYTORCH_NVML_BASED_CUDA_CHECK) are restored. Only the EP = 2 workers
-call `deepspeed.init_distributed`, which, with torch.distributed already initialized, just wraps
-the existing default group (it neither re-initializes nor replaces it) and creates DeepSpeed's
-own 'ep_size_2' groups with `new_group` on both ranks alike. Its JIT build of a shared-memory op
-(unused by the MoE layer, ~30 s) is skipped by stubbing `build_shm_op` for that one call.
+see bench/deepspeed_baseline.py. Only the EP = 2 workers call `deepspeed.init_distributed`, which
+wraps the existing default group and creates DeepSpeed's own 'ep_size_2' groups on both ranks.
 """
 
 import dataclasses
-import importlib
-import os
 
 import pytest
 import torch
 
-_ENV = ("DS_ACCELERATOR", "PYTORCH_NVML_BASED_CUDA_CHECK")
-_saved_env = {k: os.environ.get(k) for k in _ENV}
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # skip accelerator auto-detection
-try:
-    deepspeed = pytest.importorskip("deepspeed")
-    from deepspeed.accelerator import get_accelerator
+from bench import deepspeed_baseline as ds_baseline
 
-    get_accelerator()  # resolved and cached now, while DS_ACCELERATOR is set
-    from deepspeed.moe.layer import MoE
-    from deepspeed.moe.sharded_moe import _capacity as ds_capacity
-    from deepspeed.utils import groups as ds_groups
-finally:
-    for _k, _v in _saved_env.items():
-        if _v is None:
-            os.environ.pop(_k, None)
-        else:
-            os.environ[_k] = _v
+try:
+    deepspeed, _ = ds_baseline.import_deepspeed()
+except ImportError:
+    pytest.skip("deepspeed is not installed (pip install deepspeed: the [test] extra)", allow_module_level=True)
+from deepspeed.moe.sharded_moe import _capacity as ds_capacity  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
 
@@ -101,46 +85,10 @@ def rank_input(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.randn(B, S, H, generator=g), torch.randn(B, S, H, generator=g)
 
 
-def expert_module() -> torch.nn.Module:
-    return torch.nn.Sequential(torch.nn.Linear(H, FFN), torch.nn.GELU(), torch.nn.Linear(FFN, H))
-
-
-def _ds_init_distributed() -> None:
-    """deepspeed.init_distributed on an already initialized torch.distributed, without its JIT build."""
-    import deepspeed.comm.comm as ds_comm
-
-    if ds_comm.is_initialized():
-        return
-    # `import deepspeed.comm.torch as m` would bind the torch package (deepspeed.comm re-exports the
-    # name `torch`): take the module object itself.
-    ds_torch = importlib.import_module("deepspeed.comm.torch")
-    build = ds_torch.build_shm_op
-    ds_torch.build_shm_op = lambda: None
-    try:
-        deepspeed.init_distributed(dist_backend="gloo")
-    finally:
-        ds_torch.build_shm_op = build
-
-
 def build_ds(ep: int, k: int, cf: float, drop: bool, w: dict, ep_rank: int):
-    moe = MoE(hidden_size=H, expert=expert_module(), num_experts=E, ep_size=ep, k=k, capacity_factor=cf,
-              eval_capacity_factor=cf, min_capacity=4, use_residual=False, noisy_gate_policy=None,
-              drop_tokens=drop, use_rts=False, use_tutel=False, enable_expert_tensor_parallelism=False,
-              top2_2nd_expert_sampling=False)
-    if ep > 1:
-        _ds_init_distributed()
-        moe.set_deepspeed_parallelism()  # creates (once per process) and sets the 'ep_size_{ep}' group
-        name = moe.expert_group_name
-        assert ds_groups._get_expert_parallel_rank(name) == ep_rank, "DeepSpeed's EP rank != ours"
-    layer = moe.deepspeed_moe
-    with torch.no_grad():
-        layer.gate.wg.weight.copy_(w["wg"])
-        for i, ex in enumerate(layer.experts.deepspeed_experts):
-            gid = ep_rank * (E // ep) + i
-            ex[0].weight.copy_(w["w1"][gid])
-            ex[0].bias.copy_(w["b1"][gid])
-            ex[2].weight.copy_(w["w2"][gid])
-            ex[2].bias.copy_(w["b2"][gid])
+    moe = ds_baseline.build_moe(hidden=H, ffn=FFN, experts=E, ep=ep, topk=k, capacity_factor=cf, drop_tokens=drop)
+    assert ds_baseline.ep_rank(moe) == ep_rank, "DeepSpeed's EP rank != ours"
+    ds_baseline.load_weights(moe, w)
     return moe
 
 

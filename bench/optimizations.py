@@ -1,0 +1,198 @@
+#!/usr/bin/env python
+"""The paper's optimizations, each on and off, side by side in one run, on a GPT-MoE with many
+experts: activation recompute with and without communication-aware checkpointing (CAC), ZeRO-1
+(--use-distributed-optimizer) and the tiled optimizer step.
+
+Every configuration runs in a fresh gloo world (fresh processes), so the peak resident memory it
+reports is its own: the kernel's high-water mark (VmHWM) is reset before the measured step and
+read after it. On a GPU (one process, EP = 1) torch.cuda.max_memory_allocated is used instead.
+
+    python bench/optimizations.py            # table
+    python bench/optimizations.py --json     # JSON Lines, one object per configuration
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+import warnings
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+warnings.filterwarnings("ignore")
+
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+
+CONFIGS = {  # name -> (recompute, cac, zero1, tiled)
+    "baseline": (False, False, False, False),
+    "recompute": (True, False, False, False),
+    "recompute+cac": (True, True, False, False),
+    "zero1": (False, False, True, False),
+    "tiled": (False, False, False, True),
+    "all": (True, True, True, True),
+}
+
+
+# ---- memory readings ------------------------------------------------------------------------------
+def reset_peak(device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    else:
+        with open("/proc/self/clear_refs", "w") as f:  # "5": reset the peak resident set size
+            f.write("5")
+
+
+def memory(device) -> tuple[int, int]:
+    """(current, peak since reset) bytes: CUDA allocator, or this process's resident set."""
+    if device.type == "cuda":
+        return torch.cuda.memory_allocated(device), torch.cuda.max_memory_allocated(device)
+    fields = {}
+    with open("/proc/self/status") as f:
+        for line in f:
+            key, _, value = line.partition(":")
+            fields[key] = value
+    kib = lambda key: int(fields[key].split()[0]) * 1024  # noqa: E731
+    return kib("VmRSS"), kib("VmHWM")
+
+
+# ---- one configuration, on every rank -----------------------------------------------------------------
+def run_config(name: str, opts) -> dict | None:
+    from megatron.model import GPTModel, ModelConfig
+    from megatron.model.config import RecomputeConfig
+    from megatron.training.local_world import ted_groups
+    from megatron.training.optimizer import Optimizer, OptimizerConfig
+    from megatron.training.training import forward_backward, reduce_losses
+    from ted_patches.cac import apply_recompute
+    from ted_patches.config import MoEConfig, moe_layer_indices
+    from ted_patches.patch import apply_patches
+
+    recompute, cac, zero1, tiled = CONFIGS[name]
+    device = torch.device("cuda" if opts.gpu else "cpu")
+    groups = ted_groups(opts.tp, opts.ep)
+    mcfg = ModelConfig(num_layers=opts.layers, hidden_size=opts.hidden, num_attention_heads=8, ffn_hidden_size=opts.ffn,
+                       vocab_size=opts.vocab, max_position_embeddings=opts.seq, hidden_dropout=0.0,
+                       attention_dropout=0.0)
+    moe = MoEConfig(num_experts=opts.experts, layers=moe_layer_indices(opts.layers, expert_interval=2), topk=2,
+                    capacity_factor=1.0)
+    model = apply_patches(GPTModel(mcfg, groups, seed=7, device=device, init=False), moe, seed=7)
+    apply_recompute(model, RecomputeConfig("full", "uniform", 1, cac=cac) if recompute else RecomputeConfig())
+    model.to(dtype=getattr(torch, opts.dtype))
+    opt = Optimizer(model, groups, OptimizerConfig(lr=1e-4, use_distributed_optimizer=zero1,
+                                                   tile_size=opts.tile if tiled else 0))
+    gen = torch.Generator().manual_seed(groups.dp.rank)
+    data = torch.randint(0, opts.vocab, (opts.micro_batch, opts.seq + 1), generator=gen).to(device)
+    batch = [dict(tokens=data[:, :-1], labels=data[:, 1:],
+                  position_ids=torch.arange(opts.seq, device=device).expand(opts.micro_batch, -1))]
+
+    def forward_backward_reduce():
+        opt.zero_grad()
+        forward_backward(model, batch, opt.scaler.scale)
+        opt.reduce_gradients()
+
+    forward_backward_reduce()  # warm-up: the first step's allocations are not the steady state
+    opt.step()
+    times, peaks, extras = [], [], []
+    for _ in range(opts.steps):
+        _sync(device)
+        reset_peak(device)
+        groups.ledger.reset()
+        start = time.perf_counter()
+        forward_backward_reduce()
+        _sync(device)
+        peak_fwd_bwd = memory(device)[1]
+        before_step = memory(device)[0]
+        reset_peak(device)  # the optimizer step's own high-water mark
+        opt.step()
+        _sync(device)
+        times.append((time.perf_counter() - start) * 1000)
+        peak_step = memory(device)[1]
+        peaks.append(max(peak_fwd_bwd, peak_step))
+        extras.append(peak_step - before_step)
+    summary = groups.ledger.summary()
+    moe_layers = len(moe.layers)
+    result = dict(
+        config=name, tp=opts.tp, ep=opts.ep, dp=groups.dp.size, experts=opts.experts, dtype=opts.dtype,
+        a2a_per_moe_layer_per_step=groups.ledger.count("all_to_all", "ep") / moe_layers,
+        collectives_per_step={f"{k}/{g}": n for (k, g), (n, _) in sorted(summary.items())},
+        comm_bytes_per_rank=sum(b for _, b in summary.values()),
+        a2a_bytes_per_rank=groups.ledger.nbytes("all_to_all", "ep"),
+        optimizer_state_bytes_per_rank=opt.state_bytes(),
+        optimizer_step_peak_extra_bytes=int(statistics.median(extras)),
+        peak_bytes=int(statistics.median(peaks)),
+        ms_step=round(statistics.median(times), 1),
+    )
+    reduce_losses(torch.zeros(2, dtype=torch.float64, device=device), groups)  # all ranks finish together
+    return result if dist.get_rank() == 0 else None
+
+
+def _sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def table(rows: list[dict]) -> str:
+    base = rows[0]
+    head = ("config", "a2a/MoE layer/step", "collectives per step", "comm MB/rank", "opt state MB/rank",
+            "opt step peak extra MB", "peak MB", "ms/step", "vs baseline")
+    out = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
+    for r in rows:
+        coll = ", ".join(f"{k} {n}" for k, n in r["collectives_per_step"].items())
+        out.append(" | ".join([
+            r["config"], f"{r['a2a_per_moe_layer_per_step']:g}", coll, f"{r['comm_bytes_per_rank'] / 2**20:.1f}",
+            f"{r['optimizer_state_bytes_per_rank'] / 2**20:.1f}", f"{r['optimizer_step_peak_extra_bytes'] / 2**20:.1f}",
+            f"{r['peak_bytes'] / 2**20:.0f}", f"{r['ms_step']:.0f}", f"{r['ms_step'] / base['ms_step']:.2f}",
+        ]))
+    return "\n".join(out)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--ep", type=int, default=2)
+    p.add_argument("--dp", type=int, default=2)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--hidden", type=int, default=256)
+    p.add_argument("--ffn", type=int, default=1024)
+    p.add_argument("--experts", type=int, default=16)
+    p.add_argument("--vocab", type=int, default=4096)
+    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--micro-batch", type=int, default=4)
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--tile", type=int, default=1 << 20, help="elements per tile for the tiled step")
+    p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--gpu", action="store_true", help="one process on the GPU (forces TP = EP = DP = 1)")
+    p.add_argument("--json", action="store_true")
+    opts = p.parse_args(argv)
+    from bench.optimizations import run_config as run_on_rank  # importable by name in the workers
+    from megatron.training.local_world import World
+
+    if opts.gpu:
+        opts.tp = opts.ep = opts.dp = 1
+    world = opts.tp * opts.dp
+    rows = []
+    for name in opts.configs.split(","):
+        if world == 1:
+            row = run_on_rank(name, opts)
+        else:
+            w = World(world, threads=max(1, (os.cpu_count() or 1) // world))  # fresh processes: honest peaks
+            try:
+                row = w.run(run_on_rank, name, opts, timeout=1800)[0]
+            finally:
+                w.close()
+        rows.append(row)
+        if opts.json:
+            print(json.dumps(row), flush=True)
+    if not opts.json:
+        print(f"GPT-MoE: {opts.layers} layers, MoE every other, {opts.experts} experts top-2, H={opts.hidden} "
+              f"FFN={opts.ffn}, {opts.micro_batch}x{opts.seq} tokens/rank, {opts.dtype}, TP={opts.tp} EP={opts.ep} "
+              f"DP={opts.dp}, tile {opts.tile:,} elements; rank 0, medians of {opts.steps} steps")
+        print(table(rows))
+
+
+if __name__ == "__main__":
+    main()
