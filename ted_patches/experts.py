@@ -44,12 +44,34 @@ class GroupedExperts(torch.nn.Module):
             self.b2 = set_spec(torch.nn.Parameter(torch.empty(e, h)), init="zeros", **expert)
 
     def forward(self, x_ENH: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        e, n = x_ENH.shape[:2]
+        chunk = _experts_per_chunk(x_ENH.device, e, n * self.w1.shape[-1])
+        if chunk == e:
+            return self._mlp(x_ENH, slice(None)), self.b2
+        parts = [self._mlp(x_ENH[i:i + chunk], slice(i, i + chunk)) for i in range(0, e, chunk)]
+        return torch.cat(parts), self.b2
+
+    def _mlp(self, x_ENH: torch.Tensor, experts: slice) -> torch.Tensor:
+        w1, w2 = self.w1[experts], self.w2[experts]
         if self.b1 is None:
-            h_ENF = torch.bmm(x_ENH, self.w1)
+            h_ENF = torch.bmm(x_ENH, w1)
         else:
-            h_ENF = torch.baddbmm(self.b1.unsqueeze(1), x_ENH, self.w1)
-        partial_ENH = torch.bmm(activation(self.cfg, h_ENF), self.w2)
-        return partial_ENH, self.b2
+            h_ENF = torch.baddbmm(self.b1[experts].unsqueeze(1), x_ENH, w1)
+        return torch.bmm(activation(self.cfg, h_ENF), w2)
+
+
+# On CPUs the activation between the two GEMMs is memory-bound: computing a few experts at a time
+# keeps each chunk's [n, F] activation (and, in backward, its gradient) in the last-level cache.
+# Measured here, one thread, 4 experts x 1024 tokens x F=1024: 153 ms in chunks of 2 against 163-168
+# ms as one batch; with 2 threads and 8 x 512 one batch (87 ms) and chunks of 4 (89 ms) tie.
+# Accelerators run one batched GEMM.
+_CPU_ACTIVATION_BUDGET = 2**21  # elements of [chunk, n, F] per chunk (8 MiB in fp32)
+
+
+def _experts_per_chunk(device: torch.device, experts: int, activation_per_expert: int) -> int:
+    if device.type != "cpu":
+        return experts
+    return max(1, min(experts, _CPU_ACTIVATION_BUDGET // max(activation_per_expert, 1)))
 
 
 def reference_expert_loop(experts: GroupedExperts, x_ENH: torch.Tensor) -> torch.Tensor:

@@ -154,3 +154,39 @@ def test_gpt_moe_three_steps_equal_single_process(tp, ep, dp, topk, drop):
         for a, b in zip(got[key], ref[key]):
             assert abs(a - b) <= 1e-5 * abs(b), f"{key}: {got[key]} != {ref[key]}"
     assert_close_dicts(got["final"], ref["final"], 1e-5, "param after 3 steps", PARAM_FLOOR)
+
+
+@pytest.mark.parametrize("swiglu,bias", [(False, True), (True, False)])
+def test_experts_in_cpu_cache_chunks_equal_one_batch_and_the_per_expert_loop(monkeypatch, swiglu, bias):
+    """The CPU path computes a few experts at a time (cache locality); forward and every gradient
+    must equal one batched product and the plain per-expert loop."""
+    from ted_patches import experts as experts_mod
+
+    groups = ted_groups(1, 1)
+    mcfg = model_config(swiglu=swiglu, add_bias_linear=bias)
+    holder = torch.nn.Module()
+    holder.experts = experts_mod.GroupedExperts(mcfg, 5, 64, groups)
+    init_parameters(holder, 3, groups)
+    x = torch.randn(5, 12, H)
+    probe = torch.randn(5, 12, H)
+
+    def run_once():
+        xx = x.clone().requires_grad_(True)
+        holder.zero_grad()
+        y, b2 = holder.experts(xx)
+        if b2 is not None:
+            y = y + b2[:, None, :]
+        (y * probe).sum().backward()
+        return y.detach(), [xx.grad] + [p.grad.clone() for p in holder.parameters()]
+
+    whole = run_once()
+    monkeypatch.setattr(experts_mod, "_CPU_ACTIVATION_BUDGET", 2 * 12 * 64 * (2 if swiglu else 1))
+    assert experts_mod._experts_per_chunk(x.device, 5, 12 * holder.experts.w1.shape[-1]) == 2
+    chunked = run_once()
+    assert rel_err(chunked[0], whole[0]) <= 1e-6
+    for a, b in zip(chunked[1], whole[1]):
+        assert rel_err(a, b) <= 1e-6
+    loop = experts_mod.reference_expert_loop(holder.experts, x)
+    if bias:
+        loop = loop + holder.experts.b2[:, None, :]
+    assert rel_err(loop.detach(), whole[0]) <= 1e-6
