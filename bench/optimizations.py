@@ -5,10 +5,15 @@ experts: activation recompute with and without communication-aware checkpointing
 
 Every configuration runs in a fresh gloo world (fresh processes), so the peak resident memory it
 reports is its own: the kernel's high-water mark (VmHWM) is reset before the measured step and
-read after it. On a GPU (one process, EP = 1) torch.cuda.max_memory_allocated is used instead.
+read after it, with glibc returning every freed large buffer to the kernel at once
+(MALLOC_MMAP_THRESHOLD_), so resident memory follows the live tensors. On a GPU (one process,
+EP = 1) torch.cuda.max_memory_allocated is used instead.
 
-    python bench/optimizations.py            # table
-    python bench/optimizations.py --json     # JSON Lines, one object per configuration
+    python bench/optimizations.py                     # table
+    python bench/optimizations.py --json              # JSON Lines, one object per configuration
+    python bench/optimizations.py --optimizer-only --dtype bfloat16 --experts 64
+        # the optimizer step alone on random half-precision gradients: the upcast peak the
+        # tiled step removes (forward/backward in bf16 are ~70x slower than fp32 on CPUs)
 """
 
 from __future__ import annotations
@@ -90,7 +95,11 @@ def run_config(name: str, opts) -> dict | None:
 
     def forward_backward_reduce():
         opt.zero_grad()
-        forward_backward(model, batch, opt.scaler.scale)
+        if opts.optimizer_only:
+            for fg in opt.flat_groups:
+                fg.grad_buf.normal_(0.0, 1e-3, generator=gen)
+        else:
+            forward_backward(model, batch, opt.scaler.scale)
         opt.reduce_gradients()
 
     forward_backward_reduce()  # warm-up: the first step's allocations are not the steady state
@@ -137,34 +146,37 @@ def _sync(device):
 def table(rows: list[dict]) -> str:
     base = rows[0]
     head = ("config", "a2a/MoE layer/step", "collectives per step", "comm MB/rank", "opt state MB/rank",
-            "opt step peak extra MB", "peak MB", "ms/step", "vs baseline")
+            "opt step peak extra MB", "peak MB (vs baseline)", "ms/step", "vs baseline")
     out = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     for r in rows:
         coll = ", ".join(f"{k} {n}" for k, n in r["collectives_per_step"].items())
         out.append(" | ".join([
             r["config"], f"{r['a2a_per_moe_layer_per_step']:g}", coll, f"{r['comm_bytes_per_rank'] / 2**20:.1f}",
             f"{r['optimizer_state_bytes_per_rank'] / 2**20:.1f}", f"{r['optimizer_step_peak_extra_bytes'] / 2**20:.1f}",
-            f"{r['peak_bytes'] / 2**20:.0f}", f"{r['ms_step']:.0f}", f"{r['ms_step'] / base['ms_step']:.2f}",
+            f"{r['peak_bytes'] / 2**20:.0f} ({(r['peak_bytes'] - base['peak_bytes']) / 2**20:+.0f})",
+            f"{r['ms_step']:.0f}", f"{r['ms_step'] / base['ms_step']:.2f}",
         ]))
     return "\n".join(out)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--tp", type=int, default=2)
+    p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=2)
-    p.add_argument("--dp", type=int, default=2)
+    p.add_argument("--dp", type=int, default=4, help="DP / EP = expert-DP, the experts' ZeRO-1 group")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--experts", type=int, default=16)
     p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--seq", type=int, default=256)
+    p.add_argument("--seq", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=4)
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tile", type=int, default=1 << 20, help="elements per tile for the tiled step")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--optimizer-only", action="store_true",
+                   help="skip forward/backward: random gradients, then the optimizer step (its memory and time)")
     p.add_argument("--gpu", action="store_true", help="one process on the GPU (forces TP = EP = DP = 1)")
     p.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
@@ -173,6 +185,10 @@ def main(argv=None):
 
     if opts.gpu:
         opts.tp = opts.ep = opts.dp = 1
+    # Large buffers straight from mmap and back to the kernel on free: the resident set then follows
+    # the live tensors (glibc otherwise keeps freed buffers and the peaks blur). Read by each worker
+    # process at start-up.
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     world = opts.tp * opts.dp
     rows = []
     for name in opts.configs.split(","):

@@ -13,7 +13,7 @@ into `grad_buf` (p.main_grad views) through a post-accumulate hook. A step is:
   3. global grad norm (each element counted once over the world) and the clip coefficient
   4. for each tile of at most `tile_size` elements of this rank's shard: upcast the grads,
      unscale and clip them, AdamW-update the fp32 master weights, write the tile back
-  5. ZeRO-1: all-gather the updated parameters over the group
+  5. ZeRO-1: all-gather the updated parameters over the group (tile by tile when tiled)
 
 The tile loop is the only loop (untiled = one tile), so tiled and untiled steps do the same
 elementwise arithmetic and agree bitwise; the step's temporaries are bounded by the tile.
@@ -148,9 +148,21 @@ class FlatGroup:
             return False
         return self.shard or self.group.rank == 0
 
-    def gather_params(self) -> None:
-        if self.shard and self.group.size > 1:
+    def gather_params(self, tile: int) -> None:
+        """ZeRO-1: every rank's updated shard to every rank. With a tile size, one tile of each
+        shard at a time, so the temporary buffers stay bounded by the tile here too."""
+        n = self.group.size
+        if not self.shard or n == 1:
+            return
+        per = self.hi - self.lo
+        if tile <= 0:
             comm.all_gather_into(self.param_buf, self.param_buf[self.lo:self.hi].clone(), self.group)
+            return
+        shards = self.param_buf.view(n, per)
+        step = max(1, tile // n)  # the gathered [n, step] buffer holds at most `tile` elements
+        for a in range(0, per, step):
+            b = min(a + step, per)
+            shards[:, a:b].copy_(comm.raw_all_gather(shards[self.group.rank, a:b], self.group))
 
     def state_bytes(self) -> int:
         """Bytes of optimizer state this rank holds (master copy when separate, and moments)."""
@@ -221,7 +233,7 @@ class Optimizer:
         self.step_count += 1
         for fg, pg in zip(self.flat_groups, self.param_groups):
             self._update(fg, pg, clip / scale)
-            fg.gather_params()
+            fg.gather_params(self.cfg.tile_size)
         return StepResult(norm, False, scale)
 
     def grad_norm(self) -> float:
