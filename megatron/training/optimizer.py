@@ -33,6 +33,12 @@ from ted_patches import comm
 from ted_patches.topology import Group, TEDGroups
 
 
+# Whole-buffer scans (grad norm, overflow check) read this many elements at a time: their fp32 /
+# bool temporaries stay at 4 MiB whatever the tile setting, and tiled and untiled steps compute
+# the same norm bit for bit.
+_SCAN_CHUNK = 1 << 20
+
+
 @dataclass(frozen=True)
 class OptimizerConfig:
     lr: float = 1e-4
@@ -242,14 +248,16 @@ class Optimizer:
         total = torch.zeros((), dtype=torch.float64, device=device)
         for fg in self.flat_groups:
             if fg.counts_in_norm(self.groups):
-                total += torch.linalg.vector_norm(fg.grads, dtype=torch.float32).double() ** 2
+                for chunk in fg.grads.split(_SCAN_CHUNK):  # upcasting all at once would cost 4 B/element
+                    total += torch.linalg.vector_norm(chunk, dtype=torch.float32).double() ** 2
         comm.all_reduce_(total, self.groups.world)
         return math.sqrt(total.item())
 
     def _overflow(self) -> bool:
         found = torch.zeros((), device=self.flat_groups[0].grad_buf.device)
         for fg in self.flat_groups:
-            found = torch.maximum(found, (~torch.isfinite(fg.grads)).any().float())
+            for chunk in fg.grads.split(_SCAN_CHUNK):
+                found = torch.maximum(found, (~torch.isfinite(chunk)).any().float())
         comm.all_reduce_(found, self.groups.world, op=dist.ReduceOp.MAX)
         return bool(found.item())
 
