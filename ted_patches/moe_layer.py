@@ -9,7 +9,7 @@ import torch
 
 from megatron.model.config import ModelConfig
 from megatron.model.params import set_spec
-from megatron.model.transformer import MLP
+from megatron.model.transformer import MLP, megatron_parallel_config
 from ted_patches.config import MoEConfig
 from ted_patches.dispatcher import Dispatcher
 from ted_patches.experts import GroupedExperts
@@ -29,7 +29,7 @@ class MoEAux:
 
 
 class MoELayer(torch.nn.Module):
-    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, groups: TEDGroups, mp_config=None):
+    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, groups: TEDGroups):
         super().__init__()
         cfg.check_expert_parallel(groups.ep.size)
         self.cfg = cfg
@@ -38,7 +38,7 @@ class MoELayer(torch.nn.Module):
         self.dispatcher = Dispatcher(groups, cfg.num_experts, cfg.dtd)
         self.experts = GroupedExperts(model_cfg, cfg.num_experts // groups.ep.size, ffn, groups)
         if cfg.mlp_type == "residual":  # Megatron-DeepSpeed's residual MoE
-            self.dense = MLP(model_cfg, mp_config, groups)
+            self.dense = MLP(model_cfg, megatron_parallel_config(model_cfg, groups), groups)
             self.mix = torch.nn.Linear(model_cfg.hidden_size, 2)
             set_spec(self.mix.weight, init="normal", std=model_cfg.init_method_std)
             set_spec(self.mix.bias, init="zeros")

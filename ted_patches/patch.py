@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 from megatron.model.gpt import GPTModel
-from megatron.model.transformer import megatron_parallel_config
 from ted_patches.config import MoEConfig
 from ted_patches.moe_layer import MoELayer
 
@@ -15,10 +14,9 @@ def apply_patches(model: GPTModel, cfg: MoEConfig, seed: int) -> GPTModel:
     if bad:
         raise ValueError(f"MoE layer indices {bad} outside the model's {len(model.layers)} layers "
                          "(check --expert-interval / --moe-layer-freq against --num-layers)")
-    mp = megatron_parallel_config(model.cfg, model.groups)
     device = model.embedding.weight.device
     for i in cfg.layers:
-        model.layers[i].mlp = MoELayer(model.cfg, cfg, model.groups, mp).to(device)
+        model.layers[i].mlp = MoELayer(model.cfg, cfg, model.groups).to(device)
     model.initialize(seed)
     return model
 

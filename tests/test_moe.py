@@ -190,3 +190,56 @@ def test_experts_in_cpu_cache_chunks_equal_one_batch_and_the_per_expert_loop(mon
     if bias:
         loop = loop + holder.experts.b2[:, None, :]
     assert rel_err(loop.detach(), whole[0]) <= 1e-6
+
+
+# ---- residual MoE, jitter, eval capacity ---------------------------------------------------------
+def residual_case(tp: int, ep: int) -> dict | None:
+    """Megatron-DeepSpeed's residual MoE (dense MLP beside the experts, learned 2-way mix)."""
+    groups = ted_groups(tp, ep)
+    res = run_layer(groups, moe_config(2, True, mlp_type="residual"), [groups.dp.rank])
+    return res if torch.distributed.get_rank() == 0 else {"outs": res["outs"]}
+
+
+def test_residual_moe_equals_single_process():
+    ranks = run(4, residual_case, 2, 2)
+    want = run_layer(ted_groups(1, 1), moe_config(2, True, mlp_type="residual"), [0, 1])
+    for rank_result in ranks:
+        for index, got in rank_result["outs"].items():
+            assert rel_err(got["y"], want["outs"][index]["y"]) <= 1e-5
+    assert any(k.startswith("moe.dense.") for k in want["grads"]) and "moe.mix.weight" in want["grads"]
+    assert_close_dicts(ranks[0]["grads"], want["grads"], 1e-5, "residual MoE grad")
+
+
+def jitter_case(tp: int) -> tuple:
+    """Routing of the same micro-batch with input jitter, in training and in eval mode."""
+    groups = ted_groups(tp, 1)
+    torch.manual_seed(42)  # the default stream: seeded alike on every rank, as in training
+    module = MoEOnly(model_config(), moe_config(2, True, jitter_eps=0.1), groups)
+    x, _ = layer_input(0)
+    train = module.moe.router(x.view(-1, H))
+    module.eval()
+    evaluation = module.moe.router(x.view(-1, H))
+    return (train.expert_N, train.slot_N, train.weight_N.detach()), (evaluation.expert_N, evaluation.weight_N.detach())
+
+
+def test_jitter_routes_bit_identically_on_the_tp_ranks_and_only_in_training():
+    results = run(2, jitter_case, 2)
+    for a, b in zip(results[0][0], results[1][0]):
+        assert torch.equal(a, b)  # TP ranks must agree exactly, noise included
+    plain = MoEOnly(model_config(), moe_config(2, True), ted_groups(1, 1)).moe.router
+    x, _ = layer_input(0)
+    clean = plain(x.view(-1, H))
+    assert not torch.equal(results[0][0][2], clean.weight_N)  # training: noise changed the gates
+    assert torch.equal(results[0][1][1], clean.weight_N.detach())  # eval: no noise
+
+
+def test_eval_mode_uses_the_eval_capacity_factor():
+    module = MoEOnly(model_config(), moe_config(2, True, capacity_factor=1.0, eval_capacity_factor=2.0),
+                     ted_groups(1, 1))
+    x, _ = layer_input(0)
+    train_routing = module.moe.router(x.view(-1, H))
+    module.eval()
+    eval_routing = module.moe.router(x.view(-1, H))
+    T = MBS * SEQ
+    assert train_routing.capacity == 2 * T // 8 and eval_routing.capacity == 2 * 2 * T // 8
+    assert eval_routing.token_N.numel() > train_routing.token_N.numel()

@@ -130,3 +130,17 @@ def test_quickstart_short_run_learns(tmp_path):
     assert len(valid) == 3 and valid[-1] < valid[0] - 0.3, valid
     assert valid[-1] < math.log(4096) - 1.5  # far below an untrained model's ~ln(vocab)
     assert "quickstart outputs in" in done.stdout
+
+
+def test_tensorboard_scalars_are_written(tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    flags = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "4",
+             "--tensorboard-dir", str(tmp_path / "tb")]
+    pretrain_case(MODEL + MOE + flags)
+    events = EventAccumulator(str(tmp_path / "tb"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"lm-loss", "moe-aux-loss", "grad-norm", "learning-rate", "lm-loss validation"} <= tags
+    assert [e.step for e in events.Scalars("lm-loss")] == [1, 2, 3, 4]

@@ -1,0 +1,57 @@
+"""Pure units (tier 1): sharding arithmetic, the TP dropout stream, config derivations."""
+
+import pytest
+import torch
+
+from megatron.model.config import RecomputeConfig
+from megatron.model.params import shard, unshard
+from megatron.model.rng import TPRandom
+from megatron.training.arguments import padded_vocab_size
+from ted_patches.config import moe_layer_indices
+
+
+@pytest.mark.parametrize("stride", [1, 2])
+def test_shard_unshard_round_trip_keeps_swiglu_halves_together(stride):
+    full = torch.arange(2 * 12 * 3).view(2 * 12, 3)  # [gate; up] rows when stride 2
+    shards = [shard(full, 0, r, 4, stride) for r in range(4)]
+    assert torch.equal(unshard(shards, 0, stride), full)
+    if stride == 2:  # rank r holds rows r*3..r*3+2 of the gate half and of the up half
+        assert torch.equal(shards[1], torch.cat([full[3:6], full[15:18]]))
+
+
+def test_tp_dropout_stream_differs_per_tp_rank_and_leaves_the_default_stream_alone():
+    torch.manual_seed(0)
+    expected_default = torch.rand(4)
+    torch.manual_seed(0)
+    streams = [TPRandom(seed=5, tp_rank=r, device="cpu") for r in range(2)]
+    draws = []
+    for rng in streams:
+        with rng.fork():
+            draws.append(torch.rand(4))
+    assert not torch.equal(draws[0], draws[1])
+    assert torch.equal(torch.rand(4), expected_default)  # forks did not consume the default stream
+    again = TPRandom(seed=5, tp_rank=0, device="cpu")
+    with again.fork():
+        assert torch.equal(torch.rand(4), draws[0])  # reproducible from the seed
+    state = streams[0].state_dict()
+    with streams[0].fork():
+        a = torch.rand(3)
+    streams[0].load_state_dict(state)
+    with streams[0].fork():
+        assert torch.equal(torch.rand(3), a)  # what checkpoint recompute relies on
+
+
+def test_vocab_padding_and_moe_layer_placement():
+    assert padded_vocab_size(50257, 128, 1) == 50304
+    assert padded_vocab_size(50257, 128, 4) == 50688
+    assert moe_layer_indices(6, expert_interval=2) == (1, 3, 5)  # Megatron-DeepSpeed: layers 2, 4, 6
+    assert moe_layer_indices(6, layer_freq=2) == (0, 2, 4)  # Megatron-Core: layers 0, 2, 4
+    assert moe_layer_indices(4, layer_freq=1) == (0, 1, 2, 3)
+
+
+def test_recompute_chunks():
+    assert RecomputeConfig("full", "uniform", 2).full_chunks(5) == [[0, 1], [2, 3], [4]]
+    assert RecomputeConfig("full", "block", 2).full_chunks(5) == [[0], [1]]
+    assert RecomputeConfig("selective").full_chunks(5) == []
+    with pytest.raises(ValueError, match="--recompute-method"):
+        RecomputeConfig("selective", "uniform").check(4)
