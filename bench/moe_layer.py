@@ -4,8 +4,9 @@
 For every (TP, EP, DP) one local gloo world runs, on every rank and side by side in the same
 loop: our layer with DTD on (and off when TP > 1), DeepSpeed's layer with the same hidden size,
 experts, top-k, capacity factor and tokens per rank (where it runs: its TP path fails on gloo as
-shipped), and the same expert GEMMs alone on this rank's local shapes (the limit). Each timed
-iteration is forward + backward between two barriers; the table shows medians.
+shipped), our experts alone on this rank's local shapes (the limit: the layer's share of time in
+them), and the same expert MLPs as a loop of nn.Linear. Each timed iteration is forward +
+backward between two barriers; the table shows medians.
 
     python bench/moe_layer.py                # default layouts, table
     python bench/moe_layer.py --json         # JSON Lines, one object per (layout, impl, DTD)
@@ -99,9 +100,8 @@ def measure(tp: int, ep: int, opts) -> list[dict] | None:
         ds_layer = deepspeed_baseline.build_moe(hidden=opts.hidden, ffn=opts.ffn, experts=opts.experts, ep=ep,
                                                 topk=opts.topk, capacity_factor=opts.capacity_factor, drop_tokens=True)
         impls["deepspeed"] = step_of(ds_layer)
-    ours = next(iter(impls))
-    gemm_step, gemm_shape = _gemm_step(impls, ours, opts, groups)
-    impls["gemms"] = gemm_step
+    gemm_steps, gemm_shape = _gemm_steps(opts, groups)
+    impls.update(gemm_steps)
 
     bytes_ = {}
     for name, step in impls.items():  # one untimed pass each: warm-up and byte counts
@@ -120,26 +120,31 @@ def measure(tp: int, ep: int, opts) -> list[dict] | None:
         return None
     rows = []
     for name in impls:
-        if name == "gemms":
+        if name.startswith("gemms"):
             continue
         impl, dtd = ("deepspeed", False) if name == "deepspeed" else ("ours", name.endswith("True"))
         rows.append(dict(tp=tp, ep=ep, dp=groups.dp.size, topk=opts.topk, impl=impl, dtd=dtd and tp > 1,
                          a2a_bytes_per_rank=bytes_[name]["a2a"], tp_allgather_bytes_per_rank=bytes_[name]["ag"],
                          tp_reduce_scatter_bytes_per_rank=bytes_[name]["rs"],
                          tp_allreduce_bytes_per_rank=bytes_[name]["ar"], ms_fwd_bwd=round(ms[name], 2),
-                         ms_expert_gemms=round(ms["gemms"], 2), expert_gemm_shape=gemm_shape))
+                         ms_expert_gemms=round(ms["gemms"], 2),
+                         ms_expert_linear_loop=round(ms["gemms-linear-loop"], 2), expert_gemm_shape=gemm_shape))
     if tp > 1:
         rows.append(dict(tp=tp, ep=ep, dp=groups.dp.size, topk=opts.topk, impl="deepspeed", dtd=False,
                          a2a_bytes_per_rank=None, tp_allgather_bytes_per_rank=None,
                          tp_reduce_scatter_bytes_per_rank=None, tp_allreduce_bytes_per_rank=None, ms_fwd_bwd=None,
                          ms_expert_gemms=round(ms["gemms"], 2),
-                         note="DeepSpeed's TP path does not run on gloo as shipped (its token all-gather "
+                         ms_expert_linear_loop=round(ms["gemms-linear-loop"], 2), note="DeepSpeed's TP path does not run on gloo as shipped (its token all-gather "
                               "passes an N-D input to a 1-D output, which gloo rejects)"))
     return rows
 
 
-def _gemm_step(impls, ours_name, opts, groups):
-    """The experts' two batched GEMMs (+ activation) alone, fwd + bwd, on this rank's local shapes."""
+def _gemm_steps(opts, groups):
+    """This rank's expert computation alone, fwd + bwd, on its local shapes: our batched experts
+    (the layer's own GroupedExperts) and, for comparison, a loop of nn.Linear (DeepSpeed's way)."""
+    from megatron.model import ModelConfig
+    from megatron.model.params import init_parameters
+    from ted_patches.experts import GroupedExperts
     from ted_patches.router import token_capacity
 
     e_local = opts.experts // groups.ep.size
@@ -147,36 +152,48 @@ def _gemm_step(impls, ours_name, opts, groups):
     capacity = -(-capacity // groups.tp.size) * groups.tp.size
     n = groups.ep.size * capacity  # tokens per local expert: a capacity block from every EP peer
     f = opts.ffn // groups.tp.size
+    mcfg = ModelConfig(num_layers=1, hidden_size=opts.hidden, num_attention_heads=1, ffn_hidden_size=opts.ffn,
+                       vocab_size=128, max_position_embeddings=8)
+    holder = torch.nn.Module()
+    holder.experts = GroupedExperts(mcfg, e_local, opts.ffn, groups)
+    init_parameters(holder, 1, groups)
+    linears = [torch.nn.Sequential(torch.nn.Linear(opts.hidden, f), torch.nn.GELU(), torch.nn.Linear(f, opts.hidden))
+               for _ in range(e_local)]
     x = torch.randn(e_local, n, opts.hidden, requires_grad=True)
-    w1 = (torch.randn(e_local, opts.hidden, f) * 0.02).requires_grad_()
-    w2 = (torch.randn(e_local, f, opts.hidden) * 0.02).requires_grad_()
     grad = torch.randn(e_local, n, opts.hidden)
 
-    def step():
-        for t in (x, w1, w2):
+    def batched():
+        for t in [x, *holder.parameters()]:
             t.grad = None
-        torch.bmm(torch.nn.functional.gelu(torch.bmm(x, w1)), w2).backward(grad)
+        y, bias = holder.experts(x)
+        (y + bias[:, None, :]).backward(grad)
 
-    return step, [e_local, n, opts.hidden, f]
+    def linear_loop():
+        for t in [x, *(p for m in linears for p in m.parameters())]:
+            t.grad = None
+        torch.stack([m(x[i]) for i, m in enumerate(linears)]).backward(grad)
+
+    return {"gemms": batched, "gemms-linear-loop": linear_loop}, [e_local, n, opts.hidden, f]
 
 
 def table(rows: list[dict]) -> str:
     head = ("layout (TP,EP,DP)", "impl", "DTD", "a2a B/rank", "TP AG B/rank", "TP RS B/rank", "TP AR B/rank",
-            "fwd+bwd ms", "vs DS", "GEMMs ms", "GEMM share")
+            "fwd+bwd ms", "vs DS", "experts alone ms", "share", "nn.Linear loop ms")
     lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     ds = {(r["tp"], r["ep"], r["dp"]): r["ms_fwd_bwd"] for r in rows if r["impl"] == "deepspeed"}
     for r in rows:
         layout = f"({r['tp']},{r['ep']},{r['dp']})"
         if r["ms_fwd_bwd"] is None:
             lines.append(" | ".join([layout, r["impl"], "-", "n/a", "n/a", "n/a", "n/a", "does not run", "-",
-                                     f"{r['ms_expert_gemms']:.1f}", "-"]))
+                                     f"{r['ms_expert_gemms']:.1f}", "-", f"{r['ms_expert_linear_loop']:.1f}"]))
             continue
         base = ds.get((r["tp"], r["ep"], r["dp"]))
         ratio = f"{r['ms_fwd_bwd'] / base:.2f}" if base and r["impl"] == "ours" else "-"
         lines.append(" | ".join([layout, r["impl"], "on" if r["dtd"] else "off", f"{r['a2a_bytes_per_rank']:,}",
                                  f"{r['tp_allgather_bytes_per_rank']:,}", f"{r['tp_reduce_scatter_bytes_per_rank']:,}",
                                  f"{r['tp_allreduce_bytes_per_rank']:,}", f"{r['ms_fwd_bwd']:.1f}", ratio,
-                                 f"{r['ms_expert_gemms']:.1f}", f"{r['ms_expert_gemms'] / r['ms_fwd_bwd']:.0%}"]))
+                                 f"{r['ms_expert_gemms']:.1f}", f"{r['ms_expert_gemms'] / r['ms_fwd_bwd']:.0%}",
+                                 f"{r['ms_expert_linear_loop']:.1f}"]))
     notes = {r["note"] for r in rows if r.get("note")}
     return "\n".join(lines + [f"note: {n}" for n in notes])
 
