@@ -173,125 +173,50 @@ def all_reduce_(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Te
 
 
 # ---- autograd collectives ---------------------------------------------------------------------
-class _AllToAll(torch.autograd.Function):
-    """all-to-all over dim 0; backward: all-to-all."""
+def _collective(name: str, contract: str, forward, backward):
+    """A differentiable collective: `forward(x, group)`, whose backward is `backward(grad, group)`.
+    Over a group of size 1 it is `forward` alone (an identity), with no autograd node."""
 
-    @staticmethod
-    def forward(ctx, x, group):
+    def fwd(ctx, x, group):
         ctx.group = group
-        return raw_all_to_all(x, group)
+        return forward(x, group)
 
-    @staticmethod
-    def backward(ctx, grad):
-        return raw_all_to_all(grad, ctx.group), None
+    def bwd(ctx, grad):
+        return backward(grad, ctx.group), None
 
+    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
-class _Drop(torch.autograd.Function):
-    """[n, ...] replicated -> keep my entry of dim 0; backward: all-gather."""
+    def apply(x: torch.Tensor, group: Group) -> torch.Tensor:
+        return forward(x, group) if group.size == 1 else fn.apply(x, group)
 
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x[group.rank]
-
-    @staticmethod
-    def backward(ctx, grad):
-        return raw_all_gather(grad, ctx.group), None
+    apply.__name__, apply.__doc__ = name, contract
+    return apply
 
 
-class _GatherToReplicated(torch.autograd.Function):
-    """all-gather into a new dim 0; backward: keep my entry (the consumer is replicated, so every
-    rank holds the same full gradient)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return raw_all_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad[ctx.group.rank], None
+def _mine(x, group):
+    return x[group.rank]
 
 
-class _GatherToSplit(torch.autograd.Function):
-    """all-gather into a new dim 0; backward: reduce-scatter (the consumer is split over the group,
-    so each rank's gradient is a partial sum)."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return raw_all_gather(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return raw_reduce_scatter(grad, ctx.group), None
+def _identity(x, group):
+    return x
 
 
-class _ReduceScatter(torch.autograd.Function):
-    """[n, ...] partial sums -> summed, my entry of dim 0; backward: all-gather."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return raw_reduce_scatter(x, group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return raw_all_gather(grad, ctx.group), None
+def _all_reduce_copy(x, group):
+    return x if group.size == 1 else all_reduce_(x.contiguous().clone(), group)
 
 
-class _CopyToSplit(torch.autograd.Function):
-    """identity into a region split over the group; backward: all-reduce of the partial grads."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        ctx.group = group
-        return x
-
-    @staticmethod
-    def backward(ctx, grad):
-        return all_reduce_(grad.contiguous().clone(), ctx.group), None
-
-
-class _ReduceFromSplit(torch.autograd.Function):
-    """all-reduce of partial outputs; backward: identity."""
-
-    @staticmethod
-    def forward(ctx, x, group):
-        return all_reduce_(x.contiguous().clone(), group)
-
-    @staticmethod
-    def backward(ctx, grad):
-        return grad, None
-
-
-def _apply(fn, identity, x, group):
-    return identity(x) if group.size == 1 else fn.apply(x, group)
-
-
-def all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _apply(_AllToAll, lambda t: t, x, group)
-
-
-def drop(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _apply(_Drop, lambda t: t[0], x, group)
-
-
-def gather_to_replicated(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _apply(_GatherToReplicated, lambda t: t.unsqueeze(0), x, group)
-
-
-def gather_to_split(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _apply(_GatherToSplit, lambda t: t.unsqueeze(0), x, group)
-
-
-def reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _apply(_ReduceScatter, lambda t: t[0], x, group)
-
-
-def copy_to_split(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _apply(_CopyToSplit, lambda t: t, x, group)
-
-
-def reduce_from_split(x: torch.Tensor, group: Group) -> torch.Tensor:
-    return _apply(_ReduceFromSplit, lambda t: t, x, group)
+all_to_all = _collective("all_to_all", "all-to-all over dim 0; backward: all-to-all.", raw_all_to_all, raw_all_to_all)
+drop = _collective("drop", "[n, ...] replicated -> keep my entry of dim 0; backward: all-gather.",
+                   _mine, raw_all_gather)
+gather_to_replicated = _collective(
+    "gather_to_replicated", "all-gather into a new dim 0; backward: keep my entry (the consumer is "
+    "replicated, so every rank holds the same full gradient).", raw_all_gather, _mine)
+gather_to_split = _collective(
+    "gather_to_split", "all-gather into a new dim 0; backward: reduce-scatter (the consumer is split over "
+    "the group, so each rank's gradient is a partial sum).", raw_all_gather, raw_reduce_scatter)
+reduce_scatter = _collective("reduce_scatter", "[n, ...] partial sums -> summed, my entry of dim 0; "
+                             "backward: all-gather.", raw_reduce_scatter, raw_all_gather)
+copy_to_split = _collective("copy_to_split", "identity into a region split over the group; backward: "
+                            "all-reduce of the partial grads.", _identity, _all_reduce_copy)
+reduce_from_split = _collective("reduce_from_split", "all-reduce of partial outputs; backward: identity.",
+                                _all_reduce_copy, _identity)

