@@ -87,3 +87,10 @@ def test_every_rank_of_a_real_launch_exits_before_any_collective():
         assert p.returncode == 2, err
         assert f"error (rank {rank}): world size 4 is not divisible by --tensor-model-parallel-size 3" in err
     assert time.time() - start < 60
+
+
+def test_help_documents_every_flag():
+    from megatron.training.arguments import build_parser
+
+    undocumented = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and not a.help]
+    assert undocumented == []

@@ -87,22 +87,22 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _model_args(g):
-    g.add_argument("--num-layers", type=int, required=True)
-    g.add_argument("--hidden-size", type=int, required=True)
+    g.add_argument("--num-layers", type=int, required=True, help="transformer layers")
+    g.add_argument("--hidden-size", type=int, required=True, help="model width")
     g.add_argument("--ffn-hidden-size", type=int, default=None, help="default: 4 x hidden size")
-    g.add_argument("--num-attention-heads", type=int, required=True)
-    g.add_argument("--seq-length", type=int, required=True)
+    g.add_argument("--num-attention-heads", type=int, required=True, help="attention heads (divisible by TP)")
+    g.add_argument("--seq-length", type=int, required=True, help="tokens per sample")
     g.add_argument("--max-position-embeddings", type=int, default=None, help="default: --seq-length")
-    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute")
-    g.add_argument("--rotary-base", type=float, default=10000.0)
-    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm")
-    g.add_argument("--norm-epsilon", type=float, default=1e-5)
+    g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"], default="learned_absolute", help="learned absolute positions or rotary")
+    g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base frequency")
+    g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm", help="normalization layer")
+    g.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of LayerNorm / RMSNorm")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU instead of GELU in MLPs and experts")
-    g.add_argument("--untie-embeddings-and-output-weights", action="store_true")
+    g.add_argument("--untie-embeddings-and-output-weights", action="store_true", help="a separate output layer instead of the embedding's transpose")
     g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
-    g.add_argument("--hidden-dropout", type=float, default=0.1)
-    g.add_argument("--attention-dropout", type=float, default=0.1)
-    g.add_argument("--init-method-std", type=float, default=0.02)
+    g.add_argument("--hidden-dropout", type=float, default=0.1, help="dropout on the residual branches and embeddings")
+    g.add_argument("--attention-dropout", type=float, default=0.1, help="dropout on attention probabilities")
+    g.add_argument("--init-method-std", type=float, default=0.02, help="std of the normal init (output layers: / sqrt(2 x layers))")
     g.add_argument("--make-vocab-size-divisible-by", type=int, default=128,
                    help="pad the vocabulary to a multiple of this x TP")
     g.add_argument("--recompute-granularity", choices=["full", "selective"], default=None,
@@ -110,7 +110,7 @@ def _model_args(g):
     g.add_argument("--recompute-method", choices=["uniform", "block"], default=None,
                    help="full recompute: uniform = every --recompute-num-layers layers as one chunk; "
                         "block = only the first --recompute-num-layers layers")
-    g.add_argument("--recompute-num-layers", type=int, default=1)
+    g.add_argument("--recompute-num-layers", type=int, default=1, help="layers per recompute chunk (uniform) or recomputed layers (block)")
     g.add_argument("--disable-moe-cac", action="store_true",
                    help="turn off communication-aware checkpointing (recompute then repeats the "
                         "MoE all-to-alls)")
@@ -122,31 +122,31 @@ def _moe_args(g):
                    help="MoE in layers N, 2N, ... (1-based, Megatron-DeepSpeed; default 2)")
     g.add_argument("--moe-layer-freq", type=int, default=None,
                    help="MoE in layers 0, N, 2N, ... (0-based, Megatron-Core)")
-    g.add_argument("--moe-router-topk", "--topk", dest="topk", type=int, default=1)
+    g.add_argument("--moe-router-topk", "--topk", dest="topk", type=int, default=1, help="experts per token")
     g.add_argument("--moe-expert-capacity-factor", "--moe-train-capacity-factor", dest="capacity_factor",
-                   type=float, default=1.0)
-    g.add_argument("--moe-eval-capacity-factor", dest="eval_capacity_factor", type=float, default=1.0)
-    g.add_argument("--moe-min-capacity", type=int, default=4)
+                   type=float, default=1.0, help="training capacity: ceil(tokens / experts x factor x top-k) slots per expert")
+    g.add_argument("--moe-eval-capacity-factor", dest="eval_capacity_factor", type=float, default=1.0, help="capacity factor in evaluation")
+    g.add_argument("--moe-min-capacity", type=int, default=4, help="at least this many slots per expert")
     g.add_argument("--disable-moe-token-dropping", action="store_true",
                    help="no capacity limit: capacity = the fullest expert over the EP group")
-    g.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="position")
+    g.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="position", help="position: first choices in token order, then second choices; probs: the most probable")
     g.add_argument("--moe-gate-normalization", choices=GATE_NORMALIZATIONS, default="surviving",
                    help="surviving: renormalize top-k gates over kept choices (DeepSpeed); "
                         "topk: before dropping (Megatron-Core); none: raw probabilities")
     g.add_argument("--moe-router-load-balancing-type", choices=AUX_LOSS_TYPES, default="deepspeed",
                    help="deepspeed: first choices only; aux_loss: Megatron-Core's switch loss over k choices / k")
-    g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", dest="aux_loss_coeff", type=float, default=0.01)
-    g.add_argument("--moe-z-loss-coeff", type=float, default=0.0)
-    g.add_argument("--moe-input-jitter-eps", type=float, default=0.0)
+    g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", dest="aux_loss_coeff", type=float, default=0.01, help="weight of the load-balancing loss")
+    g.add_argument("--moe-z-loss-coeff", type=float, default=0.0, help="weight of the router z-loss, mean(logsumexp(logits)^2)")
+    g.add_argument("--moe-input-jitter-eps", type=float, default=0.0, help="multiplicative uniform noise on the router input in training")
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size (default: --ffn-hidden-size)")
     g.add_argument("--mlp-type", choices=MLP_TYPES, default="standard", help="residual: Megatron-DeepSpeed's residual MoE")
     g.add_argument("--disable-moe-dtd", action="store_true", help="turn off duplicate token dropping")
 
 
 def _parallel_args(g):
-    g.add_argument("--tensor-model-parallel-size", type=int, default=1)
+    g.add_argument("--tensor-model-parallel-size", type=int, default=1, help="TP: attention heads, MLPs and each expert split over this many ranks")
     g.add_argument("--expert-model-parallel-size", "--moe-expert-parallel-size", dest="expert_model_parallel_size",
-                   type=int, default=1)
+                   type=int, default=1, help="EP: experts split over this many ranks (divides DP)")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
                    help="must equal --tensor-model-parallel-size (TED splits experts over TP)")
     g.add_argument("--enable-expert-tensor-parallelism", action="store_true",
@@ -157,59 +157,59 @@ def _parallel_args(g):
                    help="ZeRO-1: shard fp32 master weights and Adam states over DP (experts: expert-DP)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
                    help="default: nccl with GPUs, gloo without")
-    g.add_argument("--distributed-timeout-minutes", type=int, default=10)
+    g.add_argument("--distributed-timeout-minutes", type=int, default=10, help="collective timeout")
 
 
 def _train_args(g):
-    g.add_argument("--micro-batch-size", type=int, required=True)
+    g.add_argument("--micro-batch-size", type=int, required=True, help="samples per micro-batch and DP rank")
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP")
-    g.add_argument("--train-iters", type=int, required=True)
-    g.add_argument("--seed", type=int, default=1234)
+    g.add_argument("--train-iters", type=int, required=True, help="optimizer steps")
+    g.add_argument("--seed", type=int, default=1234, help="seed of initialization, data order and dropout")
 
 
 def _optim_args(g):
-    g.add_argument("--lr", type=float, required=True)
-    g.add_argument("--min-lr", type=float, default=0.0)
-    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"], default="linear")
-    g.add_argument("--lr-warmup-iters", type=int, default=0)
+    g.add_argument("--lr", type=float, required=True, help="peak learning rate")
+    g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
+    g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"], default="linear", help="learning-rate decay after warmup")
+    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup from 0")
     g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of --lr-decay-iters")
     g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
-    g.add_argument("--weight-decay", type=float, default=0.01)
-    g.add_argument("--adam-beta1", type=float, default=0.9)
-    g.add_argument("--adam-beta2", type=float, default=0.999)
-    g.add_argument("--adam-eps", type=float, default=1e-8)
-    g.add_argument("--clip-grad", type=float, default=1.0)
+    g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
+    g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
+    g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
+    g.add_argument("--adam-eps", type=float, default=1e-8, help="AdamW epsilon")
+    g.add_argument("--clip-grad", type=float, default=1.0, help="global gradient-norm clip (0: off)")
     g.add_argument("--optimizer-tile-size", type=int, default=0,
                    help="tiled optimizer step: elements per tile (0 = untiled)")
-    g.add_argument("--bf16", action="store_true")
-    g.add_argument("--fp16", action="store_true")
+    g.add_argument("--bf16", action="store_true", help="bf16 parameters and gradients, fp32 master weights")
+    g.add_argument("--fp16", action="store_true", help="fp16 with dynamic loss scaling, fp32 master weights")
     g.add_argument("--loss-scale", type=float, default=None, help="fp16 static loss scale (default: dynamic)")
-    g.add_argument("--initial-loss-scale", type=float, default=2.0**32)
-    g.add_argument("--min-loss-scale", type=float, default=1.0)
-    g.add_argument("--loss-scale-window", type=int, default=1000)
-    g.add_argument("--hysteresis", type=int, default=2)
-    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true")
+    g.add_argument("--initial-loss-scale", type=float, default=2.0**32, help="fp16 dynamic scale to start from")
+    g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16 dynamic scale floor")
+    g.add_argument("--loss-scale-window", type=int, default=1000, help="clean steps before the fp16 scale doubles")
+    g.add_argument("--hysteresis", type=int, default=2, help="overflowing steps before the fp16 scale halves")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true", help="fp32 gradient buffers for half-precision parameters")
 
 
 def _data_args(g):
     g.add_argument("--data-path", nargs="*", default=None, help="PREFIX ... or WEIGHT PREFIX ...")
-    g.add_argument("--split", default="969, 30, 1")
+    g.add_argument("--split", default="969, 30, 1", help="train, valid, test weights of each --data-path prefix")
     g.add_argument("--mock-data", action="store_true", help="deterministic synthetic data")
-    g.add_argument("--data-cache-path", default=None)
-    g.add_argument("--eod-mask-loss", action="store_true")
+    g.add_argument("--data-cache-path", default=None, help="where dataset index caches go (default: beside the data)")
+    g.add_argument("--eod-mask-loss", action="store_true", help="no loss on end-of-document tokens")
     g.add_argument("--tokenizer-type", default=None,
                    help="SentencePieceTokenizer | GPT2BPETokenizer | NullTokenizer (default with --mock-data)")
-    g.add_argument("--tokenizer-model", default=None)
-    g.add_argument("--vocab-file", default=None)
-    g.add_argument("--merge-file", default=None)
+    g.add_argument("--tokenizer-model", default=None, help="sentencepiece .model (SentencePieceTokenizer)")
+    g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json / encoder.json (GPT2BPETokenizer)")
+    g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt / vocab.bpe (GPT2BPETokenizer)")
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
 
 
 def _log_args(g):
-    g.add_argument("--log-interval", type=int, default=100)
-    g.add_argument("--eval-interval", type=int, default=1000)
-    g.add_argument("--eval-iters", type=int, default=100)
-    g.add_argument("--tensorboard-dir", default=None)
+    g.add_argument("--log-interval", type=int, default=100, help="iterations per log line")
+    g.add_argument("--eval-interval", type=int, default=1000, help="iterations between validation runs")
+    g.add_argument("--eval-iters", type=int, default=100, help="global batches per validation / test run")
+    g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here (needs tensorboard)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
