@@ -174,7 +174,8 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tile", type=int, default=1 << 20, help="elements per tile for the tiled step")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--configs", default=",".join(CONFIGS))
+    p.add_argument("--configs", default=None,
+                   help="comma-separated; default: all (without the recompute ones with --optimizer-only)")
     p.add_argument("--optimizer-only", action="store_true",
                    help="skip forward/backward: random gradients, then the optimizer step (its memory and time)")
     p.add_argument("--gpu", action="store_true", help="one process on the GPU (forces TP = EP = DP = 1)")
@@ -183,6 +184,9 @@ def main(argv=None):
     from bench.optimizations import run_config as run_on_rank  # importable by name in the workers
     from megatron.training.local_world import World
 
+    if opts.configs is None:
+        names = [n for n, (recompute, *_) in CONFIGS.items() if not (opts.optimizer_only and recompute)]
+        opts.configs = ",".join(names)
     if opts.gpu:
         opts.tp = opts.ep = opts.dp = 1
     # Large buffers straight from mmap and back to the kernel on free: the resident set then follows
