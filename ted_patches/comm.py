@@ -13,7 +13,6 @@ from __future__ import annotations
 import contextlib
 import contextvars
 from collections import Counter
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
@@ -22,41 +21,36 @@ import torch.distributed as dist
 from ted_patches.topology import Group
 
 
-@dataclass(frozen=True)
-class CommRecord:
-    kind: str  # all_to_all | all_gather | reduce_scatter | all_reduce
-    group: str  # tp | dp | ep | edp | world
-    nbytes: int
-
-
 class CommLedger:
-    """What this rank's collectives sent. Reset it, run a step, read counts and bytes."""
+    """What this rank's collectives sent: calls and bytes per (kind, group), kinds being
+    all_to_all | all_gather | reduce_scatter | all_reduce and groups tp | dp | ep | edp | world.
+    Totals only, so it stays the same size however long a run is. Reset, run, read."""
 
     def __init__(self):
-        self.records: list[CommRecord] = []
+        self.calls: Counter = Counter()
+        self.bytes: Counter = Counter()
 
     def record(self, kind: str, group: Group, tensor: torch.Tensor) -> None:
-        self.records.append(CommRecord(kind, group.name, tensor.numel() * tensor.element_size()))
+        self.calls[(kind, group.name)] += 1
+        self.bytes[(kind, group.name)] += tensor.numel() * tensor.element_size()
 
     def reset(self) -> None:
-        self.records.clear()
+        self.calls.clear()
+        self.bytes.clear()
 
     def count(self, kind: str | None = None, group: str | None = None) -> int:
-        return sum(1 for r in self._select(kind, group))
+        return sum(n for key, n in self.calls.items() if _matches(key, kind, group))
 
     def nbytes(self, kind: str | None = None, group: str | None = None) -> int:
-        return sum(r.nbytes for r in self._select(kind, group))
+        return sum(n for key, n in self.bytes.items() if _matches(key, kind, group))
 
     def summary(self) -> dict[tuple[str, str], tuple[int, int]]:
         """(kind, group) -> (calls, bytes)."""
-        calls, nbytes = Counter(), Counter()
-        for r in self.records:
-            calls[(r.kind, r.group)] += 1
-            nbytes[(r.kind, r.group)] += r.nbytes
-        return {k: (calls[k], nbytes[k]) for k in calls}
+        return {key: (self.calls[key], self.bytes[key]) for key in self.calls}
 
-    def _select(self, kind, group):
-        return (r for r in self.records if (kind is None or r.kind == kind) and (group is None or r.group == group))
+
+def _matches(key: tuple[str, str], kind, group) -> bool:
+    return (kind is None or key[0] == kind) and (group is None or key[1] == group)
 
 
 # torch 2.13 renamed the tensor-form collectives; keep working on older torch too.

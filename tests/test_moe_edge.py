@@ -259,7 +259,7 @@ def bad_flags_case(only_rank=None) -> dict:
             out[name] = None
         except ValueError as e:
             out[name] = str(e)
-    out["collectives"] = len(groups.ledger.records)
+    out["collectives"] = groups.ledger.count()
     return out
 
 

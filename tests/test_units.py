@@ -55,3 +55,19 @@ def test_recompute_chunks():
     assert RecomputeConfig("selective").full_chunks(5) == []
     with pytest.raises(ValueError, match="--recompute-method"):
         RecomputeConfig("selective", "uniform").check(4)
+
+
+def test_comm_ledger_keeps_totals_not_a_growing_list():
+    from ted_patches.comm import CommLedger
+    from ted_patches.topology import Group
+
+    ledger = CommLedger()
+    ep = Group("ep", None, (0, 1), 0, ledger)
+    for _ in range(1000):
+        ledger.record("all_to_all", ep, torch.empty(4, 8))
+    ledger.record("all_gather", Group("tp", None, (0, 1), 0, ledger), torch.empty(3, dtype=torch.float64))
+    assert ledger.count("all_to_all", "ep") == 1000 and ledger.nbytes("all_to_all") == 1000 * 128
+    assert ledger.summary() == {("all_to_all", "ep"): (1000, 128000), ("all_gather", "tp"): (1, 24)}
+    assert len(ledger.calls) == 2  # bounded by (kind, group) pairs, not by calls
+    ledger.reset()
+    assert ledger.count() == 0
