@@ -25,8 +25,9 @@ class MoEConfig:
     # the raw probability); topk: normalized over the k choices before dropping (Megatron-Core);
     # none: raw softmax probabilities
     gate_normalization: str = "surviving"
-    # deepspeed: E * sum_e(mean prob_e * fraction of FIRST choices on e); aux_loss: Megatron-Core's
-    # switch loss over all k choices divided by k. Equal for k = 1.
+    # deepspeed: as DeepSpeed's gates: E * sum_e(mean prob_e * fraction of FIRST choices on e) for
+    # k <= 2, the switch form for k >= 3; aux_loss: Megatron-Core's switch loss over all k choices
+    # divided by k. All equal for k = 1.
     aux_loss_type: str = "deepspeed"
     aux_loss_coeff: float = 0.01
     z_loss_coeff: float = 0.0

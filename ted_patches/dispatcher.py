@@ -38,17 +38,18 @@ from ted_patches.topology import TEDGroups
 class DispatchPlan:
     """What combine needs from dispatch; nothing is kept on the module between the two."""
 
-    token_N: torch.Tensor
+    assign_N: torch.Tensor  # kept assignments, as choice * T + token
     row_N: torch.Tensor  # row of each kept assignment in the flat [S * E * Cs] buffer
     weight_N: torch.Tensor
     num_tokens: int
+    topk: int
     slices: int  # S
     slot_per_slice: int  # Cs
 
 
 class Dispatcher:
-    def __init__(self, groups: TEDGroups, num_experts: int, dtd: bool):
-        self.groups, self.num_experts = groups, num_experts
+    def __init__(self, groups: TEDGroups, num_experts: int, topk: int, dtd: bool):
+        self.groups, self.num_experts, self.topk = groups, num_experts, topk
         self.dtd = dtd and groups.tp.size > 1
         self.local_experts = num_experts // groups.ep.size
 
@@ -57,7 +58,11 @@ class Dispatcher:
         S = g.tp.size if self.dtd else 1
         Cs = routing.capacity // S
         row_N = ((routing.slot_N // Cs) * E + routing.expert_N) * Cs + routing.slot_N % Cs
-        buffer = x_TH.new_zeros(S * E * Cs, H).index_copy(0, row_N, x_TH.index_select(0, routing.token_N))
+        # Gather through the [K * T] assignment rows: every index is distinct, so the backward
+        # scatter needs no atomics and the K copies of a token are summed in a fixed order (GPUs
+        # included): TP ranks stay bit-identical.
+        x_AH = x_TH.repeat(self.topk, 1) if self.topk > 1 else x_TH
+        buffer = x_TH.new_zeros(S * E * Cs, H).index_copy(0, row_N, x_AH.index_select(0, routing.assign_N))
         mine_ECH = comm.drop(buffer.view(S, E, Cs, H), g.tp) if self.dtd else buffer.view(E, Cs, H)
         recv = comm.all_to_all(mine_ECH, g.ep).view(g.ep.size, self.local_experts, Cs, H)
         if self.dtd:
@@ -65,7 +70,7 @@ class Dispatcher:
         else:
             recv = comm.copy_to_split(recv, g.tp).unsqueeze(0)
         tokens = recv.permute(2, 0, 1, 3, 4).reshape(self.local_experts, -1, H)
-        plan = DispatchPlan(routing.token_N, row_N, routing.weight_N, x_TH.shape[0], S, Cs)
+        plan = DispatchPlan(routing.assign_N, row_N, routing.weight_N, x_TH.shape[0], self.topk, S, Cs)
         return tokens, plan
 
     def combine(self, partial_ENH: torch.Tensor, bias_EH: Optional[torch.Tensor], plan: DispatchPlan) -> torch.Tensor:
@@ -83,4 +88,5 @@ class Dispatcher:
         back = comm.all_to_all(y, g.ep)  # [EP owner, E_l, Cs, H] = [E, Cs, H]
         full = comm.gather_to_replicated(back, g.tp) if self.dtd else back
         picked_NH = full.reshape(-1, H).index_select(0, plan.row_N) * plan.weight_N.to(full.dtype)[:, None]
-        return picked_NH.new_zeros(plan.num_tokens, H).index_add(0, plan.token_N, picked_NH)
+        y_AH = picked_NH.new_zeros(plan.topk * plan.num_tokens, H).index_copy(0, plan.assign_N, picked_NH)
+        return y_AH.view(plan.topk, plan.num_tokens, H).sum(0)  # a fixed order, as in dispatch

@@ -24,7 +24,7 @@ class MoEAux:
     loss: torch.Tensor  # aux_loss_coeff * aux + z_loss_coeff * z: added to the LM loss
     aux_loss: torch.Tensor  # unweighted, detached (for logging)
     z_loss: torch.Tensor  # unweighted, detached
-    dropped: torch.Tensor  # fraction of the T*K assignments dropped
+    dropped: float  # fraction of the T*K assignments dropped
     counts_E: torch.Tensor  # assignments per expert before dropping
 
 
@@ -35,7 +35,7 @@ class MoELayer(torch.nn.Module):
         self.cfg = cfg
         ffn = cfg.expert_ffn_hidden_size or model_cfg.ffn_hidden_size
         self.router = Router(model_cfg.hidden_size, cfg, groups, std=model_cfg.init_method_std)
-        self.dispatcher = Dispatcher(groups, cfg.num_experts, cfg.dtd)
+        self.dispatcher = Dispatcher(groups, cfg.num_experts, cfg.topk, cfg.dtd)
         self.experts = GroupedExperts(model_cfg, cfg.num_experts // groups.ep.size, ffn, groups)
         if cfg.mlp_type == "residual":  # Megatron-DeepSpeed's residual MoE
             self.dense = MLP(model_cfg, megatron_parallel_config(model_cfg, groups), groups)
@@ -57,6 +57,5 @@ class MoELayer(torch.nn.Module):
 
     def _aux(self, routing, num_tokens: int) -> MoEAux:
         loss = self.cfg.aux_loss_coeff * routing.aux_loss + self.cfg.z_loss_coeff * routing.z_loss
-        dropped = 1.0 - routing.token_N.numel() / (num_tokens * self.cfg.topk)
-        return MoEAux(loss, routing.aux_loss.detach(), routing.z_loss.detach(),
-                      torch.tensor(dropped), routing.counts_E)
+        dropped = 1.0 - routing.assign_N.numel() / (num_tokens * self.cfg.topk)
+        return MoEAux(loss, routing.aux_loss.detach(), routing.z_loss.detach(), dropped, routing.counts_E)

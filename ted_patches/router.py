@@ -29,7 +29,7 @@ from ted_patches.topology import TEDGroups
 class Routing:
     """Which tokens go where: the N kept assignments, in first-choice-then-second order."""
 
-    token_N: torch.Tensor  # token index of each kept assignment
+    assign_N: torch.Tensor  # index of each kept assignment in choice-major order: choice * T + token
     expert_N: torch.Tensor  # its expert (global id)
     slot_N: torch.Tensor  # its position in the expert's capacity, in [0, capacity)
     weight_N: torch.Tensor  # its gate weight (fp32, differentiable)
@@ -37,6 +37,12 @@ class Routing:
     aux_loss: torch.Tensor  # unweighted load-balancing loss
     z_loss: torch.Tensor  # unweighted router z-loss
     counts_E: torch.Tensor  # assignments per expert before dropping (all K choices)
+    num_tokens: int
+
+    @property
+    def token_N(self) -> torch.Tensor:
+        """Token index of each kept assignment."""
+        return self.assign_N % self.num_tokens
 
 
 def token_capacity(num_tokens: int, num_experts: int, topk: int, factor: float, min_capacity: int) -> int:
@@ -93,7 +99,6 @@ class Router(torch.nn.Module):
         # 2. choices, in choice-major order (the order capacity is handed out in)
         idx_TK = top_k(logits_TE.detach(), probs_TE.detach(), K)
         expert_A = idx_TK.t().reshape(-1)
-        token_A = torch.arange(T, device=x.device).repeat(K)
         prob_A = probs_TE.gather(1, idx_TK).t().reshape(-1)
         counts_E = torch.bincount(expert_A, minlength=E)
         # 3. capacity and dropping
@@ -104,10 +109,10 @@ class Router(torch.nn.Module):
         kept = keep_A.nonzero().squeeze(1)
         tp = self.groups.tp.size
         return Routing(
-            token_N=token_A[kept], expert_N=expert_A[kept], slot_N=slot_A[kept], weight_N=weight_A[kept],
+            assign_N=kept, expert_N=expert_A[kept], slot_N=slot_A[kept], weight_N=weight_A[kept],
             capacity=-(-capacity // tp) * tp,
             aux_loss=self._aux_loss(probs_TE, idx_TK, counts_E), z_loss=torch.logsumexp(logits_TE, -1).square().mean(),
-            counts_E=counts_E,
+            counts_E=counts_E, num_tokens=T,
         )
 
     def _capacity(self, num_tokens: int, counts_E: torch.Tensor) -> int:
@@ -135,8 +140,8 @@ class Router(torch.nn.Module):
         if kind == "none":
             return probs_TE.new_zeros(())
         me_E = probs_TE.mean(0)
-        if kind == "deepspeed":  # first choices only, whatever K
+        if kind == "deepspeed" and K <= 2:  # DeepSpeed's top-1/top-2 gates: first choices only
             ce_E = torch.bincount(idx_TK[:, 0], minlength=E).to(probs_TE.dtype) / idx_TK.shape[0]
-        else:  # Megatron-Core's switch loss over all K choices, divided by K
+        else:  # Megatron-Core's switch loss, and DeepSpeed's k >= 3 gate: all K choices, divided by K
             ce_E = counts_E.to(probs_TE.dtype) / (idx_TK.shape[0] * K)
         return E * (me_E * ce_E).sum()

@@ -42,6 +42,18 @@ def fails(argv, world, capsys, rank=0, monkeypatch=None) -> str:
     (2, ["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"], "--expert-tensor-parallel-size 1 must equal"),
     (1, ["--recompute-granularity", "full"], "--recompute-method uniform or block"),
     (1, ["--num-experts", "4", "--expert-interval", "3", "--num-layers", "2"], "no layer of --num-layers 2"),
+    (1, ["--micro-batch-size", "0"], "--micro-batch-size must be >= 1"),
+    (1, ["--seq-length", "0"], "--seq-length must be >= 1"),
+    (1, ["--num-attention-heads", "0"], "--num-attention-heads must be >= 1"),
+    (1, ["--hidden-dropout", "1.5"], "--hidden-dropout must be in [0, 1)"),
+    (1, ["--min-lr", "-1"], "--min-lr must be >= 0"),
+    (1, ["--weight-decay", "-0.1"], "--weight-decay must be >= 0"),
+    (1, ["--adam-beta1", "1"], "--adam-beta1 must be in [0, 1)"),
+    (1, ["--adam-beta2", "1.0"], "--adam-beta2 must be in [0, 1)"),
+    (1, ["--fp16", "--loss-scale-window", "0"], "--loss-scale-window must be >= 1"),
+    (1, ["--lr-warmup-iters", "1", "--lr-warmup-fraction", "0.1"], "are both given"),
+    (1, ["--lr-decay-iters", "0"], "--lr-decay-iters must be >= 1"),
+    (1, ["--swiglu", "--hidden-size", "16", "--num-attention-heads", "4"], "give it explicitly"),
 ])
 def test_bad_layout_or_flag_is_a_clear_error(world, argv, expect, capsys, monkeypatch):
     err = fails(argv, world, capsys, rank=world - 1, monkeypatch=monkeypatch)
@@ -94,3 +106,14 @@ def test_help_documents_every_flag():
 
     undocumented = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and not a.help]
     assert undocumented == []
+
+
+def test_bf16_reduces_gradients_in_fp32_unless_told_otherwise(monkeypatch):
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    cfg, _ = pretrain_gpt_moe.load_config(BASE + ["--bf16"])
+    assert cfg.optim.accumulate_grads_in_fp32
+    cfg, _ = pretrain_gpt_moe.load_config(BASE + ["--bf16", "--grad-reduce-in-bf16"])
+    assert not cfg.optim.accumulate_grads_in_fp32
+    cfg, _ = pretrain_gpt_moe.load_config(BASE + ["--fp16"])
+    assert not cfg.optim.accumulate_grads_in_fp32

@@ -63,7 +63,7 @@ def run_layer(groups, cfg, microbatches: list[int]) -> dict:
         x, probe = layer_input(index)
         y, aux = module.moe(x)
         ((y * probe).sum() + aux.loss).div(len(microbatches)).backward()
-        outs[index] = dict(y=y.detach(), aux=aux.aux_loss.item(), z=aux.z_loss.item(), dropped=aux.dropped.item())
+        outs[index] = dict(y=y.detach(), aux=aux.aux_loss.item(), z=aux.z_loss.item(), dropped=aux.dropped)
     a2a = groups.ledger.nbytes("all_to_all", "ep")
     opt.reduce_gradients()
     return dict(outs=outs, grads=full_tensors(module, groups, grads=True), a2a_bytes=a2a)

@@ -87,7 +87,7 @@ def one_expert_case(tp: int) -> dict:
             x = x0.clone().requires_grad_(True)
             y, aux = moe(x)
             (y * gy).sum().backward()
-            assert aux.dropped.item() == 0
+            assert aux.dropped == 0
             got = dict(y=y.detach(), x=x.grad, w1=moe.experts.w1.grad[0].t(), b1=moe.experts.b1.grad[0],
                        w2=moe.experts.w2.grad[0].t(), b2=moe.experts.b2.grad[0])
             results[(norm, drop, dtd)] = {k: rel_err(got[k], want[k]) for k in want}
@@ -146,7 +146,7 @@ def test_dropped_token_output_is_exactly_zero(topk, cf):
     dropped = [t for t in range(16) if not kept[t]]
     alive = [t for t in range(16) if kept[t]]
     assert dropped and alive
-    assert aux.dropped.item() == 1 - len(routing.token_N) / (16 * topk)
+    assert aux.dropped == 1 - len(routing.token_N) / (16 * topk)
     assert torch.equal(y[dropped], torch.zeros(len(dropped), H)), "a dropped token's output is not exactly 0"
     assert torch.equal(x.grad[dropped], torch.zeros(len(dropped), H)), "a dropped token has an input gradient"
     assert (y[alive].abs().sum(1) > 0).all(), "a kept token's output is zero"
@@ -193,7 +193,7 @@ def run_skewed(groups, topk: int, drop: bool, microbatches: list[int]) -> dict:
         y, aux = module.moe(x)
         ((y * probe).sum() + aux.loss).div(len(microbatches)).backward()
         outs[index] = dict(y=y.detach(), aux=aux.aux_loss.item(), z=aux.z_loss.item(), counts=aux.counts_E.tolist(),
-                           dropped=aux.dropped.item())
+                           dropped=aux.dropped)
     opt.reduce_gradients()
     return dict(outs=outs, grads=full_tensors(module, groups, grads=True))
 

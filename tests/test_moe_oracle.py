@@ -13,7 +13,8 @@ itself, and ours is done by the Optimizer, which is not used here), within 1e-5 
     scores (no documented order), ours keeps them in token order;
   * also top-3 with drops, which DeepSpeed routes through `topkgating`: per expert the most
     probable tokens survive and l_aux counts all k choices divided by k, i.e. our drop_policy
-    "probs" with aux_loss_type "aux_loss" (gates still renormalized over the survivors);
+    "probs" (our "deepspeed" aux loss takes the k / k form for k >= 3 as DeepSpeed does; gates
+    still renormalized over the survivors);
 at EP = 1 (in this process, no DeepSpeed distributed state at all) and EP = 2 (a 2-rank gloo
 world; each rank has its own input, expert ids r * E_l + i live on EP rank r in both).
 
@@ -56,7 +57,7 @@ B, S = 4, 16  # T = 64 tokens per rank
 AUX = 0.1  # loss = <y, G> + AUX * aux
 TOL = 1e-5
 # name -> (top-k, capacity factor, drop tokens, our MoEConfig overrides)
-TOPK_GATING = dict(drop_policy="probs", aux_loss_type="aux_loss")  # DeepSpeed's k >= 3 semantics
+TOPK_GATING = dict(drop_policy="probs")  # DeepSpeed's k >= 3 gate keeps the most probable tokens
 CASES = {
     "top2-drop-cf1": (2, 1.0, True, {}),
     "top2-nodrop": (2, 1.0, False, {}),
@@ -128,7 +129,7 @@ def run_ours(layer: MoELayer, x, gy) -> dict:
     ex = layer.experts
     return dict(out=y.detach(), aux=aux.aux_loss, counts=aux.counts_E.long(), x=x.grad, gate=layer.router.weight.grad,
                 w1=ex.w1.grad.transpose(1, 2), b1=ex.b1.grad, w2=ex.w2.grad.transpose(1, 2), b2=ex.b2.grad,
-                dropped=aux.dropped.item())
+                dropped=aux.dropped)
 
 
 def oracle_case(ep: int, names: list[str]) -> dict:

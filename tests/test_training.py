@@ -118,6 +118,11 @@ def test_fp16_overflow_skips_steps_and_backs_off_the_scale():
     assert scales[0] == 2.0**40 and scales[-1] < 2.0**30
     losses = logged(printed, "lm loss")
     assert len(losses) == 30 - sum(skipped) and all(math.isfinite(v) for v in losses)
+    lrs = [float(v) for v in re.findall(r"learning rate: ([0-9.E+-]+)", printed)]
+    for i in range(len(lrs) - 1):  # a skipped step does not advance the learning-rate schedule
+        if skipped[i]:
+            assert lrs[i + 1] == lrs[i]
+    assert lrs[-1] > lrs[0]
 
 
 def test_quickstart_short_run_learns(tmp_path):

@@ -71,3 +71,19 @@ def test_comm_ledger_keeps_totals_not_a_growing_list():
     assert len(ledger.calls) == 2  # bounded by (kind, group) pairs, not by calls
     ledger.reset()
     assert ledger.count() == 0
+
+
+def test_loss_scaler_follows_megatrons_dynamic_rule():
+    from megatron.training.optimizer import LossScaler, OptimizerConfig
+
+    scaler = LossScaler(OptimizerConfig(fp16=True, initial_loss_scale=1024, loss_scale_window=3, hysteresis=2))
+    seen = []
+    for overflow in [True, True, True, False, False, False, True, True]:
+        scaler.update(overflow)
+        seen.append(scaler.scale)
+    # hysteresis 2: the 2nd overflow halves, and so does every further one until a clean window
+    # of 3 doubles the scale and restores the hysteresis
+    assert seen == [1024, 512, 256, 256, 256, 512, 512, 256]
+    static = LossScaler(OptimizerConfig(fp16=True, loss_scale=8.0))
+    static.update(True)
+    assert static.scale == 8.0 and LossScaler(OptimizerConfig()).scale == 1.0

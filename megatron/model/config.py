@@ -29,8 +29,22 @@ class ModelConfig:
     params_dtype: torch.dtype = torch.float32
 
     def __post_init__(self):
+        for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
+                            ("--num-attention-heads", self.num_attention_heads),
+                            ("--max-position-embeddings", self.max_position_embeddings),
+                            ("vocabulary size", self.vocab_size)):
+            if value < 1:
+                raise ValueError(f"{flag} must be >= 1 (got {value})")
+        for flag, p in (("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)):
+            if not 0.0 <= p < 1.0:
+                raise ValueError(f"{flag} must be in [0, 1) (got {p})")
         if self.ffn_hidden_size is None:
-            object.__setattr__(self, "ffn_hidden_size", 4 * self.hidden_size)
+            # Megatron-LM's defaults: 4h, or for SwiGLU 8h/3 rounded down to a multiple of 64
+            ffn = int(8 * self.hidden_size / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size
+            object.__setattr__(self, "ffn_hidden_size", ffn)
+        if self.ffn_hidden_size < 1:
+            raise ValueError(f"--ffn-hidden-size must be >= 1 (got {self.ffn_hidden_size}); with --swiglu and "
+                             "a hidden size below 24 give it explicitly")
         if self.hidden_size % self.num_attention_heads:
             raise ValueError(
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "

@@ -188,7 +188,10 @@ def _optim_args(g):
     g.add_argument("--min-loss-scale", type=float, default=1.0, help="fp16 dynamic scale floor")
     g.add_argument("--loss-scale-window", type=int, default=1000, help="clean steps before the fp16 scale doubles")
     g.add_argument("--hysteresis", type=int, default=2, help="overflowing steps before the fp16 scale halves")
-    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true", help="fp32 gradient buffers for half-precision parameters")
+    g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
+                   help="fp32 gradient buffers for half-precision parameters (always on with --bf16)")
+    g.add_argument("--grad-reduce-in-bf16", action="store_true",
+                   help="with --bf16: accumulate and reduce gradients in bf16 (half the buffer and bytes)")
 
 
 def _data_args(g):
@@ -246,25 +249,47 @@ def build_config(args, world_size: int, vocab_size: int) -> Config:
 def _build(args, world_size: int, vocab_size: int) -> Config:
     _check_unsupported(args)
     topology = Topology(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size)
+    train = _train_config(args, topology)
     model = _model_config(args, topology, vocab_size)
     moe = _moe_config(args, topology)
-    train = _train_config(args, topology)
     optim = OptimizerConfig(
         lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
         use_distributed_optimizer=args.use_distributed_optimizer, tile_size=args.optimizer_tile_size,
         fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
-        hysteresis=args.hysteresis, accumulate_grads_in_fp32=args.accumulate_allreduce_grads_in_fp32,
+        hysteresis=args.hysteresis,
+        # Megatron-LM: bf16 accumulates and reduces gradients in fp32 unless told otherwise
+        accumulate_grads_in_fp32=args.accumulate_allreduce_grads_in_fp32 or (args.bf16 and not args.grad_reduce_in_bf16),
     )
     if args.min_lr > args.lr:
         raise ConfigError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
-    if args.optimizer_tile_size < 0:
-        raise ConfigError("--optimizer-tile-size must be >= 0 (0 = untiled)")
+    _check_optimizer_ranges(args)
     recompute = RecomputeConfig(args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
                                 cac=not args.disable_moe_cac)
     recompute.check(model.num_layers)
     return Config(topology, model, moe, recompute, optim, train, _data_config(args))
+
+
+def _check_optimizer_ranges(args) -> None:
+    checks = [
+        (args.lr > 0, f"--lr must be > 0 (got {args.lr})"),
+        (args.min_lr >= 0, f"--min-lr must be >= 0 (got {args.min_lr})"),
+        (args.weight_decay >= 0, f"--weight-decay must be >= 0 (got {args.weight_decay})"),
+        (0 <= args.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1) (got {args.adam_beta1})"),
+        (0 <= args.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1) (got {args.adam_beta2})"),
+        (args.adam_eps > 0, f"--adam-eps must be > 0 (got {args.adam_eps})"),
+        (args.clip_grad >= 0, f"--clip-grad must be >= 0, 0 = no clipping (got {args.clip_grad})"),
+        (args.optimizer_tile_size >= 0, "--optimizer-tile-size must be >= 0 (0 = untiled)"),
+        (args.loss_scale_window >= 1, f"--loss-scale-window must be >= 1 (got {args.loss_scale_window})"),
+        (args.hysteresis >= 1, f"--hysteresis must be >= 1 (got {args.hysteresis})"),
+        (args.min_loss_scale > 0 and args.initial_loss_scale >= args.min_loss_scale,
+         "--initial-loss-scale must be >= --min-loss-scale > 0"),
+        (args.loss_scale is None or args.loss_scale > 0, f"--loss-scale must be > 0 (got {args.loss_scale})"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)
 
 
 def _check_unsupported(args) -> None:
@@ -335,8 +360,12 @@ def _moe_config(args, topology: Topology) -> Optional[MoEConfig]:
 
 def _train_config(args, topology: Topology) -> TrainConfig:
     dp, mbs = topology.dp, args.micro_batch_size
+    for flag, value in (("--micro-batch-size", mbs), ("--global-batch-size", args.global_batch_size),
+                        ("--seq-length", args.seq_length), ("--lr-decay-iters", args.lr_decay_iters)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
     gbs = args.global_batch_size or mbs * dp
-    if mbs < 1 or gbs % (mbs * dp):
+    if gbs % (mbs * dp):
         raise ConfigError(
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}; "
             f"use a multiple of {mbs * dp}, e.g. {mbs * dp * max(1, round(gbs / (mbs * dp)))}"
@@ -345,10 +374,18 @@ def _train_config(args, topology: Topology) -> TrainConfig:
                         ("--eval-interval", args.eval_interval)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    if args.eval_iters < 0:
+        raise ConfigError(f"--eval-iters must be >= 0 (got {args.eval_iters})")
     decay_iters = args.lr_decay_iters or args.train_iters
     warmup = args.lr_warmup_iters
     if args.lr_warmup_fraction is not None:
+        if args.lr_warmup_iters:
+            raise ConfigError("--lr-warmup-iters and --lr-warmup-fraction are both given: choose one")
+        if not 0.0 <= args.lr_warmup_fraction < 1.0:
+            raise ConfigError(f"--lr-warmup-fraction must be in [0, 1) (got {args.lr_warmup_fraction})")
         warmup = int(args.lr_warmup_fraction * decay_iters)
+    if warmup < 0:
+        raise ConfigError(f"--lr-warmup-iters must be >= 0 (got {warmup})")
     if warmup >= decay_iters:
         raise ConfigError(f"learning-rate warmup ({warmup} iterations) must be shorter than --lr-decay-iters "
                           f"{decay_iters}")

@@ -60,8 +60,10 @@ class OptimizerConfig:
 
 
 class LossScaler:
-    """Dynamic loss scale for fp16 (Megatron's rule): halve after `hysteresis` overflowing steps,
-    double after `window` clean ones. A static scale never changes; bf16/fp32 use scale 1."""
+    """Dynamic loss scale for fp16, Megatron's DynamicGradScaler rule: each overflow counts down
+    the hysteresis and, once it is used up, every further overflow halves the scale (down to the
+    minimum); `window` clean steps in a row double it and restore the hysteresis. A static
+    scale never changes; bf16 and fp32 use scale 1."""
 
     def __init__(self, cfg: OptimizerConfig):
         self.dynamic = cfg.fp16 and cfg.loss_scale is None
@@ -77,18 +79,12 @@ class LossScaler:
             self._overflows_left -= 1
             if self._overflows_left <= 0:
                 self.scale = max(self.scale / 2.0, self.min_scale)
-                self._overflows_left = self.hysteresis
         else:
             self._clean += 1
-            if self._clean % self.window == 0:
-                self.scale *= 2.0
+            if self._clean == self.window:
+                self._clean = 0
                 self._overflows_left = self.hysteresis
-
-    def state_dict(self) -> dict:
-        return {"scale": self.scale, "clean": self._clean, "overflows_left": self._overflows_left}
-
-    def load_state_dict(self, state: dict) -> None:
-        self.scale, self._clean, self._overflows_left = state["scale"], state["clean"], state["overflows_left"]
+                self.scale *= 2.0
 
 
 def adamw_(p, g, m, v, *, step: int, lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
@@ -139,14 +135,15 @@ class FlatGroup:
         return self.grad_buf[self.lo:self.hi]
 
     def reduce_grads(self) -> None:
-        """Sum over the group (all-reduce, or reduce-scatter into this rank's shard), / DP size."""
+        """/ DP size, then sum over the group (all-reduce, or reduce-scatter into this rank's
+        shard). Dividing first keeps a sum of loss-scaled fp16 gradients from overflowing."""
         n = self.group.size
+        if self.dp_size > 1:
+            self.grad_buf.div_(self.dp_size)
         if n > 1 and self.shard:
             self.grads.copy_(comm.raw_reduce_scatter(self.grad_buf.view(n, -1), self.group))
         elif n > 1:
             comm.all_reduce_(self.grad_buf, self.group)
-        if self.dp_size > 1:
-            self.grads.div_(self.dp_size)
 
     def counts_in_norm(self, groups: TEDGroups) -> bool:
         """Whether this rank's shard is the one copy that enters the global norm."""

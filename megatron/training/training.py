@@ -233,7 +233,8 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     for iteration in range(1, t.train_iters + 1):
         metrics = train_step(model, optimizer, step_microbatches(train_ds, iteration - 1, cfg, groups, device), groups)
         lr = optimizer.param_groups[0]["lr"]
-        scheduler.step(1)
+        if not metrics.skipped:  # as Megatron: a skipped fp16 step does not advance the schedule
+            scheduler.step(1)
         history["lm_loss"].append(metrics.lm_loss)
         log.step(iteration, metrics, lr)
         if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
