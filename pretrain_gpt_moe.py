@@ -29,25 +29,31 @@ def load_config(argv=None):
 
         tokenizer = build_tokenizer(**tokenizer_kwargs(args))
         cfg = build_config(args, env.world_size, tokenizer.vocab_size)
-        if cfg.train.tensorboard_dir and env.rank == 0:
-            _require_tensorboard()
+        if cfg.train.tensorboard_dir:
+            _check_tensorboard(cfg.train.tensorboard_dir)
         if not cfg.data.mock:
-            from megatron.training.data import check_indexed_dataset, parse_data_path
+            from megatron.training.data import check_data
 
-            for prefix in parse_data_path(cfg.data.data_path)[0]:
-                check_indexed_dataset(prefix)
+            check_data(cfg.data.data_path, cfg.data.split, cfg.train.num_samples())
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"pretrain_gpt_moe.py: error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
         sys.exit(2)
     return cfg, tokenizer
 
 
-def _require_tensorboard():
+def _check_tensorboard(path: str) -> None:
+    """On every rank (only rank 0 writes, but every rank must stop together): the package is
+    there and the directory can be created or written."""
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
         raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
                           "(or the project's [tensorboard] extra)") from None
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ConfigError(f"--tensorboard-dir {path}: {existing} is not a writable directory")
 
 
 def main(argv=None):

@@ -78,6 +78,32 @@ def test_missing_or_broken_data_files_name_the_file(tmp_path, capsys, monkeypatc
     assert "--data-path" in capsys.readouterr().err
 
 
+def test_split_and_tensorboard_problems_are_caught_before_training(tmp_path, capsys, monkeypatch):
+    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+    import numpy
+    import torch
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    prefix = str(tmp_path / "tiny_text_document")
+    builder = IndexedDatasetBuilder(prefix + ".bin", dtype=numpy.uint16)
+    for doc in range(3):
+        builder.add_document(torch.arange(50, dtype=torch.int64) + doc, [50])
+    builder.finalize(prefix + ".idx")
+    base = [a for a in BASE if a != "--mock-data"] + ["--tokenizer-type", "NullTokenizer", "--data-path", prefix]
+    cases = [
+        (["--split", "abc"], "--split 'abc': give up to three non-negative weights"),
+        (["--split", "969,30,1", "--eval-iters", "1"], "which hold no tokens"),  # 3 documents: nothing for valid/test
+        (["--split", "1,1,1", "--tensorboard-dir", prefix + ".bin/tb"], "is not a writable directory"),
+    ]
+    for argv, expect in cases:
+        with pytest.raises(SystemExit) as exit_info:
+            pretrain_gpt_moe.load_config(base + argv)
+        assert exit_info.value.code == 2 and expect in capsys.readouterr().err, argv
+    cfg, _ = pretrain_gpt_moe.load_config(base + ["--split", "1,1,1", "--eval-iters", "1"])  # fine
+    assert cfg.train.num_samples() == (4, 2, 2)  # 2 steps of 2 samples; one evaluation and one test of 1 batch
+
+
 def test_unknown_flag_is_rejected(capsys):
     with pytest.raises(SystemExit) as exit_info:
         pretrain_gpt_moe.load_config(BASE + ["--save", "/tmp/ckpt"])

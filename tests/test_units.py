@@ -87,3 +87,13 @@ def test_loss_scaler_follows_megatrons_dynamic_rule():
     static = LossScaler(OptimizerConfig(fp16=True, loss_scale=8.0))
     static.update(True)
     assert static.scale == 8.0 and LossScaler(OptimizerConfig()).scale == 1.0
+
+
+def test_rope_frequencies_stay_fp32_in_a_bf16_model():
+    from megatron.model.transformer import RotaryEmbedding
+
+    rope = RotaryEmbedding(64, 10000.0).to(torch.bfloat16)
+    cos, _ = rope(torch.tensor([[2047]]))
+    inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
+    want = torch.cos(2047 * inv_freq).float()
+    assert cos.dtype == torch.float32 and (cos[0, 0, 0, :32] - want).abs().max() < 1e-3

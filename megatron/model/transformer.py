@@ -87,14 +87,18 @@ def activation(cfg: ModelConfig, h: torch.Tensor) -> torch.Tensor:
 
 # ---- rotary position embedding (Megatron's non-interleaved form) ------------------------------
 class RotaryEmbedding(torch.nn.Module):
+    """Frequencies are computed in fp32 at every call (no buffer), so casting the model to bf16
+    cannot round them."""
+
     def __init__(self, head_dim: int, base: float):
         super().__init__()
-        inv_freq = 1.0 / (base ** (torch.arange(0, head_dim, 2, dtype=torch.float32) / head_dim))
-        self.register_buffer("inv_freq", inv_freq, persistent=False)
+        self.head_dim, self.base = head_dim, base
 
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [b, 1, s, head_dim] for the given positions [b, s]."""
-        freqs = position_ids.float().unsqueeze(-1) * self.inv_freq
+        d = self.head_dim
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, d, 2, dtype=torch.float32, device=position_ids.device) / d))
+        freqs = position_ids.float().unsqueeze(-1) * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
 

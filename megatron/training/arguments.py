@@ -58,6 +58,13 @@ class TrainConfig:
     def num_microbatches(self, dp: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp)
 
+    def num_samples(self) -> tuple[int, int, int]:
+        """Samples the train, valid and test datasets must hold: every train step, every
+        evaluation (one each --eval-interval, and one at the end), one test evaluation."""
+        evaluations = self.train_iters // self.eval_interval + 1
+        per_eval = self.eval_iters * self.global_batch_size
+        return self.train_iters * self.global_batch_size, evaluations * per_eval, per_eval
+
 
 @dataclass(frozen=True)
 class Config:

@@ -15,6 +15,7 @@ filesystem all ranks see.
 
 import copy
 import os
+import re
 import struct
 
 import numpy
@@ -22,6 +23,7 @@ import torch
 
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import DType
 
@@ -150,16 +152,16 @@ def build_train_valid_test_datasets(
     """(train, valid, test) datasets; None for a split with 0 weight in --split or 0 samples.
 
     Several prefixes blend by their weights, or by their token counts when unweighted; each
-    split has at least num_samples items (more epochs when needed). Must be called on every rank (it holds barriers when torch.distributed is initialized).
+    split has at least num_samples items (more epochs when needed). Must be called on every rank
+    (it holds barriers when torch.distributed is initialized).
     mock=True ignores data_path and split: megatron-core's mock data always splits 1,1,1.
     Items: tokens, labels [S] int64, loss_mask [S] float32, position_ids [S] int64
     (+ dataset_id when blending); no attention mask is materialized (causal is implied).
     """
     if mock:
-        blend, cls, lengths = None, MockGPTDataset, {}
+        blend, cls = None, MockGPTDataset
     else:
-        prefixes, weights = parse_data_path(data_path or [])
-        lengths = {prefix: _checked_sequence_lengths(prefix) for prefix in prefixes}
+        prefixes, weights, lengths = _checked_data(data_path, split, num_samples)
         if weights is None and len(prefixes) > 1:
             # megatron-core blends unweighted prefixes one epoch each and silently returns
             # fewer samples than asked; weighting by size keeps that mix and the sample count.
@@ -179,13 +181,48 @@ def build_train_valid_test_datasets(
         num_dataset_builder_threads=1,
     )
     # A split asked for no samples is not built at all: megatron-core would build a full epoch
-    # of it (and hang if it is empty, see below).
-    config.split_matrix = [None if n == 0 else m for m, n in zip(config.split_matrix, num_samples)]
-    for prefix, seq_lengths in lengths.items():
-        _check_splits_have_tokens(prefix, seq_lengths, config.split_matrix, split)
-    # Every rank builds (and later reads) its own copy: no rank is fed by another.
+    # of it (and hang if it is empty, see _check_splits_have_tokens).
+    config.split_matrix = _split_matrix(config.split_matrix, num_samples)
+    # Every rank gets its own dataset objects (is_built_on_rank is always true); megatron-core still
+    # computes the index cache on rank 0 first and lets the other ranks load it after a barrier.
     datasets = _Builder(cls, list(num_samples), lambda: True, config).build()
     return tuple(datasets)
+
+
+def check_data(data_path: list[str], split: str, num_samples: tuple[int, int, int]) -> None:
+    """Every check of --data-path and --split that can fail, without building anything: run on
+    every rank before any process group exists."""
+    _checked_data(data_path, split, num_samples)
+
+
+def _checked_data(data_path, split, num_samples):
+    """(prefixes, weights or None, {prefix: sequence lengths}) after checking files and splits."""
+    vector = parse_split(split)
+    prefixes, weights = parse_data_path(data_path or [])
+    lengths = {prefix: _checked_sequence_lengths(prefix) for prefix in prefixes}
+    matrix = _split_matrix(convert_split_vector_to_split_matrix(vector), num_samples)
+    for prefix, seq_lengths in lengths.items():
+        _check_splits_have_tokens(prefix, seq_lengths, matrix, split)
+    return prefixes, weights, lengths
+
+
+def parse_split(split: str) -> list[float]:
+    """--split as normalized train, valid, test weights ("969,30,1"; missing ones are 0)."""
+    parts = [p for p in re.split(r"[,\s]+", split.strip()) if p]
+    try:
+        weights = [float(p) for p in parts]
+    except ValueError:
+        weights = []
+    if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
+        raise ValueError(f"--split {split!r}: give up to three non-negative weights for train, valid, test, "
+                         "e.g. 969,30,1")
+    weights += [0.0] * (3 - len(weights))
+    return [w / sum(weights) for w in weights]
+
+
+def _split_matrix(matrix, num_samples):
+    """megatron-core's split bounds, with None for a split asked for no samples."""
+    return [None if n == 0 else m for m, n in zip(matrix, num_samples)]
 
 
 def _check_splits_have_tokens(prefix, seq_lengths, split_matrix, split) -> None:

@@ -217,12 +217,9 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     model = build_model(cfg, groups, device)
     optimizer = Optimizer(model, groups, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
-    eval_rounds = t.train_iters // t.eval_interval + 1
-    samples = (t.train_iters * t.global_batch_size, eval_rounds * t.eval_iters * t.global_batch_size,
-               t.eval_iters * t.global_batch_size)
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
         data_path=cfg.data.data_path, split=cfg.data.split, mock=cfg.data.mock, seq_length=t.seq_length,
-        seed=t.seed, tokenizer=tokenizer, num_samples=samples, cache_dir=cfg.data.cache_dir,
+        seed=t.seed, tokenizer=tokenizer, num_samples=t.num_samples(), cache_dir=cfg.data.cache_dir,
         eod_mask_loss=cfg.data.eod_mask_loss,
     )
     print_rank0(f"> {cfg.topology.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters on rank 0; "
