@@ -88,8 +88,8 @@ def run_config(name: str, opts) -> dict | None:
     model.to(dtype=getattr(torch, opts.dtype))
     opt = Optimizer(model, groups, OptimizerConfig(lr=1e-4, use_distributed_optimizer=zero1,
                                                    tile_size=opts.tile if tiled else 0))
-    gen = torch.Generator().manual_seed(groups.dp.rank)
-    data = torch.randint(0, opts.vocab, (opts.micro_batch, opts.seq + 1), generator=gen).to(device)
+    gen = torch.Generator(device=device).manual_seed(groups.dp.rank)
+    data = torch.randint(0, opts.vocab, (opts.micro_batch, opts.seq + 1), generator=gen, device=device)
     batch = [dict(tokens=data[:, :-1], labels=data[:, 1:],
                   position_ids=torch.arange(opts.seq, device=device).expand(opts.micro_batch, -1))]
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from megatron.model.config import RecomputeConfig
 from megatron.model.gpt import GPTModel
+from ted_patches.comm import CommStash
 from ted_patches.moe_layer import MoELayer
 
 
@@ -20,7 +21,8 @@ def apply_recompute(model: GPTModel, cfg: RecomputeConfig) -> GPTModel:
     chunk holds an MoE layer, unless turned off."""
     model.checkpoint_chunks = cfg.full_chunks(len(model.layers))
     recomputed = {i for chunk in model.checkpoint_chunks for i in chunk}
-    model.communication_aware = cfg.cac and any(isinstance(model.layers[i].mlp, MoELayer) for i in recomputed)
+    cac = cfg.cac and any(isinstance(model.layers[i].mlp, MoELayer) for i in recomputed)
+    model.checkpoint_stash = CommStash if cac else None
     for layer in model.layers:
         layer.attention.recompute_core = cfg.granularity == "selective"
     return model

@@ -21,7 +21,6 @@ from megatron.model.transformer import (
     column_linear,
     megatron_parallel_config,
 )
-from ted_patches.comm import CommStash
 from ted_patches.topology import TEDGroups
 
 
@@ -62,9 +61,10 @@ class GPTModel(torch.nn.Module):
 
         self.layers = torch.nn.ModuleList(TransformerLayer(cfg, mp, groups, self.rng) for _ in range(cfg.num_layers))
         # Activation checkpointing (set by ted_patches.cac.apply_recompute): layer ranges run
-        # under one checkpoint each, and whether collectives inside are kept for the recompute.
+        # under one checkpoint each, and, for communication-aware checkpointing, the factory of
+        # the stash that keeps their collectives' outputs for the recompute.
         self.checkpoint_chunks: list[list[int]] = []
-        self.communication_aware = False
+        self.checkpoint_stash = None
         self.final_norm = build_norm(cfg)
         # The output layer shares the embedding weight unless untied (then it has its own).
         untied = cfg.untie_embeddings_and_output_weights
@@ -90,7 +90,7 @@ class GPTModel(torch.nn.Module):
         aux = []
         for start, end, recompute in self._segments():
             if recompute:
-                stash = CommStash() if self.communication_aware else None
+                stash = self.checkpoint_stash() if self.checkpoint_stash else None
                 x, seg_aux = checkpoint(self._run_layers, x, rope, start, end, rng=self.rng, stash=stash)
             else:
                 x, seg_aux = self._run_layers(x, rope, start, end)

@@ -8,15 +8,14 @@ outputs instead of communicating again.
 
 from __future__ import annotations
 
-from typing import Optional
-
 import torch.utils.checkpoint
 
 from megatron.model.rng import TPRandom
-from ted_patches.comm import CommStash
 
 
-def checkpoint(fn, *args, rng: TPRandom, stash: Optional[CommStash] = None):
+def checkpoint(fn, *args, rng: TPRandom, stash=None):
+    """`fn(*args)` under non-reentrant checkpointing. `stash`: an object whose `active(replay)`
+    context serves the region's collectives (ted_patches.comm.CommStash), or None."""
     start_state = rng.state_dict()
     calls = [0]
 

@@ -129,14 +129,14 @@ def _moe_args(g):
                    help="MoE in layers N, 2N, ... (1-based, Megatron-DeepSpeed; default 2)")
     g.add_argument("--moe-layer-freq", type=int, default=None,
                    help="MoE in layers 0, N, 2N, ... (0-based, Megatron-Core)")
-    g.add_argument("--moe-router-topk", "--topk", dest="topk", type=int, default=1, help="experts per token")
+    g.add_argument("--moe-router-topk", "--topk", dest="topk", type=int, default=1, help="experts per token (default 1, as Megatron-DeepSpeed; Megatron-Core defaults to 2)")
     g.add_argument("--moe-expert-capacity-factor", "--moe-train-capacity-factor", dest="capacity_factor",
-                   type=float, default=1.0, help="training capacity: ceil(tokens / experts x factor x top-k) slots per expert")
+                   type=float, default=1.0, help="training capacity: ceil(tokens / experts x factor x top-k) slots per expert (default 1.0 with dropping, as DeepSpeed; Megatron-Core scripts that omit it mean dropless: add --disable-moe-token-dropping)")
     g.add_argument("--moe-eval-capacity-factor", dest="eval_capacity_factor", type=float, default=1.0, help="capacity factor in evaluation")
     g.add_argument("--moe-min-capacity", type=int, default=4, help="at least this many slots per expert")
     g.add_argument("--disable-moe-token-dropping", action="store_true",
                    help="no capacity limit: capacity = the fullest expert over the EP group")
-    g.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="position", help="position: first choices in token order, then second choices; probs: the most probable")
+    g.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="position", help="position: first choices in token order, then second choices (DeepSpeed, the default); probs: the most probable (Megatron-Core's default)")
     g.add_argument("--moe-gate-normalization", choices=GATE_NORMALIZATIONS, default="surviving",
                    help="surviving: renormalize top-k gates over kept choices (DeepSpeed); "
                         "topk: before dropping (Megatron-Core); none: raw probabilities")

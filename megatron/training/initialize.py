@@ -46,9 +46,10 @@ def default_backend() -> str:
 
 
 def device_for(backend: str, local_rank: int) -> torch.device:
-    if backend == "nccl":
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank)
+    if backend == "nccl":  # modulo: a launcher may show each task only its own GPU
+        index = local_rank % torch.cuda.device_count()
+        torch.cuda.set_device(index)
+        return torch.device("cuda", index)
     return torch.device("cpu")
 
 
