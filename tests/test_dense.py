@@ -12,10 +12,10 @@ import pytest
 import torch
 
 from harness import run, ted_groups
-from megatron.model import GPTModel, ModelConfig
+from megatron.model import GPTModel
 from megatron.training.optimizer import Optimizer, OptimizerConfig
 from megatron.training.training import train_step
-from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err
+from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err, tiny_model_config
 
 SEQ, MBS, MICRO = 16, 2, 2
 VARIANTS = {
@@ -25,10 +25,7 @@ VARIANTS = {
 }
 
 
-def model_config(**kw) -> ModelConfig:
-    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=96,
-                max_position_embeddings=SEQ, hidden_dropout=0.0, attention_dropout=0.0)
-    return ModelConfig(**{**base, **kw})
+model_config = tiny_model_config
 
 
 def train_case(tp: int, variant: str, steps: int = 3) -> dict | None:

@@ -12,7 +12,22 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a C
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def test_bf16_gpt_moe_trains_on_one_gpu_with_nccl():
+def _pretrain_argv(*extra) -> list[str]:
+    return [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), "--distributed-backend", "nccl",
+            "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "256",
+            "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", "10", "--lr", "1e-3",
+            "--mock-data", "--vocab-size", "1000", "--num-experts", "8", "--moe-router-topk", "2",
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--log-interval", "1", "--eval-interval", "10",
+            "--eval-iters", "1", *extra]
+
+
+def _losses(stdout: str) -> list[float]:
+    return [float(v) for v in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", stdout)]
+
+
+def test_bf16_gpt_moe_trains_on_one_gpu():
+    """One process (NCCL initialized, its collectives over groups of one are identities): the CUDA
+    code path of the model, bf16 with fp32 master weights, recompute with CAC, ZeRO-1, tiling."""
     argv = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), "--distributed-backend", "nccl", "--bf16",
             "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "256",
             "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", "30", "--lr", "1e-3",
@@ -49,3 +64,19 @@ def test_moe_layer_forward_backward_on_gpu_matches_cpu():
         results.append((y.detach().cpu(), x.grad.cpu(), holder.moe.experts.w1.grad.cpu()))
     for a, b in zip(*results):
         assert torch.allclose(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 GPUs")
+@pytest.mark.parametrize("tp,ep", [(2, 1), (1, 2)])
+def test_two_gpus_over_nccl_equal_one(tp, ep):
+    """TP=2 (DTD's all-gather / reduce-scatter over NCCL) and EP=2 (the all-to-all) against one GPU,
+    fp32: the same printed losses within 1e-3 (GPU kernels may reorder sums by layout)."""
+    one = subprocess.run(_pretrain_argv(), capture_output=True, text=True, timeout=600,
+                         env=dict(os.environ, WORLD_SIZE="1", RANK="0"))
+    assert one.returncode == 0, one.stderr[-3000:]
+    two = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", *_pretrain_argv(
+        "--tensor-model-parallel-size", str(tp), "--expert-model-parallel-size", str(ep))[1:]],
+        capture_output=True, text=True, timeout=600)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a, b = _losses(two.stdout), _losses(one.stdout)
+    assert len(a) == len(b) == 10 and max(abs(x - y) / y for x, y in zip(a, b)) < 1e-3

@@ -12,37 +12,26 @@ import pytest
 import torch
 
 from harness import run, ted_groups
-from megatron.model import GPTModel, ModelConfig
-from megatron.model.params import init_parameters
+from megatron.model import GPTModel
+from megatron.model.params import init_parameters, spec_of
 from megatron.training.optimizer import Optimizer, OptimizerConfig
 from megatron.training.training import train_step
 from ted_patches.config import MoEConfig, moe_layer_indices
-from ted_patches.moe_layer import MoELayer
 from ted_patches.patch import apply_patches
-from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err
+from util import MoEOnly, PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err, tiny_model_config
 
 LAYOUTS = [(1, 2, 2), (2, 1, 1), (2, 2, 2), (1, 4, 4), (2, 2, 4), (2, 4, 4)]  # (TP, EP, DP)
 VARIANTS = [(1, True), (2, True), (1, False), (2, False)]  # (top-k, drop tokens)
 MBS, SEQ, H = 4, 16, 32
 
 
-def model_config(**kw) -> ModelConfig:
-    base = dict(num_layers=2, hidden_size=H, num_attention_heads=4, ffn_hidden_size=64, vocab_size=96,
-                max_position_embeddings=SEQ, hidden_dropout=0.0, attention_dropout=0.0)
-    return ModelConfig(**{**base, **kw})
+model_config = tiny_model_config
 
 
 def moe_config(topk: int, drop: bool, **kw) -> MoEConfig:
     base = dict(num_experts=8, layers=(1,), topk=topk, capacity_factor=1.0, min_capacity=4, drop_tokens=drop,
                 aux_loss_coeff=0.1, z_loss_coeff=0.01)
     return MoEConfig(**{**base, **kw})
-
-
-class MoEOnly(torch.nn.Module):
-    def __init__(self, mcfg, cfg, groups, seed=7):
-        super().__init__()
-        self.moe = MoELayer(mcfg, cfg, groups)
-        init_parameters(self, seed, groups)
 
 
 def layer_input(index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -138,7 +127,12 @@ def gpt_case(tp: int, ep: int, topk: int, drop: bool, steps: int = 3) -> dict | 
         out["aux"].append(metrics.aux_loss)
         out["norm"].append(metrics.grad_norm)
     out["final"] = full_tensors(model, groups)
-    return out if torch.distributed.get_rank() == 0 else None
+    if torch.distributed.get_rank() != 0:
+        out = {}
+    out["coords"] = groups.coords
+    out["local"] = {name: p.detach().clone() for name, p in model.named_parameters()}
+    out["specs"] = {name: spec_of(p) for name, p in model.named_parameters()}
+    return out
 
 
 @functools.cache
@@ -146,10 +140,25 @@ def gpt_reference(topk: int, drop: bool) -> dict:
     return gpt_case(1, 1, topk, drop)
 
 
+def assert_replicas_identical(ranks: list[dict]) -> None:
+    """Every copy of a parameter piece is bitwise the same on every rank that holds it: TP-
+    replicated pieces on the TP ranks, dense pieces on the DP ranks, experts on expert-DP."""
+    for name, spec in ranks[0]["specs"].items():
+        def key(c):
+            return (c.tp if spec.tp_dim is not None else None, c.ep if spec.expert else None)
+        holders: dict = {}
+        for r in ranks:
+            holders.setdefault(key(r["coords"]), []).append(r["local"][name])
+        for copies in holders.values():
+            assert all(torch.equal(c, copies[0]) for c in copies), f"replicas of {name} differ"
+
+
 @pytest.mark.parametrize("topk,drop", [(2, True), (1, False)])
 @pytest.mark.parametrize("tp,ep,dp", LAYOUTS)
 def test_gpt_moe_three_steps_equal_single_process(tp, ep, dp, topk, drop):
-    got, ref = run(tp * dp, gpt_case, tp, ep, topk, drop)[0], gpt_reference(topk, drop)
+    ranks, ref = run(tp * dp, gpt_case, tp, ep, topk, drop), gpt_reference(topk, drop)
+    got = ranks[0]
+    assert_replicas_identical(ranks)
     for key in ("loss", "aux", "norm"):
         for a, b in zip(got[key], ref[key]):
             assert abs(a - b) <= 1e-5 * abs(b), f"{key}: {got[key]} != {ref[key]}"
@@ -222,7 +231,7 @@ def jitter_case(tp: int) -> tuple:
     return (train.expert_N, train.slot_N, train.weight_N.detach()), (evaluation.expert_N, evaluation.weight_N.detach())
 
 
-def test_jitter_routes_bit_identically_on_the_tp_ranks_and_only_in_training():
+def test_jitter_draws_from_the_stream_the_tp_ranks_share_and_only_in_training():
     results = run(2, jitter_case, 2)
     for a, b in zip(results[0][0], results[1][0]):
         assert torch.equal(a, b)  # TP ranks must agree exactly, noise included

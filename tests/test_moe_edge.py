@@ -18,24 +18,20 @@ import pytest
 import torch
 
 from harness import run, ted_groups
-from megatron.model import ModelConfig
-from megatron.model.params import init_parameters, shard
+from megatron.model.params import shard
 from megatron.model.transformer import MLP, megatron_parallel_config
 from megatron.training.optimizer import Optimizer, OptimizerConfig
 from ted_patches.config import MoEConfig
 from ted_patches.moe_layer import MoELayer
 from ted_patches.router import Router, keep_mask, token_capacity
 from ted_patches.topology import Group, TEDGroups, Topology
-from util import assert_close_dicts, full_tensors, rel_err
+from util import MoEOnly, assert_close_dicts, full_tensors, rel_err, tiny_model_config
 
 MBS, SEQ, H, FFN = 4, 16, 32, 64  # T = 64 tokens per micro-batch
 TOL = 1e-5
 
 
-def model_config(**kw) -> ModelConfig:
-    base = dict(num_layers=2, hidden_size=H, num_attention_heads=4, ffn_hidden_size=FFN, vocab_size=96,
-                max_position_embeddings=SEQ, hidden_dropout=0.0, attention_dropout=0.0)
-    return ModelConfig(**{**base, **kw})
+model_config = tiny_model_config
 
 
 def moe_config(**kw) -> MoEConfig:
@@ -127,10 +123,7 @@ def test_dropped_token_output_is_exactly_zero(topk, cf):
     groups = ted_groups(1, 1)
     cfg = MoEConfig(num_experts=4, layers=(0,), topk=topk, capacity_factor=cf, min_capacity=0,
                     aux_loss_coeff=0.0, z_loss_coeff=0.0)
-    module = torch.nn.Module()
-    module.moe = MoELayer(model_config(), cfg, groups)
-    init_parameters(module, 3, groups)
-    moe = module.moe
+    moe = MoEOnly(model_config(), cfg, groups, seed=3).moe
     gen = torch.Generator().manual_seed(11)
     with torch.no_grad():
         moe.router.weight.copy_(torch.randn(4, H, generator=gen))
@@ -157,13 +150,11 @@ SKEW_VARIANTS = [(1, False), (2, False), (1, True), (2, True)]  # (top-k, drop t
 E_SKEW = 4
 
 
-class MoEOnly(torch.nn.Module):
-    def __init__(self, cfg: MoEConfig, groups):
-        super().__init__()
-        self.moe = MoELayer(model_config(), cfg, groups)
-        init_parameters(self, 7, groups)
-        with torch.no_grad():  # replicated over TP: every rank copies the full weight
-            self.moe.router.weight.copy_(skew_router_weight())
+def skewed_moe(cfg: MoEConfig, groups) -> MoEOnly:
+    layer = MoEOnly(model_config(), cfg, groups)
+    with torch.no_grad():  # replicated over TP: every rank copies the full weight
+        layer.moe.router.weight.copy_(skew_router_weight())
+    return layer
 
 
 def skew_router_weight() -> torch.Tensor:
@@ -184,7 +175,7 @@ def skew_input(index: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 def run_skewed(groups, topk: int, drop: bool, microbatches: list[int]) -> dict:
     cfg = moe_config(num_experts=E_SKEW, topk=topk, drop_tokens=drop, aux_loss_coeff=0.1, z_loss_coeff=0.01)
-    module = MoEOnly(cfg, groups)
+    module = skewed_moe(cfg, groups)
     opt = Optimizer(module, groups, OptimizerConfig())
     opt.zero_grad()
     outs = {}

@@ -8,7 +8,26 @@ import os
 import pytest
 import torch
 
-from megatron.model.params import gather_full, spec_of
+from megatron.model import ModelConfig
+from megatron.model.params import gather_full, init_parameters, spec_of
+
+
+def tiny_model_config(**kw) -> ModelConfig:
+    """The small GPT the multi-process tests share (2 layers, hidden 32, 4 heads, seq 16)."""
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=96,
+                max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
+    return ModelConfig(**{**base, **kw})
+
+
+class MoEOnly(torch.nn.Module):
+    """One MoE layer with the model's layout-independent initialization."""
+
+    def __init__(self, model_cfg, moe_cfg, groups, seed: int = 7):
+        from ted_patches.moe_layer import MoELayer
+
+        super().__init__()
+        self.moe = MoELayer(model_cfg, moe_cfg, groups)
+        init_parameters(self, seed, groups)
 
 
 def synthetic_microbatch(index: int, mbs: int, seq: int, vocab: int, seed: int = 0) -> dict:
