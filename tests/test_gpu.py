@@ -28,16 +28,12 @@ def _losses(stdout: str) -> list[float]:
 def test_bf16_gpt_moe_trains_on_one_gpu():
     """One process (NCCL initialized, its collectives over groups of one are identities): the CUDA
     code path of the model, bf16 with fp32 master weights, recompute with CAC, ZeRO-1, tiling."""
-    argv = [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), "--distributed-backend", "nccl", "--bf16",
-            "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "256",
-            "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", "30", "--lr", "1e-3",
-            "--mock-data", "--vocab-size", "1000", "--num-experts", "8", "--moe-router-topk", "2",
-            "--log-interval", "10", "--eval-interval", "30", "--eval-iters", "2",
-            "--recompute-granularity", "full", "--recompute-method", "uniform",
-            "--use-distributed-optimizer", "--optimizer-tile-size", "100000"]
+    argv = _pretrain_argv("--bf16", "--train-iters", "30", "--log-interval", "10", "--eval-interval", "30",
+                          "--recompute-granularity", "full", "--recompute-method", "uniform",
+                          "--use-distributed-optimizer", "--optimizer-tile-size", "100000")
     done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=dict(os.environ, WORLD_SIZE="1", RANK="0"))
     assert done.returncode == 0, done.stderr[-3000:]
-    losses = [float(v) for v in re.findall(r"\| lm loss: ([0-9.E+-]+) \|", done.stdout)]
+    losses = _losses(done.stdout)
     assert len(losses) == 3 and losses[-1] < losses[0]
 
 
