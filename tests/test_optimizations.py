@@ -1,6 +1,7 @@
 """The paper's optimizations leave the numbers unchanged (tier 2): recompute with and without
 CAC, ZeRO-1 and the tiled optimizer step; CAC's all-to-all count and ZeRO's state bytes."""
 
+import dataclasses
 import functools
 
 import pytest
@@ -76,7 +77,10 @@ def optimizer_case(tp: int, ep: int, name: str, dtype=torch.float32, steps: int 
     groups = ted_groups(tp, ep)
     model, mcfg = build(groups, RecomputeConfig(), layers=2)
     model.to(dtype)
-    opt = Optimizer(model, groups, OPTIMIZERS[name])
+    cfg = OPTIMIZERS[name]
+    if dtype == torch.float16:  # loss-scaled fp16 gradients through the same reductions
+        cfg = dataclasses.replace(cfg, fp16=True, initial_loss_scale=1024.0)
+    opt = Optimizer(model, groups, cfg)
     for step in range(steps):
         train_step(model, opt, my_microbatches(step, groups, 4, mbs=MBS, seq=SEQ, vocab=mcfg.vocab_size), groups)
     state = [(fg.group.name, fg.param_buf.numel(), fg.state_bytes()) for fg in opt.flat_groups]
@@ -119,3 +123,14 @@ def test_bf16_params_keep_fp32_master_weights_and_tiled_is_bitwise():
     for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"], res["zero1"]["state"]):
         assert plain_bytes == 12 * numel  # fp32 master + two moments
         assert zero_bytes * sizes[group] == plain_bytes
+
+
+def test_fp16_zero1_and_tiled_follow_the_plain_fp16_optimizer():
+    """fp16 parameters, loss scale 1024: the sharded and tiled steps land on the same fp16 values
+    up to one fp16 rounding of the (fp32) master weights."""
+    res = optimizer_results("float16")
+    plain = res["plain"]["params"]
+    for name in ("tiled", "zero1", "zero1+tiled"):
+        assert_close_dicts(res[name]["params"], plain, 2e-3, f"fp16 {name}", PARAM_FLOOR)
+    for k in plain:
+        assert torch.equal(res["tiled"]["params"][k], plain[k]), k
