@@ -47,31 +47,34 @@ class GroupedExperts(torch.nn.Module):
         e, n = x_ENH.shape[:2]
         chunk = _experts_per_chunk(x_ENH.device, e, n * self.w1.shape[-1])
         if chunk == e:
-            return self._mlp(x_ENH, slice(None)), self.b2
-        parts = [self._mlp(x_ENH[i:i + chunk], slice(i, i + chunk)) for i in range(0, e, chunk)]
-        return torch.cat(parts), self.b2
+            return self._mlp(x_ENH, self.w1, self.b1, self.w2), self.b2
+        # split, not slicing: split's backward concatenates the chunks' weight gradients, where a
+        # slice's would fill a zero tensor of the whole weight per chunk and add them up
+        b1 = self.b1.split(chunk) if self.b1 is not None else [None] * -(-e // chunk)
+        parts = map(self._mlp, x_ENH.split(chunk), self.w1.split(chunk), b1, self.w2.split(chunk))
+        return torch.cat(list(parts)), self.b2
 
-    def _mlp(self, x_ENH: torch.Tensor, experts: slice) -> torch.Tensor:
-        w1, w2 = self.w1[experts], self.w2[experts]
-        if self.b1 is None:
-            h_ENF = torch.bmm(x_ENH, w1)
+    def _mlp(self, x_ENH, w1_EHF, b1_EF, w2_EFH) -> torch.Tensor:
+        if b1_EF is None:
+            h_ENF = torch.bmm(x_ENH, w1_EHF)
         else:
-            h_ENF = torch.baddbmm(self.b1[experts].unsqueeze(1), x_ENH, w1)
-        return torch.bmm(activation(self.cfg, h_ENF), w2)
+            h_ENF = torch.baddbmm(b1_EF.unsqueeze(1), x_ENH, w1_EHF)
+        return torch.bmm(activation(self.cfg, h_ENF), w2_EFH)
 
 
 # On CPUs the activation between the two GEMMs is memory-bound: computing a few experts at a time
 # keeps each chunk's [n, F] activation (and, in backward, its gradient) in the last-level cache.
-# Measured here, one thread, 4 experts x 1024 tokens x F=1024: 153 ms in chunks of 2 against 163-168
-# ms as one batch; with 2 threads and 8 x 512 one batch (87 ms) and chunks of 4 (89 ms) tie.
-# Accelerators run one batched GEMM.
-_CPU_ACTIVATION_BUDGET = 2**21  # elements of [chunk, n, F] per chunk (8 MiB in fp32)
+# Measured here, one thread, 4 experts x 1024 tokens x F=1024: 151-157 ms in chunks of 2 against
+# 162-168 ms as one batch; with 2 threads, 8 x 512: one batch 87 ms, chunks of 4 89 ms (chunks
+# also cost a concatenation of the weight gradients). Accelerators run one batched GEMM.
+_CPU_ACTIVATION_BUDGET = 2**21  # elements of [chunk, n, F] per thread (8 MiB in fp32)
 
 
 def _experts_per_chunk(device: torch.device, experts: int, activation_per_expert: int) -> int:
     if device.type != "cpu":
         return experts
-    return max(1, min(experts, _CPU_ACTIVATION_BUDGET // max(activation_per_expert, 1)))
+    budget = _CPU_ACTIVATION_BUDGET * torch.get_num_threads()
+    return max(1, min(experts, budget // max(activation_per_expert, 1)))
 
 
 def reference_expert_loop(experts: GroupedExperts, x_ENH: torch.Tensor) -> torch.Tensor:

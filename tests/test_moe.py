@@ -190,6 +190,7 @@ def test_experts_in_cpu_cache_chunks_equal_one_batch_and_the_per_expert_loop(mon
 
     whole = run_once()
     monkeypatch.setattr(experts_mod, "_CPU_ACTIVATION_BUDGET", 2 * 12 * 64 * (2 if swiglu else 1))
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 1)
     assert experts_mod._experts_per_chunk(x.device, 5, 12 * holder.experts.w1.shape[-1]) == 2
     chunked = run_once()
     assert rel_err(chunked[0], whole[0]) <= 1e-6
