@@ -11,8 +11,10 @@ deepspeed sets two environment variables; they are restored.
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import os
+import sys
 
 import torch
 
@@ -67,7 +69,8 @@ def build_moe(*, hidden: int, ffn: int, experts: int, ep: int, topk: int, capaci
               enable_expert_tensor_parallelism=False, top2_2nd_expert_sampling=False)
     if ep > 1:
         init_distributed()
-        moe.set_deepspeed_parallelism()  # creates (once per process) and sets the 'ep_size_{ep}' group
+        with contextlib.redirect_stdout(sys.stderr):  # it prints a notice: keep stdout for results
+            moe.set_deepspeed_parallelism()  # creates (once per process) and sets the 'ep_size_{ep}' group
     return moe
 
 
