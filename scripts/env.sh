@@ -1,4 +1,4 @@
-# Sourced by examples/quickstart.sh and scripts/run_tests.sh: a virtual environment with torch
+# Sourced by examples/quickstart.sh and tests/run.sh: a virtual environment with torch
 # and this project installed. Installs only what is missing.
 #   TED_VENV   where the environment lives (default: <repo>/.venv)
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
