@@ -185,7 +185,9 @@ def main(argv=None):
     from megatron.training.local_world import World
 
     if opts.configs is None:
-        names = [n for n, (recompute, *_) in CONFIGS.items() if not (opts.optimizer_only and recompute)]
+        # --optimizer-only: no forward, so the configurations that differ only in recompute go
+        names = [n for n, (recompute, _, zero1, tiled) in CONFIGS.items()
+                 if not (opts.optimizer_only and recompute and not (zero1 or tiled))]
         opts.configs = ",".join(names)
     if opts.gpu:
         opts.tp = opts.ep = opts.dp = 1
