@@ -59,14 +59,20 @@ def _timed(step) -> float:
     return (time.perf_counter() - start) * 1000
 
 
-def _our_layer(opts, groups, dtd: bool):
+def _model_config(opts):
+    """The model around the layer: only its hidden and FFN sizes and init matter here."""
     from megatron.model import ModelConfig
+
+    return ModelConfig(num_layers=1, hidden_size=opts.hidden, num_attention_heads=1, ffn_hidden_size=opts.ffn,
+                       vocab_size=128, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0)
+
+
+def _our_layer(opts, groups, dtd: bool):
     from megatron.model.params import init_parameters
     from ted_patches.config import MoEConfig
     from ted_patches.moe_layer import MoELayer
 
-    mcfg = ModelConfig(num_layers=1, hidden_size=opts.hidden, num_attention_heads=1, ffn_hidden_size=opts.ffn,
-                       vocab_size=128, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0)
+    mcfg = _model_config(opts)
     cfg = MoEConfig(num_experts=opts.experts, layers=(0,), topk=opts.topk, capacity_factor=opts.capacity_factor,
                     eval_capacity_factor=opts.capacity_factor, dtd=dtd)
     holder = torch.nn.Module()
@@ -142,7 +148,6 @@ def measure(tp: int, ep: int, opts) -> list[dict] | None:
 def _gemm_steps(opts, groups):
     """This rank's expert computation alone, fwd + bwd, on its local shapes: our batched experts
     (the layer's own GroupedExperts) and, for comparison, a loop of nn.Linear (DeepSpeed's way)."""
-    from megatron.model import ModelConfig
     from megatron.model.params import init_parameters
     from ted_patches.experts import GroupedExperts
     from ted_patches.router import token_capacity
@@ -152,8 +157,7 @@ def _gemm_steps(opts, groups):
     capacity = -(-capacity // groups.tp.size) * groups.tp.size
     n = groups.ep.size * capacity  # tokens per local expert: a capacity block from every EP peer
     f = opts.ffn // groups.tp.size
-    mcfg = ModelConfig(num_layers=1, hidden_size=opts.hidden, num_attention_heads=1, ffn_hidden_size=opts.ffn,
-                       vocab_size=128, max_position_embeddings=8)
+    mcfg = _model_config(opts)
     holder = torch.nn.Module()
     holder.experts = GroupedExperts(mcfg, e_local, opts.ffn, groups)
     init_parameters(holder, 1, groups)
