@@ -110,7 +110,8 @@ class World:
         for p in self.procs:
             if p.is_alive():
                 p.kill()
-        _WORLDS.pop((self.size, self.threads), None)
+        if _WORLDS.get((self.size, self.threads)) is self:  # a fresh World(...) is not the cached one
+            del _WORLDS[(self.size, self.threads)]
 
     def close(self) -> None:
         for c in self.conns:
