@@ -140,8 +140,6 @@ class TrainLog:
 
             self.writer = SummaryWriter(log_dir=cfg.train.tensorboard_dir)
         self._reset()
-        self.start = time.time()
-        self.skipped_total = 0
         self.flops = flops_per_iteration(cfg)
 
     def _reset(self):
@@ -171,7 +169,6 @@ class TrainLog:
         t, n = self.cfg.train, max(self.count, 1)
         iters = self.count + self.skipped + self.nans
         per_iter = (time.time() - self.t0) / max(iters, 1)
-        self.skipped_total += self.skipped
         tokens_per_s = t.global_batch_size * t.seq_length / per_iter
         tflops = self.flops / per_iter / self.cfg.topology.world_size / 1e12
         eta = timedelta(seconds=int(per_iter * (t.train_iters - iteration)))
