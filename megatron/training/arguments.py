@@ -269,8 +269,6 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
         # Megatron-LM: bf16 accumulates and reduces gradients in fp32 unless told otherwise
         accumulate_grads_in_fp32=args.accumulate_allreduce_grads_in_fp32 or (args.bf16 and not args.grad_reduce_in_bf16),
     )
-    if args.min_lr > args.lr:
-        raise ConfigError(f"--min-lr {args.min_lr} is above --lr {args.lr}")
     _check_optimizer_ranges(args)
     recompute = RecomputeConfig(args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
                                 cac=not args.disable_moe_cac)
@@ -282,6 +280,7 @@ def _check_optimizer_ranges(args) -> None:
     checks = [
         (args.lr > 0, f"--lr must be > 0 (got {args.lr})"),
         (args.min_lr >= 0, f"--min-lr must be >= 0 (got {args.min_lr})"),
+        (args.min_lr <= args.lr, f"--min-lr {args.min_lr} is above --lr {args.lr}"),
         (args.weight_decay >= 0, f"--weight-decay must be >= 0 (got {args.weight_decay})"),
         (0 <= args.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1) (got {args.adam_beta1})"),
         (0 <= args.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1) (got {args.adam_beta2})"),
