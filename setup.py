@@ -1,7 +1,7 @@
 """Megatron-TED: GPT-MoE pretraining with hybrid tensor-expert-data parallelism.
 
 `megatron` is a namespace package shared with megatron-core (which provides megatron.core):
-this project adds megatron.training and megatron.model, and ted_patches.
+this project adds megatron.parallel, megatron.model and megatron.training, and ted_patches.
 """
 
 from setuptools import find_namespace_packages, setup
@@ -11,7 +11,7 @@ setup(
     version="0.1.0",
     description="Megatron-style GPT-MoE pretraining with TED (tensor x expert x data) parallelism",
     python_requires=">=3.10",
-    packages=find_namespace_packages(include=["megatron.training*", "megatron.model*", "ted_patches*"]),
+    packages=find_namespace_packages(include=["megatron.parallel*", "megatron.training*", "megatron.model*", "ted_patches*"]),
     py_modules=["pretrain_gpt_moe"],
     install_requires=[
         # A range the CPU wheel torch 2.13.0 satisfies: with it installed, nothing newer is pulled.

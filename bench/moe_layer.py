@@ -12,7 +12,7 @@ backward between two barriers; the table shows medians.
     python bench/moe_layer.py --json         # JSON Lines, one object per (layout, impl, DTD)
 
 Bytes are what this rank sends in one forward + backward: ours from the comm ledger
-(ted_patches.comm), DeepSpeed's from its all-to-all calls seen by a dispatch mode.
+(megatron.parallel.comm), DeepSpeed's from its all-to-all calls seen by a dispatch mode.
 """
 
 from __future__ import annotations
@@ -25,14 +25,15 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the project, and the tests' gloo harness
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
-from megatron.training.local_world import ted_groups, world as local_world  # noqa: E402
+from harness import ted_groups, world as local_world  # noqa: E402
 
 DEFAULT_LAYOUTS = "1,1,1 1,2,2 1,4,4 2,2,2 2,2,4"
 
@@ -101,9 +102,9 @@ def measure(tp: int, ep: int, opts) -> list[dict] | None:
     impls = {f"ours-dtd={dtd}": step_of(_our_layer(opts, groups, dtd)) for dtd in ([True, False] if tp > 1 else [True])}
     ds_layer = None
     if tp == 1:
-        from bench import deepspeed_baseline
+        import deepspeed_reference
 
-        ds_layer = deepspeed_baseline.build_moe(hidden=opts.hidden, ffn=opts.ffn, experts=opts.experts, ep=ep,
+        ds_layer = deepspeed_reference.build_moe(hidden=opts.hidden, ffn=opts.ffn, experts=opts.experts, ep=ep,
                                                 topk=opts.topk, capacity_factor=opts.capacity_factor, drop_tokens=True)
         impls["deepspeed"] = step_of(ds_layer)
     gemm_steps, gemm_shape = _gemm_steps(opts, groups)

@@ -26,7 +26,8 @@ import sys
 import time
 import warnings
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path[:0] = [ROOT, os.path.join(ROOT, "tests")]  # the project, and the tests' gloo harness
 warnings.filterwarnings("ignore")
 
 import torch  # noqa: E402
@@ -68,7 +69,7 @@ def memory(device) -> tuple[int, int]:
 def run_config(name: str, opts) -> dict | None:
     from megatron.model import GPTModel, ModelConfig
     from megatron.model.config import RecomputeConfig
-    from megatron.training.local_world import ted_groups
+    from harness import ted_groups
     from megatron.training.optimizer import Optimizer, OptimizerConfig
     from megatron.training.training import forward_backward, reduce_losses
     from ted_patches.cac import apply_recompute
@@ -182,7 +183,7 @@ def main(argv=None):
     p.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
     from bench.optimizations import run_config as run_on_rank  # importable by name in the workers
-    from megatron.training.local_world import World
+    from harness import World
 
     if opts.configs is None:
         # --optimizer-only: no forward, so the configurations that differ only in recompute go

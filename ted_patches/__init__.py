@@ -1,3 +1,4 @@
-"""Everything TED adds to the GPT: topology and groups, collectives with byte accounting, the MoE
-layer (router, dispatcher, experts) and the optimizations. Nothing happens at import time: the
-model is changed by one explicit call, `ted_patches.patch.apply_patches`."""
+"""What TED patches into the GPT: the MoE layer (router, dispatcher with DTD, experts) and
+communication-aware checkpointing, on top of megatron.model and the parallel base
+(megatron.parallel: topology, groups, accounted collectives). Nothing happens at import time:
+the model is changed by one explicit call, `ted_patches.patch.apply_patches`."""

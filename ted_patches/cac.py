@@ -3,7 +3,7 @@
 Plain activation checkpointing recomputes a layer's forward in backward, so each MoE layer
 runs its all-to-alls three times per step (forward, recompute, backward: 6 instead of 4).
 CAC keeps the outputs of the MoE layer's collectives (all-to-alls, TP gathers, reduce-scatter)
-from the forward and serves them to the recompute (ted_patches.comm.CommStash), which then
+from the forward and serves them to the recompute (megatron.parallel.comm.CommStash), which then
 communicates nothing: back to 4 all-to-alls, for the memory of those kept buffers. The
 numbers are unchanged: the recompute receives exactly what the forward received.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 from megatron.model.config import RecomputeConfig
 from megatron.model.gpt import GPTModel
-from ted_patches.comm import CommStash
+from megatron.parallel.comm import CommStash
 from ted_patches.moe_layer import MoELayer
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron.parallel.topology import Topology, check_layout
+
 DROP_POLICIES = ("position", "probs")
 GATE_NORMALIZATIONS = ("surviving", "topk", "none")
 AUX_LOSS_TYPES = ("deepspeed", "aux_loss", "none")
@@ -60,13 +62,15 @@ class MoEConfig:
             if not ok:
                 raise ValueError(message)
 
-    def check_expert_parallel(self, ep: int) -> None:
-        if self.num_experts % ep:
-            valid = [e for e in range(1, self.num_experts + 1) if self.num_experts % e == 0]
-            raise ValueError(
-                f"--num-experts {self.num_experts} is not divisible by --expert-model-parallel-size {ep}; "
-                f"use an EP size in {valid}"
-            )
+    def tp_split_sizes(self) -> dict[str, int]:
+        """Sizes split over TP, by flag (the experts' FFN when it is set apart from the model's)."""
+        ffn = self.expert_ffn_hidden_size
+        return {} if ffn is None else {"--moe-ffn-hidden-size": ffn}
+
+    def check_layout(self, topology: Topology) -> None:
+        """Raise a LayoutError unless the experts split evenly over this layout's EP size."""
+        check_layout(topology.world_size, topology.tp, topology.ep, tp_divides=self.tp_split_sizes(),
+                     ep_divides={"--num-experts": self.num_experts})
 
 
 def moe_layer_indices(num_layers: int, *, expert_interval: int | None = None, layer_freq: int | None = None):

@@ -6,7 +6,7 @@ Shapes: T tokens, H hidden, E experts (E_l = E / EP local ones), C capacity, S c
 The capacity buffer is laid out [S, E, Cs, H]: slot c of expert e lives at (c // Cs, e, c % Cs),
 so a TP rank's DTD slice is one contiguous block and the buffer's a2a chunks are EP ranks.
 
-Forward (DESIGN.md steps 2-9), with DTD:
+Forward (docs/architecture.md, "One MoE layer", steps 2-9), with DTD:
     dispatch   x_TH -> buffer [S, E, Cs, H] (replicated over TP)
                drop: my slice [E, Cs, H]                     backward: all-gather over TP
                all-to-all over EP -> [EP, E_l, Cs, H]        backward: all-to-all
@@ -29,9 +29,9 @@ from typing import Optional
 
 import torch
 
-from ted_patches import comm
+from megatron.parallel import comm
 from ted_patches.router import Routing
-from ted_patches.topology import TEDGroups
+from megatron.parallel.topology import TEDGroups
 
 
 @dataclass(frozen=True)

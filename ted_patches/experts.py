@@ -22,7 +22,7 @@ import torch
 from megatron.model.config import ModelConfig
 from megatron.model.params import set_spec
 from megatron.model.transformer import activation, output_std
-from ted_patches.topology import TEDGroups
+from megatron.parallel.topology import TEDGroups
 
 
 class GroupedExperts(torch.nn.Module):
@@ -76,13 +76,3 @@ def _experts_per_chunk(device: torch.device, experts: int, activation_per_expert
     budget = _CPU_ACTIVATION_BUDGET * torch.get_num_threads()
     return max(1, min(experts, budget // max(activation_per_expert, 1)))
 
-
-def reference_expert_loop(experts: GroupedExperts, x_ENH: torch.Tensor) -> torch.Tensor:
-    """The same computation one expert at a time (tests)."""
-    out = []
-    for i in range(x_ENH.shape[0]):
-        h = x_ENH[i] @ experts.w1[i]
-        if experts.b1 is not None:
-            h = h + experts.b1[i]
-        out.append(activation(experts.cfg, h) @ experts.w2[i])
-    return torch.stack(out)

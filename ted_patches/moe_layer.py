@@ -14,7 +14,7 @@ from ted_patches.config import MoEConfig
 from ted_patches.dispatcher import Dispatcher
 from ted_patches.experts import GroupedExperts
 from ted_patches.router import Router
-from ted_patches.topology import TEDGroups
+from megatron.parallel.topology import TEDGroups
 
 
 @dataclass(frozen=True)
@@ -31,7 +31,7 @@ class MoEAux:
 class MoELayer(torch.nn.Module):
     def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, groups: TEDGroups):
         super().__init__()
-        cfg.check_expert_parallel(groups.ep.size)
+        cfg.check_layout(groups.topology)
         self.cfg = cfg
         ffn = cfg.expert_ffn_hidden_size or model_cfg.ffn_hidden_size
         self.router = Router(model_cfg.hidden_size, cfg, groups, std=model_cfg.init_method_std)

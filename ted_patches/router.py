@@ -20,9 +20,9 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron.model.params import set_spec
-from ted_patches import comm
+from megatron.parallel import comm
 from ted_patches.config import MoEConfig
-from ted_patches.topology import TEDGroups
+from megatron.parallel.topology import TEDGroups
 
 
 @dataclass(frozen=True)

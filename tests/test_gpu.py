@@ -40,7 +40,7 @@ def test_bf16_gpt_moe_trains_on_one_gpu():
 def test_moe_layer_forward_backward_on_gpu_matches_cpu():
     from megatron.model import ModelConfig
     from megatron.model.params import init_parameters
-    from megatron.training.local_world import ted_groups
+    from harness import ted_groups
     from ted_patches.config import MoEConfig
     from ted_patches.moe_layer import MoELayer
 

@@ -18,7 +18,8 @@ from megatron.training.optimizer import Optimizer, OptimizerConfig
 from megatron.training.training import train_step
 from ted_patches.config import MoEConfig, moe_layer_indices
 from ted_patches.patch import apply_patches
-from util import MoEOnly, PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err, tiny_model_config
+from util import (MoEOnly, PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, reference_expert_loop, rel_err,
+                  tiny_model_config, tiny_moe_config)
 
 LAYOUTS = [(1, 2, 2), (2, 1, 1), (2, 2, 2), (1, 4, 4), (2, 2, 4), (2, 4, 4)]  # (TP, EP, DP)
 VARIANTS = [(1, True), (2, True), (1, False), (2, False)]  # (top-k, drop tokens)
@@ -26,12 +27,7 @@ MBS, SEQ, H = 4, 16, 32
 
 
 model_config = tiny_model_config
-
-
-def moe_config(topk: int, drop: bool, **kw) -> MoEConfig:
-    base = dict(num_experts=8, layers=(1,), topk=topk, capacity_factor=1.0, min_capacity=4, drop_tokens=drop,
-                aux_loss_coeff=0.1, z_loss_coeff=0.01)
-    return MoEConfig(**{**base, **kw})
+moe_config = tiny_moe_config
 
 
 def layer_input(index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -196,7 +192,7 @@ def test_experts_in_cpu_cache_chunks_equal_one_batch_and_the_per_expert_loop(mon
     assert rel_err(chunked[0], whole[0]) <= 1e-6
     for a, b in zip(chunked[1], whole[1]):
         assert rel_err(a, b) <= 1e-6
-    loop = experts_mod.reference_expert_loop(holder.experts, x)
+    loop = reference_expert_loop(holder.experts, x)
     if bias:
         loop = loop + holder.experts.b2[:, None, :]
     assert rel_err(loop.detach(), whole[0]) <= 1e-6

@@ -24,7 +24,7 @@ from megatron.training.optimizer import Optimizer, OptimizerConfig
 from ted_patches.config import MoEConfig
 from ted_patches.moe_layer import MoELayer
 from ted_patches.router import Router, keep_mask, token_capacity
-from ted_patches.topology import Group, TEDGroups, Topology
+from megatron.parallel.topology import Group, TEDGroups, Topology
 from util import MoEOnly, assert_close_dicts, full_tensors, rel_err, tiny_model_config
 
 MBS, SEQ, H, FFN = 4, 16, 32, 64  # T = 64 tokens per micro-batch

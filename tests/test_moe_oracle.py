@@ -25,7 +25,7 @@ tensor size"); and with drop_tokens=True it never pads the capacity to a multipl
 path is checked against one process in test_moe.py instead.
 
 State hygiene (the pytest process and the harness workers are shared with every other test file):
-see bench/deepspeed_baseline.py. Only the EP = 2 workers call `deepspeed.init_distributed`, which
+see tests/deepspeed_reference.py. Only the EP = 2 workers call `deepspeed.init_distributed`, which
 wraps the existing default group and creates DeepSpeed's own 'ep_size_2' groups on both ranks.
 """
 
@@ -34,7 +34,7 @@ import dataclasses
 import pytest
 import torch
 
-from bench import deepspeed_baseline as ds_baseline
+import deepspeed_reference as ds_baseline
 
 try:
     deepspeed, _ = ds_baseline.import_deepspeed()

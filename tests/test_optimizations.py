@@ -15,8 +15,7 @@ from megatron.training.training import forward_backward, train_step
 from ted_patches.cac import apply_recompute
 from ted_patches.config import moe_layer_indices
 from ted_patches.patch import apply_patches
-from test_moe import model_config, moe_config
-from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches
+from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, tiny_model_config, tiny_moe_config
 
 SEQ, MBS, MICRO = 16, 2, 2
 RECOMPUTE = {
@@ -29,9 +28,9 @@ RECOMPUTE = {
 
 
 def build(groups, recompute: RecomputeConfig, layers=4, dropout=0.0):
-    mcfg = model_config(num_layers=layers, hidden_dropout=dropout, attention_dropout=dropout)
+    mcfg = tiny_model_config(num_layers=layers, hidden_dropout=dropout, attention_dropout=dropout)
     model = GPTModel(mcfg, groups, seed=11, init=False)
-    apply_patches(model, moe_config(2, True, layers=moe_layer_indices(layers, expert_interval=2)), seed=11)
+    apply_patches(model, tiny_moe_config(2, True, layers=moe_layer_indices(layers, expert_interval=2)), seed=11)
     return apply_recompute(model, recompute), mcfg
 
 

@@ -2,7 +2,7 @@
 
 import pytest
 
-from ted_patches.topology import LayoutError, Topology
+from megatron.parallel.topology import LayoutError, Topology, check_layout, valid_layouts
 
 
 def as_sets(table):
@@ -54,3 +54,23 @@ def test_invalid_layouts_name_the_flag_and_a_valid_choice(world, tp, ep, flag):
     with pytest.raises(LayoutError, match=flag) as err:
         Topology(world, tp, ep)
     assert "use one of" in str(err.value) or ">= 1" in str(err.value)
+
+
+@pytest.mark.parametrize("world,tp,ep,tp_divides,ep_divides", [
+    (6, 4, 1, {"--num-attention-heads": 4}, {}),  # 3 and 6 divide the world but not the heads
+    (8, 2, 3, {}, {"--num-experts": 6}),  # DP 4: EP 4 divides DP but not the experts
+    (8, 1, 3, {"--ffn-hidden-size": 64}, {"--num-experts": 12}),
+    (4, 2, 1, {"--num-attention-heads": 3}, {}),  # no TP > 1 fits: the only offer is 1
+])
+def test_suggestions_are_valid_for_the_whole_layout(world, tp, ep, tp_divides, ep_divides):
+    with pytest.raises(LayoutError) as err:
+        check_layout(world, tp, ep, tp_divides=tp_divides, ep_divides=ep_divides)
+    message = str(err.value)
+    offered = [int(v) for v in message.split("use one of [")[1].rstrip("]").split(", ")]
+    fixing_tp = "--tensor-model-parallel-size" in message
+    for value in offered:  # each offer, taken alone, fixes the layout
+        new_tp, new_ep = (value, ep) if fixing_tp else (tp, value)
+        check_layout(world, new_tp, new_ep, tp_divides=tp_divides, ep_divides=ep_divides)
+    every = {t if fixing_tp else e for t, e in valid_layouts(world, tp_divides, ep_divides)
+             if (e == ep if fixing_tp else t == tp)}
+    assert set(offered) == every

@@ -58,8 +58,8 @@ def test_recompute_chunks():
 
 
 def test_comm_ledger_keeps_totals_not_a_growing_list():
-    from ted_patches.comm import CommLedger
-    from ted_patches.topology import Group
+    from megatron.parallel.comm import CommLedger
+    from megatron.parallel.topology import Group
 
     ledger = CommLedger()
     ep = Group("ep", None, (0, 1), 0, ledger)

@@ -19,6 +19,28 @@ def tiny_model_config(**kw) -> ModelConfig:
     return ModelConfig(**{**base, **kw})
 
 
+def tiny_moe_config(topk: int, drop: bool, **kw):
+    """The MoE settings the equivalence tests share (8 experts in layer 1, cf 1.0)."""
+    from ted_patches.config import MoEConfig
+
+    base = dict(num_experts=8, layers=(1,), topk=topk, capacity_factor=1.0, min_capacity=4, drop_tokens=drop,
+                aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    return MoEConfig(**{**base, **kw})
+
+
+def reference_expert_loop(experts, x_ENH: torch.Tensor) -> torch.Tensor:
+    """GroupedExperts' computation one expert at a time."""
+    from megatron.model.transformer import activation
+
+    out = []
+    for i in range(x_ENH.shape[0]):
+        h = x_ENH[i] @ experts.w1[i]
+        if experts.b1 is not None:
+            h = h + experts.b1[i]
+        out.append(activation(experts.cfg, h) @ experts.w2[i])
+    return torch.stack(out)
+
+
 class MoEOnly(torch.nn.Module):
     """One MoE layer with the model's layout-independent initialization."""
 

@@ -61,19 +61,11 @@ class ModelConfig:
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
-    def check_tensor_parallel(self, tp: int) -> None:
-        """Raise if the model cannot be split over `tp` ranks, naming the flag and valid sizes."""
-        for flag, value in (
-            ("--num-attention-heads", self.num_attention_heads),
-            ("--hidden-size", self.hidden_size),
-            ("--ffn-hidden-size", self.ffn_hidden_size),
-        ):
-            if value % tp:
-                valid = [t for t in range(1, value + 1) if value % t == 0 and t <= 64]
-                raise ValueError(
-                    f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}; "
-                    f"use a TP size in {valid} or change {flag}"
-                )
+    def tp_split_sizes(self) -> dict[str, int]:
+        """The sizes split over TP, by flag: each must be divisible by the TP size
+        (megatron.parallel.topology.check_layout)."""
+        return {"--num-attention-heads": self.num_attention_heads, "--hidden-size": self.hidden_size,
+                "--ffn-hidden-size": self.ffn_hidden_size}
 
 
 @dataclass(frozen=True)

@@ -13,22 +13,21 @@ import torch.distributed as dist
 from megatron.core.tensor_parallel.cross_entropy import VocabParallelCrossEntropy as _Math
 from megatron.core.tensor_parallel.utils import VocabUtility
 
-from ted_patches.topology import Group
+from megatron.parallel import comm
+from megatron.parallel.topology import Group
 
 
 class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits, target, tp: Group):
         logits, logits_max = _Math.calculate_logits_max(logits)
-        if tp.size > 1:
-            dist.all_reduce(logits_max, op=dist.ReduceOp.MAX, group=tp.pg)
+        comm.all_reduce_(logits_max, tp, op=dist.ReduceOp.MAX)
         start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(logits.size(-1), tp.rank, tp.size)
         target_mask, masked_target_1d, predicted, sum_exp, exp_logits = _Math.calculate_predicted_logits(
             logits, target, logits_max, start, end
         )
-        if tp.size > 1:
-            dist.all_reduce(predicted, group=tp.pg)
-            dist.all_reduce(sum_exp, group=tp.pg)
+        comm.all_reduce_(predicted, tp)
+        comm.all_reduce_(sum_exp, tp)
         softmax, loss = _Math.calculate_cross_entropy_loss(exp_logits, predicted, sum_exp)
         ctx.save_for_backward(softmax, target_mask, masked_target_1d)
         return loss

@@ -21,7 +21,7 @@ from megatron.model.transformer import (
     column_linear,
     megatron_parallel_config,
 )
-from ted_patches.topology import TEDGroups
+from megatron.parallel.topology import TEDGroups
 
 
 @dataclass

@@ -22,8 +22,8 @@ from typing import Optional
 
 import torch
 
-from ted_patches import comm
-from ted_patches.topology import TEDGroups
+from megatron.parallel import comm
+from megatron.parallel.topology import TEDGroups
 
 
 @dataclass(frozen=True)

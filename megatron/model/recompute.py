@@ -15,7 +15,7 @@ from megatron.model.rng import TPRandom
 
 def checkpoint(fn, *args, rng: TPRandom, stash=None):
     """`fn(*args)` under non-reentrant checkpointing. `stash`: an object whose `active(replay)`
-    context serves the region's collectives (ted_patches.comm.CommStash), or None."""
+    context serves the region's collectives (megatron.parallel.comm.CommStash), or None."""
     start_state = rng.state_dict()
     calls = [0]
 

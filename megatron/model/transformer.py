@@ -20,7 +20,7 @@ from megatron.model.config import ModelConfig
 from megatron.model.params import set_spec
 from megatron.model.recompute import checkpoint
 from megatron.model.rng import TPRandom
-from ted_patches.topology import TEDGroups
+from megatron.parallel.topology import TEDGroups
 
 
 def _no_init(_):

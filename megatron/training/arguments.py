@@ -17,7 +17,7 @@ import torch
 from megatron.model.config import ModelConfig, RecomputeConfig
 from megatron.training.optimizer import OptimizerConfig
 from ted_patches.config import AUX_LOSS_TYPES, DROP_POLICIES, GATE_NORMALIZATIONS, MLP_TYPES, MoEConfig, moe_layer_indices
-from ted_patches.topology import Topology
+from megatron.parallel.topology import Topology, check_layout
 
 
 class ConfigError(ValueError):
@@ -255,10 +255,15 @@ def build_config(args, world_size: int, vocab_size: int) -> Config:
 
 def _build(args, world_size: int, vocab_size: int) -> Config:
     _check_unsupported(args)
-    topology = Topology(world_size, args.tensor_model_parallel_size, args.expert_model_parallel_size)
+    _check_batch_sizes(args)
+    tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    model = _model_config(args, tp, vocab_size)
+    moe = _moe_config(args, ep)
+    # Every size split over TP or EP is known now: a bad layout's suggestions fit all of them.
+    check_layout(world_size, tp, ep, tp_divides={**model.tp_split_sizes(), **(moe.tp_split_sizes() if moe else {})},
+                 ep_divides={"--num-experts": moe.num_experts} if moe else {})
+    topology = Topology(world_size, tp, ep)
     train = _train_config(args, topology)
-    model = _model_config(args, topology, vocab_size)
-    moe = _moe_config(args, topology)
     optim = OptimizerConfig(
         lr=args.lr, min_lr=args.min_lr, weight_decay=args.weight_decay, adam_beta1=args.adam_beta1,
         adam_beta2=args.adam_beta2, adam_eps=args.adam_eps, clip_grad=args.clip_grad,
@@ -298,6 +303,13 @@ def _check_optimizer_ranges(args) -> None:
             raise ConfigError(message)
 
 
+def _check_batch_sizes(args) -> None:
+    for flag, value in (("--micro-batch-size", args.micro_batch_size), ("--global-batch-size", args.global_batch_size),
+                        ("--seq-length", args.seq_length), ("--lr-decay-iters", args.lr_decay_iters)):
+        if value is not None and value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+
+
 def _check_unsupported(args) -> None:
     if args.pipeline_model_parallel_size != 1:
         raise ConfigError("--pipeline-model-parallel-size must be 1: pipeline parallelism is not supported; "
@@ -314,14 +326,14 @@ def _check_unsupported(args) -> None:
         raise ConfigError("--expert-interval and --moe-layer-freq are both given: choose one")
 
 
-def _model_config(args, topology: Topology, vocab_size: int) -> ModelConfig:
+def _model_config(args, tp: int, vocab_size: int) -> ModelConfig:
     max_pos = args.max_position_embeddings or args.seq_length
     if args.position_embedding_type == "learned_absolute" and args.seq_length > max_pos:
         raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {max_pos}")
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model = ModelConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, topology.tp),
+        vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, max(tp, 1)),
         max_position_embeddings=max_pos, ffn_hidden_size=args.ffn_hidden_size,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         normalization=args.normalization, norm_epsilon=args.norm_epsilon, swiglu=args.swiglu,
@@ -330,14 +342,13 @@ def _model_config(args, topology: Topology, vocab_size: int) -> ModelConfig:
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std, params_dtype=dtype,
     )
-    model.check_tensor_parallel(topology.tp)
     return model
 
 
-def _moe_config(args, topology: Topology) -> Optional[MoEConfig]:
+def _moe_config(args, ep: int) -> Optional[MoEConfig]:
     if (args.num_experts or 1) == 1:  # Megatron-DeepSpeed: --num-experts 1 means a dense model
-        if topology.ep > 1:
-            raise ConfigError(f"--expert-model-parallel-size {topology.ep} needs --num-experts")
+        if ep > 1:
+            raise ConfigError(f"--expert-model-parallel-size {ep} needs --num-experts")
         return None
     for flag, value in (("--expert-interval", args.expert_interval), ("--moe-layer-freq", args.moe_layer_freq)):
         if value is not None and value < 1:
@@ -349,9 +360,6 @@ def _moe_config(args, topology: Topology) -> Optional[MoEConfig]:
     if not layers:
         raise ConfigError(f"no layer of --num-layers {args.num_layers} gets an MoE block with --expert-interval "
                           f"{args.expert_interval}: use an interval <= --num-layers")
-    if args.moe_ffn_hidden_size is not None and args.moe_ffn_hidden_size % topology.tp:
-        raise ConfigError(f"--moe-ffn-hidden-size {args.moe_ffn_hidden_size} is not divisible by "
-                          f"--tensor-model-parallel-size {topology.tp}")
     moe = MoEConfig(
         num_experts=args.num_experts, layers=layers, topk=args.topk, capacity_factor=args.capacity_factor,
         eval_capacity_factor=args.eval_capacity_factor, min_capacity=args.moe_min_capacity,
@@ -360,16 +368,11 @@ def _moe_config(args, topology: Topology) -> Optional[MoEConfig]:
         aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff, jitter_eps=args.moe_input_jitter_eps,
         dtd=not args.disable_moe_dtd, mlp_type=args.mlp_type, expert_ffn_hidden_size=args.moe_ffn_hidden_size,
     )
-    moe.check_expert_parallel(topology.ep)
     return moe
 
 
 def _train_config(args, topology: Topology) -> TrainConfig:
     dp, mbs = topology.dp, args.micro_batch_size
-    for flag, value in (("--micro-batch-size", mbs), ("--global-batch-size", args.global_batch_size),
-                        ("--seq-length", args.seq_length), ("--lr-decay-iters", args.lr_decay_iters)):
-        if value is not None and value < 1:
-            raise ConfigError(f"{flag} must be >= 1 (got {value})")
     gbs = args.global_batch_size or mbs * dp
     if gbs % (mbs * dp):
         raise ConfigError(

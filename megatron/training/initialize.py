@@ -17,7 +17,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from ted_patches.topology import TEDGroups, Topology, groups_from_parallel_state
+from megatron.parallel.topology import TEDGroups, Topology, groups_from_parallel_state
 
 # megatron-core warns at import that Transformer Engine / Apex are absent; we do not use them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

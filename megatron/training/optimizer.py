@@ -29,8 +29,8 @@ import torch
 import torch.distributed as dist
 
 from megatron.model.params import spec_of
-from ted_patches import comm
-from ted_patches.topology import Group, TEDGroups
+from megatron.parallel import comm
+from megatron.parallel.topology import Group, TEDGroups
 
 
 # Whole-buffer scans (grad norm, overflow check) read this many elements at a time: their fp32 /

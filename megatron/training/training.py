@@ -16,8 +16,8 @@ from megatron.model import GPTModel
 from megatron.training.arguments import Config
 from megatron.training.data import build_train_valid_test_datasets, collate
 from megatron.training.optimizer import Optimizer
-from ted_patches import comm
-from ted_patches.topology import TEDGroups
+from megatron.parallel import comm
+from megatron.parallel.topology import TEDGroups
 
 
 # ---- one step -----------------------------------------------------------------------------------

@@ -15,13 +15,55 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from typing import Optional
+from typing import Mapping, Optional
 
 import torch.distributed as dist
 
 
 class LayoutError(ValueError):
     """An invalid (TP, EP, DP) layout or a model that does not fit it. Raised before any collective."""
+
+
+def valid_layouts(world_size: int, tp_divides: Mapping[str, int] = {}, ep_divides: Mapping[str, int] = {}):
+    """Every (TP, EP) the run could use: TP divides the world and each size split over TP (heads,
+    hidden, FFN), EP divides the data-parallel size and each size split over EP (experts)."""
+    return [
+        (tp, ep)
+        for tp in range(1, world_size + 1)
+        if world_size % tp == 0 and all(v % tp == 0 for v in tp_divides.values())
+        for ep in range(1, world_size // tp + 1)
+        if (world_size // tp) % ep == 0 and all(v % ep == 0 for v in ep_divides.values())
+    ]
+
+
+def check_layout(world_size: int, tp: int, ep: int, *, tp_divides: Mapping[str, int] = {},
+                 ep_divides: Mapping[str, int] = {}) -> None:
+    """Raise a LayoutError naming the first flag that breaks the layout. The suggestion offers
+    only sizes that are valid for the whole layout: TP sizes that work with this EP, EP sizes
+    that work with this TP (the one place every layout suggestion is made)."""
+    if tp < 1 or ep < 1 or world_size < 1:
+        raise LayoutError(f"--tensor-model-parallel-size ({tp}), --expert-model-parallel-size ({ep}) "
+                          f"and the world size ({world_size}) must be >= 1")
+    layouts = valid_layouts(world_size, tp_divides, ep_divides)
+    tp_valid = [t for t, e in layouts if e == ep] or sorted({t for t, _ in layouts})
+    ep_valid = [e for t, e in layouts if t == tp]
+
+    def fail(problem: str, valid: list[int]):
+        hint = f"use one of {valid}" if valid else "no size fits the other flags: change them"
+        raise LayoutError(f"{problem}; {hint}")
+
+    if world_size % tp:
+        fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}", tp_valid)
+    for flag, value in tp_divides.items():
+        if value % tp:
+            fail(f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}", tp_valid)
+    dp = world_size // tp
+    if dp % ep:
+        fail(f"data-parallel size {dp} (= world {world_size} / TP {tp}) is not divisible by "
+             f"--expert-model-parallel-size {ep}", ep_valid)
+    for flag, value in ep_divides.items():
+        if value % ep:
+            fail(f"{flag} {value} is not divisible by --expert-model-parallel-size {ep}", ep_valid)
 
 
 @dataclass(frozen=True)
@@ -31,23 +73,7 @@ class Topology:
     ep: int = 1
 
     def __post_init__(self):
-        if self.tp < 1 or self.ep < 1 or self.world_size < 1:
-            raise LayoutError(
-                f"--tensor-model-parallel-size ({self.tp}), --expert-model-parallel-size ({self.ep}) "
-                f"and the world size ({self.world_size}) must be >= 1"
-            )
-        if self.world_size % self.tp:
-            valid = [t for t in range(1, self.world_size + 1) if self.world_size % t == 0]
-            raise LayoutError(
-                f"world size {self.world_size} is not divisible by --tensor-model-parallel-size "
-                f"{self.tp}; use one of {valid}"
-            )
-        if self.dp % self.ep:
-            valid = [e for e in range(1, self.dp + 1) if self.dp % e == 0]
-            raise LayoutError(
-                f"data-parallel size {self.dp} (= world {self.world_size} / TP {self.tp}) is not "
-                f"divisible by --expert-model-parallel-size {self.ep}; use one of {valid}"
-            )
+        check_layout(self.world_size, self.tp, self.ep)
 
     @property
     def dp(self) -> int:
@@ -143,7 +169,7 @@ def groups_from_parallel_state(topology: Topology, ledger=None) -> TEDGroups:
     the topology's own tables so the two can never disagree silently."""
     from megatron.core import parallel_state as ps
 
-    from ted_patches.comm import CommLedger
+    from megatron.parallel.comm import CommLedger
 
     ledger = ledger if ledger is not None else CommLedger()
     rank = dist.get_rank()

@@ -18,7 +18,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from ted_patches.topology import Group
+from megatron.parallel.topology import Group
 
 
 class CommLedger:
