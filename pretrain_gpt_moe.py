@@ -16,7 +16,8 @@ import warnings
 
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
-from megatron.training.arguments import ConfigError, build_config, parse_args, tokenizer_kwargs  # noqa: E402
+from megatron.training.arguments import (  # noqa: E402
+    ConfigError, build_config, check_writable_directory, parse_args, tokenizer_kwargs)
 from megatron.training.initialize import launch_env  # noqa: E402
 
 
@@ -35,6 +36,10 @@ def load_config(argv=None):
             from megatron.training.data import check_data
 
             check_data(cfg.data.data_path, cfg.data.split, cfg.train.num_samples())
+        if cfg.checkpoint.save or cfg.checkpoint.load:
+            from megatron.training.checkpointing import check_checkpoint_flags
+
+            check_checkpoint_flags(cfg.checkpoint, cfg.model, cfg.moe, cfg.topology, env.rank)
     except (ConfigError, ValueError, FileNotFoundError) as e:
         print(f"pretrain_gpt_moe.py: error (rank {env.rank}): {e}", file=sys.stderr, flush=True)
         sys.exit(2)
@@ -49,11 +54,7 @@ def _check_tensorboard(path: str) -> None:
     except ImportError:
         raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
                           "(or the project's [tensorboard] extra)") from None
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise ConfigError(f"--tensorboard-dir {path}: {existing} is not a writable directory")
+    check_writable_directory("--tensorboard-dir", path)
 
 
 def main(argv=None):

@@ -159,3 +159,15 @@ def test_tensorboard_scalars_are_written(tmp_path):
     tags = set(events.Tags()["scalars"])
     assert {"lm-loss", "moe-aux-loss", "grad-norm", "learning-rate", "lm-loss validation"} <= tags
     assert [e.step for e in events.Scalars("lm-loss")] == [1, 2, 3, 4]
+
+
+def test_vocabulary_padding_does_not_change_the_model():
+    """--vocab-size 512 (513 ids with EOD) pads to 640 at TP=1, 768 at TP=2 and 1024 at TP=4: the real
+    rows are drawn alike and the padded logits are masked, so the printed losses agree."""
+    flags = MODEL + MOE + list(E2E[:4]) + ["--train-iters", "4", "--vocab-size", "512",
+                                           "--make-vocab-size-divisible-by", "128"]  # the last value wins
+    ref = logged(pretrain_case(flags)["printed"], "lm loss")
+    for tp in (2, 4):
+        got = logged(run(tp, pretrain_case, flags + layout_flags(tp, 1, 1))[0]["printed"], "lm loss")
+        assert len(got) == len(ref) == 4
+        assert got == pytest.approx(ref, rel=1e-6), (tp, got, ref)

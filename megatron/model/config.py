@@ -13,7 +13,7 @@ class ModelConfig:
     num_layers: int
     hidden_size: int
     num_attention_heads: int
-    vocab_size: int  # padded (a multiple of make_vocab_size_divisible_by * TP)
+    vocab_size: int  # the tokenizer's: the model's function is defined on these ids alone
     max_position_embeddings: int
     ffn_hidden_size: Optional[int] = None  # default 4 * hidden
     position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
@@ -27,6 +27,10 @@ class ModelConfig:
     attention_dropout: float = 0.1
     init_method_std: float = 0.02
     params_dtype: torch.dtype = torch.float32
+    # Rows the embedding and output layer allocate (Megatron pads to a multiple of
+    # make_vocab_size_divisible_by x TP, so it depends on the layout). The padded rows are zero,
+    # their logits masked out and never stored: the padding does not change the model.
+    padded_vocab_size: Optional[int] = None
 
     def __post_init__(self):
         for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
@@ -38,6 +42,10 @@ class ModelConfig:
         for flag, p in (("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{flag} must be in [0, 1) (got {p})")
+        if self.padded_vocab_size is None:
+            object.__setattr__(self, "padded_vocab_size", self.vocab_size)
+        if self.padded_vocab_size < self.vocab_size:
+            raise ValueError(f"padded vocabulary {self.padded_vocab_size} is smaller than the vocabulary {self.vocab_size}")
         if self.ffn_hidden_size is None:
             # Megatron-LM's defaults: 4h, or for SwiGLU 8h/3 rounded down to a multiple of 64
             ffn = int(8 * self.hidden_size / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size

@@ -48,9 +48,9 @@ class GPTModel(torch.nn.Module):
         std = cfg.init_method_std
 
         self.embedding = VocabParallelEmbedding(
-            cfg.vocab_size, cfg.hidden_size, init_method=_no_init, config=mp, tp_group=groups.tp.pg
+            cfg.padded_vocab_size, cfg.hidden_size, init_method=_no_init, config=mp, tp_group=groups.tp.pg
         )
-        set_spec(self.embedding.weight, init="normal", std=std, tp_dim=0)
+        set_spec(self.embedding.weight, init="normal", std=std, tp_dim=0, rows=cfg.vocab_size)
         self.position_embedding = None
         self.rotary = None
         if cfg.position_embedding_type == "learned_absolute":
@@ -68,7 +68,11 @@ class GPTModel(torch.nn.Module):
         self.final_norm = build_norm(cfg)
         # The output layer shares the embedding weight unless untied (then it has its own).
         untied = cfg.untie_embeddings_and_output_weights
-        self.output = column_linear(mp, groups, cfg.hidden_size, cfg.vocab_size, std=std, bias=False, weight=untied)
+        self.output = column_linear(mp, groups, cfg.hidden_size, cfg.padded_vocab_size, std=std, bias=False,
+                                    weight=untied, rows=cfg.vocab_size)
+        # This rank's vocabulary slice and how much of it is padding (masked out of the softmax).
+        local = cfg.padded_vocab_size // groups.tp.size
+        self.real_local_vocab = min(local, max(0, cfg.vocab_size - groups.tp.rank * local))
         if init:
             self.initialize(seed)
         self.to(device)
@@ -79,7 +83,7 @@ class GPTModel(torch.nn.Module):
 
     def forward(self, tokens, position_ids, labels=None, loss_mask=None):
         """tokens, position_ids, labels, loss_mask: [b, s]. Returns GPTOutput, or the vocab-split
-        logits [b, s, V/TP] when no labels are given."""
+        logits [b, s, V/TP] (padded ids at -inf) when no labels are given."""
         x = self.embedding(tokens)
         rope = None
         if self.position_embedding is not None:
@@ -98,6 +102,9 @@ class GPTModel(torch.nn.Module):
         x = self.final_norm(x)
         weight = None if self.cfg.untie_embeddings_and_output_weights else self.embedding.weight
         logits, _ = self.output(x, weight=weight)
+        if self.real_local_vocab < logits.shape[-1]:  # padded ids: probability exactly 0
+            logits = logits.clone()
+            logits[..., self.real_local_vocab:] = float("-inf")
         if labels is None:
             return logits
         losses = vocab_parallel_cross_entropy(logits.float(), labels, self.groups.tp)

@@ -7,6 +7,8 @@ Every parameter carries a `ParamSpec`, set where the parameter is created:
                grads average over expert-DP instead of DP
     init, std  how the FULL tensor is drawn
     decay      whether weight decay applies (matrices yes; biases and norms no)
+    rows       rows of the full tensor's dim 0 that are real (the vocabulary); the rest is padding:
+               zero, never drawn, never stored
 Initialization, gradient reduction, the grad norm and gather-to-full all read this one spec.
 
 Layout independence: each parameter (each expert, for expert parameters) is drawn in full from a
@@ -34,6 +36,7 @@ class ParamSpec:
     tp_stride: int = 1
     expert: bool = False
     decay: Optional[bool] = None
+    rows: Optional[int] = None
 
     def __post_init__(self):
         if self.init not in ("normal", "zeros", "ones"):
@@ -78,7 +81,12 @@ def _draw(spec: ParamSpec, shape, seed: int) -> torch.Tensor:
     if spec.init == "ones":
         return torch.ones(shape)
     gen = torch.Generator().manual_seed(seed)
-    return torch.empty(shape).normal_(0.0, spec.std, generator=gen)
+    if spec.rows is None:
+        return torch.empty(shape).normal_(0.0, spec.std, generator=gen)
+    # only the real rows are drawn, so every padding gives them the same values
+    full = torch.zeros(shape)
+    full[:spec.rows].normal_(0.0, spec.std, generator=gen)
+    return full
 
 
 def _full_shape(local_shape, tp_dim: Optional[int], tp_size: int) -> list[int]:
@@ -117,3 +125,93 @@ def gather_full(tensor: torch.Tensor, spec: ParamSpec, groups: TEDGroups) -> tor
     if spec.expert and groups.ep.size > 1:
         t = comm.raw_all_gather(t, groups.ep).flatten(0, 1)
     return t
+
+
+# ---- stored (checkpoint) tensors ----------------------------------------------------------------
+# A checkpoint stores every parameter as the full tensor one process would hold, whatever the
+# layout: TP shards at their global offsets, each expert under its own key by global expert id
+# ("layers.1.mlp.experts.5.w1"), SwiGLU's fused [gate | up] as two tensors (".gate", ".up": a
+# fused shard stored whole would interleave wrongly on resharding), the vocabulary without its
+# padding rows. `Piece` maps one rectangular part of a local parameter to its stored tensor.
+STRIDE_PARTS = {1: ("",), 2: (".gate", ".up")}
+
+
+@dataclass(frozen=True)
+class Piece:
+    key: str  # stored tensor name
+    global_shape: tuple[int, ...]  # the stored tensor's shape
+    start: tuple[int, ...]  # first element of the part, in local coordinates (all local dims)
+    size: tuple[int, ...]  # the part's local sizes (an expert piece has size 1 in dim 0)
+    offset: tuple[int, ...]  # the part's first element in the stored tensor
+    expert: bool  # local dim 0 (the expert) is not a dim of the stored tensor
+
+    def local_view(self, local: torch.Tensor) -> torch.Tensor:
+        """The part of `local` (the parameter, or a tensor shaped like it) this piece covers."""
+        view = local[tuple(slice(s, s + n) for s, n in zip(self.start, self.size))]
+        return view.squeeze(0) if self.expert else view
+
+    def global_index(self) -> tuple[slice, ...]:
+        """Where the part lies in the stored tensor."""
+        size = self.size[1:] if self.expert else self.size
+        return tuple(slice(o, o + n) for o, n in zip(self.offset, size))
+
+
+def checkpoint_pieces(name: str, local_shape, spec: ParamSpec, groups: TEDGroups) -> list[Piece]:
+    """The stored tensors this rank's parameter `name` (of `local_shape`) is made of."""
+    if spec.expert:
+        module, param = name.rsplit(".", 1)
+        n = local_shape[0]
+        units = [(f"{module}.{groups.ep.rank * n + i}.{param}", i) for i in range(n)]
+        inner, tp_dim = tuple(local_shape[1:]), None if spec.tp_dim is None else spec.tp_dim - 1
+    else:
+        units, inner, tp_dim = [(name, None)], tuple(local_shape), spec.tp_dim
+    pieces = []
+    for key, expert in units:
+        for part_key, start, size, offset, shape in _tp_parts(key, inner, tp_dim, spec, groups.tp.rank, groups.tp.size):
+            if expert is not None:
+                start, size = (expert, *start), (1, *size)
+            pieces.append(Piece(part_key, shape, start, size, offset, expert is not None))
+    return pieces
+
+
+def _tp_parts(key, inner, tp_dim, spec: ParamSpec, tp_rank: int, tp_size: int):
+    """(key, local start, local size, global offset, global shape) of each stored part of one
+    (expert's) tensor split over TP on `tp_dim`."""
+    zeros = (0,) * len(inner)
+    if tp_dim is None:
+        yield key, zeros, inner, zeros, inner
+        return
+    block = inner[tp_dim] // spec.tp_stride
+    for b, suffix in enumerate(STRIDE_PARTS[spec.tp_stride]):
+        start, size, offset, shape = list(zeros), list(inner), list(zeros), list(inner)
+        start[tp_dim], size[tp_dim] = b * block, block
+        offset[tp_dim], shape[tp_dim] = tp_rank * block, block * tp_size
+        if spec.rows is not None:  # the vocabulary: padding rows are not stored
+            shape[0] = spec.rows
+            size[0] = min(size[0], max(0, spec.rows - offset[0]))
+            if size[0] == 0:
+                continue
+        yield key + suffix, tuple(start), tuple(size), tuple(offset), tuple(shape)
+
+
+def stored_tensors(model: torch.nn.Module, groups: TEDGroups) -> dict[str, torch.Tensor]:
+    """{stored name: tensor} of a one-process model (TP = EP = 1): views, no copies."""
+    if groups.tp.size > 1 or groups.ep.size > 1:
+        raise ValueError("stored_tensors needs a one-process layout; checkpoints of any layout are read "
+                         "with megatron.training.checkpointing")
+    return {piece.key: piece.local_view(p.detach()) for name, p in model.named_parameters()
+            for piece in checkpoint_pieces(name, p.shape, spec_of(p), groups)}
+
+
+@torch.no_grad()
+def load_stored_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], groups: TEDGroups) -> None:
+    """Copy this rank's parts of full stored tensors into the model's parameters (any layout).
+    Raises KeyError / ValueError naming the first missing or mis-shaped tensor."""
+    for name, p in model.named_parameters():
+        for piece in checkpoint_pieces(name, p.shape, spec_of(p), groups):
+            if piece.key not in tensors:
+                raise KeyError(f"no tensor {piece.key!r} for parameter {name}")
+            full = tensors[piece.key]
+            if tuple(full.shape) != piece.global_shape:
+                raise ValueError(f"{piece.key}: stored shape {tuple(full.shape)} != model shape {piece.global_shape}")
+            piece.local_view(p).copy_(full[piece.global_index()])

@@ -44,13 +44,13 @@ def output_std(cfg: ModelConfig) -> float:
     return cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
 
 
-def column_linear(mp, groups, in_size, out_size, *, std, bias, stride=1, weight=True) -> ColumnParallelLinear:
+def column_linear(mp, groups, in_size, out_size, *, std, bias, stride=1, weight=True, rows=None) -> ColumnParallelLinear:
     layer = ColumnParallelLinear(
         in_size, out_size, config=mp, init_method=_no_init, bias=bias, gather_output=False,
         stride=stride, skip_weight_param_allocation=not weight, tp_group=groups.tp.pg,
     )
     if weight:
-        set_spec(layer.weight, init="normal", std=std, tp_dim=0, tp_stride=stride)
+        set_spec(layer.weight, init="normal", std=std, tp_dim=0, tp_stride=stride, rows=rows)
     if bias:
         set_spec(layer.bias, init="zeros", tp_dim=0, tp_stride=stride)
     return layer

@@ -9,12 +9,15 @@ line before any process group exists.
 from __future__ import annotations
 
 import argparse
+import os
 from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from megatron.model.config import ModelConfig, RecomputeConfig
+from megatron.training.checkpointing import CheckpointConfig
+from megatron.training.exits import ExitConfig
 from megatron.training.optimizer import OptimizerConfig
 from ted_patches.config import AUX_LOSS_TYPES, DROP_POLICIES, GATE_NORMALIZATIONS, MLP_TYPES, MoEConfig, moe_layer_indices
 from megatron.parallel.topology import Topology, check_layout
@@ -75,6 +78,8 @@ class Config:
     optim: OptimizerConfig
     train: TrainConfig
     data: DataConfig
+    checkpoint: CheckpointConfig
+    exit: ExitConfig
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -90,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
     _optim_args(p.add_argument_group("optimizer and precision"))
     _data_args(p.add_argument_group("data and tokenizer"))
     _log_args(p.add_argument_group("logging and evaluation"))
+    _checkpoint_args(p.add_argument_group("checkpointing (Megatron-LM's flags)"))
     return p
 
 
@@ -222,6 +228,29 @@ def _log_args(g):
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here (needs tensorboard)")
 
 
+def _checkpoint_args(g):
+    g.add_argument("--save", default=None, help="directory to save checkpoints to (iter_NNNNNNN/ folders)")
+    g.add_argument("--save-interval", type=int, default=None,
+                   help="iterations between checkpoints (and one at the end of training)")
+    g.add_argument("--load", default=None,
+                   help="resume from this directory's latest checkpoint (none there: start from scratch)")
+    g.add_argument("--no-load-optim", action="store_true", help="load the weights only: fresh optimizer and schedule")
+    g.add_argument("--no-load-rng", action="store_true", help="do not restore the random-number generators")
+    g.add_argument("--finetune", action="store_true",
+                   help="load the weights only and start at iteration 0 (no optimizer, schedule or RNG)")
+    g.add_argument("--async-save", action="store_true",
+                   help="write checkpoints in the background (a snapshot is taken, training goes on)")
+    g.add_argument("--exit-interval", type=int, default=None,
+                   help="save (with --save) and exit 0 once the iteration is a multiple of this")
+    g.add_argument("--exit-duration-in-mins", type=float, default=None,
+                   help="save (with --save) and exit 0 after this many minutes of training (rank 0's clock)")
+    g.add_argument("--exit-signal-handler", action="store_true",
+                   help="on --exit-signal, finish the iteration, save (with --save) and exit 0 on every rank")
+    g.add_argument("--exit-signal", default="SIGTERM", help="the signal --exit-signal-handler acts on (e.g. SIGUSR1)")
+    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
+                   help="torch.distributed.checkpoint, resumable at any TP/EP/DP (the only format)")
+
+
 def parse_args(argv=None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
 
@@ -234,6 +263,15 @@ def tokenizer_kwargs(args) -> dict:
                           "(SentencePieceTokenizer, GPT2BPETokenizer or NullTokenizer)")
     return dict(tokenizer_type=kind, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
                 merge_file=args.merge_file, vocab_size=args.vocab_size)
+
+
+def check_writable_directory(flag: str, path: str) -> None:
+    """Raise a ConfigError unless `path` is, or can be created as, a writable directory."""
+    existing = os.path.abspath(path)
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
+        raise ConfigError(f"{flag} {path}: {existing} is not a writable directory")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -278,7 +316,8 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     recompute = RecomputeConfig(args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
                                 cac=not args.disable_moe_cac)
     recompute.check(model.num_layers)
-    return Config(topology, model, moe, recompute, optim, train, _data_config(args))
+    return Config(topology, model, moe, recompute, optim, train, _data_config(args), _checkpoint_config(args),
+                  _exit_config(args))
 
 
 def _check_optimizer_ranges(args) -> None:
@@ -333,7 +372,8 @@ def _model_config(args, tp: int, vocab_size: int) -> ModelConfig:
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     model = ModelConfig(
         num_layers=args.num_layers, hidden_size=args.hidden_size, num_attention_heads=args.num_attention_heads,
-        vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, max(tp, 1)),
+        vocab_size=vocab_size,
+        padded_vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, max(tp, 1)),
         max_position_embeddings=max_pos, ffn_hidden_size=args.ffn_hidden_size,
         position_embedding_type=args.position_embedding_type, rotary_base=args.rotary_base,
         normalization=args.normalization, norm_epsilon=args.norm_epsilon, swiglu=args.swiglu,
@@ -404,6 +444,28 @@ def _train_config(args, topology: Topology) -> TrainConfig:
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
         tensorboard_dir=args.tensorboard_dir, backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes,
     )
+
+
+def _checkpoint_config(args) -> CheckpointConfig:
+    if args.save_interval is not None and args.save_interval < 1:
+        raise ConfigError(f"--save-interval must be >= 1 (got {args.save_interval})")
+    if args.async_save and not args.save:
+        raise ConfigError("--async-save needs --save DIR")
+    return CheckpointConfig(save=args.save, save_interval=args.save_interval, load=args.load,
+                            no_load_optim=args.no_load_optim, no_load_rng=args.no_load_rng, finetune=args.finetune,
+                            async_save=args.async_save)
+
+
+def _exit_config(args) -> ExitConfig:
+    import signal
+
+    for flag, value in (("--exit-interval", args.exit_interval), ("--exit-duration-in-mins", args.exit_duration_in_mins)):
+        if value is not None and value <= 0:
+            raise ConfigError(f"{flag} must be > 0 (got {value})")
+    name = args.exit_signal if args.exit_signal.startswith("SIG") else "SIG" + args.exit_signal
+    if not isinstance(getattr(signal, name, None), signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
+        raise ConfigError(f"--exit-signal {args.exit_signal}: use a catchable signal name such as SIGTERM or SIGUSR1")
+    return ExitConfig(args.exit_interval, args.exit_duration_in_mins, args.exit_signal_handler, name)
 
 
 def _data_config(args) -> DataConfig:

@@ -71,6 +71,13 @@ class LossScaler:
         self.min_scale, self.window, self.hysteresis = cfg.min_loss_scale, cfg.loss_scale_window, cfg.hysteresis
         self._clean, self._overflows_left = 0, cfg.hysteresis
 
+    def state_dict(self) -> dict:
+        return {"scale": self.scale, "clean": self._clean, "overflows_left": self._overflows_left}
+
+    def load_state_dict(self, state: dict) -> None:
+        if self.dynamic:  # a static scale is whatever the flags say now
+            self.scale, self._clean, self._overflows_left = state["scale"], state["clean"], state["overflows_left"]
+
     def update(self, overflow: bool) -> None:
         if not self.dynamic:
             return
@@ -275,6 +282,16 @@ class Optimizer:
 
     def state_bytes(self) -> int:
         return sum(fg.state_bytes() for fg in self.flat_groups)
+
+    @torch.no_grad()
+    def load_master_weights(self) -> None:
+        """After the fp32 master weights were loaded (megatron.training.checkpointing): the
+        parameters become their cast, on every rank of each group (ZeRO-1: gathered)."""
+        for fg in self.flat_groups:
+            mine = fg.param_buf[fg.lo:fg.hi]
+            if mine.data_ptr() != fg.master.data_ptr():
+                mine.copy_(fg.master)
+            fg.gather_params(self.cfg.tile_size)
 
 
 def _accumulate_into_main_grad(p: torch.Tensor) -> None:

@@ -4,6 +4,7 @@ Megatron-format logging."""
 from __future__ import annotations
 
 import math
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -14,6 +15,8 @@ import torch.distributed as dist
 
 from megatron.model import GPTModel
 from megatron.training.arguments import Config
+from megatron.training.checkpointing import Checkpointer, Resumed, config_dict, read_checkpoint_meta
+from megatron.training.exits import ExitControl
 from megatron.training.data import build_train_valid_test_datasets, collate
 from megatron.training.optimizer import Optimizer
 from megatron.parallel import comm
@@ -81,14 +84,14 @@ def build_scheduler(optimizer: Optimizer, cfg: Config):
     )
 
 
-def step_microbatches(dataset, step: int, cfg: Config, groups: TEDGroups, device) -> list[dict]:
-    """This DP rank's micro-batches of global step `step`: of each block of micro x DP samples
-    DP rank r takes the r-th micro-batch (Megatron's sampler), so every micro-batch holds the
-    same samples whatever the DP size; accumulation walks the blocks in order."""
+def step_microbatches(dataset, first_sample: int, cfg: Config, groups: TEDGroups, device) -> list[dict]:
+    """This DP rank's micro-batches of the global batch starting at sample `first_sample`: of each
+    block of micro x DP samples DP rank r takes the r-th micro-batch (Megatron's sampler), so every
+    micro-batch holds the same samples whatever the DP size; accumulation walks the blocks in order."""
     t, dp, r = cfg.train, groups.dp.size, groups.dp.rank
     out = []
     for i in range(t.num_microbatches(dp)):
-        start = step * t.global_batch_size + (i * dp + r) * t.micro_batch_size
+        start = first_sample + (i * dp + r) * t.micro_batch_size
         batch = collate([dataset[j] for j in range(start, start + t.micro_batch_size)])
         out.append({k: batch[k].to(device) for k in ("tokens", "labels", "loss_mask", "position_ids")})
     return out
@@ -100,7 +103,7 @@ def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, de
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     for step in range(first_step, first_step + cfg.train.eval_iters):
-        mbs = step_microbatches(dataset, step, cfg, groups, device)
+        mbs = step_microbatches(dataset, step * cfg.train.global_batch_size, cfg, groups, device)
         for mb in mbs:
             total[0] += model(**mb).lm_loss.double()
         total[1] += len(mbs)
@@ -123,7 +126,7 @@ def flops_per_iteration(cfg: Config) -> float:
             per_layer[i] += 2 * h * cfg.moe.num_experts + (cfg.moe.topk * expert - mlp)
             if cfg.moe.mlp_type == "residual":
                 per_layer[i] += mlp
-    per_token = sum(per_layer) + 2 * h * m.vocab_size
+    per_token = sum(per_layer) + 2 * h * m.padded_vocab_size
     passes = 4 if cfg.recompute.granularity == "full" else 3
     return passes * per_token * t.global_batch_size * s
 
@@ -147,7 +150,7 @@ class TrainLog:
         self.count = self.skipped = self.nans = 0
         self.t0 = time.time()
 
-    def step(self, iteration: int, metrics: StepMetrics, lr: float) -> None:
+    def step(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int) -> None:
         if metrics.skipped:
             self.skipped += 1
         elif not math.isfinite(metrics.lm_loss):
@@ -163,9 +166,9 @@ class TrainLog:
                                 ("loss-scale", metrics.loss_scale)):
                 self.writer.add_scalar(name, value, iteration)
         if iteration % self.cfg.train.log_interval == 0 or iteration == self.cfg.train.train_iters:
-            self._line(iteration, metrics, lr)
+            self._line(iteration, metrics, lr, consumed)
 
-    def _line(self, iteration: int, metrics: StepMetrics, lr: float) -> None:
+    def _line(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int) -> None:
         t, n = self.cfg.train, max(self.count, 1)
         iters = self.count + self.skipped + self.nans
         per_iter = (time.time() - self.t0) / max(iters, 1)
@@ -179,7 +182,7 @@ class TrainLog:
                 losses += f" moe aux loss: {self.sum_aux / n:.6E} |"
             losses += f" grad norm: {self.sum_norm / n:.3f} |"
         line = (
-            f" iteration {iteration:8d}/{t.train_iters:8d} | consumed samples: {iteration * t.global_batch_size:12d} |"
+            f" iteration {iteration:8d}/{t.train_iters:8d} | consumed samples: {consumed:12d} |"
             f" elapsed time per iteration (ms): {per_iter * 1000:.1f} | learning rate: {lr:.6E} |"
             f" global batch size: {t.global_batch_size:5d} |{losses} loss scale: {metrics.loss_scale:.1f} |"
             f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nans:3d} |"
@@ -208,12 +211,54 @@ def print_rank0(*args) -> None:
 
 
 # ---- the loop -----------------------------------------------------------------------------------
+def _save(checkpointer, iteration: int, consumed: int, run: dict, model, optimizer, scheduler) -> None:
+    start = time.time()
+    checkpointer.save(iteration, {**run, "consumed_samples": consumed}, model, optimizer, scheduler)
+    mode = "started (async)" if checkpointer.cfg.async_save else "saved"
+    print_rank0(f"> checkpoint {mode} at iteration {iteration} in {checkpointer.cfg.save} "
+                f"({time.time() - start:.2f} s)")
+
+
+
+def run_description(cfg: Config) -> dict:
+    """What a checkpoint records of the run, besides its state (JSON-able)."""
+    return {"model": config_dict(cfg.model), "moe": config_dict(cfg.moe) if cfg.moe else None,
+            "tokenizer": _tokenizer_record(cfg.data), "global_batch_size": cfg.train.global_batch_size,
+            "data": {"data_path": cfg.data.data_path, "split": cfg.data.split, "mock": cfg.data.mock}}
+
+
+def _tokenizer_record(data) -> dict:
+    def absolute(path):
+        return None if path is None else os.path.abspath(path)
+
+    return {"tokenizer_type": data.tokenizer_type, "tokenizer_model": absolute(data.tokenizer_model),
+            "vocab_file": absolute(data.vocab_file), "merge_file": absolute(data.merge_file),
+            "vocab_size": data.vocab_size}
+
+
+def warn_on_changes(saved: dict, now: dict, log) -> None:
+    """Resuming with another global batch size or data blend is allowed, with one warning each."""
+    if saved.get("global_batch_size") != now["global_batch_size"]:
+        log(f"WARNING: the checkpoint was trained with --global-batch-size {saved.get('global_batch_size')}, "
+            f"now {now['global_batch_size']}: training continues from its consumed samples")
+    if saved.get("data") != now["data"]:
+        log(f"WARNING: the checkpoint was trained on {saved.get('data')}, now on {now['data']}")
+
+
 def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
-    """Train for --train-iters, evaluating every --eval-interval; returns the loss history."""
-    t = cfg.train
+    """Train for --train-iters (resuming from --load), evaluating every --eval-interval and saving
+    every --save-interval and at the end; returns the loss history of the iterations run here."""
+    t, ck = cfg.train, cfg.checkpoint
     model = build_model(cfg, groups, device)
     optimizer = Optimizer(model, groups, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
+    checkpointer = Checkpointer(ck, groups)
+    run = run_description(cfg)
+    resumed = Resumed()
+    if ck.load:
+        resumed = checkpointer.load(model, optimizer, scheduler, print_rank0)
+        if resumed.iteration:
+            warn_on_changes(read_checkpoint_meta(ck.load), run, print_rank0)
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
         data_path=cfg.data.data_path, split=cfg.data.split, mock=cfg.data.mock, seq_length=t.seq_length,
         seed=t.seed, tokenizer=tokenizer, num_samples=t.num_samples(), cache_dir=cfg.data.cache_dir,
@@ -223,19 +268,31 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
                 f"{t.num_microbatches(groups.dp.size)} micro-batches of {t.micro_batch_size} per step and DP rank")
     log = TrainLog(cfg, enabled=groups.world.rank == 0)
     history = {"lm_loss": [], "valid": [], "test": None}
-    eval_round = 0
-    for iteration in range(1, t.train_iters + 1):
-        metrics = train_step(model, optimizer, step_microbatches(train_ds, iteration - 1, cfg, groups, device), groups)
+    eval_round = resumed.iteration // t.eval_interval  # validation batches already used
+    consumed = resumed.consumed_samples
+    exits = ExitControl(cfg.exit, groups, device)
+    for iteration in range(resumed.iteration + 1, t.train_iters + 1):
+        metrics = train_step(model, optimizer, step_microbatches(train_ds, consumed, cfg, groups, device), groups)
+        consumed += t.global_batch_size
         lr = optimizer.param_groups[0]["lr"]
         if not metrics.skipped:  # as Megatron: a skipped fp16 step does not advance the schedule
             scheduler.step(1)
         history["lm_loss"].append(metrics.lm_loss)
-        log.step(iteration, metrics, lr)
+        log.step(iteration, metrics, lr, consumed)
         if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
             loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
             eval_round += 1
             history["valid"].append((iteration, loss))
             log.evaluation(iteration, "validation", loss)
+        stop = exits.reason(iteration)
+        if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or stop or iteration == t.train_iters):
+            _save(checkpointer, iteration, consumed, run, model, optimizer, scheduler)
+        if stop:
+            checkpointer.finalize()
+            print_rank0(f"> exiting at iteration {iteration}: {stop}")
+            log.close()
+            return history
+    checkpointer.finalize()
     if valid_ds is not None and t.eval_iters and t.train_iters % t.eval_interval:
         loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
         history["valid"].append((t.train_iters, loss))
