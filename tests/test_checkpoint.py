@@ -86,3 +86,156 @@ def test_stored_tensors_are_the_one_process_model(tmp_path):
     assert "layers.1.mlp.experts.7.w1.gate" in stored and "layers.0.mlp.fc1.weight.up" in stored
     for key, tensor in want.items():  # the first warmup step has lr 0: every weight is where it was
         assert torch.equal(stored[key], tensor), key
+
+
+# ---- atomic saves --------------------------------------------------------------------------------
+ONE_PROCESS = [sys.executable] + MODEL + MOE + BATCH  # argv tail for pretrain_gpt_moe.main, world 1
+
+
+def _launch(*argv, point=None):
+    env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
+    script = [os.path.join(ROOT, "tests", "kill_during_save.py"), point] if point else [os.path.join(ROOT, "pretrain_gpt_moe.py")]
+    return subprocess.Popen([sys.executable, *script, *MODEL, *MOE, *BATCH, *argv], env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def _loads(save: str) -> int:
+    """The iteration the latest checkpoint resumes at, after reading all of it back."""
+    meta = ckpt.read_checkpoint_meta(save)
+    assert ckpt.read_stored_tensors(save)["embedding.weight"].shape == (121, 32)
+    return meta["iteration"]
+
+
+def test_a_kill_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path):
+    """A real process SIGKILLed at each point of its second save (every iteration saves), and
+    one killed after a random delay: the latest checkpoint always loads whole."""
+    import random
+
+    points = ["start", "written", "rename", "tracker"]
+    procs = {p: _launch("--train-iters", "4", "--save-interval", "1", "--save", str(tmp_path / p), point=p) for p in points}
+    delayed = _launch("--train-iters", "400", "--save-interval", "1", "--save", str(tmp_path / "random"))
+    for point, proc in procs.items():
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == -9, err[-2000:]
+        assert _loads(str(tmp_path / point)) == 1, point  # the first checkpoint
+    while not os.path.exists(tmp_path / "random" / ckpt.TRACKER):
+        assert delayed.poll() is None, delayed.communicate()[1][-2000:]
+    import time
+
+    time.sleep(random.uniform(0.0, 2.0))
+    delayed.kill()
+    delayed.communicate(timeout=60)
+    iteration = _loads(str(tmp_path / "random"))
+    assert iteration >= 1
+    resumed = _launch("--train-iters", str(iteration + 1), "--load", str(tmp_path / "random"))
+    out, err = resumed.communicate(timeout=240)
+    assert resumed.returncode == 0 and f"iteration {iteration + 1:8d}/" in out, err[-2000:]
+
+
+# ---- loading never runs code -----------------------------------------------------------------------
+class _Payload:
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def _small_checkpoint(path) -> str:
+    from megatron.model import GPTModel
+    from megatron.model.params import stored_tensors
+    from harness import ted_groups
+    from util import tiny_model_config
+
+    groups = ted_groups(1, 1)
+    cfg = tiny_model_config()
+    model = GPTModel(cfg, groups, seed=3)
+    meta = {"model": ckpt.config_dict(cfg), "moe": None, "tokenizer": {"tokenizer_type": "NullTokenizer", "vocab_size": 95}}
+    return ckpt.write_model_checkpoint(str(path), stored_tensors(model, groups), meta)
+
+
+def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
+    folder = _small_checkpoint(tmp_path / "ck")
+    assert ckpt.read_stored_tensors(folder)["embedding.weight"].shape == (96, 32)  # benign: loads
+    marker = tmp_path / "pwned"
+    with open(os.path.join(folder, ".metadata"), "wb") as f:
+        pickle.dump(_Payload(marker), f)
+    with pytest.raises(ckpt.CheckpointError, match="refusing to unpickle"):
+        ckpt.read_checkpoint_meta(folder)
+    torch.save({"torch": _Payload(marker)}, os.path.join(folder, "rng", "rank_00000.pt"))
+    with pytest.raises(ckpt.CheckpointError, match="not plain data; refused"):
+        ckpt.read_rng_file(folder, 0)
+    assert not marker.exists()
+
+
+# ---- bad input -------------------------------------------------------------------------------------------
+def _preflight(argv, capsys, monkeypatch) -> tuple[int, str]:
+    import pretrain_gpt_moe
+
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    try:
+        pretrain_gpt_moe.load_config(MODEL + MOE + BATCH + ["--train-iters", "4"] + argv)
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    return code, capsys.readouterr().err
+
+
+def test_bad_checkpoints_are_errors_before_training(tmp_path, capsys, monkeypatch):
+    save = str(tmp_path / "run")
+    train((1, 1, 1), 3, "--save", save)
+    folder = ckpt.iteration_dir(save, 3)
+    assert _preflight(["--load", save], capsys, monkeypatch)[0] == 0  # whole: fine
+    code, err = _preflight(["--load", save, "--hidden-size", "64"], capsys, monkeypatch)
+    assert code == 2 and "model hidden_size = 32, the flags give 64" in err, err
+    code, err = _preflight(["--load", save, "--num-experts", "4"], capsys, monkeypatch)
+    assert code == 2 and "num_experts = 8, the flags give 4" in err, err
+    data = next(f for f in os.listdir(folder) if f.endswith(".distcp"))
+    os.truncate(os.path.join(folder, data), 100)
+    code, err = _preflight(["--load", save], capsys, monkeypatch)
+    assert code == 2 and f"{os.path.join(folder, data)} is truncated" in err, err
+    os.remove(os.path.join(folder, data))
+    code, err = _preflight(["--load", save], capsys, monkeypatch)
+    assert code == 2 and f"{os.path.join(folder, data)} is missing" in err, err
+    os.remove(os.path.join(folder, ckpt.META))
+    code, err = _preflight(["--load", save], capsys, monkeypatch)
+    assert code == 2 and "ted_checkpoint.json is missing" in err, err
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a checkpoint")
+    code, err = _preflight(["--load", str(tmp_path / "notes")], capsys, monkeypatch)
+    assert code == 2 and "holds files but no checkpoint" in err, err
+    blocked = tmp_path / "file"
+    blocked.write_text("")
+    code, err = _preflight(["--save", str(blocked / "ck")], capsys, monkeypatch)
+    assert code == 2 and "--save" in err and "not a writable directory" in err, err
+
+
+def test_a_mismatched_tensor_names_itself_and_both_shapes(tmp_path):
+    folder = _small_checkpoint(tmp_path / "ck")
+    meta = json.load(open(os.path.join(folder, ckpt.META)))
+    stored = ckpt.read_stored_tensors(folder)
+    stored["layers.0.mlp.fc2.weight"] = torch.zeros(32, 48)
+    ckpt.write_model_checkpoint(str(tmp_path / "bad"), stored, meta)
+    parts = {"model.layers.0.mlp.fc2.weight": ckpt.Parts((32, 64), {(0, 0): torch.empty(32, 64)})}
+    with pytest.raises(ckpt.CheckpointError, match=r"layers.0.mlp.fc2.weight has shape \(32, 48\) in the checkpoint "
+                                                   r"but \(32, 64\) in the model"):
+        ckpt._dcp_load(parts, ckpt.iteration_dir(str(tmp_path / "bad"), 0), None)
+
+
+def test_load_of_nothing_starts_from_scratch_and_changes_are_warned(tmp_path):
+    empty = train((1, 1, 1), 3, "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "run"))
+    assert f"WARNING: no checkpoint in --load {tmp_path / 'nowhere'}: training from scratch" in empty["printed"]
+    resumed = train((1, 1, 1), 5, "--load", str(tmp_path / "run"), "--global-batch-size", "4", "--lr-decay-iters", "3")
+    assert "--global-batch-size 8, now 4" in resumed["printed"]
+    assert "consumed samples:           32 |" in resumed["printed"]  # 3 x 8, then 2 x 4
+
+
+def test_async_save_equals_a_blocking_save_and_finetune_starts_over(tmp_path):
+    train((1, 2, 2), 3, "--save", str(tmp_path / "sync"), "--use-distributed-optimizer")
+    train((1, 2, 2), 3, "--save", str(tmp_path / "async"), "--async-save", "--use-distributed-optimizer")
+    for state in ("model", "exp_avg", "exp_avg_sq"):
+        a, b = (ckpt.read_stored_tensors(str(tmp_path / d), state) for d in ("sync", "async"))
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), state
+    tuned = train((1, 1, 1), 3, "--load", str(tmp_path / "async"), "--finetune")
+    assert "optimizer state not loaded" in tuned["printed"] and "iteration        1/       3" in tuned["printed"]
