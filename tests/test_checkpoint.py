@@ -239,3 +239,15 @@ def test_async_save_equals_a_blocking_save_and_finetune_starts_over(tmp_path):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), state
     tuned = train((1, 1, 1), 3, "--load", str(tmp_path / "async"), "--finetune")
     assert "optimizer state not loaded" in tuned["printed"] and "iteration        1/       3" in tuned["printed"]
+
+
+def test_a_non_finite_loss_stops_training_naming_the_iteration_and_the_last_checkpoint(tmp_path):
+    from megatron.training.optimizer import NonFiniteError
+
+    with pytest.raises(RuntimeError) as err:  # the harness re-raises the rank's NonFiniteError
+        train((1, 1, 1), 30, "--lr", "1e6", "--lr-warmup-iters", "0", "--save", str(tmp_path), "--save-interval", "1")
+    message = str(err.value).splitlines()[-1] if not isinstance(err.value, NonFiniteError) else str(err.value)
+    assert "training stopped before the update" in message and f"{tmp_path}/iter_" in message, message
+    assert "iteration 1:" not in message  # the first steps were finite and saved
+    regardless = train((1, 1, 1), 6, "--lr", "1e6", "--lr-warmup-iters", "0", "--no-check-for-nan-in-loss-and-grad")
+    assert "number of nan iterations:   1" in regardless["printed"]

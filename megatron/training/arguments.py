@@ -203,6 +203,9 @@ def _optim_args(g):
     g.add_argument("--hysteresis", type=int, default=2, help="overflowing steps before the fp16 scale halves")
     g.add_argument("--accumulate-allreduce-grads-in-fp32", action="store_true",
                    help="fp32 gradient buffers for half-precision parameters (always on with --bf16)")
+    g.add_argument("--check-for-nan-in-loss-and-grad", action=argparse.BooleanOptionalAction, default=True,
+                   help="bf16 / fp32: stop at the first non-finite loss or gradient norm, before the update "
+                        "(fp16 skips such steps and lowers the loss scale instead)")
     g.add_argument("--grad-reduce-in-bf16", action="store_true",
                    help="with --bf16: accumulate and reduce gradients in bf16 (half the buffer and bytes)")
 
@@ -308,7 +311,7 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
         use_distributed_optimizer=args.use_distributed_optimizer, tile_size=args.optimizer_tile_size,
         fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
-        hysteresis=args.hysteresis,
+        hysteresis=args.hysteresis, check_for_nan=args.check_for_nan_in_loss_and_grad,
         # Megatron-LM: bf16 accumulates and reduces gradients in fp32 unless told otherwise
         accumulate_grads_in_fp32=args.accumulate_allreduce_grads_in_fp32 or (args.bf16 and not args.grad_reduce_in_bf16),
     )

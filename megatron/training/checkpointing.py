@@ -547,6 +547,7 @@ class Checkpointer:
         self.cfg, self.groups = cfg, groups
         self.pg = dist.new_group(backend="gloo") if (cfg.save or cfg.load) else None
         self.pending = None  # an async save still writing: (future, iteration)
+        self.latest: Optional[str] = None  # the newest checkpoint saved or loaded by this run
 
     # -- save --
     def save(self, iteration: int, run: dict, model, optimizer, scheduler) -> None:
@@ -592,6 +593,7 @@ class Checkpointer:
         if self.groups.world.rank == 0:
             make_latest(self.cfg.save, iteration)
         dist.barrier(group=self.pg)
+        self.latest = iteration_dir(self.cfg.save, iteration)
 
     # -- load --
     def load(self, model, optimizer, scheduler, log) -> Resumed:
@@ -602,6 +604,7 @@ class Checkpointer:
             log(f"WARNING: no checkpoint in --load {cfg.load}: training from scratch")
             return Resumed()
         meta = read_checkpoint_meta(found)
+        self.latest = found
         with_optimizer = meta["has_optimizer"] and not (cfg.finetune or cfg.no_load_optim)
         reads, _ = optimizer_parts(model, optimizer, self.groups, STATES if with_optimizer else ("model",))
         _dcp_load(reads, found, self.pg)

@@ -57,6 +57,11 @@ class OptimizerConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     accumulate_grads_in_fp32: bool = False
+    check_for_nan: bool = True  # bf16 / fp32: a non-finite gradient norm stops training (fp16 skips the step)
+
+
+class NonFiniteError(RuntimeError):
+    """A non-finite loss or gradient in a bf16 / fp32 run: training stops before the update."""
 
 
 class LossScaler:
@@ -239,6 +244,8 @@ class Optimizer:
             if overflow:
                 return StepResult(float("nan"), True, scale)
         norm = self.grad_norm() / scale
+        if self.cfg.check_for_nan and not math.isfinite(norm):  # identical on every rank: all stop
+            raise NonFiniteError(f"the gradient norm is {norm}")
         clip = self.cfg.clip_grad / (norm + 1e-6) if 0 < self.cfg.clip_grad < norm + 1e-6 else 1.0
         self.step_count += 1
         for fg, pg in zip(self.flat_groups, self.param_groups):

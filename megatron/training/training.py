@@ -18,7 +18,7 @@ from megatron.training.arguments import Config
 from megatron.training.checkpointing import Checkpointer, Resumed, config_dict, read_checkpoint_meta
 from megatron.training.exits import ExitControl
 from megatron.training.data import build_train_valid_test_datasets, collate
-from megatron.training.optimizer import Optimizer
+from megatron.training.optimizer import NonFiniteError, Optimizer
 from megatron.parallel import comm
 from megatron.parallel.topology import TEDGroups
 
@@ -48,8 +48,10 @@ def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TE
     optimizer.zero_grad()
     sums = forward_backward(model, microbatches, optimizer.scaler.scale)
     optimizer.reduce_gradients()
-    result = optimizer.step()
     losses = reduce_losses(sums / len(microbatches), groups)
+    if optimizer.cfg.check_for_nan and not optimizer.cfg.fp16 and not all(map(math.isfinite, losses)):
+        raise NonFiniteError(f"the lm loss is {losses[0]} (moe aux loss {losses[1]})")
+    result = optimizer.step()
     return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale)
 
 
@@ -272,7 +274,12 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     consumed = resumed.consumed_samples
     exits = ExitControl(cfg.exit, groups, device)
     for iteration in range(resumed.iteration + 1, t.train_iters + 1):
-        metrics = train_step(model, optimizer, step_microbatches(train_ds, consumed, cfg, groups, device), groups)
+        try:
+            metrics = train_step(model, optimizer, step_microbatches(train_ds, consumed, cfg, groups, device), groups)
+        except NonFiniteError as e:
+            last = checkpointer.latest or "none (no checkpoint was saved or loaded)"
+            raise NonFiniteError(f"iteration {iteration}: {e}; training stopped before the update (the last good "
+                                 f"checkpoint: {last}; --no-check-for-nan-in-loss-and-grad trains on regardless)") from None
         consumed += t.global_batch_size
         lr = optimizer.param_groups[0]["lr"]
         if not metrics.skipped:  # as Megatron: a skipped fp16 step does not advance the schedule
