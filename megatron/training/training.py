@@ -7,7 +7,7 @@ import math
 import os
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import torch
@@ -16,6 +16,7 @@ import torch.distributed as dist
 from megatron.model import GPTModel
 from megatron.training.arguments import Config
 from megatron.training.checkpointing import Checkpointer, Resumed, config_dict, read_checkpoint_meta
+from megatron.training import schedule
 from megatron.training.exits import ExitControl
 from megatron.training.data import build_train_valid_test_datasets, collate
 from megatron.training.optimizer import NonFiniteError, Optimizer
@@ -31,6 +32,7 @@ class StepMetrics:
     grad_norm: float
     skipped: bool
     loss_scale: float
+    timers: dict = field(default_factory=dict)  # seconds (host clock): forward-backward, optimizer
 
 
 def forward_backward(model, microbatches: list[dict], loss_scale: float) -> torch.Tensor:
@@ -45,14 +47,17 @@ def forward_backward(model, microbatches: list[dict], loss_scale: float) -> torc
 
 
 def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TEDGroups) -> StepMetrics:
+    start = time.perf_counter()
     optimizer.zero_grad()
     sums = forward_backward(model, microbatches, optimizer.scaler.scale)
     optimizer.reduce_gradients()
     losses = reduce_losses(sums / len(microbatches), groups)
     if optimizer.cfg.check_for_nan and not optimizer.cfg.fp16 and not all(map(math.isfinite, losses)):
         raise NonFiniteError(f"the lm loss is {losses[0]} (moe aux loss {losses[1]})")
+    middle = time.perf_counter()
     result = optimizer.step()
-    return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale)
+    timers = {"forward-backward": middle - start, "optimizer": time.perf_counter() - middle}
+    return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale, timers)
 
 
 def reduce_losses(values: torch.Tensor, groups: TEDGroups) -> list[float]:
@@ -76,27 +81,45 @@ def build_model(cfg: Config, groups: TEDGroups, device) -> GPTModel:
 
 
 def build_scheduler(optimizer: Optimizer, cfg: Config):
-    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-    t, o = cfg.train, cfg.optim
-    return OptimizerParamScheduler(
-        optimizer, init_lr=0.0 if t.lr_warmup_iters else o.lr, max_lr=o.lr, min_lr=o.min_lr,
-        lr_warmup_steps=t.lr_warmup_iters, lr_decay_steps=t.lr_decay_iters, lr_decay_style=t.lr_decay_style,
-        start_wd=o.weight_decay, end_wd=o.weight_decay, wd_incr_steps=t.train_iters, wd_incr_style="constant",
-    )
+    o = cfg.optim
+    return schedule.build_scheduler(optimizer, cfg.train.schedule, o.lr, o.min_lr, o.weight_decay)
 
 
-def step_microbatches(dataset, first_sample: int, cfg: Config, groups: TEDGroups, device) -> list[dict]:
-    """This DP rank's micro-batches of the global batch starting at sample `first_sample`: of each
-    block of micro x DP samples DP rank r takes the r-th micro-batch (Megatron's sampler), so every
-    micro-batch holds the same samples whatever the DP size; accumulation walks the blocks in order."""
-    t, dp, r = cfg.train, groups.dp.size, groups.dp.rank
-    out = []
-    for i in range(t.num_microbatches(dp)):
-        start = first_sample + (i * dp + r) * t.micro_batch_size
-        batch = collate([dataset[j] for j in range(start, start + t.micro_batch_size)])
-        out.append({k: batch[k].to(device) for k in ("tokens", "labels", "loss_mask", "position_ids")})
-    return out
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """This DP rank's micro-batches (lists of sample indices) of `steps` global batches from sample
+    `first_sample`: of each block of micro x DP samples DP rank r takes the r-th micro-batch
+    (Megatron's sampler), so every micro-batch holds the same samples whatever the DP size;
+    accumulation walks the blocks in order."""
+
+    def __init__(self, first_sample: int, steps: int, cfg: Config, groups: TEDGroups):
+        self.first, self.steps, self.t = first_sample, steps, cfg.train
+        self.dp, self.rank = groups.dp.size, groups.dp.rank
+
+    def __len__(self) -> int:
+        return self.steps * self.t.num_microbatches(self.dp)
+
+    def __iter__(self):
+        t = self.t
+        for step in range(self.steps):
+            base = self.first + step * t.global_batch_size
+            for i in range(t.num_microbatches(self.dp)):
+                start = base + (i * self.dp + self.rank) * t.micro_batch_size
+                yield list(range(start, start + t.micro_batch_size))
+
+
+def batches(dataset, first_sample: int, steps: int, cfg: Config, groups: TEDGroups, device):
+    """Iterate this rank's steps as lists of micro-batches, read by --num-workers loader processes."""
+    sampler = MicroBatchSampler(first_sample, steps, cfg, groups)
+    workers = cfg.data.num_workers
+    # A generator of its own: a loader draws its workers' base seed from it, and drawing from the
+    # default one would shift dropout and jitter (a resumed run would then differ).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate, num_workers=workers,
+                                         prefetch_factor=2 if workers else None, generator=torch.Generator())
+    keys = ("tokens", "labels", "loss_mask", "position_ids")
+    items = iter(loader)
+    for _ in range(steps):
+        yield [{k: batch[k].to(device) for k in keys}
+               for batch in (next(items) for _ in range(cfg.train.num_microbatches(groups.dp.size)))]
 
 
 @torch.no_grad()
@@ -104,8 +127,8 @@ def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, de
     """Mean LM loss over --eval-iters global batches of `dataset`, from batch `first_step`."""
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
-    for step in range(first_step, first_step + cfg.train.eval_iters):
-        mbs = step_microbatches(dataset, step * cfg.train.global_batch_size, cfg, groups, device)
+    t = cfg.train
+    for mbs in batches(dataset, first_step * t.global_batch_size, t.eval_iters, cfg, groups, device):
         for mb in mbs:
             total[0] += model(**mb).lm_loss.double()
         total[1] += len(mbs)
@@ -120,12 +143,13 @@ def flops_per_iteration(cfg: Config) -> float:
     m, t = cfg.model, cfg.train
     h, s, f = m.hidden_size, t.seq_length, m.ffn_hidden_size
     mlp = (6 if m.swiglu else 4) * h * f
-    per_layer = [8 * h * h + 4 * s * h + mlp for _ in range(m.num_layers)]  # qkv+proj, scores+context, mlp
+    qkv = 2 * h * (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
+    per_layer = [qkv + 2 * h * h + 4 * s * h + mlp for _ in range(m.num_layers)]  # qkv, proj, scores+context, mlp
     if cfg.moe is not None:
         fe = cfg.moe.expert_ffn_hidden_size or f
         expert = (6 if m.swiglu else 4) * h * fe
         for i in cfg.moe.layers:
-            per_layer[i] += 2 * h * cfg.moe.num_experts + (cfg.moe.topk * expert - mlp)
+            per_layer[i] += 2 * h * cfg.moe.experts_in(i) + (cfg.moe.topk * expert - mlp)
             if cfg.moe.mlp_type == "residual":
                 per_layer[i] += mlp
     per_token = sum(per_layer) + 2 * h * m.padded_vocab_size
@@ -143,7 +167,7 @@ class TrainLog:
         if enabled and cfg.train.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=cfg.train.tensorboard_dir)
+            self.writer = SummaryWriter(log_dir=cfg.train.tensorboard_dir, max_queue=cfg.train.tensorboard.queue_size)
         self._reset()
         self.flops = flops_per_iteration(cfg)
 
@@ -152,7 +176,7 @@ class TrainLog:
         self.count = self.skipped = self.nans = 0
         self.t0 = time.time()
 
-    def step(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int) -> None:
+    def step(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int, timers: dict) -> None:
         if metrics.skipped:
             self.skipped += 1
         elif not math.isfinite(metrics.lm_loss):
@@ -162,13 +186,23 @@ class TrainLog:
             self.sum_aux += metrics.aux_loss
             self.sum_norm += metrics.grad_norm
             self.count += 1
-        if self.writer is not None and not metrics.skipped:
-            for name, value in (("lm-loss", metrics.lm_loss), ("moe-aux-loss", metrics.aux_loss),
-                                ("grad-norm", metrics.grad_norm), ("learning-rate", lr),
-                                ("loss-scale", metrics.loss_scale)):
+        if self.writer is not None and not metrics.skipped and iteration % self.cfg.train.tensorboard.log_interval == 0:
+            for name, value in self._scalars(metrics, lr, timers):
                 self.writer.add_scalar(name, value, iteration)
         if iteration % self.cfg.train.log_interval == 0 or iteration == self.cfg.train.train_iters:
             self._line(iteration, metrics, lr, consumed)
+
+    def _scalars(self, metrics: StepMetrics, lr: float, timers: dict):
+        """(tag, value) pairs for TensorBoard, as Megatron names them."""
+        tb = self.cfg.train.tensorboard
+        yield from (("lm-loss", metrics.lm_loss), ("moe-aux-loss", metrics.aux_loss), ("grad-norm", metrics.grad_norm),
+                    ("learning-rate", lr), ("loss-scale", metrics.loss_scale))
+        if tb.batch_size:
+            yield "batch-size", self.cfg.train.global_batch_size
+        if tb.timers:
+            yield from ((f"{name}-time", seconds * 1000.0) for name, seconds in timers.items())
+        if tb.memory:
+            yield "mem-max-allocated-bytes", peak_memory_bytes()
 
     def _line(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int) -> None:
         t, n = self.cfg.train, max(self.count, 1)
@@ -201,10 +235,21 @@ class TrainLog:
         print("-" * len(text), text, "-" * len(text), sep="\n", flush=True)
         if self.writer is not None:
             self.writer.add_scalar(f"lm-loss {name}", loss, iteration)
+            if self.cfg.train.tensorboard.validation_ppl:
+                self.writer.add_scalar(f"lm-loss {name} ppl", math.exp(min(loss, 20)), iteration)
 
     def close(self):
         if self.writer is not None:
             self.writer.close()
+
+
+def peak_memory_bytes() -> int:
+    """Peak CUDA allocation on a GPU; the process's peak resident set size on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
 def print_rank0(*args) -> None:
@@ -273,9 +318,11 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     eval_round = resumed.iteration // t.eval_interval  # validation batches already used
     consumed = resumed.consumed_samples
     exits = ExitControl(cfg.exit, groups, device)
+    train_batches = batches(train_ds, consumed, t.train_iters - resumed.iteration, cfg, groups, device)
     for iteration in range(resumed.iteration + 1, t.train_iters + 1):
+        started = time.perf_counter()
         try:
-            metrics = train_step(model, optimizer, step_microbatches(train_ds, consumed, cfg, groups, device), groups)
+            metrics = train_step(model, optimizer, next(train_batches), groups)
         except NonFiniteError as e:
             last = checkpointer.latest or "none (no checkpoint was saved or loaded)"
             raise NonFiniteError(f"iteration {iteration}: {e}; training stopped before the update (the last good "
@@ -283,9 +330,9 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
         consumed += t.global_batch_size
         lr = optimizer.param_groups[0]["lr"]
         if not metrics.skipped:  # as Megatron: a skipped fp16 step does not advance the schedule
-            scheduler.step(1)
+            scheduler.step(t.schedule.per_iteration)
         history["lm_loss"].append(metrics.lm_loss)
-        log.step(iteration, metrics, lr, consumed)
+        log.step(iteration, metrics, lr, consumed, {**metrics.timers, "iteration": time.perf_counter() - started})
         if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
             loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
             eval_round += 1
