@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron.parallel.topology import Topology, check_layout
 
-DROP_POLICIES = ("position", "probs")
+DROP_POLICIES = ("position", "probs", "choice")
 GATE_NORMALIZATIONS = ("surviving", "topk", "none")
 AUX_LOSS_TYPES = ("deepspeed", "aux_loss", "none")
 MLP_TYPES = ("standard", "residual")
@@ -22,7 +23,10 @@ class MoEConfig:
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
     drop_tokens: bool = True  # False: capacity = the largest expert count over the EP group
-    drop_policy: str = "position"  # position: first choices in token order, then second choices
+    # position: DeepSpeed's order (k <= 2: first choices in token order, then second choices; k >= 3:
+    # token order over all k choices); choice: first choices, then second, ... for every k; probs:
+    # the most probable
+    drop_policy: str = "position"
     # surviving: gates renormalized over the choices that survived dropping (DeepSpeed; top-1 keeps
     # the raw probability); topk: normalized over the k choices before dropping (Megatron-Core);
     # none: raw softmax probabilities
@@ -37,12 +41,24 @@ class MoEConfig:
     dtd: bool = True  # duplicate token dropping (only acts when TP > 1)
     mlp_type: str = "standard"  # residual: a dense MLP beside the experts, mixed by a learned gate
     expert_ffn_hidden_size: Optional[int] = None  # default: the model's ffn_hidden_size
+    # padding-free dispatch: only kept tokens are sent and computed (variable all-to-all splits after
+    # one count exchange, grouped GEMMs over the real rows). None: on CPUs and in no-drop mode; off on
+    # accelerators in drop mode (where the padded path needs no host synchronization at all)
+    pad_free: Optional[bool] = None
+    check_tp_routing: int = 0  # every N-th forward of each MoE layer, check the TP ranks route alike (0: never)
+    # Pyramid MoE (Megatron-DeepSpeed's --num-experts 64 64 128 ...): one count per MoE layer, in
+    # the order of `layers`; None: every MoE layer has `num_experts`.
+    experts_per_layer: Optional[tuple[int, ...]] = None
 
     def __post_init__(self):
+        counts = self.experts_per_layer or (self.num_experts,)
         checks = [
-            (self.num_experts >= 1, f"--num-experts must be >= 1 (got {self.num_experts})"),
-            (1 <= self.topk <= self.num_experts,
-             f"--moe-router-topk {self.topk} must be between 1 and --num-experts {self.num_experts}"),
+            (self.experts_per_layer is None or len(self.experts_per_layer) == len(self.layers),
+             f"--num-experts gives {len(counts)} counts for {len(self.layers)} MoE layers: give one count, "
+             "or one per MoE layer"),
+            (min(counts) >= 1, f"--num-experts must be >= 1 (got {min(counts)})"),
+            (1 <= self.topk <= min(counts),
+             f"--moe-router-topk {self.topk} must be between 1 and --num-experts {min(counts)}"),
             (self.capacity_factor > 0,
              f"--moe-expert-capacity-factor must be > 0 (got {self.capacity_factor}); "
              "use --disable-moe-token-dropping for no capacity limit"),
@@ -57,6 +73,7 @@ class MoEConfig:
              f"--moe-router-load-balancing-type {self.aux_loss_type!r}: use one of {AUX_LOSS_TYPES}"),
             (self.mlp_type in MLP_TYPES, f"--mlp-type {self.mlp_type!r}: use one of {MLP_TYPES}"),
             (self.jitter_eps >= 0, f"--moe-input-jitter-eps must be >= 0 (got {self.jitter_eps})"),
+            (self.check_tp_routing >= 0, f"--check-tp-routing must be >= 0 (got {self.check_tp_routing})"),
         ]
         for ok, message in checks:
             if not ok:
@@ -67,10 +84,26 @@ class MoEConfig:
         ffn = self.expert_ffn_hidden_size
         return {} if ffn is None else {"--moe-ffn-hidden-size": ffn}
 
+    def experts_in(self, layer: int) -> int:
+        """Experts of MoE layer `layer` (a transformer layer index in `layers`)."""
+        if self.experts_per_layer is None:
+            return self.num_experts
+        return self.experts_per_layer[self.layers.index(layer)]
+
+    def for_layer(self, layer: int) -> "MoEConfig":
+        """This config with one layer's expert count (what one MoELayer is built from)."""
+        return dataclasses.replace(self, num_experts=self.experts_in(layer), experts_per_layer=None)
+
+    def ep_split_sizes(self) -> dict[str, int]:
+        """Sizes split over EP, by flag: each layer's expert count."""
+        if self.experts_per_layer is None:
+            return {"--num-experts": self.num_experts}
+        return {f"--num-experts (MoE layer {i + 1} of {len(self.layers)})": n for i, n in enumerate(self.experts_per_layer)}
+
     def check_layout(self, topology: Topology) -> None:
         """Raise a LayoutError unless the experts split evenly over this layout's EP size."""
         check_layout(topology.world_size, topology.tp, topology.ep, tp_divides=self.tp_split_sizes(),
-                     ep_divides={"--num-experts": self.num_experts})
+                     ep_divides=self.ep_split_sizes())
 
 
 def moe_layer_indices(num_layers: int, *, expert_interval: int | None = None, layer_freq: int | None = None):

@@ -16,7 +16,7 @@ def apply_patches(model: GPTModel, cfg: MoEConfig, seed: int) -> GPTModel:
                          "(check --expert-interval / --moe-layer-freq against --num-layers)")
     device = model.embedding.weight.device
     for i in cfg.layers:
-        model.layers[i].mlp = MoELayer(model.cfg, cfg, model.groups).to(device)
+        model.layers[i].mlp = MoELayer(model.cfg, cfg.for_layer(i), model.groups).to(device)
     model.initialize(seed)
     return model
 

@@ -79,7 +79,7 @@ class World:
         self.conns, self.procs = [], []
         for rank in range(size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, size, port, list(sys.path), threads, child), daemon=True)
+            p = ctx.Process(target=_worker, args=(rank, size, port, list(sys.path), threads, child))  # not daemonic: data-loader workers are its children
             p.start()
             self.conns.append(parent)
             self.procs.append(p)

@@ -22,6 +22,10 @@ VARIANTS = {
     "gelu-learned-tied": dict(),
     "swiglu-rope-rms-untied-nobias": dict(swiglu=True, position_embedding_type="rope", normalization="RMSNorm",
                                           untie_embeddings_and_output_weights=True, add_bias_linear=False),
+    # Mixtral's attention: 8 query heads in 4 key/value groups (grouped-query attention)
+    "gqa-swiglu-rope-rms": dict(num_attention_heads=8, num_query_groups=4, swiglu=True, position_embedding_type="rope",
+                                normalization="RMSNorm", untie_embeddings_and_output_weights=True,
+                                add_bias_linear=False),
 }
 
 

@@ -133,3 +133,41 @@ def test_fp16_zero1_and_tiled_follow_the_plain_fp16_optimizer():
         assert_close_dicts(res[name]["params"], plain, 2e-3, f"fp16 {name}", PARAM_FLOOR)
     for k in plain:
         assert torch.equal(res["tiled"]["params"][k], plain[k]), k
+
+
+# ---- overlapped gradient reduction and parameter gather --------------------------------------------
+OVERLAP = {  # small buckets, so each flat group is several buckets started at different times
+    "buckets": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, bucket_size=3000),
+    "overlap-grad": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, bucket_size=3000,
+                                    overlap_grad_reduce=True),
+    "zero1-buckets": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, bucket_size=3000,
+                                     use_distributed_optimizer=True),
+    "zero1-overlap-both": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, bucket_size=3000,
+                                          use_distributed_optimizer=True, overlap_grad_reduce=True,
+                                          overlap_param_gather=True),
+}
+
+
+def overlap_case(tp: int, ep: int, name: str, steps: int = 4) -> dict:
+    groups = ted_groups(tp, ep)
+    model, mcfg = build(groups, RecomputeConfig(), layers=2)
+    opt = Optimizer(model, groups, OVERLAP[name])
+    losses = [train_step(model, opt, my_microbatches(step, groups, 4, mbs=MBS, seq=SEQ, vocab=mcfg.vocab_size),
+                         groups).lm_loss for step in range(steps)]
+    opt.wait_params()
+    buckets = len(opt.flat_groups)
+    params = full_tensors(model, groups)
+    return {"params": params, "losses": losses, "buckets": buckets} if torch.distributed.get_rank() == 0 else None
+
+
+@pytest.mark.parametrize("tp,ep", [(1, 2), (2, 2)])
+def test_overlapped_reduction_and_gather_equal_the_same_buckets_without_overlap(tp, ep):
+    """The same collectives on the same buckets, started during backward (and the ZeRO-1 gather
+    waited for by the next forward): bitwise the same losses and parameters (DP = 2)."""
+    res = {name: run(2 * tp, overlap_case, tp, ep, name)[0] for name in OVERLAP}
+    assert res["buckets"]["buckets"] > 4  # the flat groups really are cut into buckets
+    for plain, overlapped in (("buckets", "overlap-grad"), ("zero1-buckets", "zero1-overlap-both")):
+        assert res[overlapped]["losses"] == res[plain]["losses"], overlapped
+        for key, value in res[plain]["params"].items():
+            assert torch.equal(res[overlapped]["params"][key], value), (overlapped, key)
+    assert_close_dicts(res["zero1-buckets"]["params"], res["buckets"]["params"], 1e-6, "zero1 vs plain", PARAM_FLOOR)

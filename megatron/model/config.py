@@ -16,7 +16,7 @@ class ModelConfig:
     vocab_size: int  # the tokenizer's: the model's function is defined on these ids alone
     max_position_embeddings: int
     ffn_hidden_size: Optional[int] = None  # default 4 * hidden
-    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope
+    position_embedding_type: str = "learned_absolute"  # learned_absolute | rope | none (--no-position-embedding)
     rotary_base: float = 10000.0
     normalization: str = "LayerNorm"  # LayerNorm | RMSNorm
     norm_epsilon: float = 1e-5
@@ -31,6 +31,7 @@ class ModelConfig:
     # make_vocab_size_divisible_by x TP, so it depends on the layout). The padded rows are zero,
     # their logits masked out and never stored: the padding does not change the model.
     padded_vocab_size: Optional[int] = None
+    num_query_groups: Optional[int] = None  # grouped-query attention: key/value heads (default: one per head)
 
     def __post_init__(self):
         for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
@@ -42,6 +43,11 @@ class ModelConfig:
         for flag, p in (("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)):
             if not 0.0 <= p < 1.0:
                 raise ValueError(f"{flag} must be in [0, 1) (got {p})")
+        if self.num_query_groups is None:
+            object.__setattr__(self, "num_query_groups", self.num_attention_heads)
+        if self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups:
+            raise ValueError(f"--num-query-groups {self.num_query_groups} must divide --num-attention-heads "
+                             f"{self.num_attention_heads}")
         if self.padded_vocab_size is None:
             object.__setattr__(self, "padded_vocab_size", self.vocab_size)
         if self.padded_vocab_size < self.vocab_size:
@@ -58,7 +64,7 @@ class ModelConfig:
                 f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
                 f"{self.num_attention_heads}"
             )
-        if self.position_embedding_type not in ("learned_absolute", "rope"):
+        if self.position_embedding_type not in ("learned_absolute", "rope", "none"):
             raise ValueError(
                 f"--position-embedding-type {self.position_embedding_type!r}: use learned_absolute or rope"
             )
@@ -72,8 +78,8 @@ class ModelConfig:
     def tp_split_sizes(self) -> dict[str, int]:
         """The sizes split over TP, by flag: each must be divisible by the TP size
         (megatron.parallel.topology.check_layout)."""
-        return {"--num-attention-heads": self.num_attention_heads, "--hidden-size": self.hidden_size,
-                "--ffn-hidden-size": self.ffn_hidden_size}
+        return {"--num-attention-heads": self.num_attention_heads, "--num-query-groups": self.num_query_groups,
+                "--hidden-size": self.hidden_size, "--ffn-hidden-size": self.ffn_hidden_size}
 
 
 @dataclass(frozen=True)

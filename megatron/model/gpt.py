@@ -56,7 +56,7 @@ class GPTModel(torch.nn.Module):
         if cfg.position_embedding_type == "learned_absolute":
             self.position_embedding = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
             set_spec(self.position_embedding.weight, init="normal", std=std)
-        else:
+        elif cfg.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
 
         self.layers = torch.nn.ModuleList(TransformerLayer(cfg, mp, groups, self.rng) for _ in range(cfg.num_layers))
@@ -88,7 +88,7 @@ class GPTModel(torch.nn.Module):
         rope = None
         if self.position_embedding is not None:
             x = x + self.position_embedding(position_ids)
-        else:
+        elif self.rotary is not None:
             rope = self.rotary(position_ids)
         x = F.dropout(x, self.cfg.hidden_dropout, self.training)
         aux = []

@@ -111,24 +111,31 @@ def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch
 
 # ---- blocks -----------------------------------------------------------------------------------
 class SelfAttention(torch.nn.Module):
-    """Causal self-attention; this rank computes heads [tp*nh/TP, (tp+1)*nh/TP).
+    """Causal self-attention with G query groups (grouped-query attention; G = heads is plain
+    multi-head): this rank computes groups [tp*G/TP, (tp+1)*G/TP) and their query heads.
 
-    The full QKV weight's rows are ordered [head, (q, k, v), head_dim], so a contiguous TP slice
-    holds whole heads with their q, k and v."""
+    The full QKV weight's rows are ordered [group, (q_1 .. q_{heads/G}, k, v), head_dim] (Megatron's
+    layout), so a contiguous TP slice holds whole groups with their queries, key and value."""
 
     def __init__(self, cfg: ModelConfig, mp, groups: TEDGroups, rng: TPRandom):
         super().__init__()
         self.cfg, self.rng = cfg, rng
         self.recompute_core = False  # selective recompute: checkpoint the attention core only
-        self.heads = cfg.num_attention_heads // groups.tp.size
-        h = cfg.hidden_size
-        self.qkv = column_linear(mp, groups, h, 3 * h, std=cfg.init_method_std, bias=cfg.add_bias_linear)
+        self.groups = cfg.num_query_groups // groups.tp.size
+        self.per_group = cfg.num_attention_heads // cfg.num_query_groups
+        self.heads = self.groups * self.per_group
+        h, d = cfg.hidden_size, cfg.head_dim
+        qkv_size = cfg.num_query_groups * (self.per_group + 2) * d
+        self.qkv = column_linear(mp, groups, h, qkv_size, std=cfg.init_method_std, bias=cfg.add_bias_linear)
         self.proj = row_linear(mp, groups, h, h, std=output_std(cfg), bias=cfg.add_bias_linear)
 
     def forward(self, x_BSH: torch.Tensor, rope: Optional[tuple]) -> torch.Tensor:
         b, s, _ = x_BSH.shape
         qkv, _ = self.qkv(x_BSH)
-        q, k, v = qkv.view(b, s, self.heads, 3, self.cfg.head_dim).permute(3, 0, 2, 1, 4).unbind(0)
+        r, d = self.per_group, self.cfg.head_dim
+        qkv = qkv.view(b, s, self.groups, r + 2, d)
+        q = qkv[:, :, :, :r].reshape(b, s, self.heads, d).transpose(1, 2)  # [b, heads, s, d]
+        k, v = (qkv[:, :, :, i].transpose(1, 2) for i in (r, r + 1))  # [b, groups, s, d]
         if rope is not None:
             q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         if self.recompute_core:
@@ -141,10 +148,11 @@ class SelfAttention(torch.nn.Module):
 
     def _core(self, q, k, v):
         p = self.cfg.attention_dropout if self.training else 0.0
+        gqa = self.per_group > 1  # query head i reads key/value group i // per_group
         if p == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         with self.rng.fork():  # dropout on this rank's heads: a per-TP-rank stream
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
 
 
 class MLP(torch.nn.Module):

@@ -64,13 +64,23 @@ def _record(kind: str, group: Group, tensor: torch.Tensor) -> None:
 
 
 # ---- the forward-output stash behind communication-aware checkpointing (ted_patches/cac.py) -----
+class CommStashMismatch(RuntimeError):
+    """The recompute asked a CAC stash for a collective other than the one recorded at that position."""
+
+
 class CommStash:
     """Outputs of the collectives run inside one checkpointed region, in call order. While
     recording, collectives run and their outputs are kept; while replaying (the recompute),
-    collectives return the kept outputs in the same order and send nothing."""
+    collectives return the kept outputs in the same order and send nothing.
+
+    Replay is by position, so each output is kept with what produced it: (kind, group, shape,
+    dtype). A recompute that asks for anything else at that position (a different collective, a
+    different group, another shape, e.g. from routing that differs from the forward's, or more
+    collectives than were recorded) raises CommStashMismatch instead of receiving a wrong tensor."""
 
     def __init__(self):
         self.outputs: list[torch.Tensor] = []
+        self.keys: list[tuple] = []
         self.position: Optional[int] = None  # None: recording
 
     @contextlib.contextmanager
@@ -82,21 +92,44 @@ class CommStash:
         finally:
             _ACTIVE_STASH.reset(token)
 
+    def record(self, key: tuple, out: torch.Tensor) -> None:
+        self.keys.append(key)
+        self.outputs.append(out)
+
+    def replay(self, key: tuple) -> torch.Tensor:
+        i = self.position
+        if i >= len(self.outputs):
+            raise CommStashMismatch(
+                f"CAC replay: the recompute issues collective #{i} {_describe(key)}, but the forward recorded "
+                f"only {len(self.outputs)}: the recomputed region does not repeat the forward's collectives")
+        if self.keys[i] != key:
+            raise CommStashMismatch(
+                f"CAC replay: collective #{i} of the recompute is {_describe(key)}, the forward recorded "
+                f"{_describe(self.keys[i])} there: the recompute diverged from the forward (different routing "
+                "or control flow), so the kept output would be the wrong tensor")
+        self.position = i + 1
+        return self.outputs[i]
+
+
+def _describe(key: tuple) -> str:
+    kind, group, shape, dtype = key
+    return f"{kind} over {group} -> {list(shape)} {str(dtype).replace('torch.', '')}"
+
 
 _ACTIVE_STASH: contextvars.ContextVar[Optional[CommStash]] = contextvars.ContextVar("ted_comm_stash", default=None)
 
 
-def _communicate(kind: str, group: Group, x: torch.Tensor, run) -> torch.Tensor:
-    """Record and run one collective, or serve it from the active stash during a recompute."""
+def _communicate(kind: str, group: Group, x: torch.Tensor, run, out_shape) -> torch.Tensor:
+    """Record and run one collective, or serve it from the active stash during a recompute.
+    `out_shape`: the shape of the output this call expects (checked against the stash)."""
     stash = _ACTIVE_STASH.get()
+    key = (kind, group.name, tuple(out_shape), x.dtype)
     if stash is not None and stash.position is not None:
-        out = stash.outputs[stash.position]
-        stash.position += 1
-        return out
+        return stash.replay(key)
     _record(kind, group, x)
     out = run()
     if stash is not None:
-        stash.outputs.append(out)
+        stash.record(key, out)
     return out
 
 
@@ -112,7 +145,30 @@ def raw_all_to_all(x: torch.Tensor, group: Group) -> torch.Tensor:
         dist.all_to_all_single(out, x, group=group.pg)
         return out
 
-    return _communicate("all_to_all", group, x, run)
+    return _communicate("all_to_all", group, x, run, x.shape)
+
+
+def raw_all_to_all_var(x: torch.Tensor, group: Group, send: list[int], recv: list[int],
+                       out_rows: Optional[int] = None) -> torch.Tensor:
+    """All-to-all over dim 0 with variable split sizes (Python lists, as gloo needs): rows
+    send[i] of `x` go to rank i, recv[i] rows come from rank i. The output has `out_rows` rows
+    (default sum(recv)); rows past sum(recv) are zero (room for an equal-size TP gather)."""
+    rows = sum(recv) if out_rows is None else out_rows
+    if group.size == 1:
+        if rows == x.shape[0]:
+            return x
+        return torch.cat([x, x.new_zeros(rows - x.shape[0], *x.shape[1:])])
+    x = x.contiguous()
+
+    def run():
+        out = x.new_empty(rows, *x.shape[1:])
+        if rows > sum(recv):
+            out[sum(recv):].zero_()
+        dist.all_to_all_single(out[:sum(recv)], x, output_split_sizes=list(recv), input_split_sizes=list(send),
+                               group=group.pg)
+        return out
+
+    return _communicate("all_to_all", group, x, run, (rows, *x.shape[1:]))
 
 
 def raw_all_gather(x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -126,7 +182,7 @@ def raw_all_gather(x: torch.Tensor, group: Group) -> torch.Tensor:
         _all_gather_single(out, x.view(-1), group=group.pg)
         return out.view(group.size, *x.shape)
 
-    return _communicate("all_gather", group, x, run)
+    return _communicate("all_gather", group, x, run, (group.size, *x.shape))
 
 
 def all_gather_into(out: torch.Tensor, x: torch.Tensor, group: Group) -> torch.Tensor:
@@ -149,7 +205,7 @@ def raw_reduce_scatter(x: torch.Tensor, group: Group) -> torch.Tensor:
         _reduce_scatter_single(out, x.view(-1), group=group.pg)
         return out.view(x.shape[1:])
 
-    return _communicate("reduce_scatter", group, x, run)
+    return _communicate("reduce_scatter", group, x, run, x.shape[1:])
 
 
 def all_reduce_(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Tensor:
@@ -160,7 +216,7 @@ def all_reduce_(x: torch.Tensor, group: Group, op=dist.ReduceOp.SUM) -> torch.Te
             dist.all_reduce(x, op=op, group=group.pg)
             return x
 
-        out = _communicate("all_reduce", group, x, run)
+        out = _communicate("all_reduce", group, x, run, x.shape)
         if out is not x:
             x.copy_(out)
     return x
@@ -214,3 +270,74 @@ copy_to_split = _collective("copy_to_split", "identity into a region split over 
                             "all-reduce of the partial grads.", _identity, _all_reduce_copy)
 reduce_from_split = _collective("reduce_from_split", "all-reduce of partial outputs; backward: identity.",
                                 _all_reduce_copy, _identity)
+
+
+class _AllToAllVar(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, group, send, recv, out_rows):
+        ctx.group, ctx.send, ctx.recv, ctx.in_rows = group, send, recv, x.shape[0]
+        return raw_all_to_all_var(x, group, send, recv, out_rows)
+
+    @staticmethod
+    def backward(ctx, grad):
+        back = raw_all_to_all_var(grad[:sum(ctx.recv)], ctx.group, ctx.recv, ctx.send, ctx.in_rows)
+        return back, None, None, None, None
+
+
+def all_to_all_var(x: torch.Tensor, group: Group, send: list[int], recv: list[int],
+                   out_rows: Optional[int] = None) -> torch.Tensor:
+    """Variable-split all-to-all over dim 0 (see raw_all_to_all_var); backward: the reverse
+    all-to-all (gradients of the zero rows past sum(recv) are dropped)."""
+    if group.size == 1 and (out_rows is None or out_rows == x.shape[0]):
+        return x
+    return _AllToAllVar.apply(x, group, list(send), list(recv), out_rows)
+
+
+# ---- host synchronization and replica checks ----------------------------------------------------
+def host_ints(t: torch.Tensor) -> list:
+    """`t` as (nested) Python ints: ONE device-to-host copy, the only host synchronization of
+    the padding-free dispatch. Always an explicit copy to the CPU (a dispatched `_to_copy`,
+    also on CPU tensors), so a dispatch mode sees and counts it."""
+    return t.to("cpu", copy=True).tolist()
+
+
+class ReplicaMismatch(RuntimeError):
+    """Ranks that must hold identical values (e.g. the TP ranks' routing) do not."""
+
+
+def check_same(value: torch.Tensor, group: Group, what: str) -> None:
+    """Raise ReplicaMismatch on every rank of `group` unless all hold the same int64 `value`
+    (a checksum). One all-reduce MAX of [v, -v] and a host read: not a CAC-replayed collective
+    (it runs in the recompute too, on every rank alike) and not in the ledger."""
+    if group.size == 1:
+        return
+    v = value.reshape(-1).to(torch.int64)
+    both = torch.cat([v, -v])
+    dist.all_reduce(both, op=dist.ReduceOp.MAX, group=group.pg)
+    hi, neg_lo = both.to("cpu", copy=True).view(2, -1).tolist()
+    if hi != [-n for n in neg_lo]:
+        mine = v.to("cpu", copy=True).tolist()
+        raise ReplicaMismatch(
+            f"{what} differs across the {group.name.upper()} group {list(group.ranks)} (rank {group.rank} of it "
+            f"has checksum {mine}, the group's max {hi}, min {[-n for n in neg_lo]})")
+
+
+# ---- asynchronous collectives (gradient and parameter buckets overlapped with compute) -------------
+def all_reduce_async(x: torch.Tensor, group: Group):
+    """Start an in-place sum over the group; returns the work to wait on (None: nothing to do)."""
+    if group.size == 1:
+        return None
+    _record("all_reduce", group, x)
+    return dist.all_reduce(x, group=group.pg, async_op=True)
+
+
+def reduce_scatter_async(out: torch.Tensor, x: torch.Tensor, group: Group):
+    """Start the sum of the flat `x` over the group into this rank's 1/n part `out` (a separate buffer)."""
+    _record("reduce_scatter", group, x)
+    return _reduce_scatter_single(out, x, group=group.pg, async_op=True)
+
+
+def all_gather_async(out: torch.Tensor, x: torch.Tensor, group: Group):
+    """Start gathering every rank's flat `x` into the flat `out` (rank-major)."""
+    _record("all_gather", group, x)
+    return _all_gather_single(out, x, group=group.pg, async_op=True)

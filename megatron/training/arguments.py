@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from dataclasses import dataclass
 from typing import Optional
 
@@ -18,6 +19,8 @@ import torch
 from megatron.model.config import ModelConfig, RecomputeConfig
 from megatron.training.checkpointing import CheckpointConfig
 from megatron.training.exits import ExitConfig
+from megatron.training.peer_flags import add_peer_args, resolve_peer_args
+from megatron.training.schedule import ScheduleConfig, ScheduleError, add_schedule_args, schedule_from_args
 from megatron.training.optimizer import OptimizerConfig
 from ted_patches.config import AUX_LOSS_TYPES, DROP_POLICIES, GATE_NORMALIZATIONS, MLP_TYPES, MoEConfig, moe_layer_indices
 from megatron.parallel.topology import Topology, check_layout
@@ -29,6 +32,7 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class DataConfig:
+    num_workers: int
     data_path: Optional[list]
     split: str
     mock: bool
@@ -42,21 +46,33 @@ class DataConfig:
 
 
 @dataclass(frozen=True)
+class TensorBoardConfig:
+    queue_size: int = 1000
+    log_interval: int = 1
+    timers: bool = False
+    batch_size: bool = False
+    memory: bool = False
+    validation_ppl: bool = False
+
+
+@dataclass(frozen=True)
 class TrainConfig:
     micro_batch_size: int
     global_batch_size: int
-    train_iters: int
     seq_length: int
     seed: int
-    lr_decay_style: str
-    lr_warmup_iters: int
-    lr_decay_iters: int
+    schedule: ScheduleConfig
     eval_interval: int
     eval_iters: int
     log_interval: int
     tensorboard_dir: Optional[str]
+    tensorboard: TensorBoardConfig
     backend: Optional[str]
     timeout_minutes: int
+
+    @property
+    def train_iters(self) -> int:
+        return self.schedule.train_iters
 
     def num_microbatches(self, dp: int) -> int:
         return self.global_batch_size // (self.micro_batch_size * dp)
@@ -80,6 +96,7 @@ class Config:
     data: DataConfig
     checkpoint: CheckpointConfig
     exit: ExitConfig
+    notices: tuple[str, ...] = ()  # the peers' flags that were mapped or have no effect: printed once
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -96,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p.add_argument_group("data and tokenizer"))
     _log_args(p.add_argument_group("logging and evaluation"))
     _checkpoint_args(p.add_argument_group("checkpointing (Megatron-LM's flags)"))
+    add_peer_args(p)
     return p
 
 
@@ -110,6 +128,10 @@ def _model_args(g):
     g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base frequency")
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm", help="normalization layer")
     g.add_argument("--norm-epsilon", type=float, default=1e-5, help="epsilon of LayerNorm / RMSNorm")
+    g.add_argument("--group-query-attention", action="store_true",
+                   help="grouped-query attention with --num-query-groups key/value heads (Megatron-LM)")
+    g.add_argument("--num-query-groups", type=int, default=1,
+                   help="key/value heads with --group-query-attention (divisible by TP; divides the heads)")
     g.add_argument("--swiglu", action="store_true", help="SwiGLU instead of GELU in MLPs and experts")
     g.add_argument("--untie-embeddings-and-output-weights", action="store_true", help="a separate output layer instead of the embedding's transpose")
     g.add_argument("--disable-bias-linear", action="store_true", help="no biases in linear layers")
@@ -130,7 +152,9 @@ def _model_args(g):
 
 
 def _moe_args(g):
-    g.add_argument("--num-experts", type=int, default=None, help="experts per MoE layer (none or 1: dense GPT)")
+    g.add_argument("--num-experts", type=int, nargs="+", default=None,
+                   help="experts per MoE layer (none or 1: dense GPT); one count per MoE layer for a pyramid "
+                        "(Megatron-DeepSpeed's PR-MoE with --mlp-type residual)")
     g.add_argument("--expert-interval", type=int, default=None,
                    help="MoE in layers N, 2N, ... (1-based, Megatron-DeepSpeed; default 2)")
     g.add_argument("--moe-layer-freq", type=int, default=None,
@@ -142,7 +166,7 @@ def _moe_args(g):
     g.add_argument("--moe-min-capacity", type=int, default=4, help="at least this many slots per expert")
     g.add_argument("--disable-moe-token-dropping", action="store_true",
                    help="no capacity limit: capacity = the fullest expert over the EP group")
-    g.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="position", help="position: first choices in token order, then second choices (DeepSpeed, the default); probs: the most probable (Megatron-Core's default)")
+    g.add_argument("--moe-token-drop-policy", choices=DROP_POLICIES, default="position", help="position: DeepSpeed's order (the default): for top-1/top-2 first choices in token order, then second choices; for top-k >= 3 token order over all k choices (its topkgating); choice: first choices, then second, ... for every k; probs: the most probable (Megatron-Core's default)")
     g.add_argument("--moe-gate-normalization", choices=GATE_NORMALIZATIONS, default="surviving",
                    help="surviving: renormalize top-k gates over kept choices (DeepSpeed); "
                         "topk: before dropping (Megatron-Core); none: raw probabilities")
@@ -154,6 +178,10 @@ def _moe_args(g):
     g.add_argument("--moe-ffn-hidden-size", type=int, default=None, help="expert FFN size (default: --ffn-hidden-size)")
     g.add_argument("--mlp-type", choices=MLP_TYPES, default="standard", help="residual: Megatron-DeepSpeed's residual MoE")
     g.add_argument("--disable-moe-dtd", action="store_true", help="turn off duplicate token dropping")
+    g.add_argument("--moe-pad-free", action=argparse.BooleanOptionalAction, default=None,
+                   help="padding-free dispatch: send and compute only kept tokens (variable all-to-all splits after one count exchange, grouped GEMMs over the real rows); the same kept tokens and numbers as the padded path. Default: on CPUs and in no-drop mode, off on accelerators in drop mode (where the padded path never synchronizes with the host)")
+    g.add_argument("--check-tp-routing", type=int, nargs="?", const=1, default=0, metavar="N",
+                   help="every N-th forward of each MoE layer (flag alone: every one), check that the TP ranks routed identically (one small all-reduce and a host read); stops with an error if not (DTD needs identical routing)")
 
 
 def _parallel_args(g):
@@ -166,6 +194,14 @@ def _parallel_args(g):
                    help="accepted for Megatron-DeepSpeed scripts: experts are always split over TP here")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1, help="only 1 is supported")
     g.add_argument("--sequence-parallel", action="store_true", help="not supported")
+    g.add_argument("--overlap-grad-reduce", action="store_true",
+                   help="reduce each gradient bucket while backward still runs (async collectives)")
+    g.add_argument("--overlap-param-gather", action="store_true",
+                   help="with --use-distributed-optimizer: each bucket's parameter all-gather overlaps the next "
+                        "forward, which waits for a bucket just before using it")
+    g.add_argument("--ddp-bucket-size", type=int, default=None,
+                   help="elements per gradient bucket (default with overlap: max(40M, 1M x DP), Megatron's; "
+                        "without: one bucket per parameter group)")
     g.add_argument("--use-distributed-optimizer", action="store_true",
                    help="ZeRO-1: shard fp32 master weights and Adam states over DP (experts: expert-DP)")
     g.add_argument("--distributed-backend", choices=["nccl", "gloo"], default=None,
@@ -176,7 +212,7 @@ def _parallel_args(g):
 def _train_args(g):
     g.add_argument("--micro-batch-size", type=int, required=True, help="samples per micro-batch and DP rank")
     g.add_argument("--global-batch-size", type=int, default=None, help="default: micro batch x DP")
-    g.add_argument("--train-iters", type=int, required=True, help="optimizer steps")
+    add_schedule_args(g)
     g.add_argument("--seed", type=int, default=1234, help="seed of initialization, data order and dropout")
 
 
@@ -184,9 +220,6 @@ def _optim_args(g):
     g.add_argument("--lr", type=float, required=True, help="peak learning rate")
     g.add_argument("--min-lr", type=float, default=0.0, help="learning rate at the end of decay")
     g.add_argument("--lr-decay-style", choices=["constant", "linear", "cosine", "inverse-square-root"], default="linear", help="learning-rate decay after warmup")
-    g.add_argument("--lr-warmup-iters", type=int, default=0, help="linear warmup from 0")
-    g.add_argument("--lr-warmup-fraction", type=float, default=None, help="warmup as a fraction of --lr-decay-iters")
-    g.add_argument("--lr-decay-iters", type=int, default=None, help="default: --train-iters")
     g.add_argument("--weight-decay", type=float, default=0.01, help="AdamW weight decay (not on biases and norms)")
     g.add_argument("--adam-beta1", type=float, default=0.9, help="AdamW beta1")
     g.add_argument("--adam-beta2", type=float, default=0.999, help="AdamW beta2")
@@ -222,6 +255,8 @@ def _data_args(g):
     g.add_argument("--vocab-file", default=None, help="GPT-2 vocab.json / encoder.json (GPT2BPETokenizer)")
     g.add_argument("--merge-file", default=None, help="GPT-2 merges.txt / vocab.bpe (GPT2BPETokenizer)")
     g.add_argument("--vocab-size", type=int, default=None, help="NullTokenizer vocabulary size")
+    g.add_argument("--num-workers", type=int, default=2, help="data-loader worker processes per rank (0: in the "
+                                                                "training process)")
 
 
 def _log_args(g):
@@ -229,6 +264,14 @@ def _log_args(g):
     g.add_argument("--eval-interval", type=int, default=1000, help="iterations between validation runs")
     g.add_argument("--eval-iters", type=int, default=100, help="global batches per validation / test run")
     g.add_argument("--tensorboard-dir", default=None, help="write TensorBoard scalars here (needs tensorboard)")
+    g.add_argument("--tensorboard-queue-size", type=int, default=1000,
+                   help="TensorBoard events kept in memory before a write to disk")
+    g.add_argument("--tensorboard-log-interval", type=int, default=1, help="iterations between TensorBoard scalars")
+    g.add_argument("--log-timers-to-tensorboard", action="store_true",
+                   help="write the step's timers (forward-backward, optimizer, whole iteration) to TensorBoard")
+    g.add_argument("--log-batch-size-to-tensorboard", action="store_true", help="write the global batch size too")
+    g.add_argument("--log-memory-to-tensorboard", action="store_true",
+                   help="write memory (peak CUDA allocation, or resident set size on CPU) too")
 
 
 def _checkpoint_args(g):
@@ -255,15 +298,28 @@ def _checkpoint_args(g):
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    return build_parser().parse_args(argv)
+    """Flags -> namespace, the peers' flags mapped onto ours; `args.notices`: lines to print once."""
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    args = parser.parse_args(argv)
+    try:
+        args.notices = resolve_peer_args(args, argv, parser)
+    except ValueError as e:
+        parser.error(str(e))
+    return args
 
 
 # ---- namespace -> configs -----------------------------------------------------------------------
+# Megatron-LM's names for a sentencepiece model read through the same tokenizer
+TOKENIZER_ALIASES = {"Llama2Tokenizer": "SentencePieceTokenizer", "GPTSentencePieceTokenizer": "SentencePieceTokenizer"}
+
+
 def tokenizer_kwargs(args) -> dict:
     kind = args.tokenizer_type or ("NullTokenizer" if args.mock_data else None)
     if kind is None:
         raise ConfigError("--tokenizer-type is required with --data-path "
                           "(SentencePieceTokenizer, GPT2BPETokenizer or NullTokenizer)")
+    kind = TOKENIZER_ALIASES.get(kind, kind)
     return dict(tokenizer_type=kind, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
                 merge_file=args.merge_file, vocab_size=args.vocab_size)
 
@@ -302,7 +358,7 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     moe = _moe_config(args, ep)
     # Every size split over TP or EP is known now: a bad layout's suggestions fit all of them.
     check_layout(world_size, tp, ep, tp_divides={**model.tp_split_sizes(), **(moe.tp_split_sizes() if moe else {})},
-                 ep_divides={"--num-experts": moe.num_experts} if moe else {})
+                 ep_divides=moe.ep_split_sizes() if moe else {})
     topology = Topology(world_size, tp, ep)
     train = _train_config(args, topology)
     optim = OptimizerConfig(
@@ -312,6 +368,9 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
         fp16=args.fp16, loss_scale=args.loss_scale, initial_loss_scale=args.initial_loss_scale,
         min_loss_scale=args.min_loss_scale, loss_scale_window=args.loss_scale_window,
         hysteresis=args.hysteresis, check_for_nan=args.check_for_nan_in_loss_and_grad,
+        bucket_size=args.ddp_bucket_size or (max(40_000_000, 1_000_000 * topology.dp)
+                                             if args.overlap_grad_reduce or args.overlap_param_gather else None),
+        overlap_grad_reduce=args.overlap_grad_reduce, overlap_param_gather=args.overlap_param_gather,
         # Megatron-LM: bf16 accumulates and reduces gradients in fp32 unless told otherwise
         accumulate_grads_in_fp32=args.accumulate_allreduce_grads_in_fp32 or (args.bf16 and not args.grad_reduce_in_bf16),
     )
@@ -320,7 +379,7 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
                                 cac=not args.disable_moe_cac)
     recompute.check(model.num_layers)
     return Config(topology, model, moe, recompute, optim, train, _data_config(args), _checkpoint_config(args),
-                  _exit_config(args))
+                  _exit_config(args), tuple(getattr(args, "notices", ())))
 
 
 def _check_optimizer_ranges(args) -> None:
@@ -362,6 +421,11 @@ def _check_unsupported(args) -> None:
         raise ConfigError(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} must equal "
                           f"--tensor-model-parallel-size {args.tensor_model_parallel_size} (TED splits "
                           "each expert over the TP group); drop the flag")
+    if args.overlap_param_gather and not args.use_distributed_optimizer:
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (it overlaps ZeRO-1's "
+                          "parameter all-gather)")
+    if args.ddp_bucket_size is not None and args.ddp_bucket_size < 1:
+        raise ConfigError(f"--ddp-bucket-size must be >= 1 (got {args.ddp_bucket_size})")
     if args.fp16 and args.bf16:
         raise ConfigError("--fp16 and --bf16 are both given: choose one")
     if args.expert_interval is not None and args.moe_layer_freq is not None:
@@ -384,12 +448,14 @@ def _model_config(args, tp: int, vocab_size: int) -> ModelConfig:
         untie_embeddings_and_output_weights=args.untie_embeddings_and_output_weights,
         hidden_dropout=args.hidden_dropout, attention_dropout=args.attention_dropout,
         init_method_std=args.init_method_std, params_dtype=dtype,
+        num_query_groups=args.num_query_groups if args.group_query_attention else None,
     )
     return model
 
 
 def _moe_config(args, ep: int) -> Optional[MoEConfig]:
-    if (args.num_experts or 1) == 1:  # Megatron-DeepSpeed: --num-experts 1 means a dense model
+    counts = args.num_experts or [1]
+    if counts == [1]:  # Megatron-DeepSpeed: --num-experts 1 means a dense model
         if ep > 1:
             raise ConfigError(f"--expert-model-parallel-size {ep} needs --num-experts")
         return None
@@ -404,49 +470,55 @@ def _moe_config(args, ep: int) -> Optional[MoEConfig]:
         raise ConfigError(f"no layer of --num-layers {args.num_layers} gets an MoE block with --expert-interval "
                           f"{args.expert_interval}: use an interval <= --num-layers")
     moe = MoEConfig(
-        num_experts=args.num_experts, layers=layers, topk=args.topk, capacity_factor=args.capacity_factor,
+        num_experts=counts[0], experts_per_layer=tuple(counts) if len(counts) > 1 else None, layers=layers, topk=args.topk, capacity_factor=args.capacity_factor,
         eval_capacity_factor=args.eval_capacity_factor, min_capacity=args.moe_min_capacity,
         drop_tokens=not args.disable_moe_token_dropping, drop_policy=args.moe_token_drop_policy,
         gate_normalization=args.moe_gate_normalization, aux_loss_type=args.moe_router_load_balancing_type,
         aux_loss_coeff=args.aux_loss_coeff, z_loss_coeff=args.moe_z_loss_coeff, jitter_eps=args.moe_input_jitter_eps,
         dtd=not args.disable_moe_dtd, mlp_type=args.mlp_type, expert_ffn_hidden_size=args.moe_ffn_hidden_size,
+        pad_free=args.moe_pad_free, check_tp_routing=args.check_tp_routing,
     )
     return moe
 
 
 def _train_config(args, topology: Topology) -> TrainConfig:
     dp, mbs = topology.dp, args.micro_batch_size
-    gbs = args.global_batch_size or mbs * dp
+    accumulation = getattr(args, "deepspeed_gradient_accumulation_steps", None)
+    gbs = args.global_batch_size or mbs * dp * (accumulation or 1)
+    if accumulation is not None and gbs != mbs * dp * accumulation:
+        raise ConfigError(f"--global-batch-size {gbs} != --micro-batch-size {mbs} x data-parallel size {dp} x "
+                          f"gradient_accumulation_steps {accumulation} of --deepspeed_config: make them agree")
     if gbs % (mbs * dp):
         raise ConfigError(
             f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}; "
             f"use a multiple of {mbs * dp}, e.g. {mbs * dp * max(1, round(gbs / (mbs * dp)))}"
         )
-    for flag, value in (("--train-iters", args.train_iters), ("--log-interval", args.log_interval),
-                        ("--eval-interval", args.eval_interval)):
+    for flag, value in (("--log-interval", args.log_interval), ("--eval-interval", args.eval_interval)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
     if args.eval_iters < 0:
         raise ConfigError(f"--eval-iters must be >= 0 (got {args.eval_iters})")
-    decay_iters = args.lr_decay_iters or args.train_iters
-    warmup = args.lr_warmup_iters
-    if args.lr_warmup_fraction is not None:
-        if args.lr_warmup_iters:
-            raise ConfigError("--lr-warmup-iters and --lr-warmup-fraction are both given: choose one")
-        if not 0.0 <= args.lr_warmup_fraction < 1.0:
-            raise ConfigError(f"--lr-warmup-fraction must be in [0, 1) (got {args.lr_warmup_fraction})")
-        warmup = int(args.lr_warmup_fraction * decay_iters)
-    if warmup < 0:
-        raise ConfigError(f"--lr-warmup-iters must be >= 0 (got {warmup})")
-    if warmup >= decay_iters:
-        raise ConfigError(f"learning-rate warmup ({warmup} iterations) must be shorter than --lr-decay-iters "
-                          f"{decay_iters}")
+    if args.lr_warmup_iters < 0:
+        raise ConfigError(f"--lr-warmup-iters must be >= 0 (got {args.lr_warmup_iters})")
+    try:
+        schedule = schedule_from_args(args, gbs, args.seq_length)
+    except ScheduleError as e:
+        raise ConfigError(str(e)) from None
     return TrainConfig(
-        micro_batch_size=mbs, global_batch_size=gbs, train_iters=args.train_iters, seq_length=args.seq_length,
-        seed=args.seed, lr_decay_style=args.lr_decay_style, lr_warmup_iters=warmup, lr_decay_iters=decay_iters,
+        micro_batch_size=mbs, global_batch_size=gbs, seq_length=args.seq_length, seed=args.seed, schedule=schedule,
         eval_interval=args.eval_interval, eval_iters=args.eval_iters, log_interval=args.log_interval,
-        tensorboard_dir=args.tensorboard_dir, backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes,
+        tensorboard_dir=args.tensorboard_dir, tensorboard=_tensorboard_config(args), backend=args.distributed_backend, timeout_minutes=args.distributed_timeout_minutes,
     )
+
+
+def _tensorboard_config(args) -> TensorBoardConfig:
+    for flag, value in (("--tensorboard-queue-size", args.tensorboard_queue_size),
+                        ("--tensorboard-log-interval", args.tensorboard_log_interval)):
+        if value < 1:
+            raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    return TensorBoardConfig(args.tensorboard_queue_size, args.tensorboard_log_interval, args.log_timers_to_tensorboard,
+                             args.log_batch_size_to_tensorboard, args.log_memory_to_tensorboard,
+                             args.log_validation_ppl_to_tensorboard)
 
 
 def _checkpoint_config(args) -> CheckpointConfig:
@@ -476,5 +548,7 @@ def _data_config(args) -> DataConfig:
         raise ConfigError("no training data: give --data-path PREFIX [...] (from tools/preprocess_data.py) "
                           "or --mock-data")
     kw = tokenizer_kwargs(args)
-    return DataConfig(data_path=args.data_path, split=args.split, mock=args.mock_data,
+    if args.num_workers < 0:
+        raise ConfigError(f"--num-workers must be >= 0 (got {args.num_workers})")
+    return DataConfig(num_workers=args.num_workers, data_path=args.data_path, split=args.split, mock=args.mock_data,
                       cache_dir=args.data_cache_path, eod_mask_loss=args.eod_mask_loss, **kw)

@@ -21,6 +21,7 @@ elementwise arithmetic and agree bitwise; the step's temporaries are bounded by 
 
 from __future__ import annotations
 
+import functools
 import math
 from dataclasses import dataclass
 from typing import Optional
@@ -58,6 +59,11 @@ class OptimizerConfig:
     hysteresis: int = 2
     accumulate_grads_in_fp32: bool = False
     check_for_nan: bool = True  # bf16 / fp32: a non-finite gradient norm stops training (fp16 skips the step)
+    # Buckets: each flat group is cut into parameter-aligned buckets of about this many elements
+    # (None: one bucket per flat group). The reductions are the same with and without overlap.
+    bucket_size: Optional[int] = None
+    overlap_grad_reduce: bool = False  # a bucket's reduction starts once its last gradient is in
+    overlap_param_gather: bool = False  # ZeRO-1: a bucket's all-gather is waited for by the next forward
 
 
 class NonFiniteError(RuntimeError):
@@ -149,19 +155,45 @@ class FlatGroup:
     def reduce_grads(self) -> None:
         """/ DP size, then sum over the group (all-reduce, or reduce-scatter into this rank's
         shard). Dividing first keeps a sum of loss-scaled fp16 gradients from overflowing."""
+        self.start_reduce()
+        self.finish_reduce()
+
+    def start_reduce(self) -> None:
+        """The first half of reduce_grads: the division and the collective, started."""
         n = self.group.size
         if self.dp_size > 1:
             self.grad_buf.div_(self.dp_size)
+        self.pending = None
         if n > 1 and self.shard:
-            self.grads.copy_(comm.raw_reduce_scatter(self.grad_buf.view(n, -1), self.group))
+            out = torch.empty_like(self.grads)
+            self.pending = (comm.reduce_scatter_async(out, self.grad_buf, self.group), out)
         elif n > 1:
-            comm.all_reduce_(self.grad_buf, self.group)
+            self.pending = (comm.all_reduce_async(self.grad_buf, self.group), None)
+
+    def finish_reduce(self) -> None:
+        if self.pending is not None:
+            work, out = self.pending
+            work.wait()
+            if out is not None:
+                self.grads.copy_(out)
+        self.pending = None
 
     def counts_in_norm(self, groups: TEDGroups) -> bool:
         """Whether this rank's shard is the one copy that enters the global norm."""
         if not self.tp_split and groups.tp.rank != 0:
             return False
         return self.shard or self.group.rank == 0
+
+    def gather_params_async(self) -> None:
+        """ZeRO-1: start the gather of every rank's updated shard; `wait_params` completes it."""
+        if self.shard and self.group.size > 1:
+            mine = self.param_buf[self.lo:self.hi].clone()
+            self.gathering = (comm.all_gather_async(self.param_buf, mine, self.group), mine)
+
+    def wait_params(self) -> None:
+        if getattr(self, "gathering", None) is not None:
+            self.gathering[0].wait()
+            self.gathering = None
 
     def gather_params(self, tile: int) -> None:
         """ZeRO-1: every rank's updated shard to every rank. With a tile size, one tile of each
@@ -209,17 +241,41 @@ class Optimizer:
         for (expert, decay, tp_split), params in keyed.items():
             grad_dtype = torch.float32 if cfg.accumulate_grads_in_fp32 else params[0].dtype
             group = groups.edp if expert else groups.dp
-            self.flat_groups.append(FlatGroup(params, group, shard=cfg.use_distributed_optimizer,
-                                              decay=decay, tp_split=tp_split, grad_dtype=grad_dtype,
-                                              dp_size=groups.dp.size))
+            for bucket in _buckets(params, cfg.bucket_size):
+                self.flat_groups.append(FlatGroup(bucket, group, shard=cfg.use_distributed_optimizer,
+                                                  decay=decay, tp_split=tp_split, grad_dtype=grad_dtype,
+                                                  dp_size=groups.dp.size))
         # One scheduler-facing dict per flat group (megatron-core's OptimizerParamScheduler sets
         # 'lr' and 'weight_decay' = wd * 'wd_mult' in these).
         self.param_groups = [
             {"lr": cfg.lr, "weight_decay": cfg.weight_decay, "wd_mult": 1.0 if fg.decay else 0.0}
             for fg in self.flat_groups
         ]
+        self.bucket_of = {p: fg for fg in self.flat_groups for p in fg.params}
+        self._ready: dict = {}  # bucket -> gradients in, during an overlapped backward
+        self._overlapping = False
         for p in self.params():
-            p.register_post_accumulate_grad_hook(_accumulate_into_main_grad)
+            p.register_post_accumulate_grad_hook(self._on_grad)
+        if cfg.overlap_param_gather and cfg.use_distributed_optimizer:
+            for module in model.modules():
+                mine = {self.bucket_of[p] for p in module.parameters(recurse=False) if p in self.bucket_of}
+                if mine:
+                    module.register_forward_pre_hook(functools.partial(_wait_for, tuple(mine)))
+
+    def before_last_backward(self) -> None:
+        """Called before the step's last micro-batch: from now on a bucket whose gradients are all
+        in starts its reduction while backward goes on (--overlap-grad-reduce)."""
+        if self.cfg.overlap_grad_reduce:
+            self._overlapping, self._ready = True, {}
+
+    @torch.no_grad()
+    def _on_grad(self, p: torch.Tensor) -> None:
+        _accumulate_into_main_grad(p)
+        if self._overlapping:
+            bucket = self.bucket_of[p]
+            self._ready[bucket] = self._ready.get(bucket, 0) + 1
+            if self._ready[bucket] == len(bucket.params):  # the same order on every rank: backward's
+                bucket.start_reduce()
 
     def params(self):
         return (p for fg in self.flat_groups for p in fg.params)
@@ -230,9 +286,21 @@ class Optimizer:
 
     @torch.no_grad()
     def reduce_gradients(self) -> None:
-        """Average the accumulated gradients over DP / expert-DP (step 1); call before `step`."""
+        """Average the accumulated gradients over DP / expert-DP (step 1); call before `step`.
+        Buckets an overlapped backward has started are waited for; the rest run now."""
+        started = self._ready if self._overlapping else {}
+        self._overlapping = False
         for fg in self.flat_groups:
-            fg.reduce_grads()
+            if started.get(fg, 0) < len(fg.params):
+                fg.start_reduce()
+        for fg in self.flat_groups:
+            fg.finish_reduce()
+
+    def wait_params(self) -> None:
+        """Complete every overlapped ZeRO-1 parameter gather (before reading the parameters
+        outside a forward)."""
+        for fg in self.flat_groups:
+            fg.wait_params()
 
     @torch.no_grad()
     def step(self) -> StepResult:
@@ -248,9 +316,13 @@ class Optimizer:
             raise NonFiniteError(f"the gradient norm is {norm}")
         clip = self.cfg.clip_grad / (norm + 1e-6) if 0 < self.cfg.clip_grad < norm + 1e-6 else 1.0
         self.step_count += 1
-        for fg, pg in zip(self.flat_groups, self.param_groups):
+        overlap = self.cfg.overlap_param_gather
+        # --overlap-param-gather: the gathers start in forward order (the last bucket holds the
+        # first layers) and the next forward waits for each bucket just before using it
+        pairs = list(zip(self.flat_groups, self.param_groups))
+        for fg, pg in reversed(pairs) if overlap else pairs:
             self._update(fg, pg, clip / scale)
-            fg.gather_params(self.cfg.tile_size)
+            fg.gather_params_async() if overlap else fg.gather_params(self.cfg.tile_size)
         return StepResult(norm, False, scale)
 
     def grad_norm(self) -> float:
@@ -292,6 +364,10 @@ class Optimizer:
 
     @torch.no_grad()
     def load_master_weights(self) -> None:
+        self.wait_params()
+        self._load_master_weights()
+
+    def _load_master_weights(self) -> None:
         """After the fp32 master weights were loaded (megatron.training.checkpointing): the
         parameters become their cast, on every rank of each group (ZeRO-1: gathered)."""
         for fg in self.flat_groups:
@@ -299,6 +375,29 @@ class Optimizer:
             if mine.data_ptr() != fg.master.data_ptr():
                 mine.copy_(fg.master)
             fg.gather_params(self.cfg.tile_size)
+
+
+def _wait_for(buckets, _module, _inputs) -> None:
+    """A module's forward pre-hook: its parameters' buckets are gathered before it runs."""
+    for bucket in buckets:
+        bucket.wait_params()
+
+
+def _buckets(params: list, size: Optional[int]) -> list[list]:
+    """Parameter-aligned buckets of about `size` elements, filled from the last parameter (whose
+    gradient backward computes first), each in model order; one bucket when `size` is None."""
+    if size is None:
+        return [params]
+    out, current, count = [], [], 0
+    for p in reversed(params):
+        current.insert(0, p)
+        count += p.numel()
+        if count >= size:
+            out.append(current)
+            current, count = [], 0
+    if current:
+        out.append(current)
+    return out
 
 
 def _accumulate_into_main_grad(p: torch.Tensor) -> None:

@@ -35,11 +35,14 @@ class StepMetrics:
     timers: dict = field(default_factory=dict)  # seconds (host clock): forward-backward, optimizer
 
 
-def forward_backward(model, microbatches: list[dict], loss_scale: float) -> torch.Tensor:
-    """Accumulate gradients of the mean loss over `microbatches`; returns [lm, aux] loss sums."""
+def forward_backward(model, microbatches: list[dict], loss_scale: float, before_last=None) -> torch.Tensor:
+    """Accumulate gradients of the mean loss over `microbatches`; returns [lm, aux] loss sums.
+    `before_last()` runs before the last micro-batch (the optimizer's overlapped reduction)."""
     n = len(microbatches)
     sums = torch.zeros(2, dtype=torch.float64, device=microbatches[0]["tokens"].device)
-    for mb in microbatches:
+    for i, mb in enumerate(microbatches):
+        if before_last is not None and i == n - 1:
+            before_last()
         out = model(**mb)
         (out.loss * (loss_scale / n)).backward()
         sums += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double()
@@ -49,7 +52,7 @@ def forward_backward(model, microbatches: list[dict], loss_scale: float) -> torc
 def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TEDGroups) -> StepMetrics:
     start = time.perf_counter()
     optimizer.zero_grad()
-    sums = forward_backward(model, microbatches, optimizer.scaler.scale)
+    sums = forward_backward(model, microbatches, optimizer.scaler.scale, optimizer.before_last_backward)
     optimizer.reduce_gradients()
     losses = reduce_losses(sums / len(microbatches), groups)
     if optimizer.cfg.check_for_nan and not optimizer.cfg.fp16 and not all(map(math.isfinite, losses)):
@@ -343,10 +346,12 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
             _save(checkpointer, iteration, consumed, run, model, optimizer, scheduler)
         if stop:
             checkpointer.finalize()
+            optimizer.wait_params()
             print_rank0(f"> exiting at iteration {iteration}: {stop}")
             log.close()
             return history
     checkpointer.finalize()
+    optimizer.wait_params()
     if valid_ds is not None and t.eval_iters and t.train_iters % t.eval_interval:
         loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
         history["valid"].append((t.train_iters, loss))
