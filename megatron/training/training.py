@@ -299,6 +299,8 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     """Train for --train-iters (resuming from --load), evaluating every --eval-interval and saving
     every --save-interval and at the end; returns the loss history of the iterations run here."""
     t, ck = cfg.train, cfg.checkpoint
+    for notice in cfg.notices:
+        print_rank0(f"> notice: {notice}")
     model = build_model(cfg, groups, device)
     optimizer = Optimizer(model, groups, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
