@@ -251,3 +251,33 @@ def test_a_non_finite_loss_stops_training_naming_the_iteration_and_the_last_chec
     assert "iteration 1:" not in message  # the first steps were finite and saved
     regardless = train((1, 1, 1), 6, "--lr", "1e6", "--lr-warmup-iters", "0", "--no-check-for-nan-in-loss-and-grad")
     assert "number of nan iterations:   1" in regardless["printed"]
+
+
+# ---- leaving early: a signal, a duration ---------------------------------------------------------------
+def signalled_case(argv, delay: float):
+    """pretrain_case, with rank 1 sending itself SIGTERM after `delay` seconds of training."""
+    import signal
+    import threading
+
+    if torch.distributed.get_rank() == 1:
+        threading.Timer(delay, os.kill, (os.getpid(), signal.SIGTERM)).start()
+    out = pretrain_case(argv)
+    return out if out is not None else "rank 1 returned"
+
+
+def test_a_signal_on_one_rank_saves_and_exits_on_every_rank_at_the_same_step(tmp_path):
+    argv = MODEL + MOE + BATCH + ["--train-iters", "400", "--save", str(tmp_path), "--exit-signal-handler"]
+    out = run(2, signalled_case, argv + layout_flags(1, 2, 2), 3.0)  # a return from both: no rank hangs
+    assert out[1] == "rank 1 returned"
+    printed = out[0]["printed"]
+    stopped = int(printed.split("> exiting at iteration ")[1].split(":")[0])
+    assert "SIGTERM received" in printed and 1 <= stopped < 400
+    assert ckpt.read_checkpoint_meta(str(tmp_path))["iteration"] == stopped
+
+
+def test_exit_duration_and_interval_save_and_stop(tmp_path):
+    late = train((1, 1, 1), 50, "--save", str(tmp_path / "late"), "--exit-duration-in-mins", "0.00001")
+    assert "--exit-duration-in-mins 1e-05 reached" in late["printed"]
+    assert ckpt.read_checkpoint_meta(str(tmp_path / "late"))["iteration"] == 1
+    early = train((1, 1, 1), 50, "--exit-interval", "4")
+    assert "> exiting at iteration 4: --exit-interval 4 reached" in early["printed"]

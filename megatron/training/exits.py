@@ -29,8 +29,15 @@ class ExitControl:
         self.cfg, self.groups, self.device = cfg, groups, device
         self.start = time.time()
         self.received = False
+        self._previous = None
         if cfg.signal_handler:
-            signal.signal(getattr(signal, cfg.signal_name), self._on_signal)
+            self._previous = signal.signal(getattr(signal, cfg.signal_name), self._on_signal)
+
+    def close(self) -> None:
+        """Give the signal back to whoever had it before training."""
+        if self._previous is not None:
+            signal.signal(getattr(signal, self.cfg.signal_name), self._previous)
+            self._previous = None
 
     def _on_signal(self, signum, frame) -> None:
         self.received = True  # acted on at the end of the current iteration

@@ -349,11 +349,13 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
         if stop:
             checkpointer.finalize()
             optimizer.wait_params()
+            exits.close()
             print_rank0(f"> exiting at iteration {iteration}: {stop}")
             log.close()
             return history
     checkpointer.finalize()
     optimizer.wait_params()
+    exits.close()
     if valid_ds is not None and t.eval_iters and t.train_iters % t.eval_interval:
         loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
         history["valid"].append((t.train_iters, loss))
