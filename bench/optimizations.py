@@ -41,6 +41,9 @@ CONFIGS = {  # name -> (recompute, cac, zero1, tiled)
     "tiled": (False, False, False, True),
     "all": (True, True, True, True),
 }
+# --overlap-grad-reduce / --overlap-param-gather against the same buckets reduced after backward
+OVERLAP = {"zero1+buckets": False, "zero1+overlap": True}
+CONFIGS.update({name: (False, False, True, False) for name in OVERLAP})
 
 
 # ---- memory readings ------------------------------------------------------------------------------
@@ -87,8 +90,11 @@ def run_config(name: str, opts) -> dict | None:
     model = apply_patches(GPTModel(mcfg, groups, seed=7, device=device, init=False), moe, seed=7)
     apply_recompute(model, RecomputeConfig("full", "uniform", 1, cac=cac) if recompute else RecomputeConfig())
     model.to(dtype=getattr(torch, opts.dtype))
+    overlap = OVERLAP.get(name)
     opt = Optimizer(model, groups, OptimizerConfig(lr=1e-4, use_distributed_optimizer=zero1,
-                                                   tile_size=opts.tile if tiled else 0))
+                                                   tile_size=opts.tile if tiled else 0,
+                                                   bucket_size=opts.bucket if overlap is not None else None,
+                                                   overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(overlap)))
     gen = torch.Generator(device=device).manual_seed(groups.dp.rank)
     data = torch.randint(0, opts.vocab, (opts.micro_batch, opts.seq + 1), generator=gen, device=device)
     batch = [dict(tokens=data[:, :-1], labels=data[:, 1:],
@@ -100,7 +106,7 @@ def run_config(name: str, opts) -> dict | None:
             for fg in opt.flat_groups:
                 fg.grad_buf.normal_(0.0, 1e-3, generator=gen)
         else:
-            forward_backward(model, batch, opt.scaler.scale)
+            forward_backward(model, batch, opt.scaler.scale, opt.before_last_backward)
         opt.reduce_gradients()
 
     forward_backward_reduce()  # warm-up: the first step's allocations are not the steady state
@@ -116,12 +122,13 @@ def run_config(name: str, opts) -> dict | None:
         peak_fwd_bwd = memory(device)[1]
         before_step = memory(device)[0]
         reset_peak(device)  # the optimizer step's own high-water mark
-        opt.step()
+        opt.step()  # an overlapped parameter gather finishes in the next forward, as in training
         _sync(device)
         times.append((time.perf_counter() - start) * 1000)
         peak_step = memory(device)[1]
         peaks.append(max(peak_fwd_bwd, peak_step))
         extras.append(peak_step - before_step)
+    opt.wait_params()
     summary = groups.ledger.summary()
     moe_layers = len(moe.layers)
     result = dict(
@@ -175,6 +182,7 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tile", type=int, default=1 << 20, help="elements per tile for the tiled step")
     p.add_argument("--steps", type=int, default=3)
+    p.add_argument("--bucket", type=int, default=1 << 20, help="elements per gradient bucket in the overlap configs")
     p.add_argument("--configs", default=None,
                    help="comma-separated; default: all (without the recompute ones with --optimizer-only)")
     p.add_argument("--optimizer-only", action="store_true",
@@ -188,7 +196,7 @@ def main(argv=None):
     if opts.configs is None:
         # --optimizer-only: no forward, so the configurations that differ only in recompute go
         names = [n for n, (recompute, _, zero1, tiled) in CONFIGS.items()
-                 if not (opts.optimizer_only and recompute and not (zero1 or tiled))]
+                 if not (opts.optimizer_only and (n in OVERLAP or (recompute and not (zero1 or tiled))))]
         opts.configs = ",".join(names)
     if opts.gpu:
         opts.tp = opts.ep = opts.dp = 1
