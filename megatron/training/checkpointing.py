@@ -550,7 +550,7 @@ class Checkpointer:
 
     def __init__(self, cfg: CheckpointConfig, groups: TEDGroups):
         self.cfg, self.groups = cfg, groups
-        self.pg = dist.new_group(backend="gloo") if (cfg.save or cfg.load) else None
+        self.pg = _checkpoint_group() if (cfg.save or cfg.load) else None
         self.pending = None  # an async save still writing: (future, iteration)
         self.latest: Optional[str] = None  # the newest checkpoint saved or loaded by this run
 
@@ -633,6 +633,18 @@ class Checkpointer:
                 f"{_layout(self.groups)['name']} (each rank's streams belong to its place in the layout)")
             return
         set_rng_state(model, read_rng_file(folder, self.groups.world.rank))
+
+
+_GROUPS: dict = {}
+
+
+def _checkpoint_group():
+    """One gloo group over the world for DCP, made once per process group (a collective)."""
+    world = dist.group.WORLD
+    if world not in _GROUPS:
+        _GROUPS.clear()  # a group of an earlier, destroyed world is of no use
+        _GROUPS[world] = dist.new_group(backend="gloo")
+    return _GROUPS[world]
 
 
 def _layout(groups: TEDGroups) -> dict:
