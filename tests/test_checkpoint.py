@@ -175,7 +175,7 @@ def _preflight(argv, capsys, monkeypatch) -> tuple[int, str]:
     monkeypatch.setenv("WORLD_SIZE", "1")
     monkeypatch.setenv("RANK", "0")
     try:
-        pretrain_gpt_moe.load_config(MODEL + MOE + BATCH + ["--train-iters", "4"] + argv)
+        pretrain_gpt_moe.load_config(MODEL + MOE + BATCH + ["--train-iters", "3"] + argv)
         code = 0
     except SystemExit as e:
         code = e.code
@@ -191,6 +191,9 @@ def test_bad_checkpoints_are_errors_before_training(tmp_path, capsys, monkeypatc
     assert code == 2 and "model hidden_size = 32, the flags give 64" in err, err
     code, err = _preflight(["--load", save, "--num-experts", "4"], capsys, monkeypatch)
     assert code == 2 and "num_experts = 8, the flags give 4" in err, err
+    code, err = _preflight(["--load", save, "--lr", "5e-3"], capsys, monkeypatch)
+    assert code == 2 and "max_lr 0.001 -> 0.005" in err and "--override-opt_param-scheduler" in err, err
+    assert _preflight(["--load", save, "--lr", "5e-3", "--override-opt_param-scheduler"], capsys, monkeypatch)[0] == 0
     data = next(f for f in os.listdir(folder) if f.endswith(".distcp"))
     os.truncate(os.path.join(folder, data), 100)
     code, err = _preflight(["--load", save], capsys, monkeypatch)
@@ -226,7 +229,8 @@ def test_a_mismatched_tensor_names_itself_and_both_shapes(tmp_path):
 def test_load_of_nothing_starts_from_scratch_and_changes_are_warned(tmp_path):
     empty = train((1, 1, 1), 3, "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "run"))
     assert f"WARNING: no checkpoint in --load {tmp_path / 'nowhere'}: training from scratch" in empty["printed"]
-    resumed = train((1, 1, 1), 5, "--load", str(tmp_path / "run"), "--global-batch-size", "4", "--lr-decay-iters", "3")
+    resumed = train((1, 1, 1), 5, "--load", str(tmp_path / "run"), "--global-batch-size", "4",
+                    "--override-opt_param-scheduler")
     assert "--global-batch-size 8, now 4" in resumed["printed"]
     assert "consumed samples:           32 |" in resumed["printed"]  # 3 x 8, then 2 x 4
 

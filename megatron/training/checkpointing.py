@@ -32,6 +32,7 @@ import os
 import pickle
 import random
 import shutil
+import time
 from dataclasses import dataclass
 from typing import Optional
 
@@ -603,7 +604,7 @@ class Checkpointer:
     # -- load --
     def load(self, model, optimizer, scheduler, log) -> Resumed:
         """Every rank. Restores what the flags ask for; returns where training resumes."""
-        cfg = self.cfg
+        cfg, start = self.cfg, time.time()
         found = find_checkpoint(cfg.load)
         if found is None:
             log(f"WARNING: no checkpoint in --load {cfg.load}: training from scratch")
@@ -617,10 +618,14 @@ class Checkpointer:
         if with_optimizer:
             optimizer.step_count = meta["optimizer_step"]
             optimizer.scaler.load_state_dict(meta["loss_scaler"])
-            scheduler.load_state_dict(meta["scheduler"])
+            try:
+                scheduler.load_state_dict(meta["scheduler"])
+            except AssertionError as e:  # megatron-core's own check (check_schedule runs it earlier)
+                raise CheckpointError(f"{found}: {e}; pass --override-opt_param-scheduler or "
+                                      "--use-checkpoint-opt_param-scheduler") from None
         self._load_rng(found, meta, model, log)
-        log(f"> loaded {found} (iteration {meta['iteration']}, saved at {meta.get('layout', {}).get('name', 'one process')})"
-            + ("" if with_optimizer else "; optimizer state not loaded"))
+        log(f"> loaded {found} (iteration {meta['iteration']}, saved at {meta.get('layout', {}).get('name', 'one process')}) "
+            f"in {time.time() - start:.2f} s" + ("" if with_optimizer else "; optimizer state not loaded"))
         if cfg.finetune:
             return Resumed()
         return Resumed(meta["iteration"], meta["consumed_samples"])
@@ -652,18 +657,39 @@ def _layout(groups: TEDGroups) -> dict:
     return {"world": t.world_size, "tp": t.tp, "ep": t.ep, "dp": t.dp, "name": t.describe()}
 
 
-def check_checkpoint_flags(cfg: CheckpointConfig, model: ModelConfig, moe: Optional[MoEConfig], topology,
-                           rank: int) -> None:
+def check_checkpoint_flags(config, rank: int) -> None:
     """Before any process group, on every rank: --save can be written, and --load holds nothing
-    (then training starts from scratch) or a whole checkpoint of the same model's shape, with
-    this rank's RNG file readable as plain data when it will be restored."""
+    (then training starts from scratch) or a whole checkpoint of the same model's shape and
+    learning-rate schedule, with this rank's RNG file readable as plain data when it will be
+    restored. `config`: megatron.training.arguments.Config."""
     from megatron.training.arguments import check_writable_directory
 
+    cfg = config.checkpoint
     if cfg.save:
         check_writable_directory("--save", cfg.save)
     if cfg.load and find_checkpoint(cfg.load) is not None:
         meta = read_checkpoint_meta(cfg.load)
-        check_compatible(meta, model, moe, meta["path"])
-        same_layout = meta.get("layout", {}).get("name") == topology.describe()
+        check_compatible(meta, config.model, config.moe, meta["path"])
+        if meta.get("has_optimizer") and not (cfg.no_load_optim or cfg.finetune):
+            check_schedule(meta, config)
+        same_layout = meta.get("layout", {}).get("name") == config.topology.describe()
         if meta.get("has_rng") and same_layout and not (cfg.no_load_rng or cfg.finetune):
             read_rng_file(meta["path"], rank)
+
+
+def check_schedule(meta: dict, config) -> None:
+    """Megatron's rule on resume: the schedule the flags give must be the checkpoint's, unless
+    --override-opt_param-scheduler (the flags win) or --use-checkpoint-opt_param-scheduler."""
+    s, o = config.train.schedule, config.optim
+    if s.override or s.use_checkpoint:
+        return
+    now = {"max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": s.warmup_steps, "lr_decay_steps": s.decay_steps,
+           "lr_decay_style": s.decay_style, "wd_incr_steps": s.train_iters * s.per_iteration,
+           "start_wd": o.weight_decay, "end_wd": o.weight_decay}
+    saved = meta.get("scheduler", {})
+    changed = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
+    if changed:
+        raise CheckpointError(f"{meta['path']}: the learning-rate schedule differs from the checkpoint's "
+                              f"({'; '.join(changed)}; steps in {s.unit}): pass --override-opt_param-scheduler to "
+                              "train with the flags' schedule, or --use-checkpoint-opt_param-scheduler to keep the "
+                              "checkpoint's")
