@@ -1,15 +1,20 @@
 #!/usr/bin/env python
-"""Our TED MoE layer against DeepSpeed's `deepspeed.moe.layer.MoE`, per layout, on gloo.
+"""Our TED MoE layer (padded and padding-free) against DeepSpeed's `deepspeed.moe.layer.MoE`,
+per layout, capacity factor and routing skew, on gloo.
 
-For every (TP, EP, DP) one local gloo world runs, on every rank and side by side in the same
-loop: our layer with DTD on (and off when TP > 1), DeepSpeed's layer with the same hidden size,
-experts, top-k, capacity factor and tokens per rank (where it runs: its TP path fails on gloo as
-shipped), our experts alone on this rank's local shapes (the limit: the layer's share of time in
-them), and the same expert MLPs as a loop of nn.Linear. Each timed iteration is forward +
-backward between two barriers; the table shows medians.
+For every (TP, EP, DP) one local gloo world runs. For every case (capacity factor 1.0, 1.25,
+2.0 and no-drop; each with a plain and a skewed router, where one expert gets 4x its share of
+the assignments) every rank builds, with the same gate weights and input: our layer padded,
+our layer padding-free, DeepSpeed's layer (where it runs: its TP path fails on gloo as shipped),
+and the floors: our experts alone on the rows each path computes (the padded buffer
+[E_l, TP * EP * C, H]; the real rows, grouped). Each repetition times every one of them in turn
+(forward + backward between two barriers), so drift on a shared machine hits all alike; a row
+reports the median, min and max over repetitions, and its ratios to DeepSpeed and to the padded
+path are the medians (and ranges) of the per-repetition ratios.
 
-    python bench/moe_layer.py                # default layouts, table
-    python bench/moe_layer.py --json         # JSON Lines, one object per (layout, impl, DTD)
+    python bench/moe_layer.py                # the default layouts and every case, a table
+    python bench/moe_layer.py --json         # JSON Lines, one object per (layout, case, impl)
+    python bench/moe_layer.py --profile      # torch.profiler tables at (1,1,1): where the time goes
 
 Bytes are what this rank sends in one forward + backward: ours from the comm ledger
 (megatron.parallel.comm), DeepSpeed's from its all-to-all calls seen by a dispatch mode.
@@ -36,6 +41,10 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 from harness import ted_groups, world as local_world  # noqa: E402
 
 DEFAULT_LAYOUTS = "1,1,1 1,2,2 1,4,4 2,2,2 2,2,4"
+DEFAULT_CFS = "1.0 1.25 2.0 none"
+SKEW_FACTOR = 4  # the skewed expert's assignments / its fair share (K * T / E)
+DS_TP_NOTE = ("DeepSpeed's TP path does not run on gloo as shipped (its token all-gather passes an N-D input "
+              "to a 1-D output, which gloo rejects)")
 
 
 class AllToAllCounter(TorchDispatchMode):
@@ -68,157 +77,255 @@ def _model_config(opts):
                        vocab_size=128, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def _our_layer(opts, groups, dtd: bool):
+def _our_layer(opts, groups, cf, pad_free: bool, skew: bool):
     from megatron.model.params import init_parameters
     from ted_patches.config import MoEConfig
     from ted_patches.moe_layer import MoELayer
 
-    mcfg = _model_config(opts)
-    cfg = MoEConfig(num_experts=opts.experts, layers=(0,), topk=opts.topk, capacity_factor=opts.capacity_factor,
-                    eval_capacity_factor=opts.capacity_factor, dtd=dtd)
+    cfg = MoEConfig(num_experts=opts.experts, layers=(0,), topk=opts.topk, capacity_factor=cf or 1.0,
+                    eval_capacity_factor=cf or 1.0, drop_tokens=cf is not None, pad_free=pad_free)
     holder = torch.nn.Module()
-    holder.moe = MoELayer(mcfg, cfg, groups)
+    holder.moe = MoELayer(_model_config(opts), cfg, groups)
     init_parameters(holder, 1234, groups)
+    if skew:  # feature 0 speaks to expert 0 alone (the skewed tokens carry it: see _inputs)
+        with torch.no_grad():
+            holder.moe.router.weight[:, 0] = 0.0
+            holder.moe.router.weight[0, 0] = 1.0
     return holder.moe
+
+
+def _inputs(opts, groups, skew: bool):
+    """This rank's tokens (shared by its TP group) and a fixed output probe. Skewed: the first
+    SKEW_FACTOR * K * T / E tokens carry feature 0 = 10, which makes expert 0 their first choice."""
+    gen = torch.Generator().manual_seed(100 + dist.get_rank() // groups.tp.size)
+    x = torch.randn(opts.tokens, opts.hidden, generator=gen)
+    probe = torch.randn(opts.tokens, opts.hidden, generator=gen)
+    if skew:
+        x[: min(opts.tokens, round(SKEW_FACTOR * opts.topk * opts.tokens / opts.experts)), 0] = 10.0
+    return x.requires_grad_(True), probe  # as inside a model: input gradients are needed
+
+
+def _ds_layer(opts, groups, cf, gate_weight):
+    import deepspeed_reference
+
+    layer = deepspeed_reference.build_moe(hidden=opts.hidden, ffn=opts.ffn, experts=opts.experts, ep=groups.ep.size,
+                                          topk=opts.topk, capacity_factor=cf or 1.0, drop_tokens=cf is not None)
+    with torch.no_grad():
+        layer.deepspeed_moe.gate.wg.weight.copy_(gate_weight)  # the same routing as ours
+    return layer
+
+
+def _step_of(layer, x, probe, hidden):
+    def step():
+        for p in [x, *layer.parameters()]:
+            p.grad = None
+        out = layer(x.view(1, -1, hidden))
+        y, aux = out[0], out[1]
+        aux_loss = aux.loss if hasattr(aux, "loss") else aux
+        ((y.view_as(probe) * probe).sum() + 0.01 * aux_loss).backward()
+    return step
+
+
+def _expert_shapes(layer, step):
+    """Run `step` once, recording what our experts were given: ("padded", [E_l, N, H]) or
+    ("packed", counts)."""
+    seen = {}
+    experts = layer.experts
+    forward, packed = experts.forward, experts.forward_packed
+
+    def spy_forward(x):
+        seen["shape"] = ("padded", list(x.shape))
+        return forward(x)
+
+    def spy_packed(x, counts, fc2_bias=None, backend=None):
+        seen["shape"] = ("packed", list(counts))
+        return packed(x, counts, fc2_bias, backend)
+
+    experts.forward, experts.forward_packed = spy_forward, spy_packed
+    try:
+        step()
+    finally:
+        del experts.forward, experts.forward_packed
+    return seen["shape"]
+
+
+def _gemm_step(experts, shape, hidden):
+    """The experts alone, forward + backward, on the rows one path computes."""
+    kind, dims = shape
+    if kind == "padded":
+        x, grad = torch.randn(*dims, requires_grad=True), torch.randn(*dims)
+    else:
+        x, grad = torch.randn(sum(dims), hidden, requires_grad=True), torch.randn(sum(dims), hidden)
+
+    def step():
+        for t in [x, *experts.parameters()]:
+            t.grad = None
+        if kind == "padded":
+            y, bias = experts(x)
+            y = y if bias is None else y + bias[:, None, :]
+        else:  # as the layer runs them: the fc2 bias inside the GEMM
+            y, _ = experts.forward_packed(x, dims, experts.b2)
+        y.backward(grad)
+    return step
+
+
+def _summary(ts: list[float]) -> dict:
+    q = statistics.quantiles(ts, n=4) if len(ts) > 1 else [ts[0]] * 3
+    return dict(median=statistics.median(ts), min=min(ts), max=max(ts), iqr=q[2] - q[0])
 
 
 def measure(tp: int, ep: int, opts) -> list[dict] | None:
     """On every rank of a world of TP x DP; rank 0 returns the rows."""
     groups = ted_groups(tp, ep)
-    torch.manual_seed(100 + dist.get_rank() // tp)  # the TP ranks of a group share their input
-    x = torch.randn(opts.tokens, opts.hidden, requires_grad=True)  # as inside a model: input grads are needed
-    probe = torch.randn(opts.tokens, opts.hidden)
+    rows = []
+    for cf in opts.cfs:
+        for skew in opts.skews:
+            rows += _measure_case(groups, opts, cf, skew)
+    return rows if dist.get_rank() == 0 else None
 
-    def step_of(layer):
-        def step():
-            for p in [x, *layer.parameters()]:
-                p.grad = None
-            out = layer(x.view(1, -1, opts.hidden))
-            y, aux = out[0], out[1]
-            aux_loss = aux.loss if hasattr(aux, "loss") else aux
-            ((y.view_as(probe) * probe).sum() + 0.01 * aux_loss).backward()
-        return step
 
-    impls = {f"ours-dtd={dtd}": step_of(_our_layer(opts, groups, dtd)) for dtd in ([True, False] if tp > 1 else [True])}
-    ds_layer = None
+def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
+    tp, ep = groups.tp.size, groups.ep.size
+    x, probe = _inputs(opts, groups, skew)
+    layers = {pf: _our_layer(opts, groups, cf, pf, skew) for pf in (False, True)}
+    steps = {"padded": _step_of(layers[False], x, probe, opts.hidden),
+             "pad-free": _step_of(layers[True], x, probe, opts.hidden)}
     if tp == 1:
-        import deepspeed_reference
-
-        ds_layer = deepspeed_reference.build_moe(hidden=opts.hidden, ffn=opts.ffn, experts=opts.experts, ep=ep,
-                                                topk=opts.topk, capacity_factor=opts.capacity_factor, drop_tokens=True)
-        impls["deepspeed"] = step_of(ds_layer)
-    gemm_steps, gemm_shape = _gemm_steps(opts, groups)
-    impls.update(gemm_steps)
-
-    bytes_ = {}
-    for name, step in impls.items():  # one untimed pass each: warm-up and byte counts
+        steps["deepspeed"] = _step_of(_ds_layer(opts, groups, cf, layers[False].router.weight), x, probe, opts.hidden)
+    info, shapes = {}, {}
+    for name in ("padded", "pad-free", "deepspeed"):  # one untimed pass each: warm-up, bytes, expert shapes
+        if name not in steps:
+            continue
         groups.ledger.reset()
         with AllToAllCounter() as counter:
-            step()
-        bytes_[name] = dict(a2a=counter.nbytes if name == "deepspeed" else groups.ledger.nbytes("all_to_all", "ep"),
-                            ag=groups.ledger.nbytes("all_gather", "tp"), rs=groups.ledger.nbytes("reduce_scatter", "tp"),
-                            ar=groups.ledger.nbytes("all_reduce", "tp"))
-    times = {name: [] for name in impls}
-    for _ in range(opts.warmup + opts.iters):  # interleaved: every implementation sees the same noise
-        for name, step in impls.items():
+            if name == "deepspeed":
+                steps[name]()
+            else:
+                shapes[name] = _expert_shapes(layers[name == "pad-free"], steps[name])
+        info[name] = dict(a2a=counter.nbytes if name == "deepspeed" else groups.ledger.nbytes("all_to_all", "ep"),
+                          ag=groups.ledger.nbytes("all_gather", "tp"), rs=groups.ledger.nbytes("reduce_scatter", "tp"),
+                          ar=groups.ledger.nbytes("all_reduce", "tp"))
+    steps["gemms-padded"] = _gemm_step(layers[False].experts, shapes["padded"], opts.hidden)
+    steps["gemms-pad-free"] = _gemm_step(layers[True].experts, shapes["pad-free"], opts.hidden)
+    with torch.no_grad():
+        _, aux = layers[False](x.view(1, -1, opts.hidden))
+    dropped = aux.dropped
+    times = {name: [] for name in steps}
+    for rep in range(opts.warmup + opts.iters):  # interleaved: every implementation sees the same noise
+        for name, step in steps.items():
             times[name].append(_timed(step))
-    ms = {name: statistics.median(t[opts.warmup:]) for name, t in times.items()}
+    times = {name: t[opts.warmup:] for name, t in times.items()}
     if dist.get_rank() != 0:
-        return None
-    rows = []
-    for name in impls:
-        if name.startswith("gemms"):
+        return []
+
+    def ratio(a, b):
+        r = [p / q for p, q in zip(times[a], times[b])]
+        return round(statistics.median(r), 3), round(min(r), 3), round(max(r), 3)
+
+    out = []
+    for name in ("padded", "pad-free", "deepspeed"):
+        pad_free = name == "pad-free"
+        floor = "gemms-pad-free" if pad_free else "gemms-padded"
+        kind, dims = shapes["pad-free" if pad_free else "padded"]
+        row = dict(impl="deepspeed" if name == "deepspeed" else "ours", tp=tp, ep=ep, dp=groups.dp.size, topk=opts.topk,
+                   capacity_factor=cf, pad_free=pad_free, skew=skew, dtd=tp > 1 and name != "deepspeed",
+                   tokens_per_rank=opts.tokens, dropped=round(dropped, 4),
+                   expert_rows=dims[0] * dims[1] if kind == "padded" else sum(dims), reps=opts.iters)
+        if name not in steps:
+            out.append(dict(row, ms_fwd_bwd=None, ms_expert_gemms=None, a2a_bytes_per_rank=None, note=DS_TP_NOTE))
             continue
-        impl, dtd = ("deepspeed", False) if name == "deepspeed" else ("ours", name.endswith("True"))
-        rows.append(dict(tp=tp, ep=ep, dp=groups.dp.size, topk=opts.topk, impl=impl, dtd=dtd and tp > 1,
-                         a2a_bytes_per_rank=bytes_[name]["a2a"], tp_allgather_bytes_per_rank=bytes_[name]["ag"],
-                         tp_reduce_scatter_bytes_per_rank=bytes_[name]["rs"],
-                         tp_allreduce_bytes_per_rank=bytes_[name]["ar"], ms_fwd_bwd=round(ms[name], 2),
-                         ms_expert_gemms=round(ms["gemms"], 2),
-                         ms_expert_linear_loop=round(ms["gemms-linear-loop"], 2), expert_gemm_shape=gemm_shape))
-    if tp > 1:
-        rows.append(dict(tp=tp, ep=ep, dp=groups.dp.size, topk=opts.topk, impl="deepspeed", dtd=False,
-                         a2a_bytes_per_rank=None, tp_allgather_bytes_per_rank=None,
-                         tp_reduce_scatter_bytes_per_rank=None, tp_allreduce_bytes_per_rank=None, ms_fwd_bwd=None,
-                         ms_expert_gemms=round(ms["gemms"], 2),
-                         ms_expert_linear_loop=round(ms["gemms-linear-loop"], 2), note="DeepSpeed's TP path does not run on gloo as shipped (its token all-gather "
-                              "passes an N-D input to a 1-D output, which gloo rejects)"))
-    return rows
+        t, g = _summary(times[name]), _summary(times[floor])
+        row.update(ms_fwd_bwd=round(t["median"], 2), ms_fwd_bwd_min=round(t["min"], 2), ms_fwd_bwd_max=round(t["max"], 2),
+                   ms_fwd_bwd_iqr=round(t["iqr"], 2), ms_expert_gemms=round(g["median"], 2),
+                   ms_expert_gemms_min=round(g["min"], 2), ms_expert_gemms_max=round(g["max"], 2),
+                   overhead_vs_gemms=ratio(name, floor)[0] - 1,
+                   a2a_bytes_per_rank=info[name]["a2a"], tp_allgather_bytes_per_rank=info[name]["ag"],
+                   tp_reduce_scatter_bytes_per_rank=info[name]["rs"], tp_allreduce_bytes_per_rank=info[name]["ar"])
+        row["overhead_vs_gemms"] = round(row["overhead_vs_gemms"], 3)
+        if "deepspeed" in steps and name != "deepspeed":
+            row["ratio_vs_deepspeed"], row["ratio_vs_deepspeed_min"], row["ratio_vs_deepspeed_max"] = ratio(name, "deepspeed")
+        if pad_free:
+            row["ratio_vs_padded"], row["ratio_vs_padded_min"], row["ratio_vs_padded_max"] = ratio(name, "padded")
+        out.append(row)
+    return out
 
 
-def _gemm_steps(opts, groups):
-    """This rank's expert computation alone, fwd + bwd, on its local shapes: our batched experts
-    (the layer's own GroupedExperts) and, for comparison, a loop of nn.Linear (DeepSpeed's way)."""
-    from megatron.model.params import init_parameters
-    from ted_patches.experts import GroupedExperts
-    from ted_patches.router import token_capacity
+def profile_tables(opts, rows: int = 25) -> str:
+    """torch.profiler tables (self CPU time) of one layer forward + backward at (1,1,1), for each
+    implementation and the first capacity factor; the experts' GEMMs are the bmm / mm / addmm rows."""
+    from torch.profiler import ProfilerActivity, profile
 
-    e_local = opts.experts // groups.ep.size
-    capacity = token_capacity(opts.tokens, opts.experts, opts.topk, opts.capacity_factor, 4)
-    capacity = -(-capacity // groups.tp.size) * groups.tp.size
-    n = groups.ep.size * capacity  # tokens per local expert: a capacity block from every EP peer
-    f = opts.ffn // groups.tp.size
-    mcfg = _model_config(opts)
-    holder = torch.nn.Module()
-    holder.experts = GroupedExperts(mcfg, e_local, opts.ffn, groups)
-    init_parameters(holder, 1, groups)
-    linears = [torch.nn.Sequential(torch.nn.Linear(opts.hidden, f), torch.nn.GELU(), torch.nn.Linear(f, opts.hidden))
-               for _ in range(e_local)]
-    x = torch.randn(e_local, n, opts.hidden, requires_grad=True)
-    grad = torch.randn(e_local, n, opts.hidden)
-
-    def batched():
-        for t in [x, *holder.parameters()]:
-            t.grad = None
-        y, bias = holder.experts(x)
-        (y + bias[:, None, :]).backward(grad)
-
-    def linear_loop():
-        for t in [x, *(p for m in linears for p in m.parameters())]:
-            t.grad = None
-        torch.stack([m(x[i]) for i, m in enumerate(linears)]).backward(grad)
-
-    return {"gemms": batched, "gemms-linear-loop": linear_loop}, [e_local, n, opts.hidden, f]
+    groups = ted_groups(1, 1)
+    cf = opts.cfs[0]
+    x, probe = _inputs(opts, groups, False)
+    layers = {pf: _our_layer(opts, groups, cf, pf, False) for pf in (False, True)}
+    steps = {"ours padded": _step_of(layers[False], x, probe, opts.hidden),
+             "ours pad-free": _step_of(layers[True], x, probe, opts.hidden),
+             "deepspeed": _step_of(_ds_layer(opts, groups, cf, layers[False].router.weight), x, probe, opts.hidden)}
+    out = []
+    for name, step in steps.items():
+        for _ in range(opts.warmup + 1):
+            step()
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(opts.iters):
+                step()
+        out.append(f"== {name}: cf {cf}, {opts.iters} forward + backward, {torch.get_num_threads()} threads ==")
+        out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+    return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:
-    head = ("layout (TP,EP,DP)", "impl", "DTD", "a2a B/rank", "TP AG B/rank", "TP RS B/rank", "TP AR B/rank",
-            "fwd+bwd ms", "vs DS", "experts alone ms", "share", "nn.Linear loop ms")
+    head = ("layout (TP,EP,DP)", "cf", "skew", "impl", "rows", "a2a B/rank", "fwd+bwd ms (min-max)", "experts ms",
+            "overhead", "vs DS (min-max)", "vs padded (min-max)")
     lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
-    ds = {(r["tp"], r["ep"], r["dp"]): r["ms_fwd_bwd"] for r in rows if r["impl"] == "deepspeed"}
     for r in rows:
         layout = f"({r['tp']},{r['ep']},{r['dp']})"
+        cf = "no-drop" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
+        impl = "deepspeed" if r["impl"] == "deepspeed" else ("ours pad-free" if r["pad_free"] else "ours padded")
         if r["ms_fwd_bwd"] is None:
-            lines.append(" | ".join([layout, r["impl"], "-", "n/a", "n/a", "n/a", "n/a", "does not run", "-",
-                                     f"{r['ms_expert_gemms']:.1f}", "-", f"{r['ms_expert_linear_loop']:.1f}"]))
+            lines.append(" | ".join([layout, cf, "on" if r["skew"] else "off", impl, "-", "-", "does not run", "-", "-",
+                                     "-", "-"]))
             continue
-        base = ds.get((r["tp"], r["ep"], r["dp"]))
-        ratio = f"{r['ms_fwd_bwd'] / base:.2f}" if base and r["impl"] == "ours" else "-"
-        lines.append(" | ".join([layout, r["impl"], "on" if r["dtd"] else "off", f"{r['a2a_bytes_per_rank']:,}",
-                                 f"{r['tp_allgather_bytes_per_rank']:,}", f"{r['tp_reduce_scatter_bytes_per_rank']:,}",
-                                 f"{r['tp_allreduce_bytes_per_rank']:,}", f"{r['ms_fwd_bwd']:.1f}", ratio,
-                                 f"{r['ms_expert_gemms']:.1f}", f"{r['ms_expert_gemms'] / r['ms_fwd_bwd']:.0%}",
-                                 f"{r['ms_expert_linear_loop']:.1f}"]))
+
+        def rng(key):
+            return f"{r[key]:.2f} ({r[key + '_min']:.2f}-{r[key + '_max']:.2f})" if key in r else "-"
+
+        lines.append(" | ".join([
+            layout, cf, "on" if r["skew"] else "off", impl, f"{r['expert_rows']:,}", f"{r['a2a_bytes_per_rank']:,}",
+            f"{r['ms_fwd_bwd']:.1f} ({r['ms_fwd_bwd_min']:.1f}-{r['ms_fwd_bwd_max']:.1f})", f"{r['ms_expert_gemms']:.1f}",
+            f"{r['overhead_vs_gemms']:+.1%}", rng("ratio_vs_deepspeed"), rng("ratio_vs_padded")]))
     notes = {r["note"] for r in rows if r.get("note")}
     return "\n".join(lines + [f"note: {n}" for n in notes])
+
+
+def _cf(value: str):
+    return None if value.lower() in ("none", "no-drop", "nodrop") else float(value)
 
 
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help='space-separated "TP,EP,DP" triples')
+    p.add_argument("--capacity-factors", default=DEFAULT_CFS, help='space-separated; "none": no-drop mode')
+    p.add_argument("--skew", default="off on", help='"off", "on" or "off on"')
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
-    p.add_argument("--capacity-factor", type=float, default=1.0)
     p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
-    p.add_argument("--iters", type=int, default=7)
-    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--iters", type=int, default=7, help="timed repetitions of each implementation")
+    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (after one warm-up pass each)")
     p.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
+    p.add_argument("--profile", action="store_true", help="profiler tables at (1,1,1) instead of the timings")
     opts = p.parse_args(argv)
+    opts.cfs = [_cf(v) for v in opts.capacity_factors.split()]
+    opts.skews = [{"off": False, "on": True}[v] for v in opts.skew.split()]
     from bench.moe_layer import measure as measure_on_rank  # importable by name in the workers
 
     cores = os.cpu_count() or 1
+    if opts.profile:
+        torch.set_num_threads(cores)
+        print(profile_tables(opts))
+        return
     rows = []
     for triple in opts.layouts.split():
         tp, ep, dp = (int(v) for v in triple.split(","))
@@ -228,15 +335,15 @@ def main(argv=None):
             torch.set_num_threads(threads)
             layout_rows = measure_on_rank(tp, ep, opts)
         else:
-            layout_rows = local_world(world, threads).run(measure_on_rank, tp, ep, opts, timeout=1800)[0]
+            layout_rows = local_world(world, threads).run(measure_on_rank, tp, ep, opts, timeout=3600)[0]
         rows += layout_rows
         if opts.json:
             for r in layout_rows:
                 print(json.dumps(r), flush=True)
     if not opts.json:
         print(f"MoE layer fwd+bwd: H={opts.hidden} FFN={opts.ffn} E={opts.experts} top-{opts.topk} "
-              f"cf={opts.capacity_factor} {opts.tokens} tokens/rank, fp32, gloo, {cores} cores, "
-              f"median of {opts.iters}")
+              f"{opts.tokens} tokens/rank, fp32, gloo, {cores} cores; {opts.iters} interleaved repetitions "
+              f"(median, min-max); skew: one expert gets {SKEW_FACTOR}x its share")
         print(table(rows))
 
 

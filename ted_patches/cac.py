@@ -6,6 +6,13 @@ CAC keeps the outputs of the MoE layer's collectives (all-to-alls, TP gathers, r
 from the forward and serves them to the recompute (megatron.parallel.comm.CommStash), which then
 communicates nothing: back to 4 all-to-alls, for the memory of those kept buffers. The
 numbers are unchanged: the recompute receives exactly what the forward received.
+
+Replay is by position, so the stash keeps (kind, group, shape, dtype) with every output and
+checks them on replay: a recompute that diverges from its forward (another collective, group or
+shape at some position, e.g. a padding-free all-to-all whose split sizes changed, or one
+collective too many) raises CommStashMismatch instead of being served a wrong tensor. The
+padding-free dispatch's count exchange is one of the replayed collectives, so its recompute
+reuses the forward's counts and sizes.
 """
 
 from __future__ import annotations

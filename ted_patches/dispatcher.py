@@ -1,10 +1,16 @@
 """Token dispatch to the experts and combine back, over EP (all-to-all) and TP (DTD).
 
-Shapes: T tokens, H hidden, E experts (E_l = E / EP local ones), C capacity, S capacity slices
-(TP with DTD, else 1), Cs = C / S, N kept assignments.
+Shapes: T tokens, H hidden, E experts (E_l = E / EP local ones), K top-k, A = K * T assignments,
+C capacity, S capacity slices (TP with DTD, else 1), Cs = C / S, R rows of the dispatch buffer.
 
-The capacity buffer is laid out [S, E, Cs, H]: slot c of expert e lives at (c // Cs, e, c % Cs),
-so a TP rank's DTD slice is one contiguous block and the buffer's a2a chunks are EP ranks.
+Two paths share the row machinery (`_GatherRows`, `_CombineRows`): a buffer of R rows, filled
+from x through a slot -> token map (empty rows read a zero row), and read back through an
+assignment -> row map (dropped assignments have weight 0). Both are gathers with a fixed-order
+sum over the K choices: no atomics, so TP ranks stay bit-identical on GPUs too.
+
+Padded (`dispatch`): the capacity buffer [S, E, Cs, H]: slot c of expert e lives at
+(c // Cs, e, c % Cs), so a TP rank's DTD slice is one contiguous block and the buffer's a2a
+chunks are EP ranks. Every shape is known from T and the capacity: no host synchronization.
 
 Forward (docs/architecture.md, "One MoE layer", steps 2-9), with DTD:
     dispatch   x_TH -> buffer [S, E, Cs, H] (replicated over TP)
@@ -20,6 +26,17 @@ Forward (docs/architecture.md, "One MoE layer", steps 2-9), with DTD:
                gate-weighted sum into y_TH (dropped tokens get 0: the residual carries them)
 Without DTD the buffer is one slice, the all-to-alls carry TP times the bytes, the experts'
 input is copied into the TP region (backward: all-reduce) and their output all-reduced.
+
+Padding-free (`dispatch_packed`): the same kept assignments, but only they are sent and
+computed. One count exchange (all-gather over EP of the kept counts per expert, then ONE read
+to the host: the path's only synchronization) sizes everything. Each expert's k_e kept slots
+are cut into S balanced slices (slice s: slots [ceil(s k_e / S), ceil((s+1) k_e / S))); the
+buffer is [S, Ms_max, H], slice s holding its rows of every expert in expert order (padded to
+the largest slice so the TP collectives stay equal-sized). The steps are those above with
+variable all-to-all splits, and the experts run grouped GEMMs over their real rows
+[sum of counts, H] (expert-major, via one row permutation when TP * EP > 1), or, where the local
+experts' counts are within TIGHT_SLACK of equal, one bmm over [E_l, largest count, H]. Without
+any all-to-all or TP slicing (EP = 1, no DTD) the dispatch buffer is the experts' layout itself.
 """
 
 from __future__ import annotations
@@ -27,6 +44,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
+import numpy as np
 import torch
 
 from megatron.parallel import comm
@@ -34,17 +52,111 @@ from ted_patches.router import Routing
 from megatron.parallel.topology import TEDGroups
 
 
+def _two_term_scatter_ok(t: torch.Tensor) -> bool:
+    """A scatter-add of at most two terms per row onto zeros is exact and order-free (a + b == b + a),
+    so index_add_ is as deterministic as a gather; on CUDA it is refused in deterministic mode."""
+    return t.device.type == "cpu" or not torch.are_deterministic_algorithms_enabled()
+
+
+class _GatherRows(torch.autograd.Function):
+    """out[r] = x[source_R[r]], a zero row where source_R[r] == T. Backward: a token's gradient
+    is the sum over its K assignments, in choice order, of the gradient rows they occupy (zero
+    where dropped): one gather and a fixed-order sum; for K <= 2 one index_add_ over the rows
+    (at most two terms per token: the same bits in any order)."""
+
+    @staticmethod
+    def forward(ctx, x_TH, source_R, row_A, drop_A, topk):
+        T, H = x_TH.shape
+        ctx.save_for_backward(source_R, row_A, drop_A)
+        ctx.topk, ctx.T = topk, T
+        return torch.cat([x_TH, x_TH.new_zeros(1, H)]).index_select(0, source_R)
+
+    @staticmethod
+    def backward(ctx, g_RH):
+        source_R, row_A, drop_A = ctx.saved_tensors
+        K, T = ctx.topk, ctx.T
+        g_RH = g_RH.contiguous()
+        if K <= 2 and _two_term_scatter_ok(g_RH):
+            return g_RH.new_zeros(T + 1, g_RH.shape[1]).index_add_(0, source_R, g_RH)[:T], None, None, None, None
+        g_AH = g_RH.index_select(0, row_A)
+        if drop_A is not None:
+            g_AH.masked_fill_(drop_A[:, None], 0)
+        g_TH = g_AH.view(K, T, -1).sum(0) if K > 1 else g_AH
+        return g_TH, None, None, None, None
+
+
+def _scaled_rows(table: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """table[index] * scale[:, None] in one pass: an embedding bag of one row each (the product is
+    rounded once, exactly as the separate gather and multiply would)."""
+    return torch.nn.functional.embedding_bag(index[:, None], table, per_sample_weights=scale[:, None], mode="sum")
+
+
+class _CombineRows(torch.autograd.Function):
+    """y[t] = sum over k, in choice order, of w[k, t] * full[row[k, t]] (w = 0 where dropped).
+    Backward: grad w[a] = full[row a] . grad y[t]; grad full[r] = grad y[token_R[r]] * w_R[r]
+    (0 for rows no kept assignment reads)."""
+
+    @staticmethod
+    def forward(ctx, full_RH, w_A, row_A, scatter_A, token_R, drop_A, topk, num_tokens):
+        ctx.save_for_backward(full_RH, w_A, row_A, scatter_A, token_R, drop_A)
+        ctx.topk, ctx.T = topk, num_tokens
+        P_AH = _scaled_rows(full_RH, row_A, w_A)
+        return P_AH.view(topk, num_tokens, -1).sum(0) if topk > 1 else P_AH
+
+    @staticmethod
+    def backward(ctx, gy_TH):
+        full_RH, w_A, row_A, scatter_A, token_R, drop_A = ctx.saved_tensors
+        R = full_RH.shape[0]
+        D_RH = gy_TH.contiguous().index_select(0, token_R)  # the output gradient each row fed
+        grad_w = None
+        if ctx.needs_input_grad[1]:
+            grad_w = (full_RH * D_RH).sum(-1).index_select(0, row_A)
+            if drop_A is not None:
+                grad_w.masked_fill_(drop_A, 0)
+        w_R = w_A.new_zeros(R + 1).scatter_(0, scatter_A, w_A.detach())[:R]
+        return D_RH.mul_(w_R[:, None]), grad_w, None, None, None, None, None, None
+
+
 @dataclass(frozen=True)
 class DispatchPlan:
     """What combine needs from dispatch; nothing is kept on the module between the two."""
 
-    assign_N: torch.Tensor  # kept assignments, as choice * T + token
-    row_N: torch.Tensor  # row of each kept assignment in the flat [S * E * Cs] buffer
-    weight_N: torch.Tensor
+    row_A: torch.Tensor  # buffer row of each assignment (0 where dropped: its weight is 0)
+    scatter_A: torch.Tensor  # the same, R where dropped (a scratch entry)
+    source_R: torch.Tensor  # token of each buffer row (T: an empty row, reads zeros)
+    token_R: torch.Tensor  # the same, clamped to a valid token (for gathers whose weight is 0)
+    drop_A: Optional[torch.Tensor]  # bool, where dropped (None: nothing can be dropped)
+    weight_A: torch.Tensor
     num_tokens: int
     topk: int
     slices: int  # S
-    slot_per_slice: int  # Cs
+    slot_per_slice: int  # Cs (padded); Ms_max, the rows of the largest slice (padding-free)
+    packed: Optional["PackedPlan"] = None
+
+
+@dataclass(frozen=True)
+class PackedPlan:
+    """The padding-free layout, all of it known on the host after the count exchange."""
+
+    send: list  # rows of my slice to each EP rank
+    recv: list  # rows from each EP rank (for my local experts)
+    send_rows: int  # rows of my slice (sum(send))
+    recv_rows: int  # sum(recv)
+    recv_max: int  # rows per TP slice of the received buffer (its padded size)
+    counts: list  # rows per local expert after the TP gather
+    tight: bool  # experts' rows as [E_l, max(counts), H] (a bmm) rather than packed [sum(counts), H]
+    direct: bool  # no all-to-all or TP slicing: the dispatch buffer is the experts' layout itself
+    to_experts: Optional[torch.Tensor]  # experts' row -> gathered row (None: identity)
+    from_experts: Optional[torch.Tensor]  # gathered row -> experts' row (padding rows read row 0)
+
+    @property
+    def experts_shape(self) -> tuple[int, ...]:
+        return (len(self.counts), max(self.counts + [0])) if self.tight else (sum(self.counts),)
+
+
+def _slice_starts(count: int, slices: int) -> list[int]:
+    """Balanced cut of `count` rows into `slices`: slice s starts at ceil(s * count / slices)."""
+    return [(s * count + slices - 1) // slices for s in range(slices + 1)]
 
 
 class Dispatcher:
@@ -53,16 +165,33 @@ class Dispatcher:
         self.dtd = dtd and groups.tp.size > 1
         self.local_experts = num_experts // groups.ep.size
 
+    # ---- shared row maps ------------------------------------------------------------------------
+    def _maps(self, routing: Routing, row_A: torch.Tensor, rows: int, drops: bool):
+        keep_A, T = routing.keep_A, routing.num_tokens
+        scatter_A = torch.where(keep_A, row_A, rows) if drops else row_A
+        token_A = torch.arange(T, device=row_A.device).repeat(routing.topk)
+        source_R = torch.full((rows + 1,), T, dtype=torch.int64, device=row_A.device).scatter_(
+            0, scatter_A, token_A)[:rows]
+        return dict(row_A=torch.where(keep_A, row_A, 0) if drops else row_A, scatter_A=scatter_A, source_R=source_R,
+                    token_R=source_R.clamp(max=max(T - 1, 0)), drop_A=~keep_A if drops else None,
+                    weight_A=routing.weight_A, num_tokens=T, topk=routing.topk)
+
+    def _gather(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return _GatherRows.apply(x_TH, plan.source_R, plan.row_A, plan.drop_A, plan.topk)
+
+    def _combine_rows(self, full_RH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        return _CombineRows.apply(full_RH, plan.weight_A.to(full_RH.dtype), plan.row_A, plan.scatter_A,
+                                  plan.token_R, plan.drop_A, plan.topk, plan.num_tokens)
+
+    # ---- padded ---------------------------------------------------------------------------------
     def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
         g, E, H = self.groups, self.num_experts, x_TH.shape[-1]
         S = g.tp.size if self.dtd else 1
         Cs = routing.capacity // S
-        row_N = ((routing.slot_N // Cs) * E + routing.expert_N) * Cs + routing.slot_N % Cs
-        # Gather through the [K * T] assignment rows: every index is distinct, so the backward
-        # scatter needs no atomics and the K copies of a token are summed in a fixed order (GPUs
-        # included): TP ranks stay bit-identical.
-        x_AH = x_TH.repeat(self.topk, 1) if self.topk > 1 else x_TH
-        buffer = x_TH.new_zeros(S * E * Cs, H).index_copy(0, row_N, x_AH.index_select(0, routing.assign_N))
+        slot_A = routing.slot_A
+        row_A = ((slot_A // Cs) * E + routing.expert_A) * Cs + slot_A % Cs
+        plan = DispatchPlan(**self._maps(routing, row_A, S * E * Cs, routing.may_drop), slices=S, slot_per_slice=Cs)
+        buffer = self._gather(x_TH, plan)
         mine_ECH = comm.drop(buffer.view(S, E, Cs, H), g.tp) if self.dtd else buffer.view(E, Cs, H)
         recv = comm.all_to_all(mine_ECH, g.ep).view(g.ep.size, self.local_experts, Cs, H)
         if self.dtd:
@@ -70,13 +199,15 @@ class Dispatcher:
         else:
             recv = comm.copy_to_split(recv, g.tp).unsqueeze(0)
         tokens = recv.permute(2, 0, 1, 3, 4).reshape(self.local_experts, -1, H)
-        plan = DispatchPlan(routing.assign_N, row_N, routing.weight_N, x_TH.shape[0], self.topk, S, Cs)
         return tokens, plan
 
-    def combine(self, partial_ENH: torch.Tensor, bias_EH: Optional[torch.Tensor], plan: DispatchPlan) -> torch.Tensor:
-        """partial_ENH: the experts' fc2 output before its TP reduction, token order as dispatched."""
-        g, H = self.groups, partial_ENH.shape[-1]
-        y = partial_ENH.view(self.local_experts, plan.slices, g.ep.size, plan.slot_per_slice, H)
+    def combine(self, partial: torch.Tensor, bias_EH: Optional[torch.Tensor], plan: DispatchPlan) -> torch.Tensor:
+        """partial: the experts' fc2 output before its TP reduction, token order as dispatched
+        ([E_l, N, H] padded, [sum of counts, H] padding-free)."""
+        if plan.packed is not None:
+            return self._combine_packed(partial, bias_EH, plan)
+        g, H = self.groups, partial.shape[-1]
+        y = partial.view(self.local_experts, plan.slices, g.ep.size, plan.slot_per_slice, H)
         y = y.permute(1, 2, 0, 3, 4)  # [S, EP, E_l, Cs, H]
         if self.dtd:
             y = comm.reduce_scatter(y, g.tp)
@@ -87,6 +218,134 @@ class Dispatcher:
             y = y + bias_EH[None, :, None, :]
         back = comm.all_to_all(y, g.ep)  # [EP owner, E_l, Cs, H] = [E, Cs, H]
         full = comm.gather_to_replicated(back, g.tp) if self.dtd else back
-        picked_NH = full.reshape(-1, H).index_select(0, plan.row_N) * plan.weight_N.to(full.dtype)[:, None]
-        y_AH = picked_NH.new_zeros(plan.topk * plan.num_tokens, H).index_copy(0, plan.assign_N, picked_NH)
-        return y_AH.view(plan.topk, plan.num_tokens, H).sum(0)  # a fixed order, as in dispatch
+        return self._combine_rows(full.reshape(-1, H), plan)
+
+    # ---- padding-free ---------------------------------------------------------------------------
+    # The experts run their real rows packed [sum of counts, H] (grouped GEMMs), or, where the
+    # local experts' counts are nearly equal, padded only to the largest local expert
+    # [E_l, max count, H] (one bmm: on CPUs its batch-parallel GEMMs beat per-expert ones by about
+    # as much as that padding costs): TIGHT_SLACK bounds the padding it may add.
+    TIGHT_SLACK = 1.05
+    layout: Optional[str] = None  # None: by the rule above; "packed" or "tight" to force one
+
+    def _tight(self, device: torch.device, counts: list[int]) -> bool:
+        if self.layout is not None:
+            return self.layout == "tight"
+        total = sum(counts)
+        return device.type == "cpu" and total > 0 and len(counts) * max(counts) <= self.TIGHT_SLACK * total
+
+    def dispatch_packed(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, list, DispatchPlan]:
+        """Only kept assignments: (the experts' rows, expert-major: [sum of counts, H] packed or
+        [E_l, max count, H] tight, see `plan.packed.tight`; rows per local expert; plan). One host
+        synchronization: the kept counts of every EP rank."""
+        g, E, El, H = self.groups, self.num_experts, self.local_experts, x_TH.shape[-1]
+        S, r, j, EP = (g.tp.size if self.dtd else 1), (g.tp.rank if self.dtd else 0), g.ep.rank, g.ep.size
+        dev = x_TH.device
+        # 1. the count exchange: kept rows per expert on every EP rank (the same on my TP peers'
+        # EP groups: their EP peers hold the same tokens as mine)
+        counts = comm.host_ints(comm.raw_all_gather(routing.kept_E, g.ep))  # [EP][E]
+        local = [sum(counts[i][j * El + l] for i in range(EP)) for l in range(El)]
+        tight = self._tight(dev, local)
+        cmax = max(local + [1])
+        expert_A, slot_A = routing.expert_A, routing.slot_A
+        if S == 1 and EP == 1:  # 2. no communication: build the experts' layout directly
+            if tight:
+                rows, row_A = El * cmax, expert_A * cmax + slot_A
+            else:
+                off_E = torch.tensor(np.concatenate([[0], np.cumsum(local)[:-1]]).tolist(), device=dev,
+                                     dtype=torch.int64)
+                rows, row_A = sum(local), off_E.index_select(0, expert_A) + slot_A
+            packed = PackedPlan(send=[rows], recv=[rows], send_rows=rows, recv_rows=rows, recv_max=rows, counts=local,
+                                tight=tight, direct=True, to_experts=None, from_experts=None)
+            plan = DispatchPlan(**self._maps(routing, row_A, rows, routing.may_drop), slices=1, slot_per_slice=rows,
+                                packed=packed)
+            tokens = comm.copy_to_split(self._gather(x_TH, plan), g.tp)
+            return (tokens.view(El, cmax, H) if tight else tokens), local, plan
+        mine = counts[j]
+        starts = [_slice_starts(c, S) for c in mine]  # [E][S + 1]
+        share = [[starts[e][s + 1] - starts[e][s] for e in range(E)] for s in range(S)]  # [S][E]
+        off = [np.concatenate([[0], np.cumsum(share[s])[:-1]]).tolist() for s in range(S)]
+        slice_rows = [sum(share[s]) for s in range(S)]
+        Ms = max(slice_rows)
+        # 2. each kept assignment's row in the [S, Ms, H] send buffer (slice s: its rows of every
+        # expert, in expert order, so its a2a chunks are EP ranks)
+        lo_SE = torch.tensor([[starts[e][s] for e in range(E)] for s in range(S)], device=dev).view(-1)
+        off_SE = torch.tensor(off, device=dev, dtype=torch.int64).view(-1)
+        if S > 1:  # the slice of each slot (clamped: a dropped assignment's slot may lie past its expert's)
+            s_A = ((slot_A * S) // routing.kept_E.clamp(min=1).index_select(0, expert_A)).clamp(max=S - 1)
+        else:
+            s_A = torch.zeros_like(slot_A)
+        flat = s_A * E + expert_A
+        row_A = s_A * Ms + off_SE.index_select(0, flat) + slot_A - lo_SE.index_select(0, flat)
+        # 3. splits: my slice to each EP rank, and what each EP rank sends me (for my local experts)
+        send = [sum(share[r][i * El:(i + 1) * El]) for i in range(EP)]
+        cuts = [[_slice_starts(counts[i][j * El + l], S) for l in range(El)] for i in range(EP)]  # [EP][E_l][S+1]
+        rs = [[[cuts[i][l][s + 1] - cuts[i][l][s] for l in range(El)] for i in range(EP)] for s in range(S)]
+        recv_rows = [sum(map(sum, rs[s])) for s in range(S)]
+        Mr = max(recv_rows) + (1 if tight else 0)  # tight: each slice ends in a zero row, for the padding
+        # 4. the experts' rows in the gathered [S, Mr] buffer: (local expert, slice, source, row)
+        segs = []  # (local expert, start in the gathered buffer, length)
+        for s in range(S):
+            pos = s * Mr
+            for i in range(EP):
+                for l in range(El):
+                    segs.append((l, pos, rs[s][i][l]))
+                    pos += rs[s][i][l]
+        by_expert = [[(p, n) for l2, p, n in segs if l2 == l] for l in range(El)]  # slice, then source order
+        pieces = []
+        for l in range(El):
+            pieces += [np.arange(p, p + n) for p, n in by_expert[l]]
+            if tight:  # pad this expert's rows to cmax with the zero row ending the last slice
+                pieces.append(np.full(cmax - local[l], S * Mr - 1))
+        to_np = np.concatenate(pieces + [np.zeros(0, np.int64)]).astype(np.int64)
+        from_np = np.zeros(S * Mr, np.int64)
+        real = to_np != S * Mr - 1 if tight else np.ones(len(to_np), bool)
+        from_np[to_np[real]] = np.flatnonzero(real)
+        identity = not tight and len(to_np) == S * Mr and bool((to_np == np.arange(len(to_np))).all())
+        packed = PackedPlan(send=send, recv=[sum(rs[r][i]) for i in range(EP)], send_rows=slice_rows[r],
+                            recv_rows=recv_rows[r], recv_max=Mr, counts=local, tight=tight, direct=False,
+                            to_experts=None if identity else torch.from_numpy(to_np).to(dev),
+                            from_experts=None if identity else torch.from_numpy(from_np).to(dev))
+        plan = DispatchPlan(**self._maps(routing, row_A, S * Ms, routing.may_drop), slices=S, slot_per_slice=Ms,
+                            packed=packed)
+        # 5. dispatch: buffer, DTD drop, all-to-all, TP gather, the experts' order
+        buffer = self._gather(x_TH, plan).view(S, Ms, H)
+        mine_MH = comm.drop(buffer, g.tp)[:slice_rows[r]] if self.dtd else buffer[0]
+        recv = comm.all_to_all_var(mine_MH, g.ep, packed.send, packed.recv, out_rows=Mr)
+        if self.dtd:
+            recv = comm.gather_to_split(recv, g.tp)
+        else:
+            recv = comm.copy_to_split(recv, g.tp)
+        recv = recv.reshape(-1, H)
+        tokens = recv.index_select(0, packed.to_experts) if packed.to_experts is not None else recv
+        return (tokens.view(El, cmax, H) if tight else tokens), local, plan
+
+    def packed_fc2_bias(self, bias_EH: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The fc2 bias as the padding-free experts add it inside their fc2 GEMM, before fc2's TP
+        reduction: on TP rank 0 only (zero elsewhere), so the reduction counts it once; its
+        gradient (nonzero on TP rank 0 only) is all-reduced over TP, as the bias is replicated."""
+        if bias_EH is None or self.groups.tp.size == 1:
+            return bias_EH
+        bias_EH = comm.copy_to_split(bias_EH, self.groups.tp)
+        return bias_EH if self.groups.tp.rank == 0 else bias_EH * 0.0
+
+    def _combine_packed(self, partial, bias_EH, plan: DispatchPlan) -> torch.Tensor:
+        """partial: the experts' output in their layout; bias_EH: packed_fc2_bias(b2) for the tight
+        layout (added here, before fc2's TP reduction), None for the packed one (fused there)."""
+        g, H, p = self.groups, partial.shape[-1], plan.packed
+        if bias_EH is not None:
+            if not p.tight:
+                raise ValueError("the packed experts add the fc2 bias themselves (Dispatcher.packed_fc2_bias)")
+            partial = partial + bias_EH[:, None, :]
+        y = partial.reshape(-1, H)
+        if p.direct:
+            return self._combine_rows(comm.reduce_from_split(y, g.tp), plan)
+        if p.from_experts is not None:
+            y = y.index_select(0, p.from_experts)
+        if self.dtd:
+            y = comm.reduce_scatter(y.view(plan.slices, p.recv_max, H), g.tp)[:p.recv_rows]
+        else:
+            y = comm.reduce_from_split(y, g.tp)[:p.recv_rows]
+        back = comm.all_to_all_var(y, g.ep, p.recv, p.send, out_rows=plan.slot_per_slice)
+        full = comm.gather_to_replicated(back, g.tp) if self.dtd else back
+        return self._combine_rows(full.reshape(-1, H), plan)

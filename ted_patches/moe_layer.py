@@ -1,5 +1,12 @@
 """The TED MoE layer: route -> dispatch -> experts -> combine (see dispatcher.py for the data
-flow and its collectives). It stands in a transformer layer's MLP slot and returns `(y, aux)`."""
+flow and its collectives). It stands in a transformer layer's MLP slot and returns `(y, aux)`.
+
+Two dispatch paths give the same kept tokens, outputs and gradients (within fp32 rounding):
+padded (capacity buffers, no host synchronization in drop mode) and padding-free (only kept
+tokens sent and computed, one count exchange; the experts see packed rows, or rows padded only to
+the largest local expert where that costs <= 5%). `MoEConfig.pad_free` picks one; None picks
+padding-free on CPUs and in no-drop mode, padded on accelerators in drop mode.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ import torch
 from megatron.model.config import ModelConfig
 from megatron.model.params import set_spec
 from megatron.model.transformer import MLP, megatron_parallel_config
+from megatron.parallel import comm
 from ted_patches.config import MoEConfig
 from ted_patches.dispatcher import Dispatcher
 from ted_patches.experts import GroupedExperts
@@ -19,20 +27,27 @@ from megatron.parallel.topology import TEDGroups
 
 @dataclass(frozen=True)
 class MoEAux:
-    """One MoE layer's auxiliary outputs for one micro-batch."""
+    """One MoE layer's auxiliary outputs for one micro-batch. Tensors stay on the device (reading
+    `dropped` or `counts_E` is the reader's host synchronization, not the layer's)."""
 
     loss: torch.Tensor  # aux_loss_coeff * aux + z_loss_coeff * z: added to the LM loss
     aux_loss: torch.Tensor  # unweighted, detached (for logging)
     z_loss: torch.Tensor  # unweighted, detached
-    dropped: float  # fraction of the T*K assignments dropped
+    kept_count: torch.Tensor  # assignments kept (0-d)
+    num_assignments: int  # T * K
     counts_E: torch.Tensor  # assignments per expert before dropping
+
+    @property
+    def dropped(self) -> float:
+        """Fraction of the T*K assignments dropped."""
+        return 1.0 - float(self.kept_count) / self.num_assignments
 
 
 class MoELayer(torch.nn.Module):
     def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, groups: TEDGroups):
         super().__init__()
         cfg.check_layout(groups.topology)
-        self.cfg = cfg
+        self.cfg, self.groups = cfg, groups
         ffn = cfg.expert_ffn_hidden_size or model_cfg.ffn_hidden_size
         self.router = Router(model_cfg.hidden_size, cfg, groups, std=model_cfg.init_method_std)
         self.dispatcher = Dispatcher(groups, cfg.num_experts, cfg.topk, cfg.dtd)
@@ -42,20 +57,52 @@ class MoELayer(torch.nn.Module):
             self.mix = torch.nn.Linear(model_cfg.hidden_size, 2)
             set_spec(self.mix.weight, init="normal", std=model_cfg.init_method_std)
             set_spec(self.mix.bias, init="zeros")
+        self.forwards = 0  # forward calls (recomputes included), for --check-tp-routing
+
+    def pad_free(self, device: torch.device) -> bool:
+        if self.cfg.pad_free is not None:
+            return self.cfg.pad_free
+        return device.type == "cpu" or not self.cfg.drop_tokens
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
         x_TH = x.reshape(-1, x.shape[-1])
-        routing = self.router(x_TH)
-        tokens, plan = self.dispatcher.dispatch(x_TH, routing)
-        partial, bias = self.experts(tokens)
+        pad_free = self.pad_free(x.device)
+        routing = self.router(x_TH, pad_free=pad_free)
+        self._check_tp_routing(routing)
+        if pad_free:
+            tokens, counts, plan = self.dispatcher.dispatch_packed(x_TH, routing)
+            bias = self.dispatcher.packed_fc2_bias(self.experts.b2)
+            if plan.packed.tight:  # nearly equal counts: one bmm over [E_l, max count, H]
+                partial, _ = self.experts(tokens)
+            else:  # grouped GEMMs over the real rows, the fc2 bias inside them
+                partial, bias = self.experts.forward_packed(tokens, counts, bias)
+        else:
+            tokens, plan = self.dispatcher.dispatch(x_TH, routing)
+            partial, bias = self.experts(tokens)
         y_TH = self.dispatcher.combine(partial, bias, plan)
         if self.cfg.mlp_type == "residual":
             dense_TH, _ = self.dense(x_TH)
             coef_T2 = self.mix(x_TH).softmax(dim=-1)
             y_TH = y_TH * coef_T2[:, :1] + dense_TH * coef_T2[:, 1:]
-        return y_TH.view_as(x), self._aux(routing, x_TH.shape[0])
+        return y_TH.view_as(x), self._aux(routing)
 
-    def _aux(self, routing, num_tokens: int) -> MoEAux:
+    def _check_tp_routing(self, routing) -> None:
+        """--check-tp-routing N: DTD is only correct if the TP ranks route identically (on NCCL a
+        1-ulp drift of the replicated gate can flip an argmax). Every N-th forward, compare a
+        checksum of the routing over TP (one small all-reduce and a host read) and stop if not."""
+        every, tp = self.cfg.check_tp_routing, self.groups.tp
+        self.forwards += 1
+        if every and tp.size > 1 and (self.forwards - 1) % every == 0:
+            try:
+                comm.check_same(routing.checksum(), tp, "MoE routing (experts, kept assignments, slots)")
+            except comm.ReplicaMismatch as e:
+                raise comm.ReplicaMismatch(
+                    f"{e}. The TP ranks of this MoE layer routed differently (forward {self.forwards}): DTD and the "
+                    "TP-split experts compute wrong outputs unless every TP rank routes identically. The router's "
+                    "replicated weight or its input has drifted across TP (on GPUs, e.g. 1-ulp differences from "
+                    "non-deterministic reductions flipping an argmax); stopping.") from None
+
+    def _aux(self, routing) -> MoEAux:
         loss = self.cfg.aux_loss_coeff * routing.aux_loss + self.cfg.z_loss_coeff * routing.z_loss
-        dropped = 1.0 - routing.assign_N.numel() / (num_tokens * self.cfg.topk)
-        return MoEAux(loss, routing.aux_loss.detach(), routing.z_loss.detach(), dropped, routing.counts_E)
+        return MoEAux(loss, routing.aux_loss.detach(), routing.z_loss.detach(), routing.keep_A.sum(),
+                      routing.keep_A.numel(), routing.counts_E)

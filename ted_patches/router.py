@@ -1,23 +1,29 @@
 """Top-k router with capacity, token dropping, gate normalization and auxiliary losses.
 
-Shapes: T tokens, H hidden, E experts, K top-k, C capacity (per expert, padded to a multiple of
-TP), N kept (token, expert) assignments.
+Shapes: T tokens, H hidden, E experts, K top-k, A = K * T assignments in choice-major order
+(a = choice * T + token), C capacity (per expert, padded to a multiple of TP).
 
 The gate runs in fp32 on all T tokens. Its weight is replicated over TP and its input is
-identical on the TP ranks, so routing is bit-identical there; capacity, dropping and the losses
-are computed per micro-batch on each rank (the only collective: one all-reduce MAX over EP in
-no-drop mode).
+identical on the TP ranks, so routing is bit-identical there (--check-tp-routing checks it);
+capacity, dropping and the losses are computed per micro-batch on each rank.
+
+Sync-free: every array has a fixed size (A assignments, dropped ones kept with `keep_A` False
+and weight 0), counts come from one-hot sums, and nothing is read back to the host, so in drop
+mode the router issues no host synchronization (no nonzero, bincount, one_hot's range check or
+.item()). The only exception is the padded no-drop mode, whose capacity (the largest count over
+the EP group, one all-reduce MAX) sizes a buffer and so must reach the host; the padding-free
+path needs no capacity at all.
 """
 
 from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import Optional
 
 import numpy as np
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 
 from megatron.model.params import set_spec
 from megatron.parallel import comm
@@ -27,22 +33,52 @@ from megatron.parallel.topology import TEDGroups
 
 @dataclass(frozen=True)
 class Routing:
-    """Which tokens go where: the N kept assignments, in first-choice-then-second order."""
+    """Which tokens go where, as fixed-size arrays over the A = K * T assignments (choice-major:
+    a = choice * T + token). Dropped assignments stay in the arrays with keep_A False and a
+    zero weight."""
 
-    assign_N: torch.Tensor  # index of each kept assignment in choice-major order: choice * T + token
-    expert_N: torch.Tensor  # its expert (global id)
-    slot_N: torch.Tensor  # its position in the expert's capacity, in [0, capacity)
-    weight_N: torch.Tensor  # its gate weight (fp32, differentiable)
-    capacity: int  # slots per expert, a multiple of the TP size
+    expert_A: torch.Tensor  # expert (global id) of each assignment
+    slot_A: torch.Tensor  # its position in the expert's slots, in [0, kept_E[e]); meaningful where keep_A
+    keep_A: torch.Tensor  # bool: survived the capacity limit
+    weight_A: torch.Tensor  # gate weight (fp32, differentiable), exactly 0 where dropped
+    kept_E: torch.Tensor  # kept assignments per expert (slots 0 .. kept_E - 1 are used)
+    capacity: Optional[int]  # slots per expert, a multiple of TP (None: padding-free no-drop, unbounded)
     aux_loss: torch.Tensor  # unweighted load-balancing loss
     z_loss: torch.Tensor  # unweighted router z-loss
     counts_E: torch.Tensor  # assignments per expert before dropping (all K choices)
     num_tokens: int
+    topk: int
+    may_drop: bool  # False: every assignment is kept (no-drop mode)
+
+    # -- the kept assignments as compact lists (test and debugging helpers: they synchronize) ----
+    @property
+    def assign_N(self) -> torch.Tensor:
+        """Index (choice * T + token) of each kept assignment, in choice-major order."""
+        return self.keep_A.nonzero().squeeze(1)
 
     @property
     def token_N(self) -> torch.Tensor:
-        """Token index of each kept assignment."""
         return self.assign_N % self.num_tokens
+
+    @property
+    def expert_N(self) -> torch.Tensor:
+        return self.expert_A[self.assign_N]
+
+    @property
+    def slot_N(self) -> torch.Tensor:
+        return self.slot_A[self.assign_N]
+
+    @property
+    def weight_N(self) -> torch.Tensor:
+        return self.weight_A[self.assign_N]
+
+    def checksum(self) -> torch.Tensor:
+        """An int64 digest of the routing decisions (expert, kept, slot of every assignment) for
+        comparing ranks; gate weights are left out (a 1-ulp weight difference is harmless)."""
+        A = self.expert_A.numel()
+        code = torch.where(self.keep_A, self.expert_A * (A + 1) + self.slot_A + 1, torch.zeros_like(self.expert_A))
+        mult = torch.arange(A, device=code.device, dtype=torch.int64) * 2654435761 % 4294967291 + 1
+        return torch.stack([(code * mult).sum(), self.keep_A.sum()])
 
 
 def token_capacity(num_tokens: int, num_experts: int, topk: int, factor: float, min_capacity: int) -> int:
@@ -63,21 +99,43 @@ def top_k(logits_TE: torch.Tensor, probs_TE: torch.Tensor, k: int) -> torch.Tens
     return torch.stack(idx, dim=1)
 
 
-def keep_mask(expert_A: torch.Tensor, prob_A: torch.Tensor, num_experts: int, capacity: int, policy: str):
+def one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """F.one_hot without its range check (which reads min and max back to the host)."""
+    return torch.zeros(*index.shape, num_classes, dtype=torch.int64, device=index.device).scatter_(
+        -1, index.unsqueeze(-1), 1)
+
+
+def _positions(onehot_AE: torch.Tensor, expert_A: torch.Tensor) -> torch.Tensor:
+    """0-based position of each assignment among those of its expert, in the given order."""
+    return onehot_AE.cumsum(0).gather(1, expert_A[:, None]).squeeze(1) - 1
+
+
+def keep_mask(expert_A: torch.Tensor, prob_A: torch.Tensor, num_experts: int, capacity: int, policy: str,
+              topk: int = 1, onehot_AE: Optional[torch.Tensor] = None):
     """Which of the A = K*T assignments (choice-major order) fit, and their slots.
 
-    position: an expert takes assignments in order (all first choices by token, then second
-    choices) until full. probs: an expert keeps its `capacity` most probable assignments (ties
-    in order). Either way the kept ones get slots 0, 1, ... in assignment order."""
-    onehot_AE = F.one_hot(expert_A, num_experts)
-    if policy == "position":
-        keep_A = (onehot_AE.cumsum(0).gather(1, expert_A[:, None]).squeeze(1) - 1) < capacity
-    else:
-        score_AE = torch.where(onehot_AE.bool(), prob_A[:, None], torch.full_like(prob_A[:, None], -1.0))
-        order = score_AE.argsort(dim=0, descending=True, stable=True)[:capacity]
-        top_AE = torch.zeros_like(onehot_AE).scatter_(0, order, 1)
-        keep_A = (top_AE * onehot_AE).sum(1).bool()
-    slot_A = (onehot_AE * keep_A[:, None]).cumsum(0).gather(1, expert_A[:, None]).squeeze(1) - 1
+    position: DeepSpeed's order. For k <= 2 (its top1/top2 gates) an expert takes all first
+    choices by token, then second choices, until full; for k >= 3 (its topkgating) it takes
+    assignments in TOKEN order over all k choices (token 0's choices, then token 1's, ...).
+    choice: first choices by token, then second choices, ... for every k (= position for k <= 2).
+    probs: an expert keeps its `capacity` most probable assignments (ties in assignment order).
+    Kept assignments of an expert get slots 0, 1, ... (in the order that kept them; probs: in
+    assignment order)."""
+    if onehot_AE is None:
+        onehot_AE = one_hot(expert_A, num_experts)
+    if policy == "choice" or (policy == "position" and topk <= 2):
+        slot_A = _positions(onehot_AE, expert_A)
+        return slot_A < capacity, slot_A
+    if policy == "position":  # k >= 3: token-major order
+        T = expert_A.numel() // topk
+        tm = lambda t: t.view(topk, T, *t.shape[1:]).transpose(0, 1).reshape(topk * T, *t.shape[1:])  # noqa: E731
+        slot_A = _positions(tm(onehot_AE), tm(expert_A)).view(T, topk).t().reshape(-1)
+        return slot_A < capacity, slot_A
+    score_AE = torch.where(onehot_AE.bool(), prob_A[:, None], torch.full_like(prob_A[:, None], -1.0))
+    order = score_AE.argsort(dim=0, descending=True, stable=True)[:capacity]
+    top_AE = torch.zeros_like(onehot_AE).scatter_(0, order, 1)
+    keep_A = (top_AE * onehot_AE).sum(1).bool()
+    slot_A = _positions(onehot_AE * keep_A[:, None], expert_A)
     return keep_A, slot_A
 
 
@@ -87,7 +145,8 @@ class Router(torch.nn.Module):
         self.cfg, self.groups = cfg, groups
         self.weight = set_spec(torch.nn.Parameter(torch.empty(cfg.num_experts, hidden_size)), init="normal", std=std)
 
-    def forward(self, x_TH: torch.Tensor) -> Routing:
+    def forward(self, x_TH: torch.Tensor, pad_free: bool = False) -> Routing:
+        """pad_free: the padding-free dispatch follows; in no-drop mode it needs no capacity."""
         cfg, E, K = self.cfg, self.cfg.num_experts, self.cfg.topk
         T = x_TH.shape[0]
         # 1. fp32 gate
@@ -96,31 +155,43 @@ class Router(torch.nn.Module):
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
         logits_TE = x @ self.weight.float().t()
         probs_TE = logits_TE.softmax(dim=-1)
-        # 2. choices, in choice-major order (the order capacity is handed out in)
+        # 2. choices, in choice-major order
         idx_TK = top_k(logits_TE.detach(), probs_TE.detach(), K)
         expert_A = idx_TK.t().reshape(-1)
         prob_A = probs_TE.gather(1, idx_TK).t().reshape(-1)
-        counts_E = torch.bincount(expert_A, minlength=E)
+        onehot_AE = one_hot(expert_A, E)
+        counts_E = onehot_AE.sum(0)
         # 3. capacity and dropping
-        capacity = self._capacity(T, counts_E)
-        keep_A, slot_A = keep_mask(expert_A, prob_A.detach(), E, capacity, cfg.drop_policy)
-        # 4. gate weights of the kept assignments
+        if not cfg.drop_tokens and pad_free:
+            capacity = None
+            keep_A = torch.ones_like(expert_A, dtype=torch.bool)
+            slot_A = _positions(onehot_AE, expert_A)
+            kept_E = counts_E
+        else:
+            capacity = self._capacity(T, counts_E)
+            keep_A, slot_A = keep_mask(expert_A, prob_A.detach(), E, capacity, cfg.drop_policy, K, onehot_AE)
+            if cfg.drop_policy == "probs":
+                kept_E = (onehot_AE * keep_A[:, None]).sum(0)
+            else:
+                kept_E = counts_E.clamp(max=capacity)
+            tp = self.groups.tp.size
+            capacity = -(-capacity // tp) * tp
+        # 4. gate weights (0 for the dropped)
         weight_A = self._normalize(prob_A, keep_A, T, K)
-        kept = keep_A.nonzero().squeeze(1)
-        tp = self.groups.tp.size
-        return Routing(
-            assign_N=kept, expert_N=expert_A[kept], slot_N=slot_A[kept], weight_N=weight_A[kept],
-            capacity=-(-capacity // tp) * tp,
-            aux_loss=self._aux_loss(probs_TE, idx_TK, counts_E), z_loss=torch.logsumexp(logits_TE, -1).square().mean(),
-            counts_E=counts_E, num_tokens=T,
-        )
+        aux = self._aux_loss(probs_TE, onehot_AE[:T].sum(0), counts_E, T)
+        with torch.set_grad_enabled(torch.is_grad_enabled() and cfg.z_loss_coeff != 0):
+            z_loss = torch.logsumexp(logits_TE, -1).square().mean()
+        return Routing(expert_A=expert_A, slot_A=slot_A, keep_A=keep_A, weight_A=weight_A, kept_E=kept_E,
+                       capacity=capacity, aux_loss=aux, z_loss=z_loss, counts_E=counts_E, num_tokens=T, topk=K,
+                       may_drop=cfg.drop_tokens)
 
     def _capacity(self, num_tokens: int, counts_E: torch.Tensor) -> int:
         cfg = self.cfg
         if cfg.drop_tokens:
             factor = cfg.capacity_factor if self.training else cfg.eval_capacity_factor
             return token_capacity(num_tokens, cfg.num_experts, cfg.topk, factor, cfg.min_capacity)
-        # no-drop: room for the fullest expert of any rank this all-to-all talks to
+        # padded no-drop: room for the fullest expert of any rank this all-to-all talks to (a shape:
+        # the one host synchronization of that mode)
         largest = comm.all_reduce_(counts_E.max().reshape(1).clone(), self.groups.ep, op=dist.ReduceOp.MAX)
         return max(int(largest.item()), 1)
 
@@ -129,19 +200,20 @@ class Router(torch.nn.Module):
         if mode == "none" or (mode == "surviving" and K == 1):
             return prob_A * keep_A
         if mode == "topk":  # over the K choices, before dropping
-            return prob_A / prob_A.view(K, T).sum(0).repeat(K) * keep_A
-        kept_A = prob_A * keep_A
-        denom_T = kept_A.view(K, T).sum(0).clamp(min=torch.finfo(prob_A.dtype).eps)
-        return kept_A / denom_T.repeat(K)
+            return (prob_A.view(K, T) / prob_A.view(K, T).sum(0)).reshape(-1) * keep_A
+        kept_KT = (prob_A * keep_A).view(K, T)
+        denom_T = kept_KT.sum(0).clamp(min=torch.finfo(prob_A.dtype).eps)
+        return (kept_KT / denom_T).reshape(-1)
 
-    def _aux_loss(self, probs_TE, idx_TK, counts_E) -> torch.Tensor:
+    def _aux_loss(self, probs_TE, first_E, counts_E, T: int) -> torch.Tensor:
         E, K = self.cfg.num_experts, self.cfg.topk
         kind = self.cfg.aux_loss_type
         if kind == "none":
             return probs_TE.new_zeros(())
-        me_E = probs_TE.mean(0)
-        if kind == "deepspeed" and K <= 2:  # DeepSpeed's top-1/top-2 gates: first choices only
-            ce_E = torch.bincount(idx_TK[:, 0], minlength=E).to(probs_TE.dtype) / idx_TK.shape[0]
-        else:  # Megatron-Core's switch loss, and DeepSpeed's k >= 3 gate: all K choices, divided by K
-            ce_E = counts_E.to(probs_TE.dtype) / (idx_TK.shape[0] * K)
-        return E * (me_E * ce_E).sum()
+        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.aux_loss_coeff != 0):
+            me_E = probs_TE.mean(0)
+            if kind == "deepspeed" and K <= 2:  # DeepSpeed's top-1/top-2 gates: first choices only
+                ce_E = first_E.to(probs_TE.dtype) / T
+            else:  # Megatron-Core's switch loss, and DeepSpeed's k >= 3 gate: all K choices, divided by K
+                ce_E = counts_E.to(probs_TE.dtype) / (T * K)
+            return E * (me_E * ce_E).sum()

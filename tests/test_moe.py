@@ -3,7 +3,10 @@
 Each DP rank feeds its own micro-batch; the single-process reference runs the same micro-batches
 one after another (capacity, dropping and the aux loss are per micro-batch in both) and averages.
 Outputs, aux and z losses, and every gathered, DP-reduced gradient must agree within 1e-5
-relative; DTD on and off within 1e-6, with exactly 1/TP of the all-to-all bytes.
+relative; DTD on and off within 1e-6, with exactly 1/TP of the all-to-all bytes. Both dispatch
+paths run everywhere (padded and padding-free, against the padded one-process reference), the
+padding-free one within 1e-6 of the padded one at the same layout, and every forward checks that
+the TP ranks routed identically (--check-tp-routing 1).
 """
 
 import functools
@@ -27,7 +30,11 @@ MBS, SEQ, H = 4, 16, 32
 
 
 model_config = tiny_model_config
-moe_config = tiny_moe_config
+PATHS = (False, True)  # pad_free
+
+
+def moe_config(topk: int, drop: bool, **kw):
+    return tiny_moe_config(topk, drop, **{"check_tp_routing": 1, **kw})
 
 
 def layer_input(index: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -55,47 +62,61 @@ def run_layer(groups, cfg, microbatches: list[int]) -> dict:
 
 
 def layer_case(tp: int, ep: int) -> list:
-    """Every variant on this rank's micro-batch; with TP > 1 also DTD off."""
+    """Every variant on this rank's micro-batch, on both dispatch paths; with TP > 1 also DTD off."""
     groups = ted_groups(tp, ep)
     results = {}
     for topk, drop in VARIANTS:
         for dtd in ([True, False] if tp > 1 else [True]):
-            res = run_layer(groups, moe_config(topk, drop, dtd=dtd), [groups.dp.rank])
-            if torch.distributed.get_rank() != 0:
-                res.pop("grads")
-            results[(topk, drop, dtd)] = res
+            for pad_free in PATHS:
+                res = run_layer(groups, moe_config(topk, drop, dtd=dtd, pad_free=pad_free), [groups.dp.rank])
+                if torch.distributed.get_rank() != 0:
+                    res.pop("grads")
+                results[(topk, drop, dtd, pad_free)] = res
     return results
 
 
 @functools.cache
 def layer_reference(dp: int) -> dict:
     groups = ted_groups(1, 1)
-    return {(k, d): run_layer(groups, moe_config(k, d), list(range(dp))) for k, d in VARIANTS}
+    return {(k, d): run_layer(groups, moe_config(k, d, pad_free=False), list(range(dp))) for k, d in VARIANTS}
 
 
 @pytest.mark.parametrize("tp,ep,dp", LAYOUTS)
 def test_moe_layer_equals_single_process(tp, ep, dp):
     ranks = run(tp * dp, layer_case, tp, ep)
     ref = layer_reference(dp)
-    for (topk, drop, dtd), res in ranks[0].items():
+    for (topk, drop, dtd, pad_free), res in ranks[0].items():
         want = ref[(topk, drop)]
-        what = f"top-{topk} {'drop' if drop else 'no-drop'} dtd={dtd}"
+        what = f"top-{topk} {'drop' if drop else 'no-drop'} dtd={dtd} pad_free={pad_free}"
         for rank_result in ranks:  # every rank's micro-batch output (TP ranks hold copies)
-            for index, got in rank_result[(topk, drop, dtd)]["outs"].items():
+            for index, got in rank_result[(topk, drop, dtd, pad_free)]["outs"].items():
                 w = want["outs"][index]
                 assert rel_err(got["y"], w["y"]) <= 1e-5, f"{what}: output of micro-batch {index}"
                 assert abs(got["aux"] - w["aux"]) <= 1e-5 * abs(w["aux"]), f"{what}: aux loss"
                 assert abs(got["z"] - w["z"]) <= 1e-5 * abs(w["z"]), f"{what}: z loss"
                 assert got["dropped"] == w["dropped"], f"{what}: dropped fraction"
+                if pad_free:  # the same layout's padded path, within 1e-6
+                    padded = rank_result[(topk, drop, dtd, False)]["outs"][index]
+                    assert rel_err(got["y"], padded["y"]) <= 1e-6, f"{what}: output vs padded"
         assert_close_dicts(res["grads"], want["grads"], 1e-5, f"{what} grad")
-    if tp > 1:  # DTD is neutral and sends 1/TP of the all-to-all bytes
-        for topk, drop in VARIANTS:
-            on, off = ranks[0][(topk, drop, True)], ranks[0][(topk, drop, False)]
-            for index in on["outs"]:
-                assert rel_err(on["outs"][index]["y"], off["outs"][index]["y"]) <= 1e-6
-            assert_close_dicts(on["grads"], off["grads"], 1e-6, "DTD on vs off grad")
-            if ep > 1:
-                assert on["a2a_bytes"] > 0 and on["a2a_bytes"] * tp == off["a2a_bytes"]
+        if pad_free:
+            assert_close_dicts(res["grads"], ranks[0][(topk, drop, dtd, False)]["grads"], 1e-6, f"{what} grad vs padded")
+    for topk, drop in VARIANTS:
+        for pad_free in PATHS:
+            if tp > 1:  # DTD is neutral
+                on, off = ranks[0][(topk, drop, True, pad_free)], ranks[0][(topk, drop, False, pad_free)]
+                for index in on["outs"]:
+                    assert rel_err(on["outs"][index]["y"], off["outs"][index]["y"]) <= 1e-6
+                assert_close_dicts(on["grads"], off["grads"], 1e-6, "DTD on vs off grad")
+            if ep > 1:  # DTD sends 1/TP of the all-to-all bytes: exactly per rank when padded, in sum padding-free
+                on = [r[(topk, drop, True, pad_free)]["a2a_bytes"] for r in ranks]
+                off = [r[(topk, drop, tp == 1, pad_free)]["a2a_bytes"] for r in ranks]
+                padded = [r[(topk, drop, True, False)]["a2a_bytes"] for r in ranks]
+                assert all(b > 0 for b in on)
+                if pad_free:
+                    assert sum(on) * tp == sum(off) and sum(on) <= sum(padded)
+                else:
+                    assert all(a * tp == b for a, b in zip(on, off))
 
 
 def test_drop_mode_really_drops_and_no_drop_mode_does_not():
@@ -109,11 +130,12 @@ def test_drop_mode_really_drops_and_no_drop_mode_does_not():
 GPT_MICRO, GPT_MBS = 4, 2
 
 
-def gpt_case(tp: int, ep: int, topk: int, drop: bool, steps: int = 3) -> dict | None:
+def gpt_case(tp: int, ep: int, topk: int, drop: bool, steps: int = 3, pad_free: bool = False) -> dict | None:
     groups = ted_groups(tp, ep)
     mcfg = model_config()
     model = apply_patches(GPTModel(mcfg, groups, seed=99, init=False),
-                          moe_config(topk, drop, layers=moe_layer_indices(2, expert_interval=2)), seed=99)
+                          moe_config(topk, drop, layers=moe_layer_indices(2, expert_interval=2), pad_free=pad_free),
+                          seed=99)
     opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=1.0))
     out = {"loss": [], "aux": [], "norm": []}
     data = dict(mbs=GPT_MBS, seq=SEQ, vocab=mcfg.vocab_size)
@@ -149,10 +171,11 @@ def assert_replicas_identical(ranks: list[dict]) -> None:
             assert all(torch.equal(c, copies[0]) for c in copies), f"replicas of {name} differ"
 
 
+@pytest.mark.parametrize("pad_free", PATHS)
 @pytest.mark.parametrize("topk,drop", [(2, True), (1, False)])
 @pytest.mark.parametrize("tp,ep,dp", LAYOUTS)
-def test_gpt_moe_three_steps_equal_single_process(tp, ep, dp, topk, drop):
-    ranks, ref = run(tp * dp, gpt_case, tp, ep, topk, drop), gpt_reference(topk, drop)
+def test_gpt_moe_three_steps_equal_single_process(tp, ep, dp, topk, drop, pad_free):
+    ranks, ref = run(tp * dp, gpt_case, tp, ep, topk, drop, pad_free=pad_free), gpt_reference(topk, drop)
     got = ranks[0]
     assert_replicas_identical(ranks)
     for key in ("loss", "aux", "norm"):

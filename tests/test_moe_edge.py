@@ -345,6 +345,26 @@ def test_keep_mask_position_and_probs_policies():
         assert not keep.any()
 
 
+def test_keep_mask_k3_position_follows_token_order_and_choice_follows_choice_order():
+    # E = 4, K = 3, T = 3, capacity 2. Choices: t0 (1, 2, 0), t1 (0, 1, 3), t2 (0, 2, 3); assignments in
+    # choice-major order a = k * T + t: a0..a2 first choices, a3..a5 second, a6..a8 third.
+    expert_A = torch.tensor([1, 0, 0, 2, 1, 2, 0, 3, 3])
+    prob_A = torch.rand(9)
+    # position (DeepSpeed's topkgating, k >= 3): token order over all choices: t0's a0 a3 a6, t1's a1 a4 a7,
+    # t2's a2 a5 a8. Expert 0 takes t0's THIRD choice a6, then t1's first a1, and drops t2's first a2.
+    keep, slot = keep_mask(expert_A, prob_A, 4, 2, "position", topk=3)
+    assert keep.tolist() == [True, True, False, True, True, True, True, True, True]
+    assert {a: slot[a].item() for a in range(9) if keep[a]} == {0: 0, 1: 1, 3: 0, 4: 1, 5: 1, 6: 0, 7: 0, 8: 1}
+    # choice (ours before, now under its own name): first choices first: expert 0 takes a1, a2, drops a6
+    keep, slot = keep_mask(expert_A, prob_A, 4, 2, "choice", topk=3)
+    assert keep.tolist() == [True, True, True, True, True, True, False, True, True]
+    assert {a: slot[a].item() for a in range(9) if keep[a]} == {0: 0, 1: 0, 2: 1, 3: 0, 4: 1, 5: 1, 7: 0, 8: 1}
+    # for k <= 2 the two are one policy (DeepSpeed's top-1/top-2 gates hand out first choices first)
+    two = torch.tensor([0, 0, 1, 0, 1, 2, 0, 1])
+    for a, b in zip(keep_mask(two, prob_A[:8], 3, 2, "position", topk=2), keep_mask(two, prob_A[:8], 3, 2, "choice", topk=2)):
+        assert torch.equal(a, b)
+
+
 # E = 3, H = 3, router weight = identity, so the logits are these rows. K = 2, T = 5, cf 0.5 ->
 # capacity ceil(5 / 3 * 2 * 0.5) = 2. Choices (first, second): t0 (0,1) t1 (0,2) t2 (0,2) t3 (1,2) t4 (1,0).
 # Assignments a0..a4 = first choices of t0..t4, a5..a9 = second choices.

@@ -11,12 +11,16 @@ itself, and ours is done by the Optimizer, which is not used here), within 1e-5 
   * top-1 where nothing is dropped (cf = E, and drop_tokens False). Top-1 with an over-full
     expert is not compared: DeepSpeed keeps the tokens `torch.topk` picks among equal one-hot
     scores (no documented order), ours keeps them in token order;
-  * also top-3 with drops, which DeepSpeed routes through `topkgating`: per expert the most
-    probable tokens survive and l_aux counts all k choices divided by k, i.e. our drop_policy
-    "probs" (our "deepspeed" aux loss takes the k / k form for k >= 3 as DeepSpeed does; gates
-    still renormalized over the survivors);
+  * also top-3 and top-4 with drops, which DeepSpeed routes through `topkgating` (l_aux counts
+    all k choices divided by k, as our "deepspeed" aux loss does for k >= 3; gates renormalized
+    over the survivors), with both of its drop policies: "probs" (per expert the most probable
+    survive; the one its MoE layer uses) and "position" (capacity handed out in TOKEN order over
+    all k choices; its layer is made to pass it), against our policies of the same names;
 at EP = 1 (in this process, no DeepSpeed distributed state at all) and EP = 2 (a 2-rank gloo
-world; each rank has its own input, expert ids r * E_l + i live on EP rank r in both).
+world; each rank has its own input, expert ids r * E_l + i live on EP rank r in both), each on
+both of our dispatch paths (padded and padding-free). And the gates alone, `topkgating` against
+our router on random logits for k = 3, 4, both policies, several capacity factors: the same
+kept (token, expert) pairs, weights, counts and aux loss, and for "position" the same slots.
 
 DeepSpeed's tensor-parallel path (`groups.mpu` set, `deepspeed.moe.mappings` drop/gather) is not
 compared: as shipped it cannot run on gloo. `_gather_tokens` all-gathers an N-D tensor into a 1-D
@@ -29,7 +33,9 @@ see tests/deepspeed_reference.py. Only the EP = 2 workers call `deepspeed.init_d
 wraps the existing default group and creates DeepSpeed's own 'ep_size_2' groups on both ranks.
 """
 
+import contextlib
 import dataclasses
+import functools
 
 import pytest
 import torch
@@ -40,6 +46,7 @@ try:
     deepspeed, _ = ds_baseline.import_deepspeed()
 except ImportError:
     pytest.skip("deepspeed is not installed (pip install deepspeed: the [test] extra)", allow_module_level=True)
+from deepspeed.moe import sharded_moe  # noqa: E402
 from deepspeed.moe.sharded_moe import _capacity as ds_capacity  # noqa: E402
 
 import torch.nn.functional as F  # noqa: E402
@@ -49,23 +56,25 @@ from megatron.model import ModelConfig  # noqa: E402
 from megatron.model.transformer import activation  # noqa: E402
 from ted_patches.config import MoEConfig  # noqa: E402
 from ted_patches.moe_layer import MoELayer  # noqa: E402
-from ted_patches.router import token_capacity  # noqa: E402
+from ted_patches.router import Router, token_capacity  # noqa: E402
 from util import rel_err  # noqa: E402
 
 E, H, FFN = 8, 16, 32
 B, S = 4, 16  # T = 64 tokens per rank
 AUX = 0.1  # loss = <y, G> + AUX * aux
 TOL = 1e-5
-# name -> (top-k, capacity factor, drop tokens, our MoEConfig overrides)
-TOPK_GATING = dict(drop_policy="probs")  # DeepSpeed's k >= 3 gate keeps the most probable tokens
+# name -> (top-k, capacity factor, drop tokens, drop policy of both: ours and DeepSpeed's topkgating)
 CASES = {
-    "top2-drop-cf1": (2, 1.0, True, {}),
-    "top2-nodrop": (2, 1.0, False, {}),
-    "top1-cfE-nodrop-by-capacity": (1, float(E), True, {}),
-    "top1-nodrop": (1, 1.0, False, {}),
-    "top3-probs-drop-cf1": (3, 1.0, True, TOPK_GATING),
+    "top2-drop-cf1": (2, 1.0, True, "position"),
+    "top2-nodrop": (2, 1.0, False, "position"),
+    "top1-cfE-nodrop-by-capacity": (1, float(E), True, "position"),
+    "top1-nodrop": (1, 1.0, False, "position"),
+    "top3-probs-drop-cf1": (3, 1.0, True, "probs"),
+    "top3-position-drop-cf1": (3, 1.0, True, "position"),
+    "top4-probs-drop-cf1": (4, 1.0, True, "probs"),
+    "top4-position-drop-cf1": (4, 1.0, True, "position"),
 }
-DROPPING = ("top2-drop-cf1", "top3-probs-drop-cf1")
+DROPPING = tuple(name for name in CASES if "drop-cf" in name)
 GRADS = ("x", "gate", "w1", "b1", "w2", "b2")
 
 
@@ -91,6 +100,17 @@ def build_ds(ep: int, k: int, cf: float, drop: bool, w: dict, ep_rank: int):
     assert ds_baseline.ep_rank(moe) == ep_rank, "DeepSpeed's EP rank != ours"
     ds_baseline.load_weights(moe, w)
     return moe
+
+
+@contextlib.contextmanager
+def ds_topk_policy(policy: str):
+    """DeepSpeed's TopKGate calls topkgating with its default drop policy ("probs"): pass `policy`."""
+    original = sharded_moe.topkgating
+    sharded_moe.topkgating = functools.partial(original, drop_policy=policy)
+    try:
+        yield
+    finally:
+        sharded_moe.topkgating = original
 
 
 def build_ours(groups, k: int, cf: float, drop: bool, w: dict, overrides: dict) -> MoELayer:
@@ -133,29 +153,31 @@ def run_ours(layer: MoELayer, x, gy) -> dict:
 
 
 def oracle_case(ep: int, names: list[str]) -> dict:
-    """On every rank: ours vs DeepSpeed for each case; the relative errors and what was dropped."""
+    """On every rank: ours (both paths) vs DeepSpeed for each case; the relative errors and what
+    was dropped."""
     groups = ted_groups(1, ep)
     torch.manual_seed(0)  # nothing random should be drawn; keep it deterministic regardless
     w = full_weights()
     x, gy = rank_input(groups.ep.rank if ep > 1 else 0)
     results = {}
     for name in names:
-        k, cf, drop, overrides = CASES[name]
-        ds = run_ds(build_ds(ep, k, cf, drop, w, groups.ep.rank), x, gy)
-        ours = run_ours(build_ours(groups, k, cf, drop, w, overrides), x, gy)
-        errs = {key: rel_err(ours[key], ds[key]) for key in ("out", "aux") + GRADS}
-        errs["counts_equal"] = bool(torch.equal(ours["counts"], ds["counts"]))
-        errs["dropped"] = ours["dropped"]
-        errs["grad_norms"] = {key: ds[key].norm().item() for key in GRADS}
-        results[name] = errs
+        k, cf, drop, policy = CASES[name]
+        with ds_topk_policy(policy):
+            ds = run_ds(build_ds(ep, k, cf, drop, w, groups.ep.rank), x, gy)
+        for pad_free in (False, True):
+            ours = run_ours(build_ours(groups, k, cf, drop, w, dict(drop_policy=policy, pad_free=pad_free)), x, gy)
+            errs = {key: rel_err(ours[key], ds[key]) for key in ("out", "aux") + GRADS}
+            errs["counts_equal"] = bool(torch.equal(ours["counts"], ds["counts"]))
+            errs["dropped"] = ours["dropped"]
+            errs["grad_norms"] = {key: ds[key].norm().item() for key in GRADS}
+            results[(name, pad_free)] = errs
     return results
 
 
 def check(results_by_rank: list[dict], names: list[str]) -> None:
     for rank, results in enumerate(results_by_rank):
-        for name in names:
-            errs = results[name]
-            what = f"rank {rank} {name}"
+        for (name, pad_free), errs in results.items():
+            what = f"rank {rank} {name} pad_free={pad_free}"
             print(what, {k: f"{v:.2e}" for k, v in errs.items() if isinstance(v, float) and k != "dropped"},
                   f"dropped={errs['dropped']:.4f}")
             assert errs["counts_equal"], f"{what}: expert counts differ"
@@ -199,3 +221,44 @@ def test_oracle_ep1():
 def test_oracle_ep2():
     names = list(CASES)
     check(run(2, oracle_case, 2, names), names)
+
+
+# ---- the gates alone: DeepSpeed's topkgating against our router, k >= 3, on random logits -----------
+def ours_on_logits(logits: torch.Tensor, k: int, cf: float, policy: str):
+    """Our router fed `logits` exactly (identity gate weight over E input features)."""
+    T, n = logits.shape
+    cfg = MoEConfig(num_experts=n, layers=(0,), topk=k, capacity_factor=cf, eval_capacity_factor=cf, min_capacity=4,
+                    drop_policy=policy, gate_normalization="surviving", aux_loss_type="deepspeed")
+    router = Router(n, cfg, ted_groups(1, 1), std=0.02)
+    with torch.no_grad():
+        router.weight.copy_(torch.eye(n))
+    r = router(logits)
+    kept_TE = torch.zeros(T, n, dtype=torch.bool)
+    weight_TE, slot_TE = torch.zeros(T, n), torch.full((T, n), -1)
+    t, e = r.token_N, r.expert_N
+    kept_TE[t, e] = True
+    weight_TE[t, e] = r.weight_N.detach()
+    slot_TE[t, e] = r.slot_N
+    return kept_TE, weight_TE, slot_TE, r.counts_E, r.aux_loss.detach()
+
+
+@pytest.mark.parametrize("policy", ["position", "probs"])
+@pytest.mark.parametrize("k", [3, 4])
+def test_topk_gating_k3_k4_equals_deepspeed_on_random_logits(k, policy):
+    n = 8
+    for seed in range(4):
+        for cf in (0.5, 1.0, 1.25):
+            logits = torch.randn(48, n, generator=torch.Generator().manual_seed(seed)) * 2
+            l_aux, combine_TEC, dispatch_TEC, counts = sharded_moe.topkgating(
+                logits.clone(), k, cf, 4, drop_tokens=True, drop_policy=policy)
+            kept, weight, slot, our_counts, our_aux = ours_on_logits(logits, k, cf, policy)
+            what = f"k={k} {policy} cf={cf} seed={seed}"
+            ds_kept = dispatch_TEC.any(-1)
+            assert torch.equal(kept, ds_kept), what
+            if cf < 1.0:
+                assert ds_kept.sum() < k * 48, f"{what}: nothing dropped"
+            assert rel_err(weight, combine_TEC.sum(-1)) <= 1e-6, what
+            assert torch.equal(our_counts, counts.long()), what
+            assert abs(our_aux.item() - l_aux.item()) <= 1e-6 * abs(l_aux.item()), what
+            if policy == "position":  # slots in token order over all k choices, as DeepSpeed's
+                assert torch.equal(torch.where(kept, slot, -1), torch.where(ds_kept, dispatch_TEC.int().argmax(-1), -1)), what
