@@ -127,7 +127,7 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path):
     delayed.communicate(timeout=60)
     iteration = _loads(str(tmp_path / "random"))
     assert iteration >= 1
-    resumed = _launch("--train-iters", str(iteration + 1), "--load", str(tmp_path / "random"))
+    resumed = _launch("--train-iters", "400", "--exit-interval", str(iteration + 1), "--load", str(tmp_path / "random"))
     out, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0 and f"iteration {iteration + 1:8d}/" in out, err[-2000:]
 
