@@ -23,13 +23,13 @@ serves from its stash are not issued, so neither counts them.
 
 from __future__ import annotations
 
-from collections import Counter
 from typing import Iterable, Mapping
 
 import torch
 import torch.distributed as dist
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from megatron.parallel.comm import CommLedger
 from megatron.parallel.topology import Group, TEDGroups
 
 # c10d / functional operator name -> the ledger's collective kind.
@@ -62,8 +62,9 @@ def _nbytes(value) -> int:
     return 0
 
 
-class CollectiveCounter(TorchDispatchMode):
-    """Calls and bytes per (kind, group) of every collective issued while active. Groups are
+class CollectiveCounter(TorchDispatchMode, CommLedger):
+    """Calls and bytes per (kind, group) of every collective issued while active, read as the
+    ledger is (count, nbytes, summary, reset). Groups are
     named by the `Group`s given (identified by their process-group object, or by its c10d name
     for the functional collectives); any other group is named by its ranks, e.g. "ranks(0, 2)"."""
 
@@ -82,8 +83,7 @@ class CollectiveCounter(TorchDispatchMode):
             self._by_pg[id(g.pg)] = g.name
             self._by_c10d_name[g.pg.group_name] = g.name
             self._pgs.append(g.pg)
-        self.calls: Counter = Counter()
-        self.bytes: Counter = Counter()
+        CommLedger.__init__(self)
 
     # -- the mode ----------------------------------------------------------------------------
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
@@ -113,22 +113,3 @@ class CollectiveCounter(TorchDispatchMode):
             return "unknown"
         pg = dist.ProcessGroup.unbox(pg)
         return self._by_pg.get(id(pg)) or f"ranks{tuple(dist.get_process_group_ranks(pg))}"
-
-    # -- reading -----------------------------------------------------------------------------
-    def reset(self) -> None:
-        self.calls.clear()
-        self.bytes.clear()
-
-    def count(self, kind: str | None = None, group: str | None = None) -> int:
-        return sum(n for key, n in self.calls.items() if _matches(key, kind, group))
-
-    def nbytes(self, kind: str | None = None, group: str | None = None) -> int:
-        return sum(n for key, n in self.bytes.items() if _matches(key, kind, group))
-
-    def summary(self) -> dict[tuple[str, str], tuple[int, int]]:
-        """(kind, group) -> (calls, bytes), as CommLedger.summary()."""
-        return {key: (self.calls[key], self.bytes[key]) for key in self.calls}
-
-
-def _matches(key: tuple[str, str], kind, group) -> bool:
-    return (kind is None or key[0] == kind) and (group is None or key[1] == group)
