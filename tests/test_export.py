@@ -23,7 +23,7 @@ from ted_patches.config import MoEConfig
 from ted_patches.patch import apply_patches
 from tools import checkpoint_convert
 from tools.generate import build_model
-from util import tiny_model_config
+from util import run_main, tiny_model_config
 
 TOL = 1e-5
 CHECKPOINT_API = ("read_checkpoint_meta", "configs_from_meta", "read_stored_tensors", "write_model_checkpoint")
@@ -291,13 +291,7 @@ def save_checkpoint(model, path: str) -> str:
 
 def run_tool(capsys, *argv) -> tuple[int, str, str]:
     """(exit status, stdout, stderr) of checkpoint_convert.main in this process."""
-    try:
-        checkpoint_convert.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(capsys, checkpoint_convert.main, *argv)
 
 
 def test_tool_consolidate_export_import(tmp_path, capsys):

