@@ -163,7 +163,7 @@ def main(argv=None):
     import torch
 
     from megatron.training.initialize import (await_fault_verdict, finish_distributed, initialize_distributed,
-                                              launch_env, set_seed)
+                                              keep_freed_memory_mapped, launch_env, set_seed)
     from megatron.training.checkpointing import CheckpointError
     from megatron.training.optimizer import NonFiniteError
     from megatron.training.training import pretrain
@@ -171,6 +171,8 @@ def main(argv=None):
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     try:
         groups, device = initialize_distributed(cfg.topology, cfg.train.backend, cfg.train.timeout_minutes)
+        if device.type == "cpu":
+            keep_freed_memory_mapped()
         set_seed(cfg.train.seed)
         pretrain(cfg, tokenizer, groups, device)
     except faults.LaunchError as e:  # a rank that never joined, a port in use: one line

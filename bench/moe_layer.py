@@ -6,8 +6,9 @@ For every (TP, EP, DP) one local gloo world runs. For every case (capacity facto
 2.0 and no-drop; each with a plain and a skewed router, where one expert gets 4x its share of
 the assignments) every rank builds, with the same gate weights and input: our layer padded,
 our layer padding-free, DeepSpeed's layer (where it runs: its TP path fails on gloo as shipped),
-and the floors: our experts alone on the rows each path computes (the padded buffer
-[E_l, TP * EP * C, H]; the real rows, grouped). Each repetition times every one of them in turn
+the floors: our experts alone on the rows each path computes (the padded buffer
+[E_l, TP * EP * C, H]; the real rows, grouped), and the rest: each of our layers with its
+experts replaced by the identity (router, dispatch and combine alone, forward and backward). Each repetition times every one of them in turn
 (forward + backward between two barriers), so drift on a shared machine hits all alike; a row
 reports the median, min and max over repetitions, and its ratios to DeepSpeed and to the padded
 path are the medians (and ranges) of the per-repetition ratios.
@@ -122,8 +123,27 @@ def _step_of(layer, x, probe, hidden):
         out = layer(x.view(1, -1, hidden))
         y, aux = out[0], out[1]
         aux_loss = aux.loss if hasattr(aux, "loss") else aux
-        ((y.view_as(probe) * probe).sum() + 0.01 * aux_loss).backward()
+        # the gradient of (y * probe).sum() + 0.01 * aux, fed straight in as the floor's is (no loss
+        # arithmetic of the benchmark's own counted as the layer's)
+        torch.autograd.backward([y, aux_loss], [probe.view_as(y), torch.tensor(0.01)])
     return step
+
+
+def _without_experts(layer, step):
+    """`step` with our experts replaced by the identity (no GEMMs): what is left is the router,
+    dispatch and combine, forward and backward, timed on their own."""
+    experts = layer.experts
+
+    def identity(x, *args, **kwargs):
+        return x, None
+
+    def run():
+        experts.forward = experts.forward_packed = identity
+        try:
+            step()
+        finally:
+            del experts.forward, experts.forward_packed
+    return run
 
 
 def _expert_shapes(layer, step):
@@ -133,9 +153,9 @@ def _expert_shapes(layer, step):
     experts = layer.experts
     forward, packed = experts.forward, experts.forward_packed
 
-    def spy_forward(x):
+    def spy_forward(x, fc2_bias=None):
         seen["shape"] = ("padded", list(x.shape))
-        return forward(x)
+        return forward(x, fc2_bias)
 
     def spy_packed(x, counts, fc2_bias=None, backend=None):
         seen["shape"] = ("packed", list(counts))
@@ -160,10 +180,9 @@ def _gemm_step(experts, shape, hidden):
     def step():
         for t in [x, *experts.parameters()]:
             t.grad = None
-        if kind == "padded":
-            y, bias = experts(x)
-            y = y if bias is None else y + bias[:, None, :]
-        else:  # as the layer runs them: the fc2 bias inside the GEMM
+        if kind == "padded":  # as the layer runs them: the fc2 bias inside the GEMM
+            y, _ = experts(x, experts.b2)
+        else:
             y, _ = experts.forward_packed(x, dims, experts.b2)
         y.backward(grad)
     return step
@@ -176,12 +195,21 @@ def _summary(ts: list[float]) -> dict:
 
 def measure(tp: int, ep: int, opts) -> list[dict] | None:
     """On every rank of a world of TP x DP; rank 0 returns the rows."""
+    _allocator(opts)
     groups = ted_groups(tp, ep)
     rows = []
     for cf in opts.cfs:
         for skew in opts.skews:
             rows += _measure_case(groups, opts, cf, skew)
     return rows if dist.get_rank() == 0 else None
+
+
+def _allocator(opts) -> None:
+    """As pretrain_gpt_moe.py does on CPUs (for every implementation alike), unless --raw-malloc."""
+    from megatron.training.initialize import keep_freed_memory_mapped
+
+    if not opts.raw_malloc:
+        keep_freed_memory_mapped()
 
 
 def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
@@ -207,6 +235,8 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
                           ar=groups.ledger.nbytes("all_reduce", "tp"))
     steps["gemms-padded"] = _gemm_step(layers[False].experts, shapes["padded"], opts.hidden)
     steps["gemms-pad-free"] = _gemm_step(layers[True].experts, shapes["pad-free"], opts.hidden)
+    steps["rest-padded"] = _without_experts(layers[False], steps["padded"])
+    steps["rest-pad-free"] = _without_experts(layers[True], steps["pad-free"])
     with torch.no_grad():
         _, aux = layers[False](x.view(1, -1, opts.hidden))
     dropped = aux.dropped
@@ -239,9 +269,14 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
                    ms_fwd_bwd_iqr=round(t["iqr"], 2), ms_expert_gemms=round(g["median"], 2),
                    ms_expert_gemms_min=round(g["min"], 2), ms_expert_gemms_max=round(g["max"], 2),
                    overhead_vs_gemms=ratio(name, floor)[0] - 1,
+                   ms_router_dispatch_combine=None, router_dispatch_combine_vs_gemms=None,
                    a2a_bytes_per_rank=info[name]["a2a"], tp_allgather_bytes_per_rank=info[name]["ag"],
                    tp_reduce_scatter_bytes_per_rank=info[name]["rs"], tp_allreduce_bytes_per_rank=info[name]["ar"])
         row["overhead_vs_gemms"] = round(row["overhead_vs_gemms"], 3)
+        if name != "deepspeed":
+            rest = "rest-pad-free" if pad_free else "rest-padded"
+            row["ms_router_dispatch_combine"] = round(_summary(times[rest])["median"], 2)
+            row["router_dispatch_combine_vs_gemms"] = ratio(rest, floor)[0]
         if "deepspeed" in steps and name != "deepspeed":
             row["ratio_vs_deepspeed"], row["ratio_vs_deepspeed_min"], row["ratio_vs_deepspeed_max"] = ratio(name, "deepspeed")
         if pad_free:
@@ -255,6 +290,7 @@ def profile_tables(opts, rows: int = 25) -> str:
     implementation and the first capacity factor; the experts' GEMMs are the bmm / mm / addmm rows."""
     from torch.profiler import ProfilerActivity, profile
 
+    _allocator(opts)
     groups = ted_groups(1, 1)
     cf = opts.cfs[0]
     x, probe = _inputs(opts, groups, False)
@@ -276,7 +312,7 @@ def profile_tables(opts, rows: int = 25) -> str:
 
 def table(rows: list[dict]) -> str:
     head = ("layout (TP,EP,DP)", "cf", "skew", "impl", "rows", "a2a B/rank", "fwd+bwd ms (min-max)", "experts ms",
-            "overhead", "vs DS (min-max)", "vs padded (min-max)")
+            "overhead", "route+dispatch+combine ms (/ experts)", "vs DS (min-max)", "vs padded (min-max)")
     lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     for r in rows:
         layout = f"({r['tp']},{r['ep']},{r['dp']})"
@@ -284,7 +320,7 @@ def table(rows: list[dict]) -> str:
         impl = "deepspeed" if r["impl"] == "deepspeed" else ("ours pad-free" if r["pad_free"] else "ours padded")
         if r["ms_fwd_bwd"] is None:
             lines.append(" | ".join([layout, cf, "on" if r["skew"] else "off", impl, "-", "-", "does not run", "-", "-",
-                                     "-", "-"]))
+                                     "-", "-", "-"]))
             continue
 
         def rng(key):
@@ -293,7 +329,10 @@ def table(rows: list[dict]) -> str:
         lines.append(" | ".join([
             layout, cf, "on" if r["skew"] else "off", impl, f"{r['expert_rows']:,}", f"{r['a2a_bytes_per_rank']:,}",
             f"{r['ms_fwd_bwd']:.1f} ({r['ms_fwd_bwd_min']:.1f}-{r['ms_fwd_bwd_max']:.1f})", f"{r['ms_expert_gemms']:.1f}",
-            f"{r['overhead_vs_gemms']:+.1%}", rng("ratio_vs_deepspeed"), rng("ratio_vs_padded")]))
+            f"{r['overhead_vs_gemms']:+.1%}",
+            "-" if r["ms_router_dispatch_combine"] is None else
+            f"{r['ms_router_dispatch_combine']:.2f} ({r['router_dispatch_combine_vs_gemms']:.1%})",
+            rng("ratio_vs_deepspeed"), rng("ratio_vs_padded")]))
     notes = {r["note"] for r in rows if r.get("note")}
     return "\n".join(lines + [f"note: {n}" for n in notes])
 
@@ -314,6 +353,9 @@ def main(argv=None):
     p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
     p.add_argument("--iters", type=int, default=7, help="timed repetitions of each implementation")
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (after one warm-up pass each)")
+    p.add_argument("--raw-malloc", action="store_true",
+                   help="leave glibc's malloc returning freed memory to the kernel (pretrain_gpt_moe.py stops that "
+                        "on CPUs: megatron.training.initialize.keep_freed_memory_mapped)")
     p.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
     p.add_argument("--profile", action="store_true", help="profiler tables at (1,1,1) instead of the timings")
     opts = p.parse_args(argv)

@@ -18,9 +18,10 @@ Forward (docs/architecture.md, "One MoE layer", steps 2-9), with DTD:
                all-to-all over EP -> [EP, E_l, Cs, H]        backward: all-to-all
                all-gather over TP -> [TP, EP, E_l, Cs, H]    backward: reduce-scatter over TP
                -> expert-major [E_l, TP * EP * Cs, H]
-    experts    fc1 column-parallel, activation, fc2 row-parallel WITHOUT its TP reduction
+    experts    fc1 column-parallel, activation, fc2 row-parallel WITHOUT its TP reduction; the
+               fc2 bias inside fc2's GEMM on TP rank 0 only (`fc2_bias`: the reduction counts it
+               once; its grad: all-reduce over TP)
     combine    reduce-scatter over TP -> my slice [EP, E_l, Cs, H]   backward: all-gather
-               + fc2 bias (its grad: all-reduce over TP, as the slice is split)
                all-to-all over EP back -> [E, Cs, H]                 backward: all-to-all
                all-gather over TP -> [S, E, Cs, H]                    backward: keep my slice
                gate-weighted sum into y_TH (dropped tokens get 0: the residual carries them)
@@ -85,10 +86,14 @@ class _GatherRows(torch.autograd.Function):
         return g_TH, None, None, None, None
 
 
-def _scaled_rows(table: torch.Tensor, index: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
-    """table[index] * scale[:, None] in one pass: an embedding bag of one row each (the product is
-    rounded once, exactly as the separate gather and multiply would)."""
-    return torch.nn.functional.embedding_bag(index[:, None], table, per_sample_weights=scale[:, None], mode="sum")
+def _weighted_bags(table: torch.Tensor, index_A: torch.Tensor, weight_A: torch.Tensor, topk: int) -> torch.Tensor:
+    """out[t] = sum over k, in choice order, of weight[k, t] * table[index[k, t]] (A = K * T,
+    choice-major): one embedding bag of K rows per token, a single pass that writes only the
+    [T, H] result (no [A, H] intermediate and no separate sum: about 3x faster on CPUs)."""
+    T = index_A.numel() // topk
+    index_TK = index_A.view(topk, T).t().contiguous()
+    weight_TK = weight_A.view(topk, T).t().contiguous()
+    return torch.nn.functional.embedding_bag(index_TK, table, per_sample_weights=weight_TK, mode="sum")
 
 
 class _CombineRows(torch.autograd.Function):
@@ -100,8 +105,7 @@ class _CombineRows(torch.autograd.Function):
     def forward(ctx, full_RH, w_A, row_A, scatter_A, token_R, drop_A, topk, num_tokens):
         ctx.save_for_backward(full_RH, w_A, row_A, scatter_A, token_R, drop_A)
         ctx.topk, ctx.T = topk, num_tokens
-        P_AH = _scaled_rows(full_RH, row_A, w_A)
-        return P_AH.view(topk, num_tokens, -1).sum(0) if topk > 1 else P_AH
+        return _weighted_bags(full_RH, row_A, w_A, topk)
 
     @staticmethod
     def backward(ctx, gy_TH):
@@ -201,21 +205,16 @@ class Dispatcher:
         tokens = recv.permute(2, 0, 1, 3, 4).reshape(self.local_experts, -1, H)
         return tokens, plan
 
-    def combine(self, partial: torch.Tensor, bias_EH: Optional[torch.Tensor], plan: DispatchPlan) -> torch.Tensor:
-        """partial: the experts' fc2 output before its TP reduction, token order as dispatched
-        ([E_l, N, H] padded, [sum of counts, H] padding-free)."""
+    def combine(self, partial: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """partial: the experts' fc2 output before its TP reduction (the fc2 bias included, see
+        `fc2_bias`), token order as dispatched ([E_l, N, H] padded, the experts' layout of the
+        plan padding-free)."""
         if plan.packed is not None:
-            return self._combine_packed(partial, bias_EH, plan)
+            return self._combine_packed(partial, plan)
         g, H = self.groups, partial.shape[-1]
         y = partial.view(self.local_experts, plan.slices, g.ep.size, plan.slot_per_slice, H)
         y = y.permute(1, 2, 0, 3, 4)  # [S, EP, E_l, Cs, H]
-        if self.dtd:
-            y = comm.reduce_scatter(y, g.tp)
-            bias_EH = None if bias_EH is None else comm.copy_to_split(bias_EH, g.tp)
-        else:
-            y = comm.reduce_from_split(y[0], g.tp)
-        if bias_EH is not None:
-            y = y + bias_EH[None, :, None, :]
+        y = comm.reduce_scatter(y, g.tp) if self.dtd else comm.reduce_from_split(y[0], g.tp)
         back = comm.all_to_all(y, g.ep)  # [EP owner, E_l, Cs, H] = [E, Cs, H]
         full = comm.gather_to_replicated(back, g.tp) if self.dtd else back
         return self._combine_rows(full.reshape(-1, H), plan)
@@ -320,23 +319,18 @@ class Dispatcher:
         tokens = recv.index_select(0, packed.to_experts) if packed.to_experts is not None else recv
         return (tokens.view(El, cmax, H) if tight else tokens), local, plan
 
-    def packed_fc2_bias(self, bias_EH: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The fc2 bias as the padding-free experts add it inside their fc2 GEMM, before fc2's TP
-        reduction: on TP rank 0 only (zero elsewhere), so the reduction counts it once; its
+    def fc2_bias(self, bias_EH: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """The fc2 bias as the experts add it inside their fc2 GEMM, before fc2's TP reduction
+        (both paths): on TP rank 0 only (zero elsewhere), so the reduction counts it once; its
         gradient (nonzero on TP rank 0 only) is all-reduced over TP, as the bias is replicated."""
         if bias_EH is None or self.groups.tp.size == 1:
             return bias_EH
         bias_EH = comm.copy_to_split(bias_EH, self.groups.tp)
         return bias_EH if self.groups.tp.rank == 0 else bias_EH * 0.0
 
-    def _combine_packed(self, partial, bias_EH, plan: DispatchPlan) -> torch.Tensor:
-        """partial: the experts' output in their layout; bias_EH: packed_fc2_bias(b2) for the tight
-        layout (added here, before fc2's TP reduction), None for the packed one (fused there)."""
+    def _combine_packed(self, partial, plan: DispatchPlan) -> torch.Tensor:
+        """partial: the experts' output in their layout (tight or packed)."""
         g, H, p = self.groups, partial.shape[-1], plan.packed
-        if bias_EH is not None:
-            if not p.tight:
-                raise ValueError("the packed experts add the fc2 bias themselves (Dispatcher.packed_fc2_bias)")
-            partial = partial + bias_EH[:, None, :]
         y = partial.reshape(-1, H)
         if p.direct:
             return self._combine_rows(comm.reduce_from_split(y, g.tp), plan)

@@ -9,8 +9,10 @@ H hidden, F ffn per TP rank (2F for SwiGLU's [gate | up]).
 Weights are stored [in, out] so both GEMMs are plain x @ W batched products: on these CPUs
 that ran fwd+bwd in 77-81 ms against 81-85 ms for nn.Linear's [out, in] layout through a
 transposed view, and 80-102 ms for a loop of nn.Linear (E=8, C=512, H=256, F=1024, fp32).
-`forward` returns fc2's output BEFORE its TP reduction and the fc2 bias apart (Megatron's
-skip_bias_add): the dispatcher fuses that reduction with the DTD drop into one reduce-scatter.
+`forward` returns fc2's output BEFORE its TP reduction (the dispatcher fuses that reduction with
+the DTD drop into one reduce-scatter), and the fc2 bias apart (Megatron's skip_bias_add) unless
+the layer passes it in (`fc2_bias`: the bias on TP rank 0, zero elsewhere, so the reduction
+counts it once) to have it added inside fc2's GEMM.
 
 `forward_packed` is the padding-free form: the real rows of every local expert packed
 [sum of counts, H] (expert-major) and their counts. Two backends, equal to each other and to the
@@ -19,7 +21,7 @@ GEMM per linear over the real rows; biases added per row) and "loop" (_PackedMLP
 expert and linear written into preallocated rows, biases fused into the GEMMs, a hand-written
 backward). Default: loop on CPUs (measured here at 2 threads: its GEMMs 74.8 ms against 78.0 ms
 for the padded bmm path on the same 4096 rows; grouped_mm no faster), grouped_mm
-elsewhere. The padding-free layer passes the fc2 bias in (`fc2_bias`) to have it fused too.
+elsewhere. `fc2_bias` works as in `forward`.
 """
 
 from __future__ import annotations
@@ -54,16 +56,24 @@ class GroupedExperts(torch.nn.Module):
                                tp_stride=stride, **expert)
             self.b2 = set_spec(torch.nn.Parameter(torch.empty(e, h)), init="zeros", **expert)
 
-    def forward(self, x_ENH: torch.Tensor) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+    def forward(self, x_ENH: torch.Tensor, fc2_bias: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """x_ENH: N rows per local expert. Returns fc2's output [E_l, N, H] (before its TP
+        reduction) and the fc2 bias apart, or, given `fc2_bias` [E_l, H], fc2's output with that
+        bias added inside the GEMM (baddbmm: no pass of its own; its gradient a contiguous sum)
+        and None."""
         e, n = x_ENH.shape[:2]
+        rest = self.b2 if fc2_bias is None else None
         chunk = _experts_per_chunk(x_ENH.device, e, n * self.w1.shape[-1])
         if chunk == e:
-            return self._mlp(x_ENH, self.w1, self.b1, self.w2), self.b2
+            return self._mlp(x_ENH, self.w1, self.b1, self.w2, fc2_bias), rest
         # split, not slicing: split's backward concatenates the chunks' weight gradients, where a
         # slice's would fill a zero tensor of the whole weight per chunk and add them up
-        b1 = self.b1.split(chunk) if self.b1 is not None else [None] * -(-e // chunk)
-        parts = map(self._mlp, x_ENH.split(chunk), self.w1.split(chunk), b1, self.w2.split(chunk))
-        return torch.cat(list(parts)), self.b2
+        none = [None] * -(-e // chunk)
+        b1 = self.b1.split(chunk) if self.b1 is not None else none
+        b2 = fc2_bias.split(chunk) if fc2_bias is not None else none
+        parts = map(self._mlp, x_ENH.split(chunk), self.w1.split(chunk), b1, self.w2.split(chunk), b2)
+        return torch.cat(list(parts)), rest
 
     def forward_packed(self, x_MH: torch.Tensor, counts: list[int], fc2_bias: Optional[torch.Tensor] = None,
                        backend: Optional[str] = None):
@@ -91,12 +101,9 @@ class GroupedExperts(torch.nn.Module):
 
     packed_backend: Optional[str] = None  # None: by device (see forward_packed)
 
-    def _mlp(self, x_ENH, w1_EHF, b1_EF, w2_EFH) -> torch.Tensor:
-        if b1_EF is None:
-            h_ENF = torch.bmm(x_ENH, w1_EHF)
-        else:
-            h_ENF = torch.baddbmm(b1_EF.unsqueeze(1), x_ENH, w1_EHF)
-        return torch.bmm(activation(self.cfg, h_ENF), w2_EFH)
+    def _mlp(self, x_ENH, w1_EHF, b1_EF, w2_EFH, b2_EH=None) -> torch.Tensor:
+        h_ENF = _bmm(x_ENH, w1_EHF, b1_EF)
+        return _bmm(activation(self.cfg, h_ENF), w2_EFH, b2_EH)
 
 
 class _PackedMLP(torch.autograd.Function):
@@ -170,6 +177,10 @@ class _PackedMLP(torch.autograd.Function):
             if gx is not None:
                 torch.mm(gh[o:o + n], w1[e].t(), out=gx[o:o + n])
         return gx, gw1, gb1, gw2, gb2, None, None
+
+
+def _bmm(x, w, b):
+    return torch.bmm(x, w) if b is None else torch.baddbmm(b.unsqueeze(1), x, w)
 
 
 def _fc2(a, w, b, out):

@@ -69,17 +69,17 @@ class MoELayer(torch.nn.Module):
         pad_free = self.pad_free(x.device)
         routing = self.router(x_TH, pad_free=pad_free)
         self._check_tp_routing(routing)
+        bias = self.dispatcher.fc2_bias(self.experts.b2)  # added inside fc2, before its TP reduction
         if pad_free:
             tokens, counts, plan = self.dispatcher.dispatch_packed(x_TH, routing)
-            bias = self.dispatcher.packed_fc2_bias(self.experts.b2)
             if plan.packed.tight:  # nearly equal counts: one bmm over [E_l, max count, H]
-                partial, _ = self.experts(tokens)
-            else:  # grouped GEMMs over the real rows, the fc2 bias inside them
-                partial, bias = self.experts.forward_packed(tokens, counts, bias)
+                partial, _ = self.experts(tokens, bias)
+            else:  # grouped GEMMs over the real rows
+                partial, _ = self.experts.forward_packed(tokens, counts, bias)
         else:
             tokens, plan = self.dispatcher.dispatch(x_TH, routing)
-            partial, bias = self.experts(tokens)
-        y_TH = self.dispatcher.combine(partial, bias, plan)
+            partial, _ = self.experts(tokens, bias)
+        y_TH = self.dispatcher.combine(partial, plan)
         if self.cfg.mlp_type == "residual":
             dense_TH, _ = self.dense(x_TH)
             coef_T2 = self.mix(x_TH).softmax(dim=-1)

@@ -31,6 +31,8 @@ def test_moe_layer_bench_json():
     for r in rows:
         if r["ms_fwd_bwd"] is not None:  # a spread over the interleaved repetitions
             assert r["ms_fwd_bwd_min"] <= r["ms_fwd_bwd"] <= r["ms_fwd_bwd_max"] and r["reps"] == 2
+        if r["impl"] == "ours":  # router + dispatch + combine timed alone (the experts an identity)
+            assert 0 < r["ms_router_dispatch_combine"] and r["router_dispatch_combine_vs_gemms"] > 0
     by = {(r["ep"], r["capacity_factor"], r["skew"], r["impl"], r["pad_free"]): r for r in rows if r["tp"] == 1}
     for cf in (1.0, 1.25, 2.0, None):
         for skew in (False, True):

@@ -97,3 +97,24 @@ def test_rope_frequencies_stay_fp32_in_a_bf16_model():
     inv_freq = 1.0 / (10000.0 ** (torch.arange(0, 64, 2, dtype=torch.float64) / 64))
     want = torch.cos(2047 * inv_freq).float()
     assert cos.dtype == torch.float32 and (cos[0, 0, 0, :32] - want).abs().max() < 1e-3
+
+
+
+def test_keep_freed_memory_mapped_applies_and_defers_to_the_users_choice(monkeypatch):
+    """pretrain_gpt_moe.py calls it on CPUs: glibc's malloc then keeps freed blocks up to 32 MiB in
+    its heap (no page faults for every step's buffers). Run in fresh interpreters: it changes the
+    process's allocator for good."""
+    import os
+    import subprocess
+    import sys
+
+    for name in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
+        monkeypatch.delenv(name, raising=False)
+    code = "from megatron.training.initialize import keep_freed_memory_mapped as k; print(k())"
+
+    def applied(**env) -> str:
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
+                              env={**os.environ, **env}).stdout.strip()
+
+    assert applied() == "True"  # these machines: Linux, glibc
+    assert applied(MALLOC_MMAP_THRESHOLD_="65536") == "False"  # the user's own setting stands

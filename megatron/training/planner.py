@@ -351,19 +351,18 @@ def _moe_comm(cfg: Config, experts: int, fwd: _Tally, bwd: _Tally) -> None:
         mine += [("all_to_all", "ep", buffer // t), ("all_gather", "tp", buffer // t),
                  ("reduce_scatter", "tp", buffer), ("all_to_all", "ep", buffer // t), ("all_gather", "tp", buffer // t)]
         # backward: all-gather (drop), a2a, reduce-scatter (gather_to_split), all-gather
-        # (reduce_scatter), all-reduce of the fc2 bias gradient (copy_to_split), a2a
+        # (reduce_scatter), a2a
         bwd.add("all_gather", "tp", buffer // t, 2)
         bwd.add("all_to_all", "ep", buffer // t, 2)
         bwd.add("reduce_scatter", "tp", buffer)
-        if cfg.model.add_bias_linear:
-            local = experts // topo.ep
-            bwd.add("all_reduce", "tp", local * cfg.model.hidden_size * e)
     else:
         # without DTD every TP rank sends the whole buffer: copy_to_split (backward: all-reduce)
         # and reduce_from_split (forward: all-reduce) over TP
         mine += [("all_to_all", "ep", buffer), ("all_reduce", "tp", buffer), ("all_to_all", "ep", buffer)]
         bwd.add("all_to_all", "ep", buffer, 2)
         bwd.add("all_reduce", "tp", buffer)
+    if t > 1 and cfg.model.add_bias_linear:  # the fc2 bias gradient (Dispatcher.fc2_bias: copy_to_split)
+        bwd.add("all_reduce", "tp", experts // topo.ep * cfg.model.hidden_size * e)
     for kind, group, nbytes in mine:
         fwd.add(kind, group, nbytes)
 
