@@ -257,6 +257,33 @@ def test_a_non_finite_loss_stops_training_naming_the_iteration_and_the_last_chec
     assert "number of nan iterations:   1" in regardless["printed"]
 
 
+def raising_case_keeps_signal(argv):
+    """pretrain_case under a handler of our own for SIGTERM: training raises, and the handler that
+    --exit-signal-handler replaced is back afterwards."""
+    import signal
+
+    def ours(signum, frame):
+        pass
+
+    previous = signal.signal(signal.SIGTERM, ours)
+    try:
+        pretrain_case(argv)
+    except Exception as e:  # noqa: BLE001 (the case reports what it raised)
+        raised = type(e).__name__
+    else:
+        raised = None
+    finally:
+        restored = signal.getsignal(signal.SIGTERM) is ours
+        signal.signal(signal.SIGTERM, previous)
+    return {"raised": raised, "restored": restored}
+
+
+def test_the_signal_handler_is_given_back_when_training_raises():
+    argv = MODEL + MOE + BATCH + ["--train-iters", "30", "--lr", "1e6", "--lr-warmup-iters", "0",
+                                  "--exit-signal-handler"] + layout_flags(1, 1, 1)
+    assert run(1, raising_case_keeps_signal, argv)[0] == {"raised": "NonFiniteError", "restored": True}
+
+
 # ---- leaving early: a signal, a duration ---------------------------------------------------------------
 def signalled_case(argv, delay: float):
     """pretrain_case, with rank 1 sending itself SIGTERM after `delay` seconds of training."""

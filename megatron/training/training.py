@@ -323,39 +323,42 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     eval_round = resumed.iteration // t.eval_interval  # validation batches already used
     consumed = resumed.consumed_samples
     exits = ExitControl(cfg.exit, groups, device)
-    train_batches = batches(train_ds, consumed, t.train_iters - resumed.iteration, cfg, groups, device)
-    for iteration in range(resumed.iteration + 1, t.train_iters + 1):
-        started = time.perf_counter()
-        try:
-            metrics = train_step(model, optimizer, next(train_batches), groups)
-        except NonFiniteError as e:
-            last = checkpointer.latest or "none (no checkpoint was saved or loaded)"
-            raise NonFiniteError(f"iteration {iteration}: {e}; training stopped before the update (the last good "
-                                 f"checkpoint: {last}; --no-check-for-nan-in-loss-and-grad trains on regardless)") from None
-        consumed += t.global_batch_size
-        lr = optimizer.param_groups[0]["lr"]
-        if not metrics.skipped:  # as Megatron: a skipped fp16 step does not advance the schedule
-            scheduler.step(t.schedule.per_iteration)
-        history["lm_loss"].append(metrics.lm_loss)
-        log.step(iteration, metrics, lr, consumed, {**metrics.timers, "iteration": time.perf_counter() - started})
-        if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
-            loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
-            eval_round += 1
-            history["valid"].append((iteration, loss))
-            log.evaluation(iteration, "validation", loss)
-        stop = exits.reason(iteration)
-        if ck.save and ((ck.save_interval and iteration % ck.save_interval == 0) or stop or iteration == t.train_iters):
-            _save(checkpointer, iteration, consumed, run, model, optimizer, scheduler)
-        if stop:
-            checkpointer.finalize()
-            optimizer.wait_params()
-            exits.close()
-            print_rank0(f"> exiting at iteration {iteration}: {stop}")
-            log.close()
-            return history
-    checkpointer.finalize()
-    optimizer.wait_params()
-    exits.close()
+    try:  # the signal goes back to its previous handler however training ends (a raise included)
+        train_batches = batches(train_ds, consumed, t.train_iters - resumed.iteration, cfg, groups, device)
+        for iteration in range(resumed.iteration + 1, t.train_iters + 1):
+            started = time.perf_counter()
+            try:
+                metrics = train_step(model, optimizer, next(train_batches), groups)
+            except NonFiniteError as e:
+                last = checkpointer.latest or "none (no checkpoint was saved or loaded)"
+                raise NonFiniteError(f"iteration {iteration}: {e}; training stopped before the update (the last "
+                                     f"good checkpoint: {last}; --no-check-for-nan-in-loss-and-grad trains on "
+                                     "regardless)") from None
+            consumed += t.global_batch_size
+            lr = optimizer.param_groups[0]["lr"]
+            if not metrics.skipped:  # as Megatron: a skipped fp16 step does not advance the schedule
+                scheduler.step(t.schedule.per_iteration)
+            history["lm_loss"].append(metrics.lm_loss)
+            log.step(iteration, metrics, lr, consumed, {**metrics.timers, "iteration": time.perf_counter() - started})
+            if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
+                loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
+                eval_round += 1
+                history["valid"].append((iteration, loss))
+                log.evaluation(iteration, "validation", loss)
+            stop = exits.reason(iteration)
+            interval = ck.save_interval and iteration % ck.save_interval == 0
+            if ck.save and (interval or stop or iteration == t.train_iters):
+                _save(checkpointer, iteration, consumed, run, model, optimizer, scheduler)
+            if stop:
+                checkpointer.finalize()
+                optimizer.wait_params()
+                print_rank0(f"> exiting at iteration {iteration}: {stop}")
+                log.close()
+                return history
+        checkpointer.finalize()
+        optimizer.wait_params()
+    finally:
+        exits.close()
     if valid_ds is not None and t.eval_iters and t.train_iters % t.eval_interval:
         loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
         history["valid"].append((t.train_iters, loss))
