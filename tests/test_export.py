@@ -23,7 +23,7 @@ from ted_patches.config import MoEConfig
 from ted_patches.patch import apply_patches
 from tools import checkpoint_convert
 from tools.generate import build_model
-from util import run_main, tiny_model_config
+from util import gpt2_files, run_main, tiny_model_config
 
 TOL = 1e-5
 CHECKPOINT_API = ("read_checkpoint_meta", "configs_from_meta", "read_stored_tensors", "write_model_checkpoint")
@@ -323,6 +323,49 @@ def test_tool_consolidate_export_import(tmp_path, capsys):
     assert back.keys() == stored.keys() and all(torch.equal(back[k], stored[k]) for k in stored)
     cfg, moe_cfg = api.configs_from_meta(api.read_checkpoint_meta(str(tmp_path / "back")))
     assert (cfg.hidden_size, cfg.swiglu, moe_cfg.num_experts, moe_cfg.topk, moe_cfg.drop_tokens) == (32, True, 4, 2, False)
+
+
+TEXTS = ["Hello world", "thou art more lovely and more temperate", "  two leading spaces,\ttab and\nnew line",
+         "naïve émigré, 日本語 and 🙂", "rough winds do shake the darling buds of may!"]
+
+
+def _trained_sentencepiece(tmp_path) -> str:
+    from tools import train_tokenizer
+
+    words = "thou art more lovely and more temperate rough winds do shake the darling buds of may".split()
+    with open(tmp_path / "corpus.jsonl", "w") as f:
+        for i in range(200):
+            f.write(json.dumps({"text": " ".join(words[(i * 7 + j) % len(words)] for j in range(3 + i % 9))}) + "\n")
+    return train_tokenizer.main(["--input", str(tmp_path / "corpus.jsonl"), "--model-prefix", str(tmp_path / "spm"),
+                                 "--vocab-size", "400"])
+
+
+@pytest.mark.parametrize("kind", ["SentencePieceTokenizer", "GPT2BPETokenizer"])
+def test_export_writes_the_tokenizer_transformers_reads_as_we_do(kind, tmp_path, capsys):
+    """The exported folder holds the checkpoint's tokenizer: AutoTokenizer gives our ids for text
+    (no BOS or EOS added, as ours adds none) and decodes them back."""
+    from transformers import AutoTokenizer
+
+    from megatron.training.tokenizer import build_tokenizer
+
+    record = {"tokenizer_type": kind, "tokenizer_model": None, "vocab_file": None, "merge_file": None,
+              "vocab_size": None}
+    if kind == "GPT2BPETokenizer":
+        record["vocab_file"], record["merge_file"] = gpt2_files()
+    else:
+        record["tokenizer_model"] = _trained_sentencepiece(tmp_path)
+    model = tiny(ROPE, moe())
+    meta = {**null_tokenizer_meta(model), "tokenizer": record}
+    checkpoint_api().write_model_checkpoint(str(tmp_path / "ckpt"), stored_tensors(model, ted_groups(1, 1)), meta)
+    code, out, err = run_tool(capsys, "export", "--load", tmp_path / "ckpt", "--format", "mixtral",
+                              "--output", tmp_path / "hf")
+    assert code == 0 and "tokenizer as" in out, err
+    ours, theirs = build_tokenizer(**record), AutoTokenizer.from_pretrained(str(tmp_path / "hf"))
+    for text in TEXTS:
+        ids = ours.tokenize(text)
+        assert theirs(text)["input_ids"] == ids, text
+        assert theirs.decode(ids) == ours.detokenize(ids), text
+    assert theirs.eos_token_id == ours.eod
 
 
 def test_tool_export_refuses_unfit_model(tmp_path, capsys):

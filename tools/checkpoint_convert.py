@@ -10,7 +10,9 @@ a Mixtral model from Hugging Face.
 consolidated directory. consolidate writes model.safetensors (the stored tensors: full tensors by
 parameter name, each expert by its global id) and meta.json (the checkpoint's meta). export
 writes a Hugging Face directory (config.json, model.safetensors) that transformers loads as
-MixtralForCausalLM, Qwen2MoeForCausalLM or GPT2LMHeadModel; a model the format cannot express
+MixtralForCausalLM, Qwen2MoeForCausalLM or GPT2LMHeadModel, with the training tokenizer's files
+and a tokenizer_config.json that AutoTokenizer reads (GPT2Tokenizer for GPT-2 BPE,
+LlamaTokenizer for sentencepiece; none for NullTokenizer); a model the format cannot express
 is refused with the features that block it. Hugging Face MoE models have no expert capacity:
 they compute our model with --disable-moe-token-dropping. import writes a model-only checkpoint
 that pretrain_gpt_moe.py --load accepts (with --finetune or --no-load-optim).
@@ -113,7 +115,19 @@ def export(args) -> str:
     note = ""
     if moe_cfg is not None and moe_cfg.drop_tokens:
         note = " (no expert capacity there: it computes this model with --disable-moe-token-dropping)"
-    return f"wrote {args.output}: {config['architectures'][0]}{note}"
+    return f"wrote {args.output}: {config['architectures'][0]}{note}{_tokenizer_note(meta, args.output)}"
+
+
+def _tokenizer_note(meta: dict, out_dir: str) -> str:
+    """Copy the tokenizer's files beside the model; a warning (not an error) when they are gone."""
+    from megatron.training.hf_convert import write_hf_tokenizer
+
+    try:
+        kind = write_hf_tokenizer(out_dir, meta.get("tokenizer") or {})
+    except (OSError, KeyError, TypeError) as e:
+        print(f"checkpoint_convert.py: warning: no tokenizer files written ({e})", file=sys.stderr)
+        return ""
+    return f", tokenizer as {kind}" if kind else ", no tokenizer files (NullTokenizer: ids only)"
 
 
 def _tokenizer_kwargs(args) -> dict:

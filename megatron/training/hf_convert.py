@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
+import shutil
 from typing import Optional
 
 import torch
@@ -422,6 +423,44 @@ def write_hf(out_dir: str, config: dict, tensors: dict[str, torch.Tensor]) -> No
     with open(os.path.join(out_dir, "config.json"), "w") as f:
         json.dump(config, f, indent=2, sort_keys=True)
         f.write("\n")
+
+
+def write_hf_tokenizer(out_dir: str, tokenizer: dict) -> Optional[str]:
+    """The checkpoint's tokenizer (its record in the checkpoint: type and file paths) into the Hub
+    folder: its own files and a tokenizer_config.json naming the transformers class that reads
+    them, so AutoTokenizer encodes text as we do. GPT-2 BPE: vocab.json, merges.txt and
+    tokenizer.json for GPT2Tokenizer (a literal "<|endoftext|>" in text is the end-of-text id
+    there, ordinary text in ours, as in Megatron-LM). sentencepiece: tokenizer.model for LlamaTokenizer, which adds no BOS or EOS
+    (ours adds none) and keeps sentencepiece's own whitespace handling (legacy). Returns the class,
+    or None for NullTokenizer (ids only, no files). Raises OSError when a file has gone."""
+    kind = tokenizer.get("tokenizer_type")
+    if kind == "GPT2BPETokenizer":
+        from tokenizers import ByteLevelBPETokenizer
+
+        shutil.copyfile(tokenizer["vocab_file"], os.path.join(out_dir, "vocab.json"))
+        shutil.copyfile(tokenizer["merge_file"], os.path.join(out_dir, "merges.txt"))
+        # and the same tokenizer serialized (what ours encodes with): AutoTokenizer reads it under any
+        # model type (with a Mixtral config.json it would not build GPT-2's from the two files)
+        ByteLevelBPETokenizer(tokenizer["vocab_file"], tokenizer["merge_file"]).save(
+            os.path.join(out_dir, "tokenizer.json"))
+        eod = "<|endoftext|>"
+        config = {"tokenizer_class": "GPT2Tokenizer", "bos_token": eod, "eos_token": eod, "unk_token": eod,
+                  "add_prefix_space": False}
+    elif kind == "SentencePieceTokenizer":
+        import sentencepiece
+
+        shutil.copyfile(tokenizer["tokenizer_model"], os.path.join(out_dir, "tokenizer.model"))
+        sp = sentencepiece.SentencePieceProcessor(model_file=tokenizer["tokenizer_model"])
+        piece = lambda i: sp.id_to_piece(i) if i >= 0 else None  # noqa: E731
+        config = {"tokenizer_class": "LlamaTokenizer", "add_bos_token": False, "add_eos_token": False,
+                  "legacy": True, "bos_token": piece(sp.bos_id()), "eos_token": piece(sp.eos_id()),
+                  "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id())}
+    else:
+        return None
+    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+        json.dump({k: v for k, v in config.items() if v is not None}, f, indent=2, sort_keys=True)
+        f.write("\n")
+    return config["tokenizer_class"]
 
 
 def read_hf(in_dir: str) -> tuple[dict, dict[str, torch.Tensor]]:
