@@ -11,7 +11,8 @@ the floors: our experts alone on the rows each path computes (the padded buffer
 experts replaced by the identity (router, dispatch and combine alone, forward and backward). Each repetition times every one of them in turn
 (forward + backward between two barriers), so drift on a shared machine hits all alike; a row
 reports the median, min and max over repetitions, and its ratios to DeepSpeed and to the padded
-path are the medians (and ranges) of the per-repetition ratios.
+path are the medians (and ranges) of the per-repetition ratios. The order rotates from one
+repetition to the next, so no implementation always runs after the same one.
 
     python bench/moe_layer.py                # the default layouts and every case, a table
     python bench/moe_layer.py --json         # JSON Lines, one object per (layout, case, impl)
@@ -241,9 +242,10 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
         _, aux = layers[False](x.view(1, -1, opts.hidden))
     dropped = aux.dropped
     times = {name: [] for name in steps}
-    for rep in range(opts.warmup + opts.iters):  # interleaved: every implementation sees the same noise
-        for name, step in steps.items():
-            times[name].append(_timed(step))
+    names = list(steps)
+    for rep in range(opts.warmup + opts.iters):  # interleaved: every implementation sees the same noise,
+        for name in names[rep % len(names):] + names[:rep % len(names)]:  # each in every position in turn
+            times[name].append(_timed(steps[name]))
     times = {name: t[opts.warmup:] for name, t in times.items()}
     if dist.get_rank() != 0:
         return []
