@@ -8,8 +8,9 @@ the assignments) every rank builds, with the same gate weights and input: our la
 our layer padding-free, DeepSpeed's layer (where it runs: its TP path fails on gloo as shipped),
 the floors: our experts alone on the rows each path computes (the padded buffer
 [E_l, TP * EP * C, H]; the real rows, grouped), and the rest: each of our layers with its
-experts replaced by the identity (router, dispatch and combine alone, forward and backward). Each repetition times every one of them in turn
-(forward + backward between two barriers), so drift on a shared machine hits all alike; a row
+experts replaced by the identity (router, dispatch and combine alone, forward and backward).
+Each repetition times every one of them in turn (forward + backward between two barriers), so
+drift on a shared machine hits all alike; a row
 reports the median, min and max over repetitions, and its ratios to DeepSpeed and to the padded
 path are the medians (and ranges) of the per-repetition ratios. The order rotates from one
 repetition to the next, so no implementation always runs after the same one.
@@ -136,7 +137,7 @@ def _without_experts(layer, step):
     experts = layer.experts
 
     def identity(x, *args, **kwargs):
-        return x, None
+        return x
 
     def run():
         experts.forward = experts.forward_packed = identity
@@ -182,9 +183,9 @@ def _gemm_step(experts, shape, hidden):
         for t in [x, *experts.parameters()]:
             t.grad = None
         if kind == "padded":  # as the layer runs them: the fc2 bias inside the GEMM
-            y, _ = experts(x, experts.b2)
+            y = experts(x, experts.b2)
         else:
-            y, _ = experts.forward_packed(x, dims, experts.b2)
+            y = experts.forward_packed(x, dims, experts.b2)
         y.backward(grad)
     return step
 

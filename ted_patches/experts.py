@@ -10,9 +10,8 @@ Weights are stored [in, out] so both GEMMs are plain x @ W batched products: on 
 that ran fwd+bwd in 77-81 ms against 81-85 ms for nn.Linear's [out, in] layout through a
 transposed view, and 80-102 ms for a loop of nn.Linear (E=8, C=512, H=256, F=1024, fp32).
 `forward` returns fc2's output BEFORE its TP reduction (the dispatcher fuses that reduction with
-the DTD drop into one reduce-scatter), and the fc2 bias apart (Megatron's skip_bias_add) unless
-the layer passes it in (`fc2_bias`: the bias on TP rank 0, zero elsewhere, so the reduction
-counts it once) to have it added inside fc2's GEMM.
+the DTD drop into one reduce-scatter), the fc2 bias added inside fc2's GEMM as the layer passes
+it (`fc2_bias`: the bias on TP rank 0, zero elsewhere, so the reduction counts it once).
 
 `forward_packed` is the padding-free form: the real rows of every local expert packed
 [sum of counts, H] (expert-major) and their counts. Two backends, equal to each other and to the
@@ -56,34 +55,30 @@ class GroupedExperts(torch.nn.Module):
                                tp_stride=stride, **expert)
             self.b2 = set_spec(torch.nn.Parameter(torch.empty(e, h)), init="zeros", **expert)
 
-    def forward(self, x_ENH: torch.Tensor, fc2_bias: Optional[torch.Tensor] = None
-                ) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
-        """x_ENH: N rows per local expert. Returns fc2's output [E_l, N, H] (before its TP
-        reduction) and the fc2 bias apart, or, given `fc2_bias` [E_l, H], fc2's output with that
-        bias added inside the GEMM (baddbmm: no pass of its own; its gradient a contiguous sum)
-        and None."""
+    def forward(self, x_ENH: torch.Tensor, fc2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """x_ENH: N rows per local expert. Returns fc2's output [E_l, N, H] before its TP
+        reduction, with `fc2_bias` [E_l, H] (if given) added inside the GEMM (baddbmm: no pass of
+        its own; its gradient a contiguous sum)."""
         e, n = x_ENH.shape[:2]
-        rest = self.b2 if fc2_bias is None else None
         chunk = _experts_per_chunk(x_ENH.device, e, n * self.w1.shape[-1])
         if chunk == e:
-            return self._mlp(x_ENH, self.w1, self.b1, self.w2, fc2_bias), rest
+            return self._mlp(x_ENH, self.w1, self.b1, self.w2, fc2_bias)
         # split, not slicing: split's backward concatenates the chunks' weight gradients, where a
         # slice's would fill a zero tensor of the whole weight per chunk and add them up
         none = [None] * -(-e // chunk)
         b1 = self.b1.split(chunk) if self.b1 is not None else none
         b2 = fc2_bias.split(chunk) if fc2_bias is not None else none
         parts = map(self._mlp, x_ENH.split(chunk), self.w1.split(chunk), b1, self.w2.split(chunk), b2)
-        return torch.cat(list(parts)), rest
+        return torch.cat(list(parts))
 
     def forward_packed(self, x_MH: torch.Tensor, counts: list[int], fc2_bias: Optional[torch.Tensor] = None,
-                       backend: Optional[str] = None):
+                       backend: Optional[str] = None) -> torch.Tensor:
         """x_MH: every local expert's real rows, expert-major; counts: rows per local expert.
-        Returns fc2's output [M, H] (before its TP reduction) and the fc2 bias apart, or, given
-        `fc2_bias` [E_l, H], fc2's output with that bias added inside the GEMM and None."""
+        Returns fc2's output [M, H] before its TP reduction, with `fc2_bias` [E_l, H] (if given)
+        added inside the GEMM."""
         backend = backend or self.packed_backend or ("loop" if x_MH.device.type == "cpu" else "grouped_mm")
-        rest = self.b2 if fc2_bias is None else None
         if backend == "loop":
-            return _PackedMLP.apply(x_MH, self.w1, self.b1, self.w2, fc2_bias, tuple(counts), self.cfg), rest
+            return _PackedMLP.apply(x_MH, self.w1, self.b1, self.w2, fc2_bias, tuple(counts), self.cfg)
         if backend != "grouped_mm":
             raise ValueError(f"unknown packed expert backend {backend!r}: use 'loop' or 'grouped_mm'")
         offs = torch.tensor(np.cumsum(counts), dtype=torch.int32, device=x_MH.device)
@@ -97,7 +92,7 @@ class GroupedExperts(torch.nn.Module):
         y = F.grouped_mm(_ContiguousGrad.apply(activation(self.cfg, h)), self.w2, offs=offs)
         if fc2_bias is not None:
             y = y + fc2_bias.index_select(0, eid)
-        return _ContiguousGrad.apply(y), rest
+        return _ContiguousGrad.apply(y)
 
     packed_backend: Optional[str] = None  # None: by device (see forward_packed)
 

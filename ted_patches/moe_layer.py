@@ -73,12 +73,12 @@ class MoELayer(torch.nn.Module):
         if pad_free:
             tokens, counts, plan = self.dispatcher.dispatch_packed(x_TH, routing)
             if plan.packed.tight:  # nearly equal counts: one bmm over [E_l, max count, H]
-                partial, _ = self.experts(tokens, bias)
+                partial = self.experts(tokens, bias)
             else:  # grouped GEMMs over the real rows
-                partial, _ = self.experts.forward_packed(tokens, counts, bias)
+                partial = self.experts.forward_packed(tokens, counts, bias)
         else:
             tokens, plan = self.dispatcher.dispatch(x_TH, routing)
-            partial, _ = self.experts(tokens, bias)
+            partial = self.experts(tokens, bias)
         y_TH = self.dispatcher.combine(partial, plan)
         if self.cfg.mlp_type == "residual":
             dense_TH, _ = self.dense(x_TH)
