@@ -420,8 +420,12 @@ def write_hf(out_dir: str, config: dict, tensors: dict[str, torch.Tensor]) -> No
 
     os.makedirs(out_dir, exist_ok=True)
     save_file(_owned(tensors), os.path.join(out_dir, "model.safetensors"), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, "config.json"), "w") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
+    _write_json(os.path.join(out_dir, "config.json"), config)
+
+
+def _write_json(path: str, obj: dict) -> None:
+    with open(path, "w") as f:
+        json.dump(obj, f, indent=2, sort_keys=True)
         f.write("\n")
 
 
@@ -430,9 +434,10 @@ def write_hf_tokenizer(out_dir: str, tokenizer: dict) -> Optional[str]:
     folder: its own files and a tokenizer_config.json naming the transformers class that reads
     them, so AutoTokenizer encodes text as we do. GPT-2 BPE: vocab.json, merges.txt and
     tokenizer.json for GPT2Tokenizer (a literal "<|endoftext|>" in text is the end-of-text id
-    there, ordinary text in ours, as in Megatron-LM). sentencepiece: tokenizer.model for LlamaTokenizer, which adds no BOS or EOS
-    (ours adds none) and keeps sentencepiece's own whitespace handling (legacy). Returns the class,
-    or None for NullTokenizer (ids only, no files). Raises OSError when a file has gone."""
+    there, ordinary text in ours, as in Megatron-LM). sentencepiece: tokenizer.model for
+    LlamaTokenizer, which adds no BOS or EOS (ours adds none) and keeps sentencepiece's own
+    whitespace handling (legacy). Returns the class, or None for NullTokenizer (ids only, no
+    files). Raises OSError when a file has gone."""
     kind = tokenizer.get("tokenizer_type")
     if kind == "GPT2BPETokenizer":
         from tokenizers import ByteLevelBPETokenizer
@@ -457,9 +462,7 @@ def write_hf_tokenizer(out_dir: str, tokenizer: dict) -> Optional[str]:
                   "unk_token": piece(sp.unk_id()), "pad_token": piece(sp.pad_id())}
     else:
         return None
-    with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
-        json.dump({k: v for k, v in config.items() if v is not None}, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_json(os.path.join(out_dir, "tokenizer_config.json"), {k: v for k, v in config.items() if v is not None})
     return config["tokenizer_class"]
 
 
@@ -505,9 +508,7 @@ def write_consolidated(out_dir: str, tensors: dict[str, torch.Tensor], meta: dic
 
     os.makedirs(out_dir, exist_ok=True)
     save_file(_owned(tensors), os.path.join(out_dir, CONSOLIDATED_TENSORS), metadata={"format": "pt"})
-    with open(os.path.join(out_dir, CONSOLIDATED_META), "w") as f:
-        json.dump(meta, f, indent=2, sort_keys=True)
-        f.write("\n")
+    _write_json(os.path.join(out_dir, CONSOLIDATED_META), meta)
 
 
 def is_consolidated(path: str) -> bool:
