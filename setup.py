@@ -1,17 +1,20 @@
 """Megatron-TED: GPT-MoE pretraining with hybrid tensor-expert-data parallelism.
 
 `megatron` is a namespace package shared with megatron-core (which provides megatron.core):
-this project adds megatron.parallel, megatron.model and megatron.training, and ted_patches.
+this project adds the rooms below (megatron.parallel, megatron.model, ...) and ted_patches.
 """
 
 from setuptools import find_namespace_packages, setup
+
+# megatron/<room>/: this project's packages beside megatron-core's megatron.core
+ROOMS = ("parallel", "model", "data", "checkpoint", "training", "plan", "convert", "launch", "cli")
 
 setup(
     name="megatron-ted",
     version="0.1.0",
     description="Megatron-style GPT-MoE pretraining with TED (tensor x expert x data) parallelism",
     python_requires=">=3.10",
-    packages=find_namespace_packages(include=["megatron.parallel*", "megatron.training*", "megatron.model*", "ted_patches*"]),
+    packages=find_namespace_packages(include=[f"megatron.{room}*" for room in ROOMS] + ["ted_patches*"]),
     py_modules=["pretrain_gpt_moe"],
     install_requires=[
         # A range the CPU wheel torch 2.13.0 satisfies: with it installed, nothing newer is pulled.

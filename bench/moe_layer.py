@@ -208,7 +208,7 @@ def measure(tp: int, ep: int, opts) -> list[dict] | None:
 
 def _allocator(opts) -> None:
     """As pretrain_gpt_moe.py does on CPUs (for every implementation alike), unless --raw-malloc."""
-    from megatron.training.initialize import keep_freed_memory_mapped
+    from megatron.launch.initialize import keep_freed_memory_mapped
 
     if not opts.raw_malloc:
         keep_freed_memory_mapped()
@@ -358,7 +358,7 @@ def main(argv=None):
     p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (after one warm-up pass each)")
     p.add_argument("--raw-malloc", action="store_true",
                    help="leave glibc's malloc returning freed memory to the kernel (pretrain_gpt_moe.py stops that "
-                        "on CPUs: megatron.training.initialize.keep_freed_memory_mapped)")
+                        "on CPUs: megatron.launch.initialize.keep_freed_memory_mapped)")
     p.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
     p.add_argument("--profile", action="store_true", help="profiler tables at (1,1,1) instead of the timings")
     opts = p.parse_args(argv)

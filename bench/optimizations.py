@@ -70,14 +70,13 @@ def memory(device) -> tuple[int, int]:
 
 # ---- one configuration, on every rank -----------------------------------------------------------------
 def run_config(name: str, opts) -> dict | None:
-    from megatron.model import GPTModel, ModelConfig
+    from megatron.model import ModelConfig
     from megatron.model.config import RecomputeConfig
     from harness import ted_groups
     from megatron.training.optimizer import Optimizer, OptimizerConfig
-    from megatron.training.training import forward_backward, reduce_losses
-    from ted_patches.cac import apply_recompute
+    from megatron.training.forward_backward import forward_backward, reduce_losses
+    from ted_patches.build import build_model
     from ted_patches.config import MoEConfig, moe_layer_indices
-    from ted_patches.patch import apply_patches
 
     recompute, cac, zero1, tiled = CONFIGS[name]
     device = torch.device("cuda" if opts.gpu else "cpu")
@@ -87,8 +86,8 @@ def run_config(name: str, opts) -> dict | None:
                        attention_dropout=0.0)
     moe = MoEConfig(num_experts=opts.experts, layers=moe_layer_indices(opts.layers, expert_interval=2), topk=2,
                     capacity_factor=1.0)
-    model = apply_patches(GPTModel(mcfg, groups, seed=7, device=device, init=False), moe, seed=7)
-    apply_recompute(model, RecomputeConfig("full", "uniform", 1, cac=cac) if recompute else RecomputeConfig())
+    recompute_cfg = RecomputeConfig("full", "uniform", 1, cac=cac) if recompute else RecomputeConfig()
+    model = build_model(mcfg, moe, groups, seed=7, device=device, recompute=recompute_cfg)
     model.to(dtype=getattr(torch, opts.dtype))
     overlap = OVERLAP.get(name)
     opt = Optimizer(model, groups, OptimizerConfig(lr=1e-4, use_distributed_optimizer=zero1,

@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The layout planner's memory model against measured memory on CPU: for several configurations,
 the predicted activation peak (one micro-batch's forward + backward) and optimizer-step peak
-(megatron/training/planner.py) beside the measured ones, as ratios.
+(megatron/plan/planner.py) beside the measured ones, as ratios.
 
 Every configuration runs in a fresh gloo world (bench/optimizations.py's method): the resident
 set's high-water mark (VmHWM) is reset before each phase and read after it, with glibc returning
@@ -56,8 +56,8 @@ def model_flags(opts) -> list[str]:
 
 
 def build(argv: list[str], world: int):
-    from megatron.training import planner
-    from megatron.training.arguments import build_config, parse_args
+    from megatron.plan import planner
+    from megatron.cli.arguments import build_config, parse_args
 
     args = parse_args(argv)
     # + the NullTokenizer's end-of-document id; the padded dispatch, the one planned (and the one
@@ -70,12 +70,13 @@ def measure(argv: list[str]) -> dict:
     from bench.optimizations import memory, reset_peak
     from harness import ted_groups
     from megatron.training.optimizer import Optimizer
-    from megatron.training.training import build_model, forward_backward
+    from megatron.training.forward_backward import forward_backward
+    from ted_patches.build import build_model
 
     cfg = build(argv, dist.get_world_size())
     groups = ted_groups(cfg.topology.tp, cfg.topology.ep)
     device = torch.device("cpu")
-    model = build_model(cfg, groups, device)
+    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed, device=device, recompute=cfg.recompute)
     opt = Optimizer(model, groups, cfg.optim)
     t = cfg.train
     gen = torch.Generator().manual_seed(groups.dp.rank)
@@ -102,7 +103,7 @@ def measure(argv: list[str]) -> dict:
 
 
 def predict(argv: list[str], world: int) -> dict:
-    from megatron.training import planner
+    from megatron.plan import planner
 
     cfg = build(argv, world)
     return dict(activations=planner.activation_peak(cfg), step_peak=planner.step_peak(cfg))

@@ -12,6 +12,7 @@ DROP_POLICIES = ("position", "probs", "choice")
 GATE_NORMALIZATIONS = ("surviving", "topk", "none")
 AUX_LOSS_TYPES = ("deepspeed", "aux_loss", "none")
 MLP_TYPES = ("standard", "residual")
+SCORE_FUNCTIONS = ("softmax",)  # ted_patches.gates: one gate per score function
 
 
 @dataclass(frozen=True)
@@ -22,6 +23,7 @@ class MoEConfig:
     capacity_factor: float = 1.0  # training
     eval_capacity_factor: float = 1.0
     min_capacity: int = 4
+    score_function: str = "softmax"  # the gate (ted_patches.gates)
     drop_tokens: bool = True  # False: capacity = the largest expert count over the EP group
     # position: DeepSpeed's order (k <= 2: first choices in token order, then second choices; k >= 3:
     # token order over all k choices); choice: first choices, then second, ... for every k; probs:

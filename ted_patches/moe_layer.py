@@ -11,6 +11,7 @@ padding-free on CPUs and in no-drop mode, padded on accelerators in drop mode.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 
@@ -30,6 +31,7 @@ class MoEAux:
     """One MoE layer's auxiliary outputs for one micro-batch. Tensors stay on the device (reading
     `dropped` or `counts_E` is the reader's host synchronization, not the layer's)."""
 
+    layer: int  # the transformer layer this MoE layer stands in
     loss: torch.Tensor  # aux_loss_coeff * aux + z_loss_coeff * z: added to the LM loss
     aux_loss: torch.Tensor  # unweighted, detached (for logging)
     z_loss: torch.Tensor  # unweighted, detached
@@ -43,11 +45,29 @@ class MoEAux:
         return 1.0 - float(self.kept_count) / self.num_assignments
 
 
+@dataclass(frozen=True)
+class StepMeasurements:
+    """What the MoE layers measured over one whole training step on this rank (all its
+    micro-batches), handed to them after the optimizer step."""
+
+    expert_counts: dict[int, torch.Tensor]  # MoE layer index -> assignments per expert, before dropping
+    skipped: bool  # the optimizer skipped the step (fp16 overflow)
+
+
+def after_optimizer_step(model: torch.nn.Module, measured: StepMeasurements) -> None:
+    """Every rank, after each optimizer step: each MoE layer's router receives its step's counts
+    (a gate that learns from the load, e.g. a selection bias, updates here)."""
+    for module in model.modules():
+        if isinstance(module, MoELayer) and module.layer in measured.expert_counts:
+            module.router.after_step(measured.expert_counts[module.layer], measured.skipped)
+
+
 class MoELayer(torch.nn.Module):
-    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, groups: TEDGroups):
+    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, groups: TEDGroups, layer: Optional[int] = None):
+        """`layer`: the index of the transformer layer it stands in (None: stand-alone, as 0)."""
         super().__init__()
         cfg.check_layout(groups.topology)
-        self.cfg, self.groups = cfg, groups
+        self.cfg, self.groups, self.layer = cfg, groups, 0 if layer is None else layer
         ffn = cfg.expert_ffn_hidden_size or model_cfg.ffn_hidden_size
         self.router = Router(model_cfg.hidden_size, cfg, groups, std=model_cfg.init_method_std)
         self.dispatcher = Dispatcher(groups, cfg.num_experts, cfg.topk, cfg.dtd)
@@ -104,5 +124,5 @@ class MoELayer(torch.nn.Module):
 
     def _aux(self, routing) -> MoEAux:
         loss = self.cfg.aux_loss_coeff * routing.aux_loss + self.cfg.z_loss_coeff * routing.z_loss
-        return MoEAux(loss, routing.aux_loss.detach(), routing.z_loss.detach(), routing.keep_A.sum(),
+        return MoEAux(self.layer, loss, routing.aux_loss.detach(), routing.z_loss.detach(), routing.keep_A.sum(),
                       routing.keep_A.numel(), routing.counts_E)

@@ -1,4 +1,4 @@
-"""Top-k router with capacity, token dropping, gate normalization and auxiliary losses.
+"""Top-k router: the gate's choices (ted_patches.gates) with capacity and token dropping.
 
 Shapes: T tokens, H hidden, E experts, K top-k, A = K * T assignments in choice-major order
 (a = choice * T + token), C capacity (per expert, padded to a multiple of TP).
@@ -28,6 +28,7 @@ import torch.distributed as dist
 from megatron.model.params import set_spec
 from megatron.parallel import comm
 from ted_patches.config import MoEConfig
+from ted_patches.gates import build_gate
 from megatron.parallel.topology import TEDGroups
 
 
@@ -88,17 +89,6 @@ def token_capacity(num_tokens: int, num_experts: int, topk: int, factor: float, 
     return max(math.ceil(product), min_capacity)
 
 
-def top_k(logits_TE: torch.Tensor, probs_TE: torch.Tensor, k: int) -> torch.Tensor:
-    """Expert ids [T, K] as the reference picks them: the first by argmax of the probabilities,
-    each next one by argmax of the logits with earlier choices masked (ties: lowest id)."""
-    idx = [probs_TE.argmax(dim=-1)]
-    masked = logits_TE
-    for _ in range(1, k):
-        masked = masked.scatter(-1, idx[-1].unsqueeze(-1), float("-inf"))
-        idx.append(masked.argmax(dim=-1))
-    return torch.stack(idx, dim=1)
-
-
 def one_hot(index: torch.Tensor, num_classes: int) -> torch.Tensor:
     """F.one_hot without its range check (which reads min and max back to the host)."""
     return torch.zeros(*index.shape, num_classes, dtype=torch.int64, device=index.device).scatter_(
@@ -140,25 +130,29 @@ def keep_mask(expert_A: torch.Tensor, prob_A: torch.Tensor, num_experts: int, ca
 
 
 class Router(torch.nn.Module):
+    """The linear layer (weight [E, H], replicated over TP), input jitter, capacity and dropping;
+    the gate (ted_patches.gates, chosen by config) turns the logits into choices and weights."""
+
     def __init__(self, hidden_size: int, cfg: MoEConfig, groups: TEDGroups, std: float):
         super().__init__()
         self.cfg, self.groups = cfg, groups
         self.weight = set_spec(torch.nn.Parameter(torch.empty(cfg.num_experts, hidden_size)), init="normal", std=std)
+        self.gate = build_gate(cfg, groups)
 
     def forward(self, x_TH: torch.Tensor, pad_free: bool = False) -> Routing:
         """pad_free: the padding-free dispatch follows; in no-drop mode it needs no capacity."""
         cfg, E, K = self.cfg, self.cfg.num_experts, self.cfg.topk
         T = x_TH.shape[0]
-        # 1. fp32 gate
+        # 1. fp32 logits and the gate's scores
         x = x_TH.float()
         if self.training and cfg.jitter_eps > 0:  # default stream: identical on the TP ranks
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
         logits_TE = x @ self.weight.float().t()
-        probs_TE = logits_TE.softmax(dim=-1)
+        scores_TE = self.gate.scores(logits_TE)
         # 2. choices, in choice-major order
-        idx_TK = top_k(logits_TE.detach(), probs_TE.detach(), K)
+        idx_TK = self.gate.choose(logits_TE.detach(), scores_TE.detach(), K)
         expert_A = idx_TK.t().reshape(-1)
-        prob_A = probs_TE.gather(1, idx_TK).t().reshape(-1)
+        score_A = scores_TE.gather(1, idx_TK).t().reshape(-1)
         onehot_AE = one_hot(expert_A, E)
         counts_E = onehot_AE.sum(0)
         # 3. capacity and dropping
@@ -169,20 +163,23 @@ class Router(torch.nn.Module):
             kept_E = counts_E
         else:
             capacity = self._capacity(T, counts_E)
-            keep_A, slot_A = keep_mask(expert_A, prob_A.detach(), E, capacity, cfg.drop_policy, K, onehot_AE)
+            keep_A, slot_A = keep_mask(expert_A, score_A.detach(), E, capacity, cfg.drop_policy, K, onehot_AE)
             if cfg.drop_policy == "probs":
                 kept_E = (onehot_AE * keep_A[:, None]).sum(0)
             else:
                 kept_E = counts_E.clamp(max=capacity)
             tp = self.groups.tp.size
             capacity = -(-capacity // tp) * tp
-        # 4. gate weights (0 for the dropped)
-        weight_A = self._normalize(prob_A, keep_A, T, K)
-        aux = self._aux_loss(probs_TE, onehot_AE[:T].sum(0), counts_E, T)
-        z_loss = self._z_loss(logits_TE, prob_A[:T], idx_TK[:, :1])
+        # 4. gate weights (0 for the dropped) and the gate's losses
+        weight_A = self.gate.normalize(score_A, keep_A, T, K)
+        aux, z_loss = self.gate.losses(logits_TE, scores_TE, idx_TK, onehot_AE[:T].sum(0), counts_E)
         return Routing(expert_A=expert_A, slot_A=slot_A, keep_A=keep_A, weight_A=weight_A, kept_E=kept_E,
                        capacity=capacity, aux_loss=aux, z_loss=z_loss, counts_E=counts_E, num_tokens=T, topk=K,
                        may_drop=cfg.drop_tokens)
+
+    def after_step(self, counts_E: torch.Tensor, skipped: bool) -> None:
+        """After each optimizer step (ted_patches.moe_layer.after_optimizer_step): to the gate."""
+        self.gate.after_step(counts_E, skipped)
 
     def _capacity(self, num_tokens: int, counts_E: torch.Tensor) -> int:
         cfg = self.cfg
@@ -193,37 +190,3 @@ class Router(torch.nn.Module):
         # the one host synchronization of that mode)
         largest = comm.all_reduce_(counts_E.max().reshape(1).clone(), self.groups.ep, op=dist.ReduceOp.MAX)
         return max(int(largest.item()), 1)
-
-    def _normalize(self, prob_A, keep_A, T: int, K: int) -> torch.Tensor:
-        mode = self.cfg.gate_normalization
-        if mode == "none" or (mode == "surviving" and K == 1):
-            return prob_A * keep_A
-        if mode == "topk":  # over the K choices, before dropping
-            return (prob_A.view(K, T) / prob_A.view(K, T).sum(0)).reshape(-1) * keep_A
-        kept_KT = (prob_A * keep_A).view(K, T)
-        denom_T = kept_KT.sum(0).clamp(min=torch.finfo(prob_A.dtype).eps)
-        return (kept_KT / denom_T).reshape(-1)
-
-    def _z_loss(self, logits_TE, first_prob_T, first_T1) -> torch.Tensor:
-        """mean over tokens of logsumexp(logits)^2. With a zero coefficient it is only logged: then
-        logsumexp = logit - log(prob) at the first choice (the largest probability, >= 1/E, so the
-        log is well conditioned; within 1e-7 of logsumexp), two ops on [T] instead of five on
-        [T, E], the largest part of the router's forward on CPUs."""
-        if self.cfg.z_loss_coeff != 0:
-            return torch.logsumexp(logits_TE, -1).square().mean()
-        with torch.no_grad():
-            lse_T = logits_TE.gather(1, first_T1).squeeze(1) - first_prob_T.log()
-            return lse_T.square().mean()
-
-    def _aux_loss(self, probs_TE, first_E, counts_E, T: int) -> torch.Tensor:
-        E, K = self.cfg.num_experts, self.cfg.topk
-        kind = self.cfg.aux_loss_type
-        if kind == "none":
-            return probs_TE.new_zeros(())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.aux_loss_coeff != 0):
-            me_E = probs_TE.mean(0)
-            if kind == "deepspeed" and K <= 2:  # DeepSpeed's top-1/top-2 gates: first choices only
-                ce_E = first_E.to(probs_TE.dtype) / T
-            else:  # Megatron-Core's switch loss, and DeepSpeed's k >= 3 gate: all K choices, divided by K
-                ce_E = counts_E.to(probs_TE.dtype) / (T * K)
-            return E * (me_E * ce_E).sum()

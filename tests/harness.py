@@ -23,7 +23,7 @@ from multiprocessing.connection import wait
 
 import torch
 
-from megatron.training.initialize import free_port
+from megatron.launch.initialize import free_port
 
 _PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.parallel_state",
             "megatron.core.tensor_parallel"]
@@ -36,7 +36,7 @@ def ted_groups(tp: int = 1, ep: int = 1):
     calling process itself this starts a one-rank world: the single-process reference."""
     import torch.distributed as dist
 
-    from megatron.training.initialize import init_ted_groups
+    from megatron.launch.initialize import init_ted_groups
     from megatron.parallel.topology import Topology
 
     if not dist.is_initialized():

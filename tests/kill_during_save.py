@@ -11,7 +11,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import pretrain_gpt_moe  # noqa: E402
-from megatron.training import checkpointing  # noqa: E402
+from megatron.checkpoint import checkpointer  # noqa: E402
 
 POINT, ARGV = sys.argv[1], sys.argv[2:]
 saves = {"n": 0}
@@ -35,7 +35,7 @@ def wrap(owner, name, point, before: bool):
     setattr(owner, name, wrapped)
 
 
-original_save = checkpointing.Checkpointer.save
+original_save = checkpointer.Checkpointer.save
 
 
 def counting_save(self, *args, **kwargs):
@@ -43,9 +43,9 @@ def counting_save(self, *args, **kwargs):
     return original_save(self, *args, **kwargs)
 
 
-checkpointing.Checkpointer.save = counting_save
-wrap(checkpointing, "_save_torch", "start", before=True)
-wrap(checkpointing, "_dcp_save", "written", before=False)
-wrap(checkpointing.os, "rename", "rename", before=True)
-wrap(checkpointing.os, "replace", "tracker", before=True)
+checkpointer.Checkpointer.save = counting_save
+wrap(checkpointer, "save_torch", "start", before=True)
+wrap(checkpointer, "dcp_save", "written", before=False)
+wrap(os, "rename", "rename", before=True)
+wrap(os, "replace", "tracker", before=True)
 pretrain_gpt_moe.main(ARGV)

@@ -13,7 +13,7 @@ import time
 
 import psutil
 
-from megatron.training.initialize import free_port
+from megatron.launch.initialize import free_port
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_moe.py")

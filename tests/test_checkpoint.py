@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from harness import run
-from megatron.training import checkpointing as ckpt
+import megatron.checkpoint as ckpt
+from megatron.checkpoint import storage
 from test_training import MODEL, MOE, layout_flags, logged, pretrain_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -68,19 +69,17 @@ def test_a_checkpoint_loads_at_any_layout_and_trains_on(tmp_path_factory, layout
 def test_stored_tensors_are_the_one_process_model(tmp_path):
     """A checkpoint saved at TP=2, EP=2 holds each expert by global id, SwiGLU halves apart and
     only the real vocabulary rows: exactly the tensors one process initializes."""
-    from megatron.model import GPTModel
     from megatron.model.params import stored_tensors
     from harness import ted_groups
-    from ted_patches.patch import apply_patches
-    from megatron.training.arguments import build_config, parse_args
+    from ted_patches.build import build_model
+    from megatron.cli.arguments import build_config, parse_args
 
     argv = MODEL + MOE + BATCH + PADDED + ["--train-iters", "3", "--swiglu"]
     train((2, 2, 2), 3, *argv[len(MODEL + MOE + BATCH):], "--save", str(tmp_path), "--exit-interval", "1")
     stored = ckpt.read_stored_tensors(str(tmp_path))
     cfg = build_config(parse_args(argv), 1, 121)
     groups = ted_groups(1, 1)
-    model = GPTModel(cfg.model, groups, seed=cfg.train.seed, init=False)
-    apply_patches(model, cfg.moe, seed=cfg.train.seed)
+    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed)
     want = stored_tensors(model, groups)
     assert stored.keys() == want.keys() and stored["embedding.weight"].shape == (121, 32)
     assert "layers.1.mlp.experts.7.w1.gate" in stored and "layers.0.mlp.fc1.weight.up" in stored
@@ -142,14 +141,14 @@ class _Payload:
 
 
 def _small_checkpoint(path) -> str:
-    from megatron.model import GPTModel
     from megatron.model.params import stored_tensors
     from harness import ted_groups
+    from ted_patches.build import build_model
     from util import tiny_model_config
 
     groups = ted_groups(1, 1)
     cfg = tiny_model_config()
-    model = GPTModel(cfg, groups, seed=3)
+    model = build_model(cfg, None, groups, seed=3)
     meta = {"model": ckpt.config_dict(cfg), "moe": None, "tokenizer": {"tokenizer_type": "NullTokenizer", "vocab_size": 95}}
     return ckpt.write_model_checkpoint(str(path), stored_tensors(model, groups), meta)
 
@@ -223,7 +222,7 @@ def test_a_mismatched_tensor_names_itself_and_both_shapes(tmp_path):
     parts = {"model.layers.0.mlp.fc2.weight": ckpt.Parts((32, 64), {(0, 0): torch.empty(32, 64)})}
     with pytest.raises(ckpt.CheckpointError, match=r"layers.0.mlp.fc2.weight has shape \(32, 48\) in the checkpoint "
                                                    r"but \(32, 64\) in the model"):
-        ckpt._dcp_load(parts, ckpt.iteration_dir(str(tmp_path / "bad"), 0), None)
+        storage.dcp_load(parts, ckpt.iteration_dir(str(tmp_path / "bad"), 0), None)
 
 
 def test_load_of_nothing_starts_from_scratch_and_changes_are_warned(tmp_path):

@@ -141,7 +141,7 @@ def test_every_rank_of_a_real_launch_exits_before_any_collective():
 
 
 def test_help_documents_every_flag():
-    from megatron.training.arguments import build_parser
+    from megatron.cli.arguments import build_parser
 
     undocumented = [a.option_strings[0] for a in build_parser()._actions if a.option_strings and not a.help]
     assert undocumented == []

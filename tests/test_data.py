@@ -20,7 +20,7 @@ import torch
 
 from harness import run
 from megatron.core.datasets.indexed_dataset import IndexedDataset, IndexedDatasetBuilder
-from megatron.training.data import (
+from megatron.data.datasets import (
     build_train_valid_test_datasets,
     check_data,
     check_indexed_dataset,
@@ -28,7 +28,7 @@ from megatron.training.data import (
     parse_data_path,
 )
 from util import gpt2_files
-from megatron.training.tokenizer import build_tokenizer
+from megatron.data.tokenizer import build_tokenizer
 from tools import prepare_shakespeare, preprocess_data
 
 VOCAB = 10_000
@@ -175,8 +175,8 @@ def test_blend_without_process_group_with_cache_dir(corpus, tmp_path):
     single-process reference), so the build runs in a fresh interpreter."""
     code = (
         "import sys, torch; sys.path[:0] = [sys.argv[1]]\n"
-        "from megatron.training.data import build_train_valid_test_datasets\n"
-        "from megatron.training.tokenizer import build_tokenizer\n"
+        "from megatron.data.datasets import build_train_valid_test_datasets\n"
+        "from megatron.data.tokenizer import build_tokenizer\n"
         "assert not torch.distributed.is_initialized()\n"
         "train = build_train_valid_test_datasets(data_path=['1', sys.argv[2], '1', sys.argv[3]], split='9,1,0',\n"
         "    mock=False, seq_length=%d, seed=1234, tokenizer=build_tokenizer('NullTokenizer', vocab_size=%d),\n"

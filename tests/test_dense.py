@@ -12,9 +12,9 @@ import pytest
 import torch
 
 from harness import run, ted_groups
-from megatron.model import GPTModel
 from megatron.training.optimizer import Optimizer, OptimizerConfig
-from megatron.training.training import train_step
+from ted_patches.build import build_model
+from megatron.training.forward_backward import train_step
 from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err, tiny_model_config
 
 SEQ, MBS, MICRO = 16, 2, 2
@@ -35,7 +35,7 @@ model_config = tiny_model_config
 def train_case(tp: int, variant: str, steps: int = 3) -> dict | None:
     groups = ted_groups(tp=tp, ep=1)
     cfg = model_config(**VARIANTS[variant])
-    model = GPTModel(cfg, groups, seed=1234)
+    model = build_model(cfg, None, groups, seed=1234)
     # Adam moves an element by ~lr * g / (|g| + eps) whatever its scale, so a gradient that is zero
     # in exact arithmetic (the key bias: softmax ignores a per-query constant) turns its ~1e-11
     # rounding noise, which differs between layouts, into updates of lr * 1e-11 / eps. eps = 1e-6
@@ -47,7 +47,7 @@ def train_case(tp: int, variant: str, steps: int = 3) -> dict | None:
     for step in range(steps):
         mbs = my_microbatches(step, groups, MICRO, **data)
         if step == 0:  # the gradients of step 0, reduced over DP, before the update
-            from megatron.training.training import forward_backward
+            from megatron.training.forward_backward import forward_backward
 
             opt.zero_grad()
             forward_backward(model, mbs, 1.0)

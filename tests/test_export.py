@@ -1,4 +1,4 @@
-"""Hugging Face export / import (megatron/training/hf_convert.py) and tools/checkpoint_convert.py.
+"""Hugging Face export / import (megatron/convert/hf.py) and tools/checkpoint_convert.py.
 
 Each export is loaded by transformers (5.24.0, the test extra) with no missing, unexpected or
 mismatched keys and must give our logits within 1e-5; our MoE models run with no token dropped
@@ -17,12 +17,12 @@ import torch
 from harness import ted_groups
 from megatron.model import GPTModel
 from megatron.model.params import stored_tensors
-from megatron.training import hf_convert
-from megatron.training.hf_convert import ConversionError
+from megatron.convert import hf as hf_convert
+from megatron.convert.hf import ConversionError
 from ted_patches.config import MoEConfig
-from ted_patches.patch import apply_patches
+from ted_patches.build import build_model
 from tools import checkpoint_convert
-from tools.generate import build_model
+from tools.generate import load_model
 from util import gpt2_files, run_main, tiny_model_config
 
 TOL = 1e-5
@@ -36,14 +36,14 @@ def transformers_or_skip():
 
 
 def checkpoint_api():
-    """megatron.training.checkpointing's one-process API, or a skip naming what is missing."""
+    """megatron.checkpoint's one-process API, or a skip naming what is missing."""
     try:
-        from megatron.training import checkpointing
+        from megatron import checkpoint as checkpointing
     except ImportError as e:
-        pytest.skip(f"megatron.training.checkpointing does not import: {e}")
+        pytest.skip(f"megatron.checkpoint does not import: {e}")
     missing = [name for name in CHECKPOINT_API if not hasattr(checkpointing, name)]
     if missing:
-        pytest.skip(f"megatron.training.checkpointing has no {', '.join(missing)} yet")
+        pytest.skip(f"megatron.checkpoint has no {', '.join(missing)} yet")
     return checkpointing
 
 
@@ -51,9 +51,7 @@ def tiny(model_kw: dict, moe: MoEConfig | None, seed: int = 3) -> GPTModel:
     """A tiny GPT(-MoE) in eval mode whose every parameter matters (norms and biases perturbed)."""
     groups = ted_groups(1, 1)
     cfg = tiny_model_config(**{"init_method_std": 0.2, **VOCAB, **model_kw})
-    model = GPTModel(cfg, groups, seed=seed, init=moe is None)
-    if moe is not None:
-        apply_patches(model, moe, seed=seed)
+    model = build_model(cfg, moe, groups, seed=seed)
     model.moe_cfg = moe
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -240,7 +238,7 @@ def test_imported_mixtral_logits_equal_transformers(case, tmp_path):
     config, hf = hf_convert.read_hf(str(tmp_path))
     cfg, moe_cfg, stored = hf_convert.from_hf("mixtral", config, hf)
     assert cfg.untie_embeddings_and_output_weights is not tied and cfg.rotary_base == 1e4
-    model = build_model(cfg, moe_cfg, stored, ted_groups(1, 1))
+    model = load_model(cfg, moe_cfg, stored, ted_groups(1, 1))
     tokens = sample_tokens(cfg)
     with torch.no_grad():
         diff = (our_logits(model, tokens) - hf_model(input_ids=tokens).logits).abs().max().item()
@@ -276,7 +274,7 @@ def null_tokenizer_meta(model, vocab: int = 89) -> dict:
     """A checkpoint meta for `model` with NullTokenizer --vocab-size 89 (90 ids)."""
     tokenizer = {"tokenizer_type": "NullTokenizer", "tokenizer_model": None, "vocab_file": None,
                  "merge_file": None, "vocab_size": vocab}
-    from megatron.training.checkpointing import config_dict
+    from megatron.checkpoint import config_dict
 
     moe_cfg = _moe_of(model)
     return {"model": config_dict(model.cfg), "moe": config_dict(moe_cfg) if moe_cfg else None,
@@ -346,7 +344,7 @@ def test_export_writes_the_tokenizer_transformers_reads_as_we_do(kind, tmp_path,
     (no BOS or EOS added, as ours adds none) and decodes them back."""
     from transformers import AutoTokenizer
 
-    from megatron.training.tokenizer import build_tokenizer
+    from megatron.data.tokenizer import build_tokenizer
 
     record = {"tokenizer_type": kind, "tokenizer_model": None, "vocab_file": None, "merge_file": None,
               "vocab_size": None}

@@ -20,7 +20,8 @@ import torch
 
 import pretrain_gpt_moe
 from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-from megatron.training import data, faults
+from megatron.data import datasets as data
+from megatron.launch import faults
 from procs import ROOT, SCRIPT, TINY, Proc, alive, family, launch_world, quiet_env, rss_kib
 from tools import _cli, preprocess_data, train_tokenizer
 

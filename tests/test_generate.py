@@ -1,5 +1,5 @@
 """tools/generate.py: sampling rules, generation on an in-process model, and the command line on a
-saved checkpoint (with megatron.training.checkpointing's API)."""
+saved checkpoint (with megatron.checkpoint's API)."""
 
 from __future__ import annotations
 

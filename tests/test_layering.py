@@ -1,4 +1,5 @@
-"""Imports run one way: base <- model <- TED patches <- training <- entry points (docs/architecture.md).
+"""Imports run one way, room by room (docs/architecture.md): base <- model <- TED patches <- data <-
+checkpoint <- training <- plan <- convert <- launch <- cli <- entry points.
 
 Every import statement of every library file is read (function-level imports included), so a lazy
 import cannot hide an upward arrow.
@@ -16,7 +17,13 @@ LAYERS = [
     ("base", "megatron.parallel"),
     ("model", "megatron.model"),
     ("patches", "ted_patches"),
+    ("data", "megatron.data"),
+    ("checkpoint", "megatron.checkpoint"),
     ("training", "megatron.training"),
+    ("plan", "megatron.plan"),
+    ("convert", "megatron.convert"),
+    ("launch", "megatron.launch"),
+    ("cli", "megatron.cli"),
 ]
 ENTRY_POINTS = ["pretrain_gpt_moe", "tools", "bench"]
 
@@ -75,3 +82,12 @@ def test_the_detector_sees_an_upward_import(tmp_path):
     bad = tmp_path / "bad.py"
     bad.write_text("def f():\n    from ted_patches.router import Router\n")
     assert [layer_of(m) for m in imported_modules(str(bad))] == [2, 2]
+
+
+def test_every_library_file_lives_in_a_room():
+    """A new folder under megatron/ must be placed in LAYERS (else its imports go unchecked)."""
+    rooms = {package.split(".")[1] for _, package in LAYERS if package.startswith("megatron.")}
+    found = {name for name in os.listdir(os.path.join(ROOT, "megatron"))
+             if os.path.isdir(os.path.join(ROOT, "megatron", name)) and name != "__pycache__"}
+    assert found <= rooms, f"megatron/ folders outside LAYERS: {sorted(found - rooms)}"
+    assert not [n for n in os.listdir(os.path.join(ROOT, "megatron")) if n.endswith(".py")]

@@ -15,12 +15,11 @@ import pytest
 import torch
 
 from harness import run, ted_groups
-from megatron.model import GPTModel
 from megatron.model.params import init_parameters, spec_of
 from megatron.training.optimizer import Optimizer, OptimizerConfig
-from megatron.training.training import train_step
-from ted_patches.config import MoEConfig, moe_layer_indices
-from ted_patches.patch import apply_patches
+from megatron.training.forward_backward import train_step
+from ted_patches.config import moe_layer_indices
+from ted_patches.build import build_model
 from util import (MoEOnly, PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, reference_expert_loop, rel_err,
                   tiny_model_config, tiny_moe_config)
 
@@ -133,9 +132,8 @@ GPT_MICRO, GPT_MBS = 4, 2
 def gpt_case(tp: int, ep: int, topk: int, drop: bool, steps: int = 3, pad_free: bool = False) -> dict | None:
     groups = ted_groups(tp, ep)
     mcfg = model_config()
-    model = apply_patches(GPTModel(mcfg, groups, seed=99, init=False),
-                          moe_config(topk, drop, layers=moe_layer_indices(2, expert_interval=2), pad_free=pad_free),
-                          seed=99)
+    moe = moe_config(topk, drop, layers=moe_layer_indices(2, expert_interval=2), pad_free=pad_free)
+    model = build_model(mcfg, moe, groups, seed=99)
     opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=1.0))
     out = {"loss": [], "aux": [], "norm": []}
     data = dict(mbs=GPT_MBS, seq=SEQ, vocab=mcfg.vocab_size)

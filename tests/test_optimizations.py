@@ -8,13 +8,11 @@ import pytest
 import torch
 
 from harness import run, ted_groups
-from megatron.model import GPTModel
 from megatron.model.config import RecomputeConfig
 from megatron.training.optimizer import Optimizer, OptimizerConfig
-from megatron.training.training import forward_backward, train_step
-from ted_patches.cac import apply_recompute
+from megatron.training.forward_backward import forward_backward, train_step
 from ted_patches.config import moe_layer_indices
-from ted_patches.patch import apply_patches
+from ted_patches.build import build_model
 from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, tiny_model_config, tiny_moe_config
 
 SEQ, MBS, MICRO = 16, 2, 2
@@ -29,9 +27,8 @@ RECOMPUTE = {
 
 def build(groups, recompute: RecomputeConfig, layers=4, dropout=0.0):
     mcfg = tiny_model_config(num_layers=layers, hidden_dropout=dropout, attention_dropout=dropout)
-    model = GPTModel(mcfg, groups, seed=11, init=False)
-    apply_patches(model, tiny_moe_config(2, True, layers=moe_layer_indices(layers, expert_interval=2)), seed=11)
-    return apply_recompute(model, recompute), mcfg
+    moe = tiny_moe_config(2, True, layers=moe_layer_indices(layers, expert_interval=2))
+    return build_model(mcfg, moe, groups, seed=11, recompute=recompute), mcfg
 
 
 def recompute_case(tp: int, ep: int, name: str, dropout: float = 0.0) -> dict:

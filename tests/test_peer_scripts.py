@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from harness import run
-from megatron.training.arguments import ConfigError, build_config, parse_args
+from megatron.cli.arguments import ConfigError, build_config, parse_args
 from test_training import logged, pretrain_case
 from util import gpt2_files
 
@@ -171,7 +171,7 @@ def test_bad_peer_flags_name_the_flag(capsys):
 
 def test_schedules_in_iterations_samples_and_tokens_are_one_schedule():
     """Warmup 2 and decay 8 iterations of 8 samples of 16 tokens, in each unit: the same learning rates."""
-    from megatron.training.schedule import build_scheduler
+    from megatron.training.lr_schedule import build_scheduler
 
     def lrs(argv):
         cfg = config(argv + ["--lr-decay-style", "cosine"])
@@ -207,11 +207,11 @@ def test_pyramid_moe_gives_each_layer_its_expert_count():
 
 def pyramid_case():
     from harness import ted_groups
-    from megatron.training.training import build_model
+    from ted_patches.build import build_model
 
     cfg = build_config(parse_args(BASE + ["--num-experts", "4", "8", "--expert-model-parallel-size", "2",
                                           "--mlp-type", "residual"]), 2, 101)
-    model = build_model(cfg, ted_groups(1, 2), "cpu")
+    model = build_model(cfg.model, cfg.moe, ted_groups(1, 2), seed=cfg.train.seed, device="cpu", recompute=cfg.recompute)
     out = {i: (layer.mlp.router.weight.shape[0], layer.mlp.experts.w1.shape[0])
            for i, layer in enumerate(model.layers) if hasattr(layer.mlp, "router")}
     return out if torch.distributed.get_rank() == 0 else None

@@ -1,4 +1,4 @@
-"""The TED layout planner (tools/ted_planner.py over megatron/training/planner.py) against real
+"""The TED layout planner (tools/ted_planner.py over megatron/plan/planner.py) against real
 CPU/gloo training steps: every collective's calls and bytes per (kind, group), as the dispatcher-
 level counter (megatron/parallel/counter.py) sees them, TP all-reduces inside megatron-core's
 linears included; parameters and optimizer state exactly. Then the time model by hand, and the
@@ -16,8 +16,8 @@ import torch
 from harness import run, ted_groups
 from megatron.parallel.counter import CollectiveCounter
 from megatron.parallel.topology import Group, Topology
-from megatron.training import planner
-from megatron.training.arguments import build_config, parse_args
+from megatron.plan import planner
+from megatron.cli.arguments import build_config, parse_args
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
@@ -69,13 +69,14 @@ def config(flags: str, world: int):
 def step_case(flags: str) -> dict:
     """One train_step of the configuration under the counter; what the planner must predict."""
     from megatron.training.optimizer import Optimizer
-    from megatron.training.training import build_model, train_step
+    from megatron.training.forward_backward import train_step
+    from ted_patches.build import build_model
     from util import my_microbatches
 
     cfg = config(flags, torch.distributed.get_world_size())
     groups = ted_groups(cfg.topology.tp, cfg.topology.ep)
     torch.manual_seed(1)  # dropout masks
-    model = build_model(cfg, groups, torch.device("cpu"))
+    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed, device=torch.device("cpu"), recompute=cfg.recompute)
     opt = Optimizer(model, groups, cfg.optim)
     t = cfg.train
     mbs = my_microbatches(0, groups, t.global_batch_size // t.micro_batch_size, mbs=t.micro_batch_size,
@@ -187,10 +188,10 @@ def test_the_counter_refuses_one_process_group_under_two_names():
 
 
 def test_total_parameters_equal_the_one_process_model():
-    from megatron.training.training import build_model
+    from ted_patches.build import build_model
 
     cfg = config(LAYOUT.format(1, 1, 2) + " --mlp-type residual --swiglu", 1)
-    model = build_model(cfg, ted_groups(1, 1), torch.device("cpu"))
+    model = build_model(cfg.model, cfg.moe, ted_groups(1, 1), seed=cfg.train.seed, device=torch.device("cpu"), recompute=cfg.recompute)
     assert planner.total_parameters(cfg) == sum(p.numel() for p in model.parameters())
 
 

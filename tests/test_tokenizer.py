@@ -7,7 +7,7 @@ import random
 import pytest
 
 from util import gpt2_files
-from megatron.training.tokenizer import TOKENIZER_TYPES, build_tokenizer
+from megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer
 from tools import train_tokenizer
 
 

@@ -15,9 +15,9 @@ import pytest
 import torch
 
 from harness import run, ted_groups
-from megatron.training.arguments import build_config, parse_args, tokenizer_kwargs
-from megatron.training.initialize import set_seed
-from megatron.training.tokenizer import build_tokenizer
+from megatron.cli.arguments import build_config, parse_args, tokenizer_kwargs
+from megatron.launch.initialize import set_seed
+from megatron.data.tokenizer import build_tokenizer
 from megatron.training.training import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))

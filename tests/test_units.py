@@ -6,7 +6,7 @@ import torch
 from megatron.model.config import RecomputeConfig
 from megatron.model.params import shard, unshard
 from megatron.model.rng import TPRandom
-from megatron.training.arguments import padded_vocab_size
+from megatron.cli.arguments import padded_vocab_size
 from ted_patches.config import moe_layer_indices
 
 
@@ -110,7 +110,7 @@ def test_keep_freed_memory_mapped_applies_and_defers_to_the_users_choice(monkeyp
 
     for name in ("LD_PRELOAD", "MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_"):
         monkeypatch.delenv(name, raising=False)
-    code = "from megatron.training.initialize import keep_freed_memory_mapped as k; print(k())"
+    code = "from megatron.launch.initialize import keep_freed_memory_mapped as k; print(k())"
 
     def applied(**env) -> str:
         return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,

@@ -31,8 +31,8 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 # torch.distributed.checkpoint warns that it reads in one process, which is what these tools mean.
 warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
-from megatron.training.hf_convert import EXPORT_FORMATS, IMPORT_FORMATS  # noqa: E402
-from megatron.training.tokenizer import TOKENIZER_TYPES  # noqa: E402
+from megatron.convert.hf import EXPORT_FORMATS, IMPORT_FORMATS  # noqa: E402
+from megatron.data.tokenizer import TOKENIZER_TYPES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -71,8 +71,8 @@ def _read(path: str):
     """(meta, model config, MoE config, stored tensors) of --load."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load {path}: no such directory")
-    from megatron.training.checkpointing import configs_from_meta
-    from megatron.training.hf_convert import read_model
+    from megatron.checkpoint import configs_from_meta
+    from megatron.convert.hf import read_model
 
     meta, tensors = read_model(path)
     model_cfg, moe_cfg = configs_from_meta(meta)
@@ -80,7 +80,7 @@ def _read(path: str):
 
 
 def consolidate(args) -> str:
-    from megatron.training.hf_convert import write_consolidated
+    from megatron.convert.hf import write_consolidated
 
     _new_dir(args.output, "--output")
     meta, _, _, tensors = _read(args.load)
@@ -90,7 +90,7 @@ def consolidate(args) -> str:
 
 def _special_ids(meta: dict) -> dict:
     """The tokenizer's special ids for config.json; none when its files are gone (a warning)."""
-    from megatron.training.tokenizer import build_tokenizer
+    from megatron.data.tokenizer import build_tokenizer
 
     try:
         tokenizer = build_tokenizer(**meta["tokenizer"])
@@ -104,7 +104,7 @@ def _special_ids(meta: dict) -> dict:
 def export(args) -> str:
     import torch
 
-    from megatron.training.hf_convert import check_exportable, to_hf, write_hf
+    from megatron.convert.hf import check_exportable, to_hf, write_hf
 
     _new_dir(args.output, "--output")
     meta, model_cfg, moe_cfg, tensors = _read(args.load)
@@ -120,7 +120,7 @@ def export(args) -> str:
 
 def _tokenizer_note(meta: dict, out_dir: str) -> str:
     """Copy the tokenizer's files beside the model; a warning (not an error) when they are gone."""
-    from megatron.training.hf_convert import write_hf_tokenizer
+    from megatron.convert.hf import write_hf_tokenizer
 
     try:
         kind = write_hf_tokenizer(out_dir, meta.get("tokenizer") or {})
@@ -144,9 +144,9 @@ def _tokenizer_kwargs(args) -> dict:
 
 
 def import_hf(args) -> str:
-    from megatron.training.checkpointing import config_dict
-    from megatron.training.hf_convert import from_hf, read_hf
-    from megatron.training.tokenizer import build_tokenizer
+    from megatron.checkpoint import config_dict
+    from megatron.convert.hf import from_hf, read_hf
+    from megatron.data.tokenizer import build_tokenizer
 
     if args.iteration < 0:
         raise ValueError(f"--iteration must be >= 0 (got {args.iteration})")
@@ -159,7 +159,7 @@ def import_hf(args) -> str:
                          f"{model_cfg.vocab_size}: give the model's own tokenizer (--tokenizer-type and its files)")
     meta = {"model": config_dict(model_cfg), "moe": config_dict(moe_cfg), "tokenizer": tokenizer_kw, "iteration": args.iteration,
             "imported_from": {"format": args.format, "path": os.path.abspath(args.input)}}
-    from megatron.training.checkpointing import write_model_checkpoint
+    from megatron.checkpoint import write_model_checkpoint
 
     path = write_model_checkpoint(args.save, tensors, meta, iteration=args.iteration)
     return f"wrote {path}: {model_cfg.num_layers} layers, {moe_cfg.num_experts} experts, top-{moe_cfg.topk}"

@@ -95,16 +95,12 @@ def generate(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: 
 
 
 # ---- the model ----------------------------------------------------------------------------------
-def build_model(model_cfg, moe_cfg, tensors: dict, groups):
+def load_model(model_cfg, moe_cfg, tensors: dict, groups):
     """A one-process GPT (with its MoE layers) holding the stored tensors, in eval mode."""
-    from megatron.model import GPTModel
     from megatron.model.params import load_stored_tensors
-    from ted_patches.patch import apply_patches
+    from ted_patches.build import build_model
 
-    model = GPTModel(model_cfg, groups, seed=0, init=False)
-    if moe_cfg is not None:
-        apply_patches(model, moe_cfg, seed=0)
-    model.to(dtype=model_cfg.params_dtype)
+    model = build_model(model_cfg, moe_cfg, groups, seed=0)
     load_stored_tensors(model, tensors, groups)
     return model.eval()
 
@@ -113,9 +109,9 @@ def load(path: str, groups, *, no_drop: bool = False, fp32: bool = False):
     """(model, tokenizer) of a checkpoint or consolidated directory."""
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load {path}: no such directory")
-    from megatron.training.checkpointing import configs_from_meta
-    from megatron.training.hf_convert import read_model
-    from megatron.training.tokenizer import build_tokenizer
+    from megatron.checkpoint import configs_from_meta
+    from megatron.convert.hf import read_model
+    from megatron.data.tokenizer import build_tokenizer
 
     meta, tensors = read_model(path)
     model_cfg, moe_cfg = configs_from_meta(meta)
@@ -127,14 +123,14 @@ def load(path: str, groups, *, no_drop: bool = False, fp32: bool = False):
     if tokenizer.vocab_size != model_cfg.vocab_size:
         raise ValueError(f"--load {path}: the tokenizer has {tokenizer.vocab_size} ids, the model "
                          f"{model_cfg.vocab_size} (were the tokenizer files replaced?)")
-    return build_model(model_cfg, moe_cfg, tensors, groups), tokenizer
+    return load_model(model_cfg, moe_cfg, tensors, groups), tokenizer
 
 
 def main(argv=None) -> str:
     args = parse_args(argv)
     try:
         from megatron.parallel.topology import Topology
-        from megatron.training.initialize import initialize_distributed
+        from megatron.launch.initialize import initialize_distributed
 
         groups, _ = initialize_distributed(Topology(1), backend="gloo")
         model, tokenizer = load(args.load, groups, no_drop=args.disable_moe_token_dropping, fp32=args.fp32)

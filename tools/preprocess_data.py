@@ -27,7 +27,7 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
-from megatron.training.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
+from megatron.data.tokenizer import TOKENIZER_TYPES, build_tokenizer  # noqa: E402
 from tools._cli import Parser, check_input_file, output_directory, run  # noqa: E402
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """TED layout planner: every valid (TP, EP, DP) of a GPT-MoE on a cluster, ranked, with per-GPU
-memory, per-step communication and an estimated step time (megatron/training/planner.py).
+memory, per-step communication and an estimated step time (megatron/plan/planner.py).
 
     python tools/ted_planner.py --preset 6.7b --cluster summit-v100-16gb --gpus 128 \\
         --micro-batch-size 4 --global-batch-size 1024 --fp16 --use-distributed-optimizer \\
@@ -30,8 +30,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
 from megatron.parallel.topology import valid_layouts  # noqa: E402
-from megatron.training import arguments, planner  # noqa: E402
-from megatron.training.arguments import ConfigError, build_config, build_parser, tokenizer_kwargs  # noqa: E402
+from megatron.cli import arguments  # noqa: E402
+from megatron.plan import planner  # noqa: E402
+from megatron.cli.arguments import ConfigError, build_config, build_parser, tokenizer_kwargs  # noqa: E402
 
 PROG = "ted_planner.py"
 GIB = 2**30
@@ -51,7 +52,7 @@ def planner_parser() -> argparse.ArgumentParser:
     p.add_argument("--preset", choices=list(planner.BASES),
                    help="a GPT-3-style base (the paper's: 1.3b, 2.7b, 6.7b) with 16 experts every other layer")
     p.add_argument("--cluster", choices=list(planner.NODE_PRESETS), default="summit-v100-16gb",
-                   help="node type (constants and sources in megatron/training/planner.py)")
+                   help="node type (constants and sources in megatron/plan/planner.py)")
     p.add_argument("--gpus", type=int, help="GPUs in the run (nodes are filled in rank order)")
     p.add_argument("--gpus-per-node", type=int, help="override the node preset")
     p.add_argument("--gpu-memory-gib", type=float, help="memory per GPU, GiB")
@@ -139,7 +140,7 @@ def cluster_from(opts) -> planner.Cluster:
 
 
 def vocabulary(args) -> int:
-    from megatron.training.tokenizer import build_tokenizer
+    from megatron.data.tokenizer import build_tokenizer
 
     try:
         return build_tokenizer(**tokenizer_kwargs(args)).vocab_size

@@ -40,7 +40,9 @@ class GPTOutput:
 
 
 class GPTModel(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, groups: TEDGroups, *, seed: int, device="cpu", init: bool = True):
+    def __init__(self, cfg: ModelConfig, groups: TEDGroups, *, seed: int, device="cpu", mlp=None):
+        """`mlp(layer_index)` gives a layer's feed-forward block (ted_patches.build: an MoE layer),
+        or None for the dense MLP; every parameter is drawn once, at the end, from `seed`."""
         super().__init__()
         self.cfg, self.groups = cfg, groups
         mp = megatron_parallel_config(cfg, groups)
@@ -59,7 +61,8 @@ class GPTModel(torch.nn.Module):
         elif cfg.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
 
-        self.layers = torch.nn.ModuleList(TransformerLayer(cfg, mp, groups, self.rng) for _ in range(cfg.num_layers))
+        self.layers = torch.nn.ModuleList(TransformerLayer(cfg, mp, groups, self.rng, mlp(i) if mlp else None)
+                                          for i in range(cfg.num_layers))
         # Activation checkpointing (set by ted_patches.cac.apply_recompute): layer ranges run
         # under one checkpoint each, and, for communication-aware checkpointing, the factory of
         # the stash that keeps their collectives' outputs for the recompute.
@@ -73,13 +76,8 @@ class GPTModel(torch.nn.Module):
         # This rank's vocabulary slice and how much of it is padding (masked out of the softmax).
         local = cfg.padded_vocab_size // groups.tp.size
         self.real_local_vocab = min(local, max(0, cfg.vocab_size - groups.tp.rank * local))
-        if init:
-            self.initialize(seed)
+        init_parameters(self, seed, groups)
         self.to(device)
-
-    def initialize(self, seed: int) -> None:
-        """(Re)draw every parameter from `seed`; call again after swapping modules in."""
-        init_parameters(self, seed, self.groups)
 
     def forward(self, tokens, position_ids, labels=None, loss_mask=None):
         """tokens, position_ids, labels, loss_mask: [b, s]. Returns GPTOutput, or the vocab-split

@@ -198,7 +198,7 @@ def stored_tensors(model: torch.nn.Module, groups: TEDGroups) -> dict[str, torch
     """{stored name: tensor} of a one-process model (TP = EP = 1): views, no copies."""
     if groups.tp.size > 1 or groups.ep.size > 1:
         raise ValueError("stored_tensors needs a one-process layout; checkpoints of any layout are read "
-                         "with megatron.training.checkpointing")
+                         "with megatron.checkpoint")
     return {piece.key: piece.local_view(p.detach()) for name, p in model.named_parameters()
             for piece in checkpoint_pieces(name, p.shape, spec_of(p), groups)}
 

@@ -172,13 +172,14 @@ class MLP(torch.nn.Module):
 
 
 class TransformerLayer(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, mp, groups: TEDGroups, rng: TPRandom):
+    def __init__(self, cfg: ModelConfig, mp, groups: TEDGroups, rng: TPRandom, mlp=None):
+        """`mlp`: the feed-forward block (e.g. an MoE layer returning (y, aux)); None: the dense MLP."""
         super().__init__()
         self.hidden_dropout = cfg.hidden_dropout
         self.input_norm = build_norm(cfg)
         self.attention = SelfAttention(cfg, mp, groups, rng)
         self.post_attention_norm = build_norm(cfg)
-        self.mlp = MLP(cfg, mp, groups)  # ted_patches.apply_patches may swap in an MoE layer
+        self.mlp = MLP(cfg, mp, groups) if mlp is None else mlp
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple]):
         x = x + F.dropout(self.attention(self.input_norm(x), rope), self.hidden_dropout, self.training)

@@ -149,7 +149,7 @@ class Group:
 @dataclass(frozen=True)
 class TEDGroups:
     """Everything a layer needs to know about parallelism: the topology, this rank's coordinates,
-    and the four groups. Built once per process by `megatron.training.initialize`."""
+    and the four groups. Built once per process by `megatron.launch.initialize`."""
 
     topology: Topology
     coords: Coords

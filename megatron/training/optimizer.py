@@ -368,7 +368,7 @@ class Optimizer:
         self._load_master_weights()
 
     def _load_master_weights(self) -> None:
-        """After the fp32 master weights were loaded (megatron.training.checkpointing): the
+        """After the fp32 master weights were loaded (megatron.checkpoint): the
         parameters become their cast, on every rank of each group (ZeRO-1: gathered)."""
         for fg in self.flat_groups:
             mine = fg.param_buf[fg.lo:fg.hi]

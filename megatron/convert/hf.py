@@ -523,6 +523,6 @@ def read_model(path: str) -> tuple[dict, dict[str, torch.Tensor]]:
 
         with open(os.path.join(path, CONSOLIDATED_META)) as f:
             return json.load(f), load_file(os.path.join(path, CONSOLIDATED_TENSORS))
-    from megatron.training.checkpointing import read_checkpoint_meta, read_stored_tensors
+    from megatron.checkpoint import read_checkpoint_meta, read_stored_tensors
 
     return read_checkpoint_meta(path), read_stored_tensors(path)

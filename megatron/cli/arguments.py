@@ -9,18 +9,18 @@ line before any process group exists.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
-from dataclasses import dataclass
 from typing import Optional
 
 import torch
 
 from megatron.model.config import ModelConfig, RecomputeConfig
-from megatron.training.checkpointing import CheckpointConfig
+from megatron.checkpoint import CheckpointConfig
+from megatron.data.config import DataConfig
 from megatron.training.exits import ExitConfig
-from megatron.training.peer_flags import add_peer_args, resolve_peer_args
-from megatron.training.schedule import ScheduleConfig, ScheduleError, add_schedule_args, schedule_from_args
+from megatron.cli.peer_flags import add_peer_args, resolve_peer_args
+from megatron.training.lr_schedule import ScheduleError, add_schedule_args, schedule_from_args
+from megatron.training.config import Config, TensorBoardConfig, TrainConfig
 from megatron.training.optimizer import OptimizerConfig
 from ted_patches.config import AUX_LOSS_TYPES, DROP_POLICIES, GATE_NORMALIZATIONS, MLP_TYPES, MoEConfig, moe_layer_indices
 from megatron.parallel.topology import Topology, check_layout
@@ -28,75 +28,6 @@ from megatron.parallel.topology import Topology, check_layout
 
 class ConfigError(ValueError):
     """A bad flag or flag combination; the message names the flag and a way out."""
-
-
-@dataclass(frozen=True)
-class DataConfig:
-    num_workers: int
-    data_path: Optional[list]
-    split: str
-    mock: bool
-    cache_dir: Optional[str]
-    eod_mask_loss: bool
-    tokenizer_type: str
-    tokenizer_model: Optional[str]
-    vocab_file: Optional[str]
-    merge_file: Optional[str]
-    vocab_size: Optional[int]
-
-
-@dataclass(frozen=True)
-class TensorBoardConfig:
-    queue_size: int = 1000
-    log_interval: int = 1
-    timers: bool = False
-    batch_size: bool = False
-    memory: bool = False
-    validation_ppl: bool = False
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    micro_batch_size: int
-    global_batch_size: int
-    seq_length: int
-    seed: int
-    schedule: ScheduleConfig
-    eval_interval: int
-    eval_iters: int
-    log_interval: int
-    tensorboard_dir: Optional[str]
-    tensorboard: TensorBoardConfig
-    backend: Optional[str]
-    timeout_minutes: int
-
-    @property
-    def train_iters(self) -> int:
-        return self.schedule.train_iters
-
-    def num_microbatches(self, dp: int) -> int:
-        return self.global_batch_size // (self.micro_batch_size * dp)
-
-    def num_samples(self) -> tuple[int, int, int]:
-        """Samples the train, valid and test datasets must hold: every train step, every
-        evaluation (one each --eval-interval, and one at the end), one test evaluation."""
-        evaluations = self.train_iters // self.eval_interval + 1
-        per_eval = self.eval_iters * self.global_batch_size
-        return self.train_iters * self.global_batch_size, evaluations * per_eval, per_eval
-
-
-@dataclass(frozen=True)
-class Config:
-    topology: Topology
-    model: ModelConfig
-    moe: Optional[MoEConfig]
-    recompute: RecomputeConfig
-    optim: OptimizerConfig
-    train: TrainConfig
-    data: DataConfig
-    checkpoint: CheckpointConfig
-    exit: ExitConfig
-    notices: tuple[str, ...] = ()  # the peers' flags that were mapped or have no effect: printed once
 
 
 # ---- the parser -------------------------------------------------------------------------------
@@ -322,15 +253,6 @@ def tokenizer_kwargs(args) -> dict:
     kind = TOKENIZER_ALIASES.get(kind, kind)
     return dict(tokenizer_type=kind, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
                 merge_file=args.merge_file, vocab_size=args.vocab_size)
-
-
-def check_writable_directory(flag: str, path: str) -> None:
-    """Raise a ConfigError unless `path` is, or can be created as, a writable directory."""
-    existing = os.path.abspath(path)
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
-    if not os.path.isdir(existing) or not os.access(existing, os.W_OK):
-        raise ConfigError(f"{flag} {path}: {existing} is not a writable directory")
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:

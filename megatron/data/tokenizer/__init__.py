@@ -2,7 +2,7 @@
 
 import os
 
-from megatron.training.tokenizer.tokenizer import (
+from megatron.data.tokenizer.tokenizer import (
     GPT2BPETokenizer,
     NullTokenizer,
     SentencePieceTokenizer,

@@ -32,7 +32,7 @@ import torch
 
 from megatron.model.config import ModelConfig
 from megatron.parallel.topology import Topology
-from megatron.training.arguments import Config
+from megatron.training.config import Config
 from megatron.training.optimizer import _SCAN_CHUNK
 from ted_patches.config import MoEConfig
 from ted_patches.router import token_capacity

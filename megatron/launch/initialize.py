@@ -21,8 +21,8 @@ import torch
 import torch.distributed as dist
 
 from megatron.parallel.topology import TEDGroups, Topology, groups_from_parallel_state
-from megatron.training import faults
-from megatron.training.faults import EXIT_BAD_LAUNCH, LaunchError, Watchdog
+from megatron.launch import faults
+from megatron.launch.faults import EXIT_BAD_LAUNCH, LaunchError, Watchdog
 
 # megatron-core warns at import that Transformer Engine / Apex are absent; we do not use them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")

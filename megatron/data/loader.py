@@ -1,0 +1,52 @@
+"""Which samples each rank reads: Megatron's micro-batch sampler and the data loader over it."""
+
+from __future__ import annotations
+
+import torch
+
+from megatron.data.datasets import collate
+
+BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
+
+
+class MicroBatchSampler(torch.utils.data.Sampler):
+    """This DP rank's micro-batches (lists of sample indices) of `steps` global batches from sample
+    `first_sample`: of each block of micro x DP samples DP rank r takes the r-th micro-batch
+    (Megatron's sampler), so every micro-batch holds the same samples whatever the DP size;
+    accumulation walks the blocks in order."""
+
+    def __init__(self, first_sample: int, steps: int, micro_batch_size: int, global_batch_size: int,
+                 dp_size: int, dp_rank: int):
+        self.first, self.steps = first_sample, steps
+        self.micro, self.global_batch = micro_batch_size, global_batch_size
+        self.dp, self.rank = dp_size, dp_rank
+
+    @property
+    def micro_per_step(self) -> int:
+        """Micro-batches per step on each DP rank."""
+        return self.global_batch // (self.micro * self.dp)
+
+    def __len__(self) -> int:
+        return self.steps * self.micro_per_step
+
+    def __iter__(self):
+        for step in range(self.steps):
+            base = self.first + step * self.global_batch
+            for i in range(self.micro_per_step):
+                start = base + (i * self.dp + self.rank) * self.micro
+                yield list(range(start, start + self.micro))
+
+
+def batches(dataset, sampler: MicroBatchSampler, num_workers: int, device):
+    """Iterate the sampler's steps as lists of micro-batches on `device`, read by `num_workers`
+    loader processes (0: in this process)."""
+    # A generator of its own: a loader draws its workers' base seed from it, and drawing from the
+    # default one would shift dropout and jitter (a resumed run would then differ).
+    loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
+                                         num_workers=num_workers,
+                                         prefetch_factor=2 if num_workers else None,
+                                         generator=torch.Generator())
+    items = iter(loader)
+    for _ in range(sampler.steps):
+        step = (next(items) for _ in range(sampler.micro_per_step))
+        yield [{k: batch[k].to(device) for k in BATCH_KEYS} for batch in step]

@@ -1,0 +1,79 @@
+"""One training step: forward and backward over the step's micro-batches, the gradient reduction,
+the optimizer step, and what the MoE layers measured handed to them after it.
+
+This is where a pipeline schedule goes: `forward_backward` is the schedule without pipelining
+(every micro-batch's forward, then its backward, accumulating gradients).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+
+import torch
+
+from megatron.parallel import comm
+from megatron.parallel.topology import TEDGroups
+from megatron.training.optimizer import NonFiniteError, Optimizer
+from ted_patches.moe_layer import StepMeasurements, after_optimizer_step
+
+
+@dataclass(frozen=True)
+class StepMetrics:
+    lm_loss: float  # mean over the step's micro-batches on all DP ranks
+    aux_loss: float  # MoE auxiliary losses (weighted), same averaging
+    grad_norm: float
+    skipped: bool
+    loss_scale: float
+    timers: dict = field(default_factory=dict)  # seconds (host clock): forward-backward, optimizer
+
+
+@dataclass
+class StepSums:
+    """What one rank's micro-batches of a step add up to."""
+
+    losses: torch.Tensor  # [lm, aux] loss sums (float64)
+    # MoE layer index -> assignments per expert before dropping, summed over the micro-batches
+    expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)
+
+    def add(self, out) -> None:
+        self.losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double()
+        for aux in out.aux:
+            counts = self.expert_counts.get(aux.layer)
+            self.expert_counts[aux.layer] = aux.counts_E if counts is None else counts + aux.counts_E
+
+
+def forward_backward(model, microbatches: list[dict], loss_scale: float, before_last=None) -> StepSums:
+    """Accumulate gradients of the mean loss over `microbatches`; returns their sums.
+    `before_last()` runs before the last micro-batch (the optimizer's overlapped reduction)."""
+    n = len(microbatches)
+    sums = StepSums(torch.zeros(2, dtype=torch.float64, device=microbatches[0]["tokens"].device))
+    for i, mb in enumerate(microbatches):
+        if before_last is not None and i == n - 1:
+            before_last()
+        out = model(**mb)
+        (out.loss * (loss_scale / n)).backward()
+        sums.add(out)
+    return sums
+
+
+def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TEDGroups) -> StepMetrics:
+    start = time.perf_counter()
+    optimizer.zero_grad()
+    sums = forward_backward(model, microbatches, optimizer.scaler.scale, optimizer.before_last_backward)
+    optimizer.reduce_gradients()
+    losses = reduce_losses(sums.losses / len(microbatches), groups)
+    if optimizer.cfg.check_for_nan and not optimizer.cfg.fp16 and not all(map(math.isfinite, losses)):
+        raise NonFiniteError(f"the lm loss is {losses[0]} (moe aux loss {losses[1]})")
+    middle = time.perf_counter()
+    result = optimizer.step()
+    after_optimizer_step(model, StepMeasurements(sums.expert_counts, result.skipped))
+    timers = {"forward-backward": middle - start, "optimizer": time.perf_counter() - middle}
+    return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale, timers)
+
+
+def reduce_losses(values: torch.Tensor, groups: TEDGroups) -> list[float]:
+    """Mean over the DP group (every DP rank ran the same number of micro-batches)."""
+    comm.all_reduce_(values, groups.dp)
+    return (values / groups.dp.size).tolist()

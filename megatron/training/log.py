@@ -1,0 +1,134 @@
+"""The training log: Megatron's iteration line averaged over --log-interval, evaluation lines,
+TensorBoard scalars, and the model FLOPs they report."""
+
+from __future__ import annotations
+
+import math
+import time
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from megatron.training.config import Config
+from megatron.training.forward_backward import StepMetrics
+
+
+def flops_per_iteration(cfg: Config) -> float:
+    """Model FLOPs of one training iteration (forward x3 for backward, x4 with full recompute),
+    counting the k active experts per token and no capacity padding."""
+    m, t = cfg.model, cfg.train
+    h, s, f = m.hidden_size, t.seq_length, m.ffn_hidden_size
+    mlp = (6 if m.swiglu else 4) * h * f
+    qkv = 2 * h * (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
+    per_layer = [qkv + 2 * h * h + 4 * s * h + mlp for _ in range(m.num_layers)]  # qkv, proj, scores+context, mlp
+    if cfg.moe is not None:
+        fe = cfg.moe.expert_ffn_hidden_size or f
+        expert = (6 if m.swiglu else 4) * h * fe
+        for i in cfg.moe.layers:
+            per_layer[i] += 2 * h * cfg.moe.experts_in(i) + (cfg.moe.topk * expert - mlp)
+            if cfg.moe.mlp_type == "residual":
+                per_layer[i] += mlp
+    per_token = sum(per_layer) + 2 * h * m.padded_vocab_size
+    passes = 4 if cfg.recompute.granularity == "full" else 3
+    return passes * per_token * t.global_batch_size * s
+
+
+# ---- logging ------------------------------------------------------------------------------------
+class TrainLog:
+    """Megatron's iteration line, averaged over --log-interval, and TensorBoard scalars; rank 0."""
+
+    def __init__(self, cfg: Config, enabled: bool):
+        self.cfg, self.enabled = cfg, enabled
+        self.writer = None
+        if enabled and cfg.train.tensorboard_dir:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(log_dir=cfg.train.tensorboard_dir, max_queue=cfg.train.tensorboard.queue_size)
+        self._reset()
+        self.flops = flops_per_iteration(cfg)
+
+    def _reset(self):
+        self.sum_lm = self.sum_aux = self.sum_norm = 0.0
+        self.count = self.skipped = self.nans = 0
+        self.t0 = time.time()
+
+    def step(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int, timers: dict) -> None:
+        if metrics.skipped:
+            self.skipped += 1
+        elif not math.isfinite(metrics.lm_loss):
+            self.nans += 1
+        else:
+            self.sum_lm += metrics.lm_loss
+            self.sum_aux += metrics.aux_loss
+            self.sum_norm += metrics.grad_norm
+            self.count += 1
+        if self.writer is not None and not metrics.skipped and iteration % self.cfg.train.tensorboard.log_interval == 0:
+            for name, value in self._scalars(metrics, lr, timers):
+                self.writer.add_scalar(name, value, iteration)
+        if iteration % self.cfg.train.log_interval == 0 or iteration == self.cfg.train.train_iters:
+            self._line(iteration, metrics, lr, consumed)
+
+    def _scalars(self, metrics: StepMetrics, lr: float, timers: dict):
+        """(tag, value) pairs for TensorBoard, as Megatron names them."""
+        tb = self.cfg.train.tensorboard
+        yield from (("lm-loss", metrics.lm_loss), ("moe-aux-loss", metrics.aux_loss), ("grad-norm", metrics.grad_norm),
+                    ("learning-rate", lr), ("loss-scale", metrics.loss_scale))
+        if tb.batch_size:
+            yield "batch-size", self.cfg.train.global_batch_size
+        if tb.timers:
+            yield from ((f"{name}-time", seconds * 1000.0) for name, seconds in timers.items())
+        if tb.memory:
+            yield "mem-max-allocated-bytes", peak_memory_bytes()
+
+    def _line(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int) -> None:
+        t, n = self.cfg.train, max(self.count, 1)
+        iters = self.count + self.skipped + self.nans
+        per_iter = (time.time() - self.t0) / max(iters, 1)
+        tokens_per_s = t.global_batch_size * t.seq_length / per_iter
+        tflops = self.flops / per_iter / self.cfg.topology.world_size / 1e12
+        eta = timedelta(seconds=int(per_iter * (t.train_iters - iteration)))
+        losses = ""  # as Megatron: no loss values when every iteration of the interval was skipped
+        if self.count:
+            losses = f" lm loss: {self.sum_lm / n:.6E} |"
+            if self.cfg.moe is not None:
+                losses += f" moe aux loss: {self.sum_aux / n:.6E} |"
+            losses += f" grad norm: {self.sum_norm / n:.3f} |"
+        line = (
+            f" iteration {iteration:8d}/{t.train_iters:8d} | consumed samples: {consumed:12d} |"
+            f" elapsed time per iteration (ms): {per_iter * 1000:.1f} | learning rate: {lr:.6E} |"
+            f" global batch size: {t.global_batch_size:5d} |{losses} loss scale: {metrics.loss_scale:.1f} |"
+            f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nans:3d} |"
+            f" tokens per second: {tokens_per_s:.1f} | TFLOP/s per device: {tflops:.3f} | ETA: {eta} |"
+        )
+        if self.enabled:
+            print(line, flush=True)
+        self._reset()
+
+    def evaluation(self, iteration: int, name: str, loss: float) -> None:
+        if not self.enabled:
+            return
+        text = f" {name} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {math.exp(min(loss, 20)):.6E} |"
+        print("-" * len(text), text, "-" * len(text), sep="\n", flush=True)
+        if self.writer is not None:
+            self.writer.add_scalar(f"lm-loss {name}", loss, iteration)
+            if self.cfg.train.tensorboard.validation_ppl:
+                self.writer.add_scalar(f"lm-loss {name} ppl", math.exp(min(loss, 20)), iteration)
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
+
+
+def peak_memory_bytes() -> int:
+    """Peak CUDA allocation on a GPU; the process's peak resident set size on CPU."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        return torch.cuda.max_memory_allocated()
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def print_rank0(*args) -> None:
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        print(*args, flush=True)
