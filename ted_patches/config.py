@@ -6,6 +6,7 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
+from megatron.parallel.fields import FieldError
 from megatron.parallel.topology import Topology, check_layout
 
 DROP_POLICIES = ("position", "probs", "choice")
@@ -56,35 +57,37 @@ class MoEConfig:
         counts = self.experts_per_layer or (self.num_experts,)
         checks = [
             (self.experts_per_layer is None or len(self.experts_per_layer) == len(self.layers),
-             f"--num-experts gives {len(counts)} counts for {len(self.layers)} MoE layers: give one count, "
-             "or one per MoE layer"),
-            (min(counts) >= 1, f"--num-experts must be >= 1 (got {min(counts)})"),
+             f"{{experts_per_layer}} gives {len(counts)} counts for {len(self.layers)} MoE layers: give one "
+             "count, or one per MoE layer"),
+            (min(counts) >= 1, f"{{num_experts}} must be >= 1 (got {min(counts)})"),
             (1 <= self.topk <= min(counts),
-             f"--moe-router-topk {self.topk} must be between 1 and --num-experts {min(counts)}"),
+             f"{{topk}} {self.topk} must be between 1 and {{num_experts}} {min(counts)}"),
             (self.capacity_factor > 0,
-             f"--moe-expert-capacity-factor must be > 0 (got {self.capacity_factor}); "
-             "use --disable-moe-token-dropping for no capacity limit"),
+             f"{{capacity_factor}} must be > 0 (got {self.capacity_factor}); "
+             "use {drop_tokens} for no capacity limit"),
             (self.eval_capacity_factor > 0,
-             f"--moe-eval-capacity-factor must be > 0 (got {self.eval_capacity_factor})"),
-            (self.min_capacity >= 0, f"--moe-min-capacity must be >= 0 (got {self.min_capacity})"),
+             f"{{eval_capacity_factor}} must be > 0 (got {self.eval_capacity_factor})"),
+            (self.min_capacity >= 0, f"{{min_capacity}} must be >= 0 (got {self.min_capacity})"),
             (self.drop_policy in DROP_POLICIES,
-             f"--moe-token-drop-policy {self.drop_policy!r}: use one of {DROP_POLICIES}"),
+             f"{{drop_policy}} {self.drop_policy!r}: use one of {DROP_POLICIES}"),
             (self.gate_normalization in GATE_NORMALIZATIONS,
-             f"--moe-gate-normalization {self.gate_normalization!r}: use one of {GATE_NORMALIZATIONS}"),
+             f"{{gate_normalization}} {self.gate_normalization!r}: use one of {GATE_NORMALIZATIONS}"),
             (self.aux_loss_type in AUX_LOSS_TYPES,
-             f"--moe-router-load-balancing-type {self.aux_loss_type!r}: use one of {AUX_LOSS_TYPES}"),
-            (self.mlp_type in MLP_TYPES, f"--mlp-type {self.mlp_type!r}: use one of {MLP_TYPES}"),
-            (self.jitter_eps >= 0, f"--moe-input-jitter-eps must be >= 0 (got {self.jitter_eps})"),
-            (self.check_tp_routing >= 0, f"--check-tp-routing must be >= 0 (got {self.check_tp_routing})"),
+             f"{{aux_loss_type}} {self.aux_loss_type!r}: use one of {AUX_LOSS_TYPES}"),
+            (self.score_function in SCORE_FUNCTIONS,
+             f"{{score_function}} {self.score_function!r}: use one of {SCORE_FUNCTIONS}"),
+            (self.mlp_type in MLP_TYPES, f"{{mlp_type}} {self.mlp_type!r}: use one of {MLP_TYPES}"),
+            (self.jitter_eps >= 0, f"{{jitter_eps}} must be >= 0 (got {self.jitter_eps})"),
+            (self.check_tp_routing >= 0, f"{{check_tp_routing}} must be >= 0 (got {self.check_tp_routing})"),
         ]
         for ok, message in checks:
             if not ok:
-                raise ValueError(message)
+                raise FieldError(message, "MoEConfig")
 
     def tp_split_sizes(self) -> dict[str, int]:
-        """Sizes split over TP, by flag (the experts' FFN when it is set apart from the model's)."""
+        """Sizes split over TP, by {field} (the experts' FFN when it is set apart from the model's)."""
         ffn = self.expert_ffn_hidden_size
-        return {} if ffn is None else {"--moe-ffn-hidden-size": ffn}
+        return {} if ffn is None else {"{expert_ffn_hidden_size}": ffn}
 
     def experts_in(self, layer: int) -> int:
         """Experts of MoE layer `layer` (a transformer layer index in `layers`)."""
@@ -97,10 +100,11 @@ class MoEConfig:
         return dataclasses.replace(self, num_experts=self.experts_in(layer), experts_per_layer=None)
 
     def ep_split_sizes(self) -> dict[str, int]:
-        """Sizes split over EP, by flag: each layer's expert count."""
+        """Sizes split over EP, by {field}: each layer's expert count."""
         if self.experts_per_layer is None:
-            return {"--num-experts": self.num_experts}
-        return {f"--num-experts (MoE layer {i + 1} of {len(self.layers)})": n for i, n in enumerate(self.experts_per_layer)}
+            return {"{num_experts}": self.num_experts}
+        return {f"{{experts_per_layer}} (MoE layer {i + 1} of {len(self.layers)})": n
+                for i, n in enumerate(self.experts_per_layer)}
 
     def check_layout(self, topology: Topology) -> None:
         """Raise a LayoutError unless the experts split evenly over this layout's EP size."""

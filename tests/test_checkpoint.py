@@ -72,7 +72,8 @@ def test_stored_tensors_are_the_one_process_model(tmp_path):
     from megatron.model.params import stored_tensors
     from harness import ted_groups
     from ted_patches.build import build_model
-    from megatron.cli.arguments import build_config, parse_args
+    from megatron.cli.arguments import parse_args
+    from megatron.cli.configs import build_config
 
     argv = MODEL + MOE + BATCH + PADDED + ["--train-iters", "3", "--swiglu"]
     train((2, 2, 2), 3, *argv[len(MODEL + MOE + BATCH):], "--save", str(tmp_path), "--exit-interval", "1")

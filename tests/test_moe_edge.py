@@ -24,6 +24,8 @@ from megatron.training.optimizer import Optimizer, OptimizerConfig
 from ted_patches.config import MoEConfig
 from ted_patches.moe_layer import MoELayer
 from ted_patches.router import Router, keep_mask, token_capacity
+from megatron.cli.configs import flag_names
+from megatron.parallel.fields import FieldError
 from megatron.parallel.topology import Group, TEDGroups, Topology
 from util import MoEOnly, assert_close_dicts, full_tensors, rel_err, tiny_model_config
 
@@ -248,8 +250,8 @@ def bad_flags_case(only_rank=None) -> dict:
         try:
             MoELayer(model_config(), moe_config(**kw), groups)
             out[name] = None
-        except ValueError as e:
-            out[name] = str(e)
+        except FieldError as e:  # names config fields: shown as the command line shows it
+            out[name] = e.render(flag_names(e.owner))
     out["collectives"] = groups.ledger.count()
     return out
 

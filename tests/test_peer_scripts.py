@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from harness import run
-from megatron.cli.arguments import ConfigError, build_config, parse_args
+from megatron.cli.arguments import ConfigError, parse_args
+from megatron.cli.configs import build_config
 from test_training import logged, pretrain_case
 from util import gpt2_files
 

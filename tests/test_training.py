@@ -15,7 +15,8 @@ import pytest
 import torch
 
 from harness import run, ted_groups
-from megatron.cli.arguments import build_config, parse_args, tokenizer_kwargs
+from megatron.cli.arguments import parse_args
+from megatron.cli.configs import build_config, tokenizer_kwargs
 from megatron.launch.initialize import set_seed
 from megatron.data.tokenizer import build_tokenizer
 from megatron.training.training import pretrain

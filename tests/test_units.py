@@ -6,7 +6,7 @@ import torch
 from megatron.model.config import RecomputeConfig
 from megatron.model.params import shard, unshard
 from megatron.model.rng import TPRandom
-from megatron.cli.arguments import padded_vocab_size
+from megatron.cli.configs import padded_vocab_size
 from ted_patches.config import moe_layer_indices
 
 
@@ -53,8 +53,13 @@ def test_recompute_chunks():
     assert RecomputeConfig("full", "uniform", 2).full_chunks(5) == [[0, 1], [2, 3], [4]]
     assert RecomputeConfig("full", "block", 2).full_chunks(5) == [[0], [1]]
     assert RecomputeConfig("selective").full_chunks(5) == []
-    with pytest.raises(ValueError, match="--recompute-method"):
+    with pytest.raises(ValueError, match="method applies to granularity full only") as err:
         RecomputeConfig("selective", "uniform").check(4)
+    # the library names config fields; the command line shows its flags (RecomputeConfig's own)
+    from megatron.cli.configs import flag_names
+
+    shown = err.value.render(flag_names(err.value.owner))
+    assert shown == "--recompute-method applies to --recompute-granularity full only"
 
 
 def test_comm_ledger_keeps_totals_not_a_growing_list():

@@ -27,7 +27,8 @@ TOKENIZER_FILES = {"SentencePieceTokenizer": ("tokenizer_model",),
 
 def load_config(argv=None):
     """Parse and validate everything; (config, tokenizer). Exits with 2 on bad input."""
-    from megatron.cli.arguments import ConfigError, build_config, tokenizer_kwargs
+    from megatron.cli.arguments import ConfigError
+    from megatron.cli.configs import build_config, tokenizer_kwargs
     from megatron.launch.initialize import LaunchEnv, check_rendezvous_env, launch_env
 
     try:

@@ -7,6 +7,8 @@ from typing import Optional
 
 import torch
 
+from megatron.parallel.fields import FieldError
+
 
 @dataclass(frozen=True)
 class ModelConfig:
@@ -34,52 +36,47 @@ class ModelConfig:
     num_query_groups: Optional[int] = None  # grouped-query attention: key/value heads (default: one per head)
 
     def __post_init__(self):
-        for flag, value in (("--num-layers", self.num_layers), ("--hidden-size", self.hidden_size),
-                            ("--num-attention-heads", self.num_attention_heads),
-                            ("--max-position-embeddings", self.max_position_embeddings),
-                            ("vocabulary size", self.vocab_size)):
-            if value < 1:
-                raise ValueError(f"{flag} must be >= 1 (got {value})")
-        for flag, p in (("--hidden-dropout", self.hidden_dropout), ("--attention-dropout", self.attention_dropout)):
-            if not 0.0 <= p < 1.0:
-                raise ValueError(f"{flag} must be in [0, 1) (got {p})")
+        for field in ("num_layers", "hidden_size", "num_attention_heads", "max_position_embeddings", "vocab_size"):
+            if getattr(self, field) < 1:
+                raise _error(f"{{{field}}} must be >= 1 (got {getattr(self, field)})")
+        for field in ("hidden_dropout", "attention_dropout"):
+            if not 0.0 <= getattr(self, field) < 1.0:
+                raise _error(f"{{{field}}} must be in [0, 1) (got {getattr(self, field)})")
         if self.num_query_groups is None:
             object.__setattr__(self, "num_query_groups", self.num_attention_heads)
         if self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups:
-            raise ValueError(f"--num-query-groups {self.num_query_groups} must divide --num-attention-heads "
-                             f"{self.num_attention_heads}")
+            raise _error(f"{{num_query_groups}} {self.num_query_groups} must divide {{num_attention_heads}} "
+                         f"{self.num_attention_heads}")
         if self.padded_vocab_size is None:
             object.__setattr__(self, "padded_vocab_size", self.vocab_size)
         if self.padded_vocab_size < self.vocab_size:
-            raise ValueError(f"padded vocabulary {self.padded_vocab_size} is smaller than the vocabulary {self.vocab_size}")
+            raise _error(f"{{padded_vocab_size}} {self.padded_vocab_size} is smaller than {{vocab_size}} "
+                         f"{self.vocab_size}")
         if self.ffn_hidden_size is None:
             # Megatron-LM's defaults: 4h, or for SwiGLU 8h/3 rounded down to a multiple of 64
             ffn = int(8 * self.hidden_size / 3 / 64) * 64 if self.swiglu else 4 * self.hidden_size
             object.__setattr__(self, "ffn_hidden_size", ffn)
         if self.ffn_hidden_size < 1:
-            raise ValueError(f"--ffn-hidden-size must be >= 1 (got {self.ffn_hidden_size}); with --swiglu and "
-                             "a hidden size below 24 give it explicitly")
+            raise _error(f"{{ffn_hidden_size}} must be >= 1 (got {self.ffn_hidden_size}); with {{swiglu}} and "
+                         "a hidden size below 24 give it explicitly")
         if self.hidden_size % self.num_attention_heads:
-            raise ValueError(
-                f"--hidden-size {self.hidden_size} is not divisible by --num-attention-heads "
-                f"{self.num_attention_heads}"
-            )
+            raise _error(f"{{hidden_size}} {self.hidden_size} is not divisible by {{num_attention_heads}} "
+                         f"{self.num_attention_heads}")
         if self.position_embedding_type not in ("learned_absolute", "rope", "none"):
-            raise ValueError(
-                f"--position-embedding-type {self.position_embedding_type!r}: use learned_absolute or rope"
-            )
+            raise _error(f"{{position_embedding_type}} {self.position_embedding_type!r}: use learned_absolute "
+                         "or rope")
         if self.normalization not in ("LayerNorm", "RMSNorm"):
-            raise ValueError(f"--normalization {self.normalization!r}: use LayerNorm or RMSNorm")
+            raise _error(f"{{normalization}} {self.normalization!r}: use LayerNorm or RMSNorm")
 
     @property
     def head_dim(self) -> int:
         return self.hidden_size // self.num_attention_heads
 
     def tp_split_sizes(self) -> dict[str, int]:
-        """The sizes split over TP, by flag: each must be divisible by the TP size
+        """The sizes split over TP, by {field}: each must be divisible by the TP size
         (megatron.parallel.topology.check_layout)."""
-        return {"--num-attention-heads": self.num_attention_heads, "--num-query-groups": self.num_query_groups,
-                "--hidden-size": self.hidden_size, "--ffn-hidden-size": self.ffn_hidden_size}
+        return {"{num_attention_heads}": self.num_attention_heads, "{num_query_groups}": self.num_query_groups,
+                "{hidden_size}": self.hidden_size, "{ffn_hidden_size}": self.ffn_hidden_size}
 
 
 @dataclass(frozen=True)
@@ -92,14 +89,17 @@ class RecomputeConfig:
     cac: bool = True  # reuse the MoE all-to-all / TP gather outputs in the recompute
 
     def check(self, model_layers: int) -> None:
+        def error(message: str) -> FieldError:
+            return _error(message, "RecomputeConfig")
+
         if self.granularity not in (None, "full", "selective"):
-            raise ValueError(f"--recompute-granularity {self.granularity!r}: use full or selective")
+            raise error(f"{{granularity}} {self.granularity!r}: use full or selective")
         if self.granularity == "full" and self.method not in ("uniform", "block"):
-            raise ValueError("--recompute-granularity full needs --recompute-method uniform or block")
+            raise error("{granularity} full needs {method} uniform or block")
         if self.granularity != "full" and self.method is not None:
-            raise ValueError("--recompute-method applies to --recompute-granularity full only")
+            raise error("{method} applies to {granularity} full only")
         if self.granularity == "full" and not 1 <= self.num_layers <= model_layers:
-            raise ValueError(f"--recompute-num-layers {self.num_layers} must be in [1, --num-layers {model_layers}]")
+            raise error(f"{{num_layers}} {self.num_layers} must be in [1, the model's layers {model_layers}]")
 
     def full_chunks(self, model_layers: int) -> list[list[int]]:
         """Layer indices run under one checkpoint each (full granularity); other layers run plain."""
@@ -109,3 +109,7 @@ class RecomputeConfig:
             n = self.num_layers
             return [list(range(i, min(i + n, model_layers))) for i in range(0, model_layers, n)]
         return [[i] for i in range(self.num_layers)]
+
+
+def _error(message: str, owner: str = "ModelConfig") -> FieldError:
+    return FieldError(message, owner)

@@ -16,9 +16,11 @@ _FIELD = re.compile(r"\{([a-z_][a-z0-9_]*)\}")
 
 
 class FieldError(ValueError):
-    def __init__(self, template: str):
+    def __init__(self, template: str, owner: str | None = None):
+        """`owner`: the config class whose fields the message names (where another config has a
+        field of the same name, e.g. RecomputeConfig.num_layers)."""
         super().__init__(template)
-        self.template = template
+        self.template, self.owner = template, owner
 
     def render(self, names: Mapping[str, str]) -> str:
         """The message with each {field} shown as names[field] (the bare field name if absent)."""

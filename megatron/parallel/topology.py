@@ -19,9 +19,12 @@ from typing import Mapping, Optional
 
 import torch.distributed as dist
 
+from megatron.parallel.fields import FieldError
 
-class LayoutError(ValueError):
-    """An invalid (TP, EP, DP) layout or a model that does not fit it. Raised before any collective."""
+
+class LayoutError(FieldError):
+    """An invalid (TP, EP, DP) layout or a model that does not fit it. Raised before any collective.
+    The sizes a layout must divide are named by their callers ({field} templates or plain text)."""
 
 
 def valid_layouts(world_size: int, tp_divides: Mapping[str, int] = {}, ep_divides: Mapping[str, int] = {}):
