@@ -26,7 +26,7 @@ from megatron.checkpoint.files import (FORMAT, META, find_checkpoint, iteration_
 from megatron.checkpoint.rng_state import rng_file, save_torch, read_rng_file, rng_state, set_rng_state
 from megatron.checkpoint.storage import (CheckpointError, Parts, SavePlanner, Snapshot, add_range, dcp_load,
                                          dcp_save, first_failure)
-from megatron.model.params import checkpoint_pieces, spec_of
+from megatron.model.params import ParamSpec, checkpoint_pieces, spec_of, state_buffers
 from megatron.parallel.topology import TEDGroups
 
 STATES = ("model", "exp_avg", "exp_avg_sq")  # stored per parameter, from the optimizer's fp32 buffers
@@ -51,6 +51,25 @@ def optimizer_parts(model, optimizer, groups: TEDGroups, states=STATES) -> tuple
                     add_range(target, list(states), pieces, p.shape, a - offset, b - offset, buffers)
             offset += n
     return reads, writes
+
+
+def buffer_parts(model, groups: TEDGroups) -> tuple[dict, dict]:
+    """The same for the model's state buffers (megatron.model.params.set_buffer_spec), stored
+    under "model." beside the parameters: views of the buffers themselves."""
+    reads, writes = {}, {}
+    for name, buf, spec in state_buffers(model):
+        for piece in checkpoint_pieces(name, buf.shape, spec, groups):
+            for target in (reads, writes) if _writes_replica(spec, groups) else (reads,):
+                parts = target.setdefault(f"model.{piece.key}", Parts(piece.global_shape))
+                parts.views[piece.offset] = piece.local_view(buf)
+    return reads, writes
+
+
+def _writes_replica(spec: ParamSpec, groups: TEDGroups) -> bool:
+    """Whether this rank writes its copy: one rank of each set of replicas (TP rank 0 of what TP
+    does not split; data-parallel rank 0, over expert-DP for expert state)."""
+    tp_first = spec.tp_dim is not None or groups.tp.rank == 0
+    return tp_first and (groups.edp.rank if spec.expert else groups.dp.rank) == 0
 
 
 def _state_buffer(fg, state: str) -> torch.Tensor:
@@ -101,6 +120,7 @@ class Checkpointer:
                     "loss_scaler": optimizer.scaler.state_dict(), "scheduler": scheduler.state_dict()}
             write_json(os.path.join(tmp, META), meta)
         _, writes = optimizer_parts(model, optimizer, self.groups)
+        writes.update(buffer_parts(model, self.groups)[1])
         if self.cfg.async_save:
             snapshot = {k: Parts(p.shape, {o: v.clone() for o, v in p.views.items()}) for k, p in writes.items()}
             writer = dcp.FileSystemWriter(tmp, overwrite=False)
@@ -142,6 +162,7 @@ class Checkpointer:
         self.latest = found
         with_optimizer = meta["has_optimizer"] and not (cfg.finetune or cfg.no_load_optim)
         reads, _ = optimizer_parts(model, optimizer, self.groups, STATES if with_optimizer else ("model",))
+        reads.update(buffer_parts(model, self.groups)[0])
         dcp_load(reads, found, self.pg)
         optimizer.load_master_weights()
         if with_optimizer:

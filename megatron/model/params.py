@@ -50,6 +50,30 @@ def set_spec(param: torch.nn.Parameter, **kwargs) -> torch.nn.Parameter:
     return param
 
 
+def set_buffer_spec(module: torch.nn.Module, name: str, **kwargs) -> None:
+    """Make `module`'s buffer `name` model state with a parallel plan: checkpoints save, reshard
+    and load it as they do parameters (e.g. a router's per-expert selection bias). The spec lives
+    on the module: a buffer is replaced, attributes and all, by `.to()`."""
+    if name not in module._buffers:
+        raise KeyError(f"{type(module).__name__} has no buffer {name!r}: register_buffer it first")
+    specs = module.__dict__.setdefault("_ted_buffer_specs", {})
+    specs[name] = ParamSpec(**{"init": "zeros", **kwargs})
+
+
+def state_buffers(model: torch.nn.Module):
+    """(name, tensor, spec) of every buffer marked with `set_buffer_spec`, in module order."""
+    for prefix, module in model.named_modules():
+        for name, spec in module.__dict__.get("_ted_buffer_specs", {}).items():
+            yield (f"{prefix}.{name}" if prefix else name), module._buffers[name], spec
+
+
+def model_state(model: torch.nn.Module):
+    """(name, tensor, spec) of the parameters, then the state buffers: what a checkpoint stores."""
+    for name, p in model.named_parameters():
+        yield name, p, spec_of(p)
+    yield from state_buffers(model)
+
+
 def spec_of(param: torch.Tensor) -> ParamSpec:
     spec = getattr(param, "ted_spec", None)
     if spec is None:
@@ -199,18 +223,18 @@ def stored_tensors(model: torch.nn.Module, groups: TEDGroups) -> dict[str, torch
     if groups.tp.size > 1 or groups.ep.size > 1:
         raise ValueError("stored_tensors needs a one-process layout; checkpoints of any layout are read "
                          "with megatron.checkpoint")
-    return {piece.key: piece.local_view(p.detach()) for name, p in model.named_parameters()
-            for piece in checkpoint_pieces(name, p.shape, spec_of(p), groups)}
+    return {piece.key: piece.local_view(t.detach()) for name, t, spec in model_state(model)
+            for piece in checkpoint_pieces(name, t.shape, spec, groups)}
 
 
 @torch.no_grad()
 def load_stored_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], groups: TEDGroups) -> None:
-    """Copy this rank's parts of full stored tensors into the model's parameters (any layout).
-    Raises KeyError / ValueError naming the first missing or mis-shaped tensor."""
-    for name, p in model.named_parameters():
-        for piece in checkpoint_pieces(name, p.shape, spec_of(p), groups):
+    """Copy this rank's parts of full stored tensors into the model's parameters and state buffers
+    (any layout). Raises KeyError / ValueError naming the first missing or mis-shaped tensor."""
+    for name, p, spec in model_state(model):
+        for piece in checkpoint_pieces(name, p.shape, spec, groups):
             if piece.key not in tensors:
-                raise KeyError(f"no tensor {piece.key!r} for parameter {name}")
+                raise KeyError(f"no tensor {piece.key!r} for {name}")
             full = tensors[piece.key]
             if tuple(full.shape) != piece.global_shape:
                 raise ValueError(f"{piece.key}: stored shape {tuple(full.shape)} != model shape {piece.global_shape}")

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.parallel.fields import FieldError
 from megatron.parallel.topology import TEDGroups
 from ted_patches.config import MoEConfig
 
@@ -51,5 +52,5 @@ def build_gate(cfg: MoEConfig, groups: TEDGroups) -> Gate:
 
     gates = {"softmax": SoftmaxGate}
     if cfg.score_function not in gates:
-        raise ValueError(f"{{score_function}} {cfg.score_function!r}: use one of {sorted(gates)}")
+        raise FieldError(f"{{score_function}} {cfg.score_function!r}: use one of {sorted(gates)}", "MoEConfig")
     return gates[cfg.score_function](cfg, groups)
