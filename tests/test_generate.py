@@ -19,7 +19,8 @@ def generator(seed: int = 0) -> torch.Generator:
 
 def support(logits, n: int = 400, **kw) -> set[int]:
     g = generator()
-    return {gen.next_token(logits, generator=g, **{"temperature": 1.0, "top_k": 0, "top_p": 1.0, **kw})
+    return {gen.next_token(logits, generator=g,
+                           **{"temperature": 1.0, "top_k": 0, "top_p": 1.0, **kw})
             for _ in range(n)}
 
 
@@ -42,7 +43,8 @@ def test_greedy_and_truncations():
 
 def test_sampling_follows_the_distribution():
     g = generator(1)
-    counts = torch.bincount(torch.tensor([gen.next_token(PROBS.log(), 1.0, 0, 1.0, g) for _ in range(4000)]),
+    counts = torch.bincount(torch.tensor([gen.next_token(PROBS.log(), 1.0, 0, 1.0, g)
+                                          for _ in range(4000)]),
                             minlength=4)
     assert (counts / 4000 - PROBS).abs().max() < 0.03, counts
 
@@ -99,15 +101,17 @@ def test_cli_on_a_saved_checkpoint(model, tmp_path, capsys):
     api = checkpoint_api()
     api.write_model_checkpoint(str(tmp_path / "ckpt"), stored_tensors(model, ted_groups(1, 1)),
                                null_tokenizer_meta(model))
-    argv = ["--load", tmp_path / "ckpt", "--prompt", "5 17 3", "--max-new-tokens", 6, "--ignore-eod"]
+    argv = ["--load", tmp_path / "ckpt", "--prompt", "5 17 3", "--max-new-tokens", 6,
+            "--ignore-eod"]
     code, out, err = run(capsys, *argv, "--temperature", 0)
     assert code == 0, err
     want = gen.generate(model, [5, 17, 3], max_new_tokens=6, temperature=0.0)
     assert out.split() == [str(i) for i in [5, 17, 3] + want]
     sampled = [run(capsys, *argv, "--seed", 11, "--top-p", 0.9)[1] for _ in range(2)]
     assert sampled[0] == sampled[1] and len(sampled[0].split()) == 9
-    code, out, err = run(capsys, "--load", tmp_path / "ckpt", "--max-new-tokens", 3, "--temperature", 0,
-                         "--ignore-eod", "--disable-moe-token-dropping")  # empty prompt: starts from eod
+    # an empty prompt: starts from eod
+    code, out, err = run(capsys, "--load", tmp_path / "ckpt", "--max-new-tokens", 3,
+                         "--temperature", 0, "--ignore-eod", "--disable-moe-token-dropping")
     assert code == 0 and len(out.split()) == 3, err
 
 

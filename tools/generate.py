@@ -22,28 +22,37 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # megatron-core warns at import that Transformer Engine / Apex are absent; we do not use them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 # torch.distributed.checkpoint warns that it reads in one process, which is what these tools mean.
-warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
+warnings.filterwarnings("ignore",
+                        message="torch.distributed is disabled, unavailable or uninitialized")
 
 import torch  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--load", required=True, help="checkpoint directory (any layout) or consolidated directory")
-    p.add_argument("--prompt", default="", help="text to continue (empty: start from the end-of-document id)")
+    p.add_argument("--load", required=True,
+                   help="checkpoint directory (any layout) or consolidated directory")
+    p.add_argument("--prompt", default="",
+                   help="text to continue (empty: start from the end-of-document id)")
     p.add_argument("--max-new-tokens", type=int, default=32)
     p.add_argument("--temperature", type=float, default=1.0, help="0: greedy")
-    p.add_argument("--top-k", type=int, default=0, help="sample among the k most likely ids (0: all)")
-    p.add_argument("--top-p", type=float, default=1.0, help="sample among the most likely ids holding this mass")
+    p.add_argument("--top-k", type=int, default=0,
+                   help="sample among the k most likely ids (0: all)")
+    p.add_argument("--top-p", type=float, default=1.0,
+                   help="sample among the most likely ids holding this mass")
     p.add_argument("--seed", type=int, default=1234)
-    p.add_argument("--ignore-eod", action="store_true", help="keep going past the end-of-document id")
+    p.add_argument("--ignore-eod", action="store_true",
+                   help="keep going past the end-of-document id")
     p.add_argument("--disable-moe-token-dropping", action="store_true",
                    help="route with no expert capacity (as Hugging Face exports do) instead of the "
                         "checkpoint's evaluation capacity")
-    p.add_argument("--fp32", action="store_true", help="compute in float32 whatever the checkpoint's dtype")
+    p.add_argument("--fp32", action="store_true",
+                   help="compute in float32 whatever the checkpoint's dtype")
     args = p.parse_args(argv)
-    for ok, message in ((args.max_new_tokens >= 0, f"--max-new-tokens must be >= 0 (got {args.max_new_tokens})"),
-                        (args.temperature >= 0, f"--temperature must be >= 0 (got {args.temperature})"),
+    for ok, message in ((args.max_new_tokens >= 0,
+                         f"--max-new-tokens must be >= 0 (got {args.max_new_tokens})"),
+                        (args.temperature >= 0,
+                         f"--temperature must be >= 0 (got {args.temperature})"),
                         (args.top_k >= 0, f"--top-k must be >= 0 (got {args.top_k})"),
                         (0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})")):
         if not ok:
@@ -66,27 +75,30 @@ def next_token(logits_V: torch.Tensor, temperature: float, top_k: int, top_p: fl
         probs, order = logits_V.softmax(-1).sort(descending=True)
         # drop an id once the more likely ones already hold top_p (the most likely always stays)
         drop = probs.cumsum(-1) - probs >= top_p
-        logits_V = logits_V.masked_fill(torch.zeros_like(drop).scatter(0, order, drop), float("-inf"))
+        logits_V = logits_V.masked_fill(torch.zeros_like(drop).scatter(0, order, drop),
+                                        float("-inf"))
     return int(torch.multinomial(logits_V.softmax(-1), 1, generator=generator))
 
 
 @torch.no_grad()
-def generate(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0, top_k: int = 0,
-             top_p: float = 1.0, seed: int = 1234, eod=None) -> list[int]:
+def generate(model, prompt_ids: list[int], *, max_new_tokens: int, temperature: float = 1.0,
+             top_k: int = 0, top_p: float = 1.0, seed: int = 1234, eod=None) -> list[int]:
     """The new ids after `prompt_ids` (not including a final `eod`), at most up to the model's
     max positions. Re-runs the whole forward per token."""
     limit = model.cfg.max_position_embeddings
     if not prompt_ids:
         raise ValueError("the prompt has no tokens")
     if len(prompt_ids) > limit:
-        raise ValueError(f"--prompt is {len(prompt_ids)} tokens, more than the model's --max-position-embeddings {limit}")
+        raise ValueError(f"--prompt is {len(prompt_ids)} tokens, more than the model's "
+                         f"--max-position-embeddings {limit}")
     generator = torch.Generator().manual_seed(seed)
     device = model.embedding.weight.device
     ids, new = list(prompt_ids), []
     for _ in range(min(max_new_tokens, limit - len(prompt_ids))):
         tokens = torch.tensor([ids], device=device)
         logits = model(tokens, torch.arange(len(ids), device=device)[None])
-        token = next_token(logits[0, -1, :model.cfg.vocab_size].cpu(), temperature, top_k, top_p, generator)
+        token = next_token(logits[0, -1, :model.cfg.vocab_size].cpu(), temperature, top_k, top_p,
+                           generator)
         if token == eod:
             break
         ids.append(token)
@@ -110,7 +122,7 @@ def load(path: str, groups, *, no_drop: bool = False, fp32: bool = False):
     if not os.path.isdir(path):
         raise FileNotFoundError(f"--load {path}: no such directory")
     from megatron.checkpoint import configs_from_meta
-    from megatron.convert.hf import read_model
+    from megatron.convert import read_model
     from megatron.data.tokenizer import build_tokenizer
 
     meta, tensors = read_model(path)
@@ -133,12 +145,14 @@ def main(argv=None) -> str:
         from megatron.launch.initialize import initialize_distributed
 
         groups, _ = initialize_distributed(Topology(1), backend="gloo")
-        model, tokenizer = load(args.load, groups, no_drop=args.disable_moe_token_dropping, fp32=args.fp32)
+        model, tokenizer = load(args.load, groups, no_drop=args.disable_moe_token_dropping,
+                                fp32=args.fp32)
         prompt_ids = tokenizer.tokenize(args.prompt)
-        start = [] if prompt_ids else [tokenizer.bos if tokenizer.bos is not None else tokenizer.eod]
-        new = generate(model, start + prompt_ids, max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                       top_k=args.top_k, top_p=args.top_p, seed=args.seed,
-                       eod=None if args.ignore_eod else tokenizer.eod)
+        start = ([] if prompt_ids
+                 else [tokenizer.bos if tokenizer.bos is not None else tokenizer.eod])
+        new = generate(model, start + prompt_ids, max_new_tokens=args.max_new_tokens,
+                       temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                       seed=args.seed, eod=None if args.ignore_eod else tokenizer.eod)
     except (ValueError, KeyError, OSError) as e:
         print(f"generate.py: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         sys.exit(2)
