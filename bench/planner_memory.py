@@ -1,7 +1,7 @@
 #!/usr/bin/env python
 """The layout planner's memory model against measured memory on CPU: for several configurations,
 the predicted activation peak (one micro-batch's forward + backward) and optimizer-step peak
-(megatron/plan/planner.py) beside the measured ones, as ratios.
+(megatron/plan/memory.py) beside the measured ones, as ratios.
 
 Every configuration runs in a fresh gloo world (bench/optimizations.py's method): the resident
 set's high-water mark (VmHWM) is reset before each phase and read after it, with glibc returning
@@ -39,9 +39,11 @@ CONFIGS = {
     "tp1-ep4-top1": (4, "--expert-model-parallel-size 4 --moe-router-topk 1"),
     "tp2-ep1-swiglu": (2, "--tensor-model-parallel-size 2 --swiglu"),
     "tp2-ep2-dtd": (4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 2"),
-    "tp2-ep2-no-dtd": (4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 --disable-moe-dtd"),
+    "tp2-ep2-no-dtd": (4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 "
+                          "--disable-moe-dtd"),
     "tp2-ep2-recompute": (4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 "
-                             "--recompute-granularity full --recompute-method uniform --disable-moe-cac"),
+                             "--recompute-granularity full --recompute-method uniform "
+                             "--disable-moe-cac"),
     "tp2-ep2-recompute-cac": (4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 "
                                  "--recompute-granularity full --recompute-method uniform"),
 }
@@ -49,15 +51,17 @@ CONFIGS = {
 
 def model_flags(opts) -> list[str]:
     return (f"--num-layers {opts.layers} --hidden-size {opts.hidden} --num-attention-heads 8 "
-            f"--ffn-hidden-size {opts.ffn} --seq-length {opts.seq} --micro-batch-size {opts.micro_batch} "
+            f"--ffn-hidden-size {opts.ffn} --seq-length {opts.seq} "
+            f"--micro-batch-size {opts.micro_batch} "
             f"--num-experts {opts.experts} --expert-interval 2 --moe-router-topk {opts.topk} "
             f"--mock-data --vocab-size {opts.vocab - 1} --hidden-dropout 0 --attention-dropout 0 "
             "--lr 1e-4 --train-iters 1").split()
 
 
 def build(argv: list[str], world: int):
-    from megatron.plan import planner
-    from megatron.cli.arguments import build_config, parse_args
+    from megatron import plan as planner
+    from megatron.cli.arguments import parse_args
+    from megatron.cli.configs import build_config
 
     args = parse_args(argv)
     # + the NullTokenizer's end-of-document id; the padded dispatch, the one planned (and the one
@@ -65,7 +69,7 @@ def build(argv: list[str], world: int):
     return planner.with_padded_dispatch(build_config(args, world, args.vocab_size + 1))
 
 
-# ---- one configuration, on every rank ------------------------------------------------------------------
+# ---- one configuration, on every rank ------------------------------------------------------------
 def measure(argv: list[str]) -> dict:
     from bench.optimizations import memory, reset_peak
     from harness import ted_groups
@@ -76,11 +80,13 @@ def measure(argv: list[str]) -> dict:
     cfg = build(argv, dist.get_world_size())
     groups = ted_groups(cfg.topology.tp, cfg.topology.ep)
     device = torch.device("cpu")
-    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed, device=device, recompute=cfg.recompute)
+    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed, device=device,
+                        recompute=cfg.recompute)
     opt = Optimizer(model, groups, cfg.optim)
     t = cfg.train
     gen = torch.Generator().manual_seed(groups.dp.rank)
-    data = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_length + 1), generator=gen)
+    data = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_length + 1),
+                         generator=gen)
     batch = [dict(tokens=data[:, :-1], labels=data[:, 1:],
                   position_ids=torch.arange(t.seq_length).expand(t.micro_batch_size, -1))]
 
@@ -103,7 +109,7 @@ def measure(argv: list[str]) -> dict:
 
 
 def predict(argv: list[str], world: int) -> dict:
-    from megatron.plan import planner
+    from megatron import plan as planner
 
     cfg = build(argv, world)
     return dict(activations=planner.activation_peak(cfg), step_peak=planner.step_peak(cfg))
@@ -134,7 +140,8 @@ def main(argv=None):
                    help="the tokenizer's vocabulary (a multiple of 128 x TP: no padding)")
     p.add_argument("--seq", type=int, default=512)
     p.add_argument("--micro-batch", type=int, default=4)
-    p.add_argument("--configs", default=",".join(CONFIGS), help="comma-separated names of: " + ", ".join(CONFIGS))
+    p.add_argument("--configs", default=",".join(CONFIGS),
+                   help="comma-separated names of: " + ", ".join(CONFIGS))
     p.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
     from bench.planner_memory import measure as measure_on_rank  # importable by name in the workers
@@ -143,32 +150,38 @@ def main(argv=None):
     unknown = [n for n in opts.configs.split(",") if n not in CONFIGS]
     if unknown:
         p.error(f"--configs: unknown {unknown}; use {list(CONFIGS)}")
-    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")  # freed buffers go back to the kernel at once
+    # freed buffers go back to the kernel at once
+    os.environ.setdefault("MALLOC_MMAP_THRESHOLD_", "65536")
     rows = []
     for name in opts.configs.split(","):
         world, flags = CONFIGS[name]
         argv_cfg = model_flags(opts) + flags.split()
-        w = World(world, threads=max(1, (os.cpu_count() or 1) // world))  # fresh processes: honest peaks
+        # fresh processes: honest peaks
+        w = World(world, threads=max(1, (os.cpu_count() or 1) // world))
         try:
             per_rank = w.run(measure_on_rank, argv_cfg, timeout=1800)
         finally:
             w.close()
-        measured = {k: max(r[k] for r in per_rank) for k in ("activations", "step_peak", "reduction")}
+        measured = {k: max(r[k] for r in per_rank)
+                    for k in ("activations", "step_peak", "reduction")}
         predicted = predict(argv_cfg, world)
         for d in (predicted, measured):
             d["sum"] = d["activations"] + d["step_peak"]
         row = dict(config=name, world=world, predicted=predicted, measured=measured,
-                   ratio={k: predicted[k] / measured[k] if measured[k] else None for k in predicted})
+                   ratio={k: predicted[k] / measured[k] if measured[k] else None
+                          for k in predicted})
         rows.append(row)
         if opts.json:
             print(json.dumps(row), flush=True)
     if not opts.json:
-        print(f"GPT-MoE: {opts.layers} layers, MoE every other, {opts.experts} experts top-{opts.topk}, H={opts.hidden} "
-              f"FFN={opts.ffn}, {opts.micro_batch}x{opts.seq} tokens per micro-batch, vocab {opts.vocab}, fp32; "
+        print(f"GPT-MoE: {opts.layers} layers, MoE every other, {opts.experts} experts "
+              f"top-{opts.topk}, H={opts.hidden} "
+              f"FFN={opts.ffn}, {opts.micro_batch}x{opts.seq} tokens per micro-batch, "
+              f"vocab {opts.vocab}, fp32; "
               "predicted / measured bytes above the static memory, the largest rank")
         print(table(rows))
-        print("ZeRO-1's step peak on CPU adds gloo's own buffer: its all-gather into a tensor allocates the "
-              "gathered size (NCCL's, the one planned, works in place)")
+        print("ZeRO-1's step peak on CPU adds gloo's own buffer: its all-gather into a tensor "
+              "allocates the gathered size (NCCL's, the one planned, works in place)")
 
 
 if __name__ == "__main__":

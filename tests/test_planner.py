@@ -1,4 +1,4 @@
-"""The TED layout planner (tools/ted_planner.py over megatron/plan/planner.py) against real
+"""The TED layout planner (tools/ted_planner.py over megatron/plan/) against real
 CPU/gloo training steps: every collective's calls and bytes per (kind, group), as the dispatcher-
 level counter (megatron/parallel/counter.py) sees them, TP all-reduces inside megatron-core's
 linears included; parameters and optimizer state exactly. Then the time model by hand, and the
@@ -16,44 +16,52 @@ import torch
 from harness import run, ted_groups
 from megatron.parallel.counter import CollectiveCounter
 from megatron.parallel.topology import Group, Topology
-from megatron.plan import planner
-from megatron.cli.arguments import build_config, parse_args
+from megatron import plan as planner
+from megatron.cli.arguments import parse_args
+from megatron.cli.configs import build_config
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(ROOT, "tools"))
 import ted_planner  # noqa: E402
 
-MODEL = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 --seq-length 16 "
-         "--mock-data --vocab-size 120 --make-vocab-size-divisible-by 8 --hidden-dropout 0 --attention-dropout 0 "
-         "--lr 1e-3 --train-iters 1 --num-experts 8 --expert-interval 2 --micro-batch-size 2").split()
+MODEL = ("--num-layers 4 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 "
+         "--seq-length 16 --mock-data --vocab-size 120 --make-vocab-size-divisible-by 8 "
+         "--hidden-dropout 0 --attention-dropout 0 --lr 1e-3 --train-iters 1 --num-experts 8 "
+         "--expert-interval 2 --micro-batch-size 2").split()
 LAYOUT = "--tensor-model-parallel-size {} --expert-model-parallel-size {} --global-batch-size {}"
 # name -> (world, flags): layouts x top-k x DTD x CAC x recompute x ZeRO-1, and the model variants
 # whose collectives differ (precision, SwiGLU, residual MoE, dropout, no biases, untied output).
 CASES = {
     "tp2-ep2 top1 dtd": (4, LAYOUT.format(2, 2, 8)),
-    "tp2-ep2 top2 no-dtd recompute": (4, LAYOUT.format(2, 2, 8) + " --moe-router-topk 2 --disable-moe-dtd "
-                                         "--recompute-granularity full --recompute-method uniform --disable-moe-cac"),
+    "tp2-ep2 top2 no-dtd recompute": (4, LAYOUT.format(2, 2, 8) + " --moe-router-topk 2 "
+                                         "--disable-moe-dtd --recompute-granularity full "
+                                         "--recompute-method uniform --disable-moe-cac"),
     "tp2-ep2 top1 dtd recompute+cac": (4, LAYOUT.format(2, 2, 8) + " --recompute-granularity full "
                                           "--recompute-method uniform"),
-    "tp2-ep2 top2 block recompute dropout": (4, LAYOUT.format(2, 2, 8) + " --moe-router-topk 2 --hidden-dropout 0.1 "
-                                                "--recompute-granularity full --recompute-method block "
-                                                "--recompute-num-layers 3 --disable-moe-cac"),
+    "tp2-ep2 top2 block recompute dropout": (
+        4, LAYOUT.format(2, 2, 8) + " --moe-router-topk 2 --hidden-dropout 0.1 "
+                                    "--recompute-granularity full --recompute-method block "
+                                    "--recompute-num-layers 3 --disable-moe-cac"),
     "tp1-ep4 top1 recompute+cac": (4, LAYOUT.format(1, 4, 8) + " --recompute-granularity full "
                                       "--recompute-method uniform"),
-    "tp4-ep1 fp16 swiglu residual recompute": (4, LAYOUT.format(4, 1, 4) + " --fp16 --initial-loss-scale 1024 "
-                                                  "--swiglu --mlp-type residual --hidden-dropout 0.1 "
-                                                  "--recompute-granularity full --recompute-method uniform "
-                                                  "--recompute-num-layers 2"),
-    "tp2-ep2-dp4 top2 zero1 tiled recompute+cac": (8, LAYOUT.format(2, 2, 16) + " --moe-router-topk 2 "
-                                                      "--use-distributed-optimizer --optimizer-tile-size 500 "
-                                                      "--recompute-granularity full --recompute-method uniform "
-                                                      "--recompute-num-layers 2"),
-    "tp1-ep4-dp8 top2 zero1 bf16": (8, LAYOUT.format(1, 4, 16) + " --moe-router-topk 2 --use-distributed-optimizer "
-                                       "--bf16"),
-    "tp4-ep2 zero1 selective rope rmsnorm": (8, LAYOUT.format(4, 2, 8) + " --use-distributed-optimizer "
-                                                "--recompute-granularity selective --position-embedding-type rope "
-                                                "--normalization RMSNorm --disable-bias-linear "
-                                                "--untie-embeddings-and-output-weights"),
+    "tp4-ep1 fp16 swiglu residual recompute": (
+        4, LAYOUT.format(4, 1, 4) + " --fp16 --initial-loss-scale 1024 "
+                                    "--swiglu --mlp-type residual --hidden-dropout 0.1 "
+                                    "--recompute-granularity full --recompute-method uniform "
+                                    "--recompute-num-layers 2"),
+    "tp2-ep2-dp4 top2 zero1 tiled recompute+cac": (
+        8, LAYOUT.format(2, 2, 16) + " --moe-router-topk 2 "
+                                     "--use-distributed-optimizer --optimizer-tile-size 500 "
+                                     "--recompute-granularity full --recompute-method uniform "
+                                     "--recompute-num-layers 2"),
+    "tp1-ep4-dp8 top2 zero1 bf16": (8, LAYOUT.format(1, 4, 16) + " --moe-router-topk 2 "
+                                       "--use-distributed-optimizer --bf16"),
+    "tp4-ep2 zero1 selective rope rmsnorm": (
+        8, LAYOUT.format(4, 2, 8) + " --use-distributed-optimizer "
+                                    "--recompute-granularity selective "
+                                    "--position-embedding-type rope "
+                                    "--normalization RMSNorm --disable-bias-linear "
+                                    "--untie-embeddings-and-output-weights"),
 }
 NO_DROP = (4, LAYOUT.format(2, 2, 8) + " --disable-moe-token-dropping --moe-router-topk 2")
 
@@ -62,7 +70,8 @@ def config(flags: str, world: int):
     """The run's Config, with the padded dispatch (what the planner plans: see
     planner.with_padded_dispatch; CPUs default to the padding-free one)."""
     args = parse_args(MODEL + flags.split())
-    return planner.with_padded_dispatch(build_config(args, world, args.vocab_size + 1))  # + the EOD id
+    return planner.with_padded_dispatch(build_config(args, world,
+                                                     args.vocab_size + 1))  # + the EOD id
 
 
 # ---- real steps, on every rank ------------------------------------------------------------------
@@ -76,11 +85,12 @@ def step_case(flags: str) -> dict:
     cfg = config(flags, torch.distributed.get_world_size())
     groups = ted_groups(cfg.topology.tp, cfg.topology.ep)
     torch.manual_seed(1)  # dropout masks
-    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed, device=torch.device("cpu"), recompute=cfg.recompute)
+    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed, device=torch.device("cpu"),
+                        recompute=cfg.recompute)
     opt = Optimizer(model, groups, cfg.optim)
     t = cfg.train
-    mbs = my_microbatches(0, groups, t.global_batch_size // t.micro_batch_size, mbs=t.micro_batch_size,
-                          seq=t.seq_length, vocab=cfg.model.vocab_size)
+    mbs = my_microbatches(0, groups, t.global_batch_size // t.micro_batch_size,
+                          mbs=t.micro_batch_size, seq=t.seq_length, vocab=cfg.model.vocab_size)
     counter = CollectiveCounter(groups)
     groups.ledger.reset()
     with counter:
@@ -89,7 +99,8 @@ def step_case(flags: str) -> dict:
     return dict(
         counter=counter.summary(), ledger=groups.ledger.summary(),
         params=[(n, p.numel()) for n, p in model.named_parameters()],
-        flat=[(fg.group.name, fg.param_buf.numel(), fg.param_buf.element_size(), fg.grad_buf.element_size())
+        flat=[(fg.group.name, fg.param_buf.numel(), fg.param_buf.element_size(),
+               fg.grad_buf.element_size())
               for fg in opt.flat_groups],
         state_bytes=opt.state_bytes(),
     )
@@ -100,7 +111,8 @@ def step_cases(names: list[str]) -> dict:
 
 
 def functional_case() -> dict:
-    """A functional collective (the form selective checkpointing sees) is counted under its group."""
+    """A functional collective (the form selective checkpointing sees) is counted under its
+    group."""
     import torch.distributed._functional_collectives as fc
 
     groups = ted_groups(2, 2)
@@ -191,11 +203,12 @@ def test_total_parameters_equal_the_one_process_model():
     from ted_patches.build import build_model
 
     cfg = config(LAYOUT.format(1, 1, 2) + " --mlp-type residual --swiglu", 1)
-    model = build_model(cfg.model, cfg.moe, ted_groups(1, 1), seed=cfg.train.seed, device=torch.device("cpu"), recompute=cfg.recompute)
+    model = build_model(cfg.model, cfg.moe, ted_groups(1, 1), seed=cfg.train.seed,
+                        device=torch.device("cpu"), recompute=cfg.recompute)
     assert planner.total_parameters(cfg) == sum(p.numel() for p in model.parameters())
 
 
-# ---- the time model, by hand ----------------------------------------------------------------------
+# ---- the time model, by hand ---------------------------------------------------------------------
 def test_links_use_intra_node_figures_only_for_groups_inside_a_node():
     cluster = planner.cluster_preset("summit-v100-16gb", 12)  # two 6-GPU nodes
     links = planner.group_links(Topology(12, tp=2, ep=3), cluster)
@@ -213,23 +226,28 @@ def test_alpha_beta_times():
     assert planner.collective_seconds("all_reduce", t, link) == pytest.approx(2 * 3 * (2e-5 + 2.0))
     assert planner.collective_seconds("reduce_scatter", t, link) == pytest.approx(3 * (2e-5 + 2.0))
     assert planner.collective_seconds("all_gather", t, link) == pytest.approx(3 * (2e-5 + 8.0))
-    assert planner.collective_seconds("all_to_all", t, link) == pytest.approx(3 * 2e-5 + 8e9 * 3 / 4 / 1e9)
+    assert (planner.collective_seconds("all_to_all", t, link)
+            == pytest.approx(3 * 2e-5 + 8e9 * 3 / 4 / 1e9))
     off = planner.Link(size=4, intra_node=False, ring_bandwidth=1e9, latency=1e-5, peers_on_node=2,
                        a2a_inter_bandwidth=0.5e9)
-    assert planner.collective_seconds("all_to_all", t, off) == pytest.approx(3 * 2e-5 + 8e9 * 2 / 4 / 0.5e9)
+    assert (planner.collective_seconds("all_to_all", t, off)
+            == pytest.approx(3 * 2e-5 + 8e9 * 2 / 4 / 0.5e9))
 
 
 def test_dtd_and_cac_cut_the_planned_all_to_all_bytes():
     base = LAYOUT.format(2, 2, 8) + " --recompute-granularity full --recompute-method uniform"
     a2a = {}
-    for name, extra in (("both", ""), ("no-dtd", " --disable-moe-dtd"), ("no-cac", " --disable-moe-cac")):
+    for name, extra in (("both", ""), ("no-dtd", " --disable-moe-dtd"),
+                        ("no-cac", " --disable-moe-cac")):
         a2a[name] = planner.comm_per_step(config(base + extra, 4))[("all_to_all", "ep")]
     assert a2a["no-dtd"].bytes == 2 * a2a["both"].bytes  # TP = 2: 1/TP of the bytes with DTD
-    assert a2a["no-cac"].calls == a2a["both"].calls * 6 // 4  # the recompute replays both all-to-alls
+    # the recompute replays both all-to-alls
+    assert a2a["no-cac"].calls == a2a["both"].calls * 6 // 4
 
 
 # ---- the command line ----------------------------------------------------------------------------
-CLI = "--preset 1.3b --cluster a100-40gb --gpus 64 --micro-batch-size 1 --global-batch-size 64 --fp16".split()
+CLI = ("--preset 1.3b --cluster a100-40gb --gpus 64 --micro-batch-size 1 --global-batch-size 64 "
+       "--fp16").split()
 
 
 def cli(capsys, *argv):
@@ -242,15 +260,18 @@ def test_json_has_one_object_per_layout_and_one_recommended(capsys):
     code, out, _ = cli(capsys, *CLI, "--use-distributed-optimizer", "--json")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
-    assert {(r["tp"], r["ep"]) for r in rows} == {(t, e) for t, e in [(1, 1), (1, 2), (1, 4), (1, 8), (1, 16),
-                                                                         (2, 1), (2, 2), (2, 4), (2, 8), (2, 16),
-                                                                         (4, 1), (4, 2), (4, 4), (4, 8), (4, 16),
-                                                                         (8, 1), (8, 2), (8, 4), (8, 8),
-                                                                         (16, 1), (16, 2), (16, 4)]}
+    assert {(r["tp"], r["ep"]) for r in rows} == {(t, e) for t, e in [
+        (1, 1), (1, 2), (1, 4), (1, 8), (1, 16),
+        (2, 1), (2, 2), (2, 4), (2, 8), (2, 16),
+        (4, 1), (4, 2), (4, 4), (4, 8), (4, 16),
+        (8, 1), (8, 2), (8, 4), (8, 8),
+        (16, 1), (16, 2), (16, 4)]}
     for r in rows:
-        assert {"tp", "ep", "dp", "fits", "memory_bytes", "comm_bytes", "step_seconds", "recommended"} <= set(r)
+        assert {"tp", "ep", "dp", "fits", "memory_bytes", "comm_bytes", "step_seconds",
+                "recommended"} <= set(r)
         assert r["tp"] * r["dp"] == 64 and isinstance(r["fits"], bool)
-        assert {"params", "grads", "optimizer", "activations", "step_peak"} <= set(r["memory_bytes"])
+        assert ({"params", "grads", "optimizer", "activations", "step_peak"}
+                <= set(r["memory_bytes"]))
         for key in r["comm_bytes"]:
             kind, group = key.split("/")
             assert kind in planner.KINDS and group in planner.GROUPS
@@ -288,7 +309,8 @@ def test_plot_without_matplotlib_is_one_error_line(capsys, tmp_path, monkeypatch
     (["--preset", "1.3b", "--gpus", "8", "--compute-efficiency", "1.5"], "--compute-efficiency"),
     (["--preset", "1.3b", "--gpus", "8", "--gpu-memory-gib", "-1"], "--gpu-memory-gib"),
     (["--gpus", "8"], "--num-layers"),
-    (["--preset", "1.3b", "--gpus", "8", "--tensor-model-parallel-size", "3"], "--tensor-model-parallel-size 3"),
+    (["--preset", "1.3b", "--gpus", "8", "--tensor-model-parallel-size", "3"],
+     "--tensor-model-parallel-size 3"),
 ])
 def test_bad_input_is_one_error_line_naming_the_flag(capsys, argv, flag):
     """main() returns the script's exit status (sys.exit(main())) and raises nothing."""
@@ -299,5 +321,6 @@ def test_bad_input_is_one_error_line_naming_the_flag(capsys, argv, flag):
 
 def test_paper_figures_are_printed():
     text = ted_planner.paper()
-    assert "6.7B base, 16 experts" in text and "without DTD+CAC" in text and "<- recommended" in text
+    assert ("6.7B base, 16 experts" in text and "without DTD+CAC" in text
+            and "<- recommended" in text)
     assert "largest base with 16 experts: TED" in text

@@ -1,6 +1,6 @@
 #!/usr/bin/env python
 """TED layout planner: every valid (TP, EP, DP) of a GPT-MoE on a cluster, ranked, with per-GPU
-memory, per-step communication and an estimated step time (megatron/plan/planner.py).
+memory, per-step communication and an estimated step time (megatron/plan/).
 
     python tools/ted_planner.py --preset 6.7b --cluster summit-v100-16gb --gpus 128 \\
         --micro-batch-size 4 --global-batch-size 1024 --fp16 --use-distributed-optimizer \\
@@ -31,8 +31,9 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 
 from megatron.parallel.topology import valid_layouts  # noqa: E402
 from megatron.cli import arguments  # noqa: E402
-from megatron.plan import planner  # noqa: E402
-from megatron.cli.arguments import ConfigError, build_config, build_parser, tokenizer_kwargs  # noqa: E402
+from megatron import plan as planner  # noqa: E402
+from megatron.cli.arguments import ConfigError, build_parser  # noqa: E402
+from megatron.cli.configs import build_config, tokenizer_kwargs  # noqa: E402
 
 PROG = "ted_planner.py"
 GIB = 2**30
@@ -50,23 +51,29 @@ def planner_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.error = _one_line_error
     p.add_argument("--preset", choices=list(planner.BASES),
-                   help="a GPT-3-style base (the paper's: 1.3b, 2.7b, 6.7b) with 16 experts every other layer")
+                   help="a GPT-3-style base (the paper's: 1.3b, 2.7b, 6.7b) with 16 experts every "
+                        "other layer")
     p.add_argument("--cluster", choices=list(planner.NODE_PRESETS), default="summit-v100-16gb",
-                   help="node type (constants and sources in megatron/plan/planner.py)")
+                   help="node type (constants and sources in megatron/plan/time.py)")
     p.add_argument("--gpus", type=int, help="GPUs in the run (nodes are filled in rank order)")
     p.add_argument("--gpus-per-node", type=int, help="override the node preset")
     p.add_argument("--gpu-memory-gib", type=float, help="memory per GPU, GiB")
     p.add_argument("--intra-node-bandwidth-gbs", type=float, help="per GPU, per direction, GB/s")
     p.add_argument("--intra-node-latency-us", type=float, help="per collective step, microseconds")
-    p.add_argument("--inter-node-bandwidth-gbs", type=float, help="per node (all its NICs), per direction, GB/s")
+    p.add_argument("--inter-node-bandwidth-gbs", type=float,
+                   help="per node (all its NICs), per direction, GB/s")
     p.add_argument("--inter-node-latency-us", type=float, help="per collective step, microseconds")
-    p.add_argument("--peak-tflops", type=float, help="peak dense FLOP/s per GPU at the training precision, TFLOP/s")
-    p.add_argument("--compute-efficiency", type=float, help="fraction of the peak the GEMMs reach (assumed: 0.5)")
+    p.add_argument("--peak-tflops", type=float,
+                   help="peak dense FLOP/s per GPU at the training precision, TFLOP/s")
+    p.add_argument("--compute-efficiency", type=float,
+                   help="fraction of the peak the GEMMs reach (assumed: 0.5)")
     p.add_argument("--reserved-gib", type=float, help="per GPU for the runtime itself (assumed: 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per layout")
-    p.add_argument("--plot", metavar="FILE.png", help="draw memory and step time per layout (matplotlib)")
+    p.add_argument("--plot", metavar="FILE.png",
+                   help="draw memory and step time per layout (matplotlib)")
     p.add_argument("--paper", action="store_true",
-                   help="the model's figures for the paper's claims (6.7B base, 16 experts, 128 V100-16GB)")
+                   help="the model's figures for the paper's claims (6.7B base, 16 experts, "
+                        "128 V100-16GB)")
     return p
 
 
@@ -92,13 +99,15 @@ def parse(argv: list[str]):
 def pretrain_args(argv: list[str]) -> argparse.Namespace:
     """pretrain_gpt_moe.py's parser on the model's flags, the ones a plan does not need filled."""
     fill = {"--train-iters": "1", "--lr": "1e-4", "--micro-batch-size": "1"}
-    argv = [a for flag, value in fill.items() if flag not in argv for a in (flag, value)] + list(argv)
+    argv = ([a for flag, value in fill.items() if flag not in argv for a in (flag, value)]
+            + list(argv))
     if "--data-path" not in argv and "--mock-data" not in argv:
         argv.append("--mock-data")
     p = build_parser()
     p.prog, p.error = PROG, _one_line_error
     args = p.parse_args(argv)
-    resolve = getattr(arguments, "resolve_peer_args", None)  # the peers' spellings, as parse_args maps them
+    # the peers' spellings, as parse_args maps them
+    resolve = getattr(arguments, "resolve_peer_args", None)
     if resolve is not None:
         try:
             args.notices = resolve(args, argv, p)
@@ -131,11 +140,13 @@ def cluster_from(opts) -> planner.Cluster:
         value = getattr(opts, flag[2:].replace("-", "_"))
         if value is None:
             continue
-        if value < lowest or (value == lowest and not inclusive) or (key == "efficiency" and value > 1):
+        if (value < lowest or (value == lowest and not inclusive)
+                or (key == "efficiency" and value > 1)):
             rule = "in (0, 1]" if key == "efficiency" else f"{'>=' if inclusive else '>'} {lowest}"
             raise UsageError(f"{flag} must be {rule} (got {value})")
         scaled = value * unit
-        overrides[key] = int(scaled) if key in ("gpus_per_node", "memory_bytes", "reserved_bytes") else scaled
+        overrides[key] = (int(scaled) if key in ("gpus_per_node", "memory_bytes", "reserved_bytes")
+                          else scaled)
     return planner.cluster_preset(opts.cluster, opts.gpus, **overrides)
 
 
@@ -145,7 +156,8 @@ def vocabulary(args) -> int:
     try:
         return build_tokenizer(**tokenizer_kwargs(args)).vocab_size
     except (ConfigError, ValueError, TypeError, FileNotFoundError, OSError) as e:
-        hint = " (give --vocab-size N, or --tokenizer-type with its files)" if args.vocab_size is None else ""
+        hint = (" (give --vocab-size N, or --tokenizer-type with its files)"
+                if args.vocab_size is None else "")
         raise UsageError(f"tokenizer: {e}{hint}") from None
 
 
@@ -174,48 +186,57 @@ def plan_all(args, cluster: planner.Cluster, given: set[str]) -> list[planner.La
         build_config(args, cluster.gpus, vocabulary(args))
     if not configs:
         reason = refused[0] if refused else "no TP and EP sizes divide it"
-        raise UsageError(f"--gpus {cluster.gpus}: no (TP, EP, DP) layout fits the model and batch ({reason})")
+        raise UsageError(f"--gpus {cluster.gpus}: no (TP, EP, DP) layout fits the model and batch "
+                         f"({reason})")
     return [planner.plan_layout(cfg, cluster) for cfg in configs]
 
 
 def ranked(plans: list[planner.LayoutPlan]) -> list[planner.LayoutPlan]:
     """Fitting layouts fastest first, then the others by memory."""
-    return sorted(plans, key=lambda p: (not p.fits, p.time.total if p.fits else p.memory.total, p.tp, p.ep))
+    return sorted(plans, key=lambda p: (not p.fits, p.time.total if p.fits else p.memory.total,
+                                        p.tp, p.ep))
 
 
 # ---- output -------------------------------------------------------------------------------------
 def table(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, args) -> str:
     p0 = plans[0]
     lines = [
-        f"{p0.total_params / 1e9:.2f}B parameters ({args.num_layers} layers, hidden {args.hidden_size}, "
-        f"{' / '.join(map(str, args.num_experts or [1]))} experts); {cluster.gpus} x {cluster.name} "
-        f"({cluster.gpus_per_node} per node, {cluster.memory_bytes / GIB:.0f} GiB, {cluster.peak_flops / 1e12:.0f} "
-        f"TFLOP/s at efficiency {cluster.efficiency}); GiB per GPU, seconds and GB per rank per step",
+        f"{p0.total_params / 1e9:.2f}B parameters ({args.num_layers} layers, "
+        f"hidden {args.hidden_size}, {' / '.join(map(str, args.num_experts or [1]))} experts); "
+        f"{cluster.gpus} x {cluster.name} ({cluster.gpus_per_node} per node, "
+        f"{cluster.memory_bytes / GIB:.0f} GiB, {cluster.peak_flops / 1e12:.0f} "
+        f"TFLOP/s at efficiency {cluster.efficiency}); GiB per GPU, seconds and GB per rank "
+        "per step",
     ]
     for note in sorted({n for p in plans for n in p.notes}):
         lines.append(f"note: {note}")
-    head = ("", "TP", "EP", "DP", "EDP", "params", "grads", "optim", "activ", "step pk", "total", "fits",
-            "step s", "compute s", "comm s", "largest comm (GB/rank/step)")
+    head = ("", "TP", "EP", "DP", "EDP", "params", "grads", "optim", "activ", "step pk", "total",
+            "fits", "step s", "compute s", "comm s", "largest comm (GB/rank/step)")
     rows = [head]
     for p in ranked(plans):
         m = p.memory
-        comm = sorted(((f"{k}/{g}", t.bytes) for (k, g), t in p.comm.items()), key=lambda kv: -kv[1])[:3]
+        comm = sorted(((f"{k}/{g}", t.bytes) for (k, g), t in p.comm.items()),
+                      key=lambda kv: -kv[1])[:3]
         rows.append((
             "*" if p is best else "", str(p.tp), str(p.ep), str(p.dp), str(p.edp),
-            *(f"{v / GIB:.2f}" for v in (m.params, m.grads, m.optimizer, m.activations, m.step_peak, m.total)),
+            *(f"{v / GIB:.2f}" for v in (m.params, m.grads, m.optimizer, m.activations,
+                                         m.step_peak, m.total)),
             "yes" if p.fits else "NO", f"{p.time.total:.3f}", f"{p.time.compute:.3f}",
             f"{sum(p.time.comm.values()):.3f}", ", ".join(f"{k} {b / 1e9:.2f}" for k, b in comm),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     left = (0, len(head) - 1)  # the marker and the text column; numbers right-aligned
     for r in rows:
-        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w)
+                               for i, (c, w) in enumerate(zip(r, widths))))
     if best is None:
-        lines.append("no layout fits: turn on --recompute-granularity full, --use-distributed-optimizer, "
-                     "--optimizer-tile-size, or use more or larger GPUs")
+        lines.append("no layout fits: turn on --recompute-granularity full, "
+                     "--use-distributed-optimizer, --optimizer-tile-size, or use more or larger "
+                     "GPUs")
     else:
-        lines.append(f"recommended (*): TP={best.tp} EP={best.ep} DP={best.dp} (expert-DP {best.edp}), "
-                     f"{best.memory.total / GIB:.2f} GiB per GPU, {best.time.total:.3f} s per step")
+        lines.append(f"recommended (*): TP={best.tp} EP={best.ep} DP={best.dp} "
+                     f"(expert-DP {best.edp}), {best.memory.total / GIB:.2f} GiB per GPU, "
+                     f"{best.time.total:.3f} s per step")
     return "\n".join(lines)
 
 
@@ -233,9 +254,11 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(plans) + 2), 7), sharex=True)
     bottom_of = [0.0] * len(plans)
     for key in ("params", "grads", "optimizer", "peak", "reserved"):
-        values = [(max(p.memory.activations, p.memory.step_peak) if key == "peak" else getattr(p.memory, key)) / GIB
+        values = [(max(p.memory.activations, p.memory.step_peak) if key == "peak"
+                   else getattr(p.memory, key)) / GIB
                   for p in plans]
-        top.bar(x, values, bottom=bottom_of, label="activations / step peak" if key == "peak" else key)
+        top.bar(x, values, bottom=bottom_of,
+                label="activations / step peak" if key == "peak" else key)
         bottom_of = [a + b for a, b in zip(bottom_of, values)]
     top.axhline(cluster.memory_bytes / GIB, color="black", linestyle="--", label="GPU memory")
     top.set_ylabel("GiB per GPU")
@@ -246,7 +269,8 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
     bottom.bar(x, comm, bottom=compute, label="communication")
     for i, p in enumerate(plans):
         if not p.fits:
-            bottom.text(i, compute[i] + comm[i], "OOM", ha="center", va="bottom", fontsize="x-small")
+            bottom.text(i, compute[i] + comm[i], "OOM", ha="center", va="bottom",
+                        fontsize="x-small")
     bottom.set_ylabel("seconds per step")
     bottom.set_xticks(list(x), labels, rotation=60, fontsize="small")
     bottom.set_xlabel("TP x EP x DP (* recommended)")
@@ -259,9 +283,10 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
 
 
 # ---- the paper's claims --------------------------------------------------------------------------
-PAPER_SWITCHES = ("--micro-batch-size 4 --global-batch-size 1024 --fp16 --use-distributed-optimizer "
-                  "--recompute-granularity full --recompute-method uniform --recompute-num-layers 1 "
-                  "--moe-router-topk 1 --optimizer-tile-size 178956971").split()
+PAPER_SWITCHES = ("--micro-batch-size 4 --global-batch-size 1024 --fp16 "
+                  "--use-distributed-optimizer --recompute-granularity full "
+                  "--recompute-method uniform --recompute-num-layers 1 --moe-router-topk 1 "
+                  "--optimizer-tile-size 178956971").split()
 
 
 def paper(cluster_name: str = "summit-v100-16gb", gpus: int = 128) -> str:
@@ -284,31 +309,35 @@ def paper(cluster_name: str = "summit-v100-16gb", gpus: int = 128) -> str:
     if best is None:
         lines.append("6.7B: no layout fits")
     else:
-        lines.append(f"6.7B base, 16 experts ({best.total_params / 1e9:.1f}B parameters): recommended TP={best.tp} "
-                     f"EP={best.ep} DP={best.dp}")
+        lines.append(f"6.7B base, 16 experts ({best.total_params / 1e9:.1f}B parameters): "
+                     f"recommended TP={best.tp} EP={best.ep} DP={best.dp}")
         for tp in sorted({p.tp for p in with_opt if p.fits}):
             on = min((p for p in with_opt if p.fits and p.tp == tp), key=lambda p: p.time.total)
-            off = next(p for p in plans_for("6.7b", ["--disable-moe-dtd", "--disable-moe-cac"], tp=tp)
+            off = next(p for p in plans_for("6.7b", ["--disable-moe-dtd", "--disable-moe-cac"],
+                                            tp=tp)
                        if (p.tp, p.ep) == (on.tp, on.ep))
             comm_on, comm_off = sum(on.time.comm.values()), sum(off.time.comm.values())
-            lines.append(f"  TP={on.tp} EP={on.ep}: {off.time.total:.3f} s per step without DTD+CAC, "
-                         f"{on.time.total:.3f} s with: {100 * (off.time.total / on.time.total - 1):+.1f}% "
-                         f"(communication {comm_off:.3f} -> {comm_on:.3f} s, compute {on.time.compute:.3f} s; "
-                         f"{'fits' if off.fits else 'OOM'} without)" + ("  <- recommended" if on is best else ""))
+            lines.append(f"  TP={on.tp} EP={on.ep}: {off.time.total:.3f} s per step without "
+                         f"DTD+CAC, {on.time.total:.3f} s with: "
+                         f"{100 * (off.time.total / on.time.total - 1):+.1f}% "
+                         f"(communication {comm_off:.3f} -> {comm_on:.3f} s, "
+                         f"compute {on.time.compute:.3f} s; {'fits' if off.fits else 'OOM'} "
+                         "without)" + ("  <- recommended" if on is best else ""))
     ted, ep_dp = None, None
     for base in planner.BASES:
         plans = plans_for(base)
         fits_ted = any(p.fits for p in plans)
         fits_ep = any(p.fits for p in plans if p.tp == 1)
         total = plans[0].total_params if plans else 0
-        lines.append(f"  {base:>5} base + 16 experts ({total / 1e9:6.1f}B): TED {'fits' if fits_ted else 'OOM'}, "
+        lines.append(f"  {base:>5} base + 16 experts ({total / 1e9:6.1f}B): "
+                     f"TED {'fits' if fits_ted else 'OOM'}, "
                      f"expert+data (TP=1) {'fits' if fits_ep else 'OOM'}")
         ted = base if fits_ted else ted
         ep_dp = base if fits_ep else ep_dp
     if ted and ep_dp:
         ratio = _base_params(ted) / _base_params(ep_dp)
-        lines.append(f"largest base with 16 experts: TED {ted}, expert+data+ZeRO-1 {ep_dp}: {ratio:.1f}x the base "
-                     "parameters")
+        lines.append(f"largest base with 16 experts: TED {ted}, expert+data+ZeRO-1 {ep_dp}: "
+                     f"{ratio:.1f}x the base parameters")
     else:
         lines.append(f"largest base with 16 experts: TED {ted}, expert+data+ZeRO-1 {ep_dp}")
     return "\n".join(lines)

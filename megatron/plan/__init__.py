@@ -1,0 +1,85 @@
+"""The TED layout planner's model: per-GPU memory, per-step communication and step time of one
+(TP, EP, DP) layout, computed from the same `Config` that pretrain_gpt_moe.py trains.
+
+Three parts, each a statement about this code base rather than about transformers in general:
+
+- parameters and optimizer state (params.py): every parameter the model creates, packed into the
+  optimizer's flat groups exactly as megatron/training/optimizer.py packs them;
+- communication (comm.py): every collective one training step issues, calls and bytes
+  per (kind, group), checked by the tests against real CPU/gloo training steps, exactly;
+- activations and the optimizer step's temporaries (memory.py): what autograd keeps for backward
+  in this code, plus the largest transient of the forward, the backward and the optimizer step.
+
+Time (time.py) is compute plus every collective by an alpha-beta model, serialized. Callers
+use the package as one namespace: `from megatron import plan as planner`, then `planner.X`.
+
+params.py         ParamEntry, param_table, FlatSpec, flat_groups, parameter/gradient/state bytes
+shapes.py         one micro-batch's shapes (T, C), micro-batches, the padded dispatch
+comm.py           Traffic, comm_per_step: the collectives of one step
+memory.py         Memory, memory_per_gpu, step_peak, activation_peak, cac_stash_bytes
+time.py           flops_per_rank, Cluster and its presets, Link, collective_seconds, step_time
+layouts.py        LayoutPlan, plan_layout, recommend, the model presets (BASES, preset_flags)
+"""
+
+from megatron.plan.comm import GROUPS, KINDS, Traffic, comm_per_step
+from megatron.plan.layouts import (
+    BASES,
+    GPT2_VOCAB,
+    LayoutPlan,
+    plan_layout,
+    preset_flags,
+    recommend,
+)
+from megatron.plan.memory import (
+    Memory,
+    activation_candidates,
+    activation_peak,
+    cac_stash_bytes,
+    memory_per_gpu,
+    step_peak,
+)
+from megatron.plan.params import (
+    FlatSpec,
+    ParamEntry,
+    experts_in,
+    flat_groups,
+    grad_bytes,
+    optimizer_state_bytes,
+    param_bytes,
+    param_table,
+    qkv_size,
+    query_groups,
+    total_parameters,
+)
+from megatron.plan.shapes import micro_shapes, num_microbatches, pads, with_padded_dispatch
+from megatron.plan.time import (
+    DEFAULT_ASSUMPTIONS,
+    GIB,
+    NODE_PRESETS,
+    Cluster,
+    Link,
+    StepTime,
+    cluster_preset,
+    collective_seconds,
+    flops_per_rank,
+    group_links,
+    step_time,
+)
+
+__all__ = [
+    # params.py
+    "ParamEntry", "param_table", "query_groups", "qkv_size", "experts_in", "total_parameters",
+    "FlatSpec", "flat_groups", "param_bytes", "grad_bytes", "optimizer_state_bytes",
+    # shapes.py
+    "with_padded_dispatch", "pads", "micro_shapes", "num_microbatches",
+    # comm.py
+    "KINDS", "GROUPS", "Traffic", "comm_per_step",
+    # memory.py
+    "Memory", "memory_per_gpu", "step_peak", "cac_stash_bytes", "activation_peak",
+    "activation_candidates",
+    # time.py
+    "flops_per_rank", "Cluster", "GIB", "NODE_PRESETS", "DEFAULT_ASSUMPTIONS", "cluster_preset",
+    "Link", "group_links", "collective_seconds", "StepTime", "step_time",
+    # layouts.py
+    "LayoutPlan", "plan_layout", "recommend", "BASES", "GPT2_VOCAB", "preset_flags",
+]

@@ -1,0 +1,177 @@
+"""Parameters and optimizer state of one rank: every parameter the model creates (`param_table`,
+named as `model.named_parameters()` names them), packed into the optimizer's flat groups exactly as
+megatron/training/optimizer.py packs them (ZeRO-1 padding included), and the bytes of parameters,
+gradients and optimizer state that follow."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from megatron.model.config import ModelConfig
+from megatron.parallel.topology import Topology
+from megatron.training.config import Config
+from ted_patches.config import MoEConfig
+
+_FP32 = 4
+
+
+# ---- parameters ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class ParamEntry:
+    """One parameter on one rank: its name in `model.named_parameters()`, its element count here,
+    and the three properties the optimizer groups parameters by."""
+
+    name: str
+    numel: int
+    expert: bool = False
+    decay: bool = True
+    tp_split: bool = False
+
+
+def param_table(cfg: Config) -> list[ParamEntry]:
+    """Every parameter this rank holds, in the model's order (megatron/model/gpt.py, transformer.py,
+    ted_patches/moe_layer.py, experts.py, router.py)."""
+    m, t = cfg.model, cfg.topology.tp
+    H = m.hidden_size
+    V = m.padded_vocab_size  # rows allocated; the padding ones are zero, masked out of the softmax
+    out = [ParamEntry("embedding.weight", V // t * H, tp_split=True)]
+    if m.position_embedding_type == "learned_absolute":
+        out.append(ParamEntry("position_embedding.weight", m.max_position_embeddings * H))
+    moe_layers = set(cfg.moe.layers) if cfg.moe is not None else set()
+    for i in range(m.num_layers):
+        p = f"layers.{i}."
+        out += _norm(m, p + "input_norm")
+        out += _linear(m, p + "attention.qkv", qkv_size(m) // t * H, qkv_size(m) // t, column=True)
+        out += _linear(m, p + "attention.proj", H * (H // t), H, column=False)
+        out += _norm(m, p + "post_attention_norm")
+        if i in moe_layers:
+            out += _moe(m, cfg.moe, experts_in(cfg, i), cfg.topology, p + "mlp")
+        else:
+            out += _mlp(m, p + "mlp", t)
+    out += _norm(m, "final_norm")
+    if m.untie_embeddings_and_output_weights:
+        out.append(ParamEntry("output.weight", V // t * H, tp_split=True))
+    return out
+
+
+def query_groups(m: ModelConfig) -> int:
+    """Key/value heads (grouped-query attention); one per head without it."""
+    return getattr(m, "num_query_groups", None) or m.num_attention_heads
+
+
+def qkv_size(m: ModelConfig) -> int:
+    """Rows of the full QKV weight: per group, its queries, one key and one value."""
+    g = query_groups(m)
+    return g * (m.num_attention_heads // g + 2) * m.head_dim
+
+
+def experts_in(cfg: Config, layer: int) -> int:
+    """Experts of MoE layer `layer` (a pyramid gives each MoE layer its own count)."""
+    moe = cfg.moe
+    return moe.experts_in(layer) if hasattr(moe, "experts_in") else moe.num_experts
+
+
+def _norm(m: ModelConfig, name: str) -> list[ParamEntry]:
+    out = [ParamEntry(name + ".weight", m.hidden_size, decay=False)]
+    if m.normalization == "LayerNorm":
+        out.append(ParamEntry(name + ".bias", m.hidden_size, decay=False))
+    return out
+
+
+def _linear(m: ModelConfig, name: str, weight: int, bias: int, *, column: bool) -> list[ParamEntry]:
+    """A megatron-core TP linear: the weight is split either way; a column-parallel bias is split,
+    a row-parallel one (added after the reduction) replicated."""
+    out = [ParamEntry(name + ".weight", weight, tp_split=True)]
+    if m.add_bias_linear:
+        out.append(ParamEntry(name + ".bias", bias, decay=False, tp_split=column))
+    return out
+
+
+def _mlp(m: ModelConfig, name: str, t: int) -> list[ParamEntry]:
+    stride = 2 if m.swiglu else 1
+    f, H = m.ffn_hidden_size // t, m.hidden_size
+    return (_linear(m, name + ".fc1", stride * f * H, stride * f, column=True)
+            + _linear(m, name + ".fc2", H * f, H, column=False))
+
+
+def _moe(m: ModelConfig, moe: MoEConfig, experts: int, topo: Topology,
+         name: str) -> list[ParamEntry]:
+    H, stride = m.hidden_size, 2 if m.swiglu else 1
+    e, f = experts // topo.ep, (moe.expert_ffn_hidden_size or m.ffn_hidden_size) // topo.tp
+    out = [ParamEntry(name + ".router.weight", experts * H),
+           ParamEntry(name + ".experts.w1", e * H * stride * f, expert=True, tp_split=True),
+           ParamEntry(name + ".experts.w2", e * f * H, expert=True, tp_split=True)]
+    if m.add_bias_linear:
+        out += [ParamEntry(name + ".experts.b1", e * stride * f, expert=True, decay=False,
+                           tp_split=True),
+                ParamEntry(name + ".experts.b2", e * H, expert=True, decay=False)]
+    if moe.mlp_type == "residual":
+        out += _mlp(m, name + ".dense", topo.tp)
+        out += [ParamEntry(name + ".mix.weight", 2 * H),
+                ParamEntry(name + ".mix.bias", 2, decay=False)]
+    return out
+
+
+def total_parameters(cfg: Config) -> int:
+    """Parameters of the whole model (each counted once over the world), padded vocabulary rows
+    included."""
+    t, ep = cfg.topology.tp, cfg.topology.ep
+    return sum(p.numel * (t if p.tp_split else 1) * (ep if p.expert else 1)
+               for p in param_table(cfg))
+
+
+@dataclass(frozen=True)
+class FlatSpec:
+    """One of the optimizer's flat buffers on this rank (megatron/training/optimizer.py
+    FlatGroup)."""
+
+    expert: bool
+    decay: bool
+    tp_split: bool
+    numel: int  # parameters in it
+    group: str  # dp | edp: where its gradients are reduced and, with ZeRO-1, its state sharded
+    shards: int  # ZeRO-1: the group's size; else 1
+
+    @property
+    def padded(self) -> int:
+        return -(-self.numel // self.shards) * self.shards
+
+    @property
+    def shard(self) -> int:
+        return self.padded // self.shards
+
+
+def flat_groups(cfg: Config) -> list[FlatSpec]:
+    """The optimizer's flat groups, keyed (expert, decay, TP-split) in the order it builds them."""
+    keyed: dict[tuple, int] = {}
+    for p in param_table(cfg):
+        key = (p.expert, p.decay, p.tp_split)
+        keyed[key] = keyed.get(key, 0) + p.numel
+    topo, zero = cfg.topology, cfg.optim.use_distributed_optimizer
+    out = []
+    for (expert, decay, tp_split), numel in keyed.items():
+        group = "edp" if expert else "dp"
+        size = topo.edp if expert else topo.dp
+        out.append(FlatSpec(expert, decay, tp_split, numel, group, size if zero else 1))
+    return out
+
+
+def _bytes(dtype: torch.dtype) -> int:
+    return torch.empty((), dtype=dtype).element_size()
+
+
+def param_bytes(cfg: Config) -> int:
+    return _bytes(cfg.model.params_dtype)
+
+
+def grad_bytes(cfg: Config) -> int:
+    return _FP32 if cfg.optim.accumulate_grads_in_fp32 else param_bytes(cfg)
+
+
+def optimizer_state_bytes(cfg: Config) -> int:
+    """Adam moments (fp32) of this rank's shard, plus fp32 master weights unless the parameters are
+    fp32 themselves (then they are their own master copy): Optimizer.state_bytes()."""
+    per = 2 * _FP32 + (0 if cfg.model.params_dtype == torch.float32 else _FP32)
+    return sum(per * fg.shard for fg in flat_groups(cfg))

@@ -1,0 +1,52 @@
+"""Shapes of one micro-batch: tokens, capacity per expert, micro-batches per step, which layers
+are MoE, and the dispatch the planner plans (the padded one).
+
+Shapes: T tokens per micro-batch (micro batch x sequence), H hidden, F FFN, Fe the experts' FFN,
+V the padded vocabulary, E experts (E_l = E / EP local), C capacity per expert (padded to a multiple
+of TP), t = TP. "rows" = E * C: the expert input rows every rank computes (E_l experts x EP * C).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from megatron.training.config import Config
+from ted_patches.router import token_capacity
+
+
+# ---- shapes of one micro-batch -------------------------------------------------------------------
+def with_padded_dispatch(cfg: Config) -> Config:
+    """`cfg` with the padded (capacity-buffer) dispatch: the one the planner plans, and the one
+    accelerators run in drop mode. The padding-free dispatch (MoEConfig.pad_free: the default on
+    CPUs and in no-drop mode) sends only the kept tokens: its sizes depend on the routing."""
+    if cfg.moe is None or getattr(cfg.moe, "pad_free", False) is False:
+        return cfg
+    return dataclasses.replace(cfg, moe=dataclasses.replace(cfg.moe, pad_free=False))
+
+
+def pads(cfg: Config) -> bool:
+    """Whether an accelerator run of `cfg` takes the padded dispatch (exactly what is planned)."""
+    if cfg.moe is None:
+        return True
+    choice = getattr(cfg.moe, "pad_free", False)
+    return choice is False or (choice is None and cfg.moe.drop_tokens)
+
+
+def micro_shapes(cfg: Config, experts: int = 0) -> tuple[int, int]:
+    """(T, C) of a layer with `experts` experts: tokens per micro-batch and the capacity per
+    expert, padded to a multiple of TP. No-drop mode's capacity depends on the routing: the
+    planner assumes the capacity factor's."""
+    T = cfg.train.micro_batch_size * cfg.train.seq_length
+    if cfg.moe is None or not experts:
+        return T, 0
+    moe, t = cfg.moe, cfg.topology.tp
+    raw = token_capacity(T, experts, moe.topk, moe.capacity_factor, moe.min_capacity)
+    return T, -(-raw // t) * t
+
+
+def num_microbatches(cfg: Config) -> int:
+    return cfg.train.num_microbatches(cfg.topology.dp)
+
+def _layer_kinds(cfg: Config) -> list[str]:
+    moe = set(cfg.moe.layers) if cfg.moe is not None else set()
+    return ["moe" if i in moe else "dense" for i in range(cfg.model.num_layers)]
