@@ -26,9 +26,9 @@ class MoEConfig:
     min_capacity: int = 4
     score_function: str = "softmax"  # the gate (ted_patches.gates)
     drop_tokens: bool = True  # False: capacity = the largest expert count over the EP group
-    # position: DeepSpeed's order (k <= 2: first choices in token order, then second choices; k >= 3:
-    # token order over all k choices); choice: first choices, then second, ... for every k; probs:
-    # the most probable
+    # position: DeepSpeed's order (k <= 2: first choices in token order, then second choices;
+    # k >= 3: token order over all k choices); choice: first choices, then second, ... for every
+    # k; probs: the most probable
     drop_policy: str = "position"
     # surviving: gates renormalized over the choices that survived dropping (DeepSpeed; top-1 keeps
     # the raw probability); topk: normalized over the k choices before dropping (Megatron-Core);
@@ -44,11 +44,13 @@ class MoEConfig:
     dtd: bool = True  # duplicate token dropping (only acts when TP > 1)
     mlp_type: str = "standard"  # residual: a dense MLP beside the experts, mixed by a learned gate
     expert_ffn_hidden_size: Optional[int] = None  # default: the model's ffn_hidden_size
-    # padding-free dispatch: only kept tokens are sent and computed (variable all-to-all splits after
-    # one count exchange, grouped GEMMs over the real rows). None: on CPUs and in no-drop mode; off on
-    # accelerators in drop mode (where the padded path needs no host synchronization at all)
+    # padding-free dispatch: only kept tokens are sent and computed (variable all-to-all splits
+    # after one count exchange, grouped GEMMs over the real rows). None: on CPUs and in no-drop
+    # mode; off on accelerators in drop mode (where the padded path needs no host synchronization
+    # at all)
     pad_free: Optional[bool] = None
-    check_tp_routing: int = 0  # every N-th forward of each MoE layer, check the TP ranks route alike (0: never)
+    # every N-th forward of each MoE layer, check the TP ranks route alike (0: never)
+    check_tp_routing: int = 0
     # Pyramid MoE (Megatron-DeepSpeed's --num-experts 64 64 128 ...): one count per MoE layer, in
     # the order of `layers`; None: every MoE layer has `num_experts`.
     experts_per_layer: Optional[tuple[int, ...]] = None
@@ -57,8 +59,8 @@ class MoEConfig:
         counts = self.experts_per_layer or (self.num_experts,)
         checks = [
             (self.experts_per_layer is None or len(self.experts_per_layer) == len(self.layers),
-             f"{{experts_per_layer}} gives {len(counts)} counts for {len(self.layers)} MoE layers: give one "
-             "count, or one per MoE layer"),
+             f"{{experts_per_layer}} gives {len(counts)} counts for {len(self.layers)} MoE "
+             "layers: give one count, or one per MoE layer"),
             (min(counts) >= 1, f"{{num_experts}} must be >= 1 (got {min(counts)})"),
             (1 <= self.topk <= min(counts),
              f"{{topk}} {self.topk} must be between 1 and {{num_experts}} {min(counts)}"),
@@ -71,21 +73,24 @@ class MoEConfig:
             (self.drop_policy in DROP_POLICIES,
              f"{{drop_policy}} {self.drop_policy!r}: use one of {DROP_POLICIES}"),
             (self.gate_normalization in GATE_NORMALIZATIONS,
-             f"{{gate_normalization}} {self.gate_normalization!r}: use one of {GATE_NORMALIZATIONS}"),
+             f"{{gate_normalization}} {self.gate_normalization!r}: use one of "
+             f"{GATE_NORMALIZATIONS}"),
             (self.aux_loss_type in AUX_LOSS_TYPES,
              f"{{aux_loss_type}} {self.aux_loss_type!r}: use one of {AUX_LOSS_TYPES}"),
             (self.score_function in SCORE_FUNCTIONS,
              f"{{score_function}} {self.score_function!r}: use one of {SCORE_FUNCTIONS}"),
             (self.mlp_type in MLP_TYPES, f"{{mlp_type}} {self.mlp_type!r}: use one of {MLP_TYPES}"),
             (self.jitter_eps >= 0, f"{{jitter_eps}} must be >= 0 (got {self.jitter_eps})"),
-            (self.check_tp_routing >= 0, f"{{check_tp_routing}} must be >= 0 (got {self.check_tp_routing})"),
+            (self.check_tp_routing >= 0,
+             f"{{check_tp_routing}} must be >= 0 (got {self.check_tp_routing})"),
         ]
         for ok, message in checks:
             if not ok:
                 raise FieldError(message, "MoEConfig")
 
     def tp_split_sizes(self) -> dict[str, int]:
-        """Sizes split over TP, by {field} (the experts' FFN when it is set apart from the model's)."""
+        """Sizes split over TP, by {field} (the experts' FFN when it is set apart from the
+        model's)."""
         ffn = self.expert_ffn_hidden_size
         return {} if ffn is None else {"{expert_ffn_hidden_size}": ffn}
 
@@ -108,11 +113,12 @@ class MoEConfig:
 
     def check_layout(self, topology: Topology) -> None:
         """Raise a LayoutError unless the experts split evenly over this layout's EP size."""
-        check_layout(topology.world_size, topology.tp, topology.ep, tp_divides=self.tp_split_sizes(),
-                     ep_divides=self.ep_split_sizes())
+        check_layout(topology.world_size, topology.tp, topology.ep,
+                     tp_divides=self.tp_split_sizes(), ep_divides=self.ep_split_sizes())
 
 
-def moe_layer_indices(num_layers: int, *, expert_interval: int | None = None, layer_freq: int | None = None):
+def moe_layer_indices(num_layers: int, *, expert_interval: int | None = None,
+                      layer_freq: int | None = None):
     """Megatron-DeepSpeed's --expert-interval N puts MoE in layers N, 2N, ... (1-based);
     Megatron-Core's --moe-layer-freq N in layers 0, N, 2N, ... (0-based)."""
     if expert_interval is not None:

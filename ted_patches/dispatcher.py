@@ -54,8 +54,9 @@ from megatron.parallel.topology import TEDGroups
 
 
 def _two_term_scatter_ok(t: torch.Tensor) -> bool:
-    """A scatter-add of at most two terms per row onto zeros is exact and order-free (a + b == b + a),
-    so index_add_ is as deterministic as a gather; on CUDA it is refused in deterministic mode."""
+    """A scatter-add of at most two terms per row onto zeros is exact and order-free
+    (a + b == b + a), so index_add_ is as deterministic as a gather; on CUDA it is refused in
+    deterministic mode."""
     return t.device.type == "cpu" or not torch.are_deterministic_algorithms_enabled()
 
 
@@ -78,7 +79,8 @@ class _GatherRows(torch.autograd.Function):
         K, T = ctx.topk, ctx.T
         g_RH = g_RH.contiguous()
         if K <= 2 and _two_term_scatter_ok(g_RH):
-            return g_RH.new_zeros(T + 1, g_RH.shape[1]).index_add_(0, source_R, g_RH)[:T], None, None, None, None
+            return (g_RH.new_zeros(T + 1, g_RH.shape[1]).index_add_(0, source_R, g_RH)[:T],
+                    None, None, None, None)
         g_AH = g_RH.index_select(0, row_A)
         if drop_A is not None:
             g_AH.masked_fill_(drop_A[:, None], 0)
@@ -86,14 +88,16 @@ class _GatherRows(torch.autograd.Function):
         return g_TH, None, None, None, None
 
 
-def _weighted_bags(table: torch.Tensor, index_A: torch.Tensor, weight_A: torch.Tensor, topk: int) -> torch.Tensor:
+def _weighted_bags(table: torch.Tensor, index_A: torch.Tensor, weight_A: torch.Tensor,
+                   topk: int) -> torch.Tensor:
     """out[t] = sum over k, in choice order, of weight[k, t] * table[index[k, t]] (A = K * T,
     choice-major): one embedding bag of K rows per token, a single pass that writes only the
     [T, H] result (no [A, H] intermediate and no separate sum: about 3x faster on CPUs)."""
     T = index_A.numel() // topk
     index_TK = index_A.view(topk, T).t().contiguous()
     weight_TK = weight_A.view(topk, T).t().contiguous()
-    return torch.nn.functional.embedding_bag(index_TK, table, per_sample_weights=weight_TK, mode="sum")
+    return torch.nn.functional.embedding_bag(index_TK, table, per_sample_weights=weight_TK,
+                                             mode="sum")
 
 
 class _CombineRows(torch.autograd.Function):
@@ -148,7 +152,8 @@ class PackedPlan:
     recv_rows: int  # sum(recv)
     recv_max: int  # rows per TP slice of the received buffer (its padded size)
     counts: list  # rows per local expert after the TP gather
-    tight: bool  # experts' rows as [E_l, max(counts), H] (a bmm) rather than packed [sum(counts), H]
+    # experts' rows as [E_l, max(counts), H] (a bmm) rather than packed [sum(counts), H]
+    tight: bool
     direct: bool  # no all-to-all or TP slicing: the dispatch buffer is the experts' layout itself
     to_experts: Optional[torch.Tensor]  # experts' row -> gathered row (None: identity)
     from_experts: Optional[torch.Tensor]  # gathered row -> experts' row (padding rows read row 0)
@@ -176,16 +181,18 @@ class Dispatcher:
         token_A = torch.arange(T, device=row_A.device).repeat(routing.topk)
         source_R = torch.full((rows + 1,), T, dtype=torch.int64, device=row_A.device).scatter_(
             0, scatter_A, token_A)[:rows]
-        return dict(row_A=torch.where(keep_A, row_A, 0) if drops else row_A, scatter_A=scatter_A, source_R=source_R,
-                    token_R=source_R.clamp(max=max(T - 1, 0)), drop_A=~keep_A if drops else None,
-                    weight_A=routing.weight_A, num_tokens=T, topk=routing.topk)
+        return dict(row_A=torch.where(keep_A, row_A, 0) if drops else row_A, scatter_A=scatter_A,
+                    source_R=source_R, token_R=source_R.clamp(max=max(T - 1, 0)),
+                    drop_A=~keep_A if drops else None, weight_A=routing.weight_A, num_tokens=T,
+                    topk=routing.topk)
 
     def _gather(self, x_TH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
         return _GatherRows.apply(x_TH, plan.source_R, plan.row_A, plan.drop_A, plan.topk)
 
     def _combine_rows(self, full_RH: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
-        return _CombineRows.apply(full_RH, plan.weight_A.to(full_RH.dtype), plan.row_A, plan.scatter_A,
-                                  plan.token_R, plan.drop_A, plan.topk, plan.num_tokens)
+        return _CombineRows.apply(full_RH, plan.weight_A.to(full_RH.dtype), plan.row_A,
+                                  plan.scatter_A, plan.token_R, plan.drop_A, plan.topk,
+                                  plan.num_tokens)
 
     # ---- padded ---------------------------------------------------------------------------------
     def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
@@ -194,7 +201,8 @@ class Dispatcher:
         Cs = routing.capacity // S
         slot_A = routing.slot_A
         row_A = ((slot_A // Cs) * E + routing.expert_A) * Cs + slot_A % Cs
-        plan = DispatchPlan(**self._maps(routing, row_A, S * E * Cs, routing.may_drop), slices=S, slot_per_slice=Cs)
+        plan = DispatchPlan(**self._maps(routing, row_A, S * E * Cs, routing.may_drop), slices=S,
+                            slot_per_slice=Cs)
         buffer = self._gather(x_TH, plan)
         mine_ECH = comm.drop(buffer.view(S, E, Cs, H), g.tp) if self.dtd else buffer.view(E, Cs, H)
         recv = comm.all_to_all(mine_ECH, g.ep).view(g.ep.size, self.local_experts, Cs, H)
@@ -231,14 +239,17 @@ class Dispatcher:
         if self.layout is not None:
             return self.layout == "tight"
         total = sum(counts)
-        return device.type == "cpu" and total > 0 and len(counts) * max(counts) <= self.TIGHT_SLACK * total
+        return (device.type == "cpu" and total > 0
+                and len(counts) * max(counts) <= self.TIGHT_SLACK * total)
 
-    def dispatch_packed(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, list, DispatchPlan]:
+    def dispatch_packed(self, x_TH: torch.Tensor,
+                        routing: Routing) -> tuple[torch.Tensor, list, DispatchPlan]:
         """Only kept assignments: (the experts' rows, expert-major: [sum of counts, H] packed or
         [E_l, max count, H] tight, see `plan.packed.tight`; rows per local expert; plan). One host
         synchronization: the kept counts of every EP rank."""
         g, E, El, H = self.groups, self.num_experts, self.local_experts, x_TH.shape[-1]
-        S, r, j, EP = (g.tp.size if self.dtd else 1), (g.tp.rank if self.dtd else 0), g.ep.rank, g.ep.size
+        S, r, j, EP = ((g.tp.size if self.dtd else 1), (g.tp.rank if self.dtd else 0), g.ep.rank,
+                       g.ep.size)
         dev = x_TH.device
         # 1. the count exchange: kept rows per expert on every EP rank (the same on my TP peers'
         # EP groups: their EP peers hold the same tokens as mine)
@@ -251,13 +262,14 @@ class Dispatcher:
             if tight:
                 rows, row_A = El * cmax, expert_A * cmax + slot_A
             else:
-                off_E = torch.tensor(np.concatenate([[0], np.cumsum(local)[:-1]]).tolist(), device=dev,
-                                     dtype=torch.int64)
+                off_E = torch.tensor(np.concatenate([[0], np.cumsum(local)[:-1]]).tolist(),
+                                     device=dev, dtype=torch.int64)
                 rows, row_A = sum(local), off_E.index_select(0, expert_A) + slot_A
-            packed = PackedPlan(send=[rows], recv=[rows], send_rows=rows, recv_rows=rows, recv_max=rows, counts=local,
-                                tight=tight, direct=True, to_experts=None, from_experts=None)
-            plan = DispatchPlan(**self._maps(routing, row_A, rows, routing.may_drop), slices=1, slot_per_slice=rows,
-                                packed=packed)
+            packed = PackedPlan(send=[rows], recv=[rows], send_rows=rows, recv_rows=rows,
+                                recv_max=rows, counts=local, tight=tight, direct=True,
+                                to_experts=None, from_experts=None)
+            plan = DispatchPlan(**self._maps(routing, row_A, rows, routing.may_drop), slices=1,
+                                slot_per_slice=rows, packed=packed)
             tokens = comm.copy_to_split(self._gather(x_TH, plan), g.tp)
             return (tokens.view(El, cmax, H) if tight else tokens), local, plan
         mine = counts[j]
@@ -268,20 +280,26 @@ class Dispatcher:
         Ms = max(slice_rows)
         # 2. each kept assignment's row in the [S, Ms, H] send buffer (slice s: its rows of every
         # expert, in expert order, so its a2a chunks are EP ranks)
-        lo_SE = torch.tensor([[starts[e][s] for e in range(E)] for s in range(S)], device=dev).view(-1)
+        lo_SE = torch.tensor([[starts[e][s] for e in range(E)] for s in range(S)],
+                             device=dev).view(-1)
         off_SE = torch.tensor(off, device=dev, dtype=torch.int64).view(-1)
-        if S > 1:  # the slice of each slot (clamped: a dropped assignment's slot may lie past its expert's)
-            s_A = ((slot_A * S) // routing.kept_E.clamp(min=1).index_select(0, expert_A)).clamp(max=S - 1)
+        # the slice of each slot (clamped: a dropped assignment's slot may lie past its expert's)
+        if S > 1:
+            s_A = ((slot_A * S)
+                   // routing.kept_E.clamp(min=1).index_select(0, expert_A)).clamp(max=S - 1)
         else:
             s_A = torch.zeros_like(slot_A)
         flat = s_A * E + expert_A
         row_A = s_A * Ms + off_SE.index_select(0, flat) + slot_A - lo_SE.index_select(0, flat)
         # 3. splits: my slice to each EP rank, and what each EP rank sends me (for my local experts)
         send = [sum(share[r][i * El:(i + 1) * El]) for i in range(EP)]
-        cuts = [[_slice_starts(counts[i][j * El + l], S) for l in range(El)] for i in range(EP)]  # [EP][E_l][S+1]
-        rs = [[[cuts[i][l][s + 1] - cuts[i][l][s] for l in range(El)] for i in range(EP)] for s in range(S)]
+        # [EP][E_l][S+1]
+        cuts = [[_slice_starts(counts[i][j * El + l], S) for l in range(El)] for i in range(EP)]
+        rs = [[[cuts[i][l][s + 1] - cuts[i][l][s] for l in range(El)] for i in range(EP)]
+              for s in range(S)]
         recv_rows = [sum(map(sum, rs[s])) for s in range(S)]
-        Mr = max(recv_rows) + (1 if tight else 0)  # tight: each slice ends in a zero row, for the padding
+        # tight: each slice ends in a zero row, for the padding
+        Mr = max(recv_rows) + (1 if tight else 0)
         # 4. the experts' rows in the gathered [S, Mr] buffer: (local expert, slice, source, row)
         segs = []  # (local expert, start in the gathered buffer, length)
         for s in range(S):
@@ -290,7 +308,8 @@ class Dispatcher:
                 for l in range(El):
                     segs.append((l, pos, rs[s][i][l]))
                     pos += rs[s][i][l]
-        by_expert = [[(p, n) for l2, p, n in segs if l2 == l] for l in range(El)]  # slice, then source order
+        # slice, then source order
+        by_expert = [[(p, n) for l2, p, n in segs if l2 == l] for l in range(El)]
         pieces = []
         for l in range(El):
             pieces += [np.arange(p, p + n) for p, n in by_expert[l]]
@@ -300,13 +319,15 @@ class Dispatcher:
         from_np = np.zeros(S * Mr, np.int64)
         real = to_np != S * Mr - 1 if tight else np.ones(len(to_np), bool)
         from_np[to_np[real]] = np.flatnonzero(real)
-        identity = not tight and len(to_np) == S * Mr and bool((to_np == np.arange(len(to_np))).all())
-        packed = PackedPlan(send=send, recv=[sum(rs[r][i]) for i in range(EP)], send_rows=slice_rows[r],
-                            recv_rows=recv_rows[r], recv_max=Mr, counts=local, tight=tight, direct=False,
+        identity = (not tight and len(to_np) == S * Mr
+                    and bool((to_np == np.arange(len(to_np))).all()))
+        packed = PackedPlan(send=send, recv=[sum(rs[r][i]) for i in range(EP)],
+                            send_rows=slice_rows[r], recv_rows=recv_rows[r], recv_max=Mr,
+                            counts=local, tight=tight, direct=False,
                             to_experts=None if identity else torch.from_numpy(to_np).to(dev),
                             from_experts=None if identity else torch.from_numpy(from_np).to(dev))
-        plan = DispatchPlan(**self._maps(routing, row_A, S * Ms, routing.may_drop), slices=S, slot_per_slice=Ms,
-                            packed=packed)
+        plan = DispatchPlan(**self._maps(routing, row_A, S * Ms, routing.may_drop), slices=S,
+                            slot_per_slice=Ms, packed=packed)
         # 5. dispatch: buffer, DTD drop, all-to-all, TP gather, the experts' order
         buffer = self._gather(x_TH, plan).view(S, Ms, H)
         mine_MH = comm.drop(buffer, g.tp)[:slice_rows[r]] if self.dtd else buffer[0]

@@ -38,7 +38,8 @@ from megatron.parallel.topology import TEDGroups
 
 
 class GroupedExperts(torch.nn.Module):
-    def __init__(self, cfg: ModelConfig, num_local_experts: int, ffn_hidden_size: int, groups: TEDGroups):
+    def __init__(self, cfg: ModelConfig, num_local_experts: int, ffn_hidden_size: int,
+                 groups: TEDGroups):
         super().__init__()
         self.cfg = cfg
         tp = groups.tp.size
@@ -47,12 +48,12 @@ class GroupedExperts(torch.nn.Module):
         expert = dict(expert=True)
         self.w1 = set_spec(torch.nn.Parameter(torch.empty(e, h, stride * f)), init="normal",
                            std=cfg.init_method_std, tp_dim=2, tp_stride=stride, **expert)
-        self.w2 = set_spec(torch.nn.Parameter(torch.empty(e, f, h)), init="normal", std=output_std(cfg),
-                           tp_dim=1, **expert)
+        self.w2 = set_spec(torch.nn.Parameter(torch.empty(e, f, h)), init="normal",
+                           std=output_std(cfg), tp_dim=1, **expert)
         self.b1 = self.b2 = None
         if cfg.add_bias_linear:
-            self.b1 = set_spec(torch.nn.Parameter(torch.empty(e, stride * f)), init="zeros", tp_dim=1,
-                               tp_stride=stride, **expert)
+            self.b1 = set_spec(torch.nn.Parameter(torch.empty(e, stride * f)), init="zeros",
+                               tp_dim=1, tp_stride=stride, **expert)
             self.b2 = set_spec(torch.nn.Parameter(torch.empty(e, h)), init="zeros", **expert)
 
     def forward(self, x_ENH: torch.Tensor, fc2_bias: Optional[torch.Tensor] = None) -> torch.Tensor:
@@ -68,24 +69,30 @@ class GroupedExperts(torch.nn.Module):
         none = [None] * -(-e // chunk)
         b1 = self.b1.split(chunk) if self.b1 is not None else none
         b2 = fc2_bias.split(chunk) if fc2_bias is not None else none
-        parts = map(self._mlp, x_ENH.split(chunk), self.w1.split(chunk), b1, self.w2.split(chunk), b2)
+        parts = map(self._mlp, x_ENH.split(chunk), self.w1.split(chunk), b1, self.w2.split(chunk),
+                    b2)
         return torch.cat(list(parts))
 
-    def forward_packed(self, x_MH: torch.Tensor, counts: list[int], fc2_bias: Optional[torch.Tensor] = None,
+    def forward_packed(self, x_MH: torch.Tensor, counts: list[int],
+                       fc2_bias: Optional[torch.Tensor] = None,
                        backend: Optional[str] = None) -> torch.Tensor:
         """x_MH: every local expert's real rows, expert-major; counts: rows per local expert.
         Returns fc2's output [M, H] before its TP reduction, with `fc2_bias` [E_l, H] (if given)
         added inside the GEMM."""
-        backend = backend or self.packed_backend or ("loop" if x_MH.device.type == "cpu" else "grouped_mm")
+        backend = backend or self.packed_backend or ("loop" if x_MH.device.type == "cpu"
+                                                     else "grouped_mm")
         if backend == "loop":
-            return _PackedMLP.apply(x_MH, self.w1, self.b1, self.w2, fc2_bias, tuple(counts), self.cfg)
+            return _PackedMLP.apply(x_MH, self.w1, self.b1, self.w2, fc2_bias, tuple(counts),
+                                    self.cfg)
         if backend != "grouped_mm":
-            raise ValueError(f"unknown packed expert backend {backend!r}: use 'loop' or 'grouped_mm'")
+            raise ValueError(f"unknown packed expert backend {backend!r}: use 'loop' or "
+                             "'grouped_mm'")
         offs = torch.tensor(np.cumsum(counts), dtype=torch.int32, device=x_MH.device)
         eid = None
         if self.b1 is not None or fc2_bias is not None:
             eid = torch.repeat_interleave(torch.arange(len(counts), device=x_MH.device),
-                                          torch.tensor(counts, device=x_MH.device), output_size=x_MH.shape[0])
+                                          torch.tensor(counts, device=x_MH.device),
+                                          output_size=x_MH.shape[0])
         h = F.grouped_mm(x_MH, self.w1, offs=offs)
         if self.b1 is not None:
             h = h + self.b1.index_select(0, eid)
@@ -111,11 +118,15 @@ class _PackedMLP(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_MH, w1, b1, w2, b2, counts, cfg):
-        segs = [(e, o, n) for e, (o, n) in enumerate(zip(np.cumsum((0,) + counts[:-1]).tolist(), counts)) if n > 0]
+        segs = [(e, o, n)
+                for e, (o, n) in enumerate(zip(np.cumsum((0,) + counts[:-1]).tolist(), counts))
+                if n > 0]
         h = x_MH.new_empty(x_MH.shape[0], w1.shape[-1])
         y = x_MH.new_empty(x_MH.shape[0], w2.shape[-1])
-        if not cfg.swiglu:  # exact GELU (activation()'s other case), one expert at a time: each [rows, F]
-            a = torch.empty_like(h)  # slice is activated while the GEMM has just left it in cache
+        # exact GELU (activation()'s other case), one expert at a time: each [rows, F] slice is
+        # activated while the GEMM has just left it in cache
+        if not cfg.swiglu:
+            a = torch.empty_like(h)
         for e, o, n in segs:
             if b1 is None:
                 torch.mm(x_MH[o:o + n], w1[e], out=h[o:o + n])
@@ -143,7 +154,8 @@ class _PackedMLP(torch.autograd.Function):
         gy = gy_MH.contiguous()
         a_ = a.detach()
         ga = torch.empty_like(a_)
-        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)  # every expert's block is written below
+        # every expert's block is written below
+        gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
         gb1 = w1.new_empty(w1.shape[0], w1.shape[-1]) if ctx.has_bias[0] else None
         gb2 = w2.new_empty(w2.shape[0], w2.shape[-1]) if ctx.has_bias[1] else None
         used = {e for e, _, _ in ctx.segs}
@@ -160,7 +172,8 @@ class _PackedMLP(torch.autograd.Function):
             if gb2 is not None:
                 torch.sum(gy[o:o + n], dim=0, out=gb2[e])
             if gelu:  # while this expert's slice of the activation gradient is in cache
-                torch.ops.aten.gelu_backward.grad_input(ga[o:o + n], h_leaf[o:o + n], grad_input=gh[o:o + n])
+                torch.ops.aten.gelu_backward.grad_input(ga[o:o + n], h_leaf[o:o + n],
+                                                        grad_input=gh[o:o + n])
         if not gelu:
             (gh,) = torch.autograd.grad(a, h_leaf, ga)
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None

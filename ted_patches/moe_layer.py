@@ -50,7 +50,8 @@ class StepMeasurements:
     """What the MoE layers measured over one whole training step on this rank (all its
     micro-batches), handed to them after the optimizer step."""
 
-    expert_counts: dict[int, torch.Tensor]  # MoE layer index -> assignments per expert, before dropping
+    # MoE layer index -> assignments per expert, before dropping
+    expert_counts: dict[int, torch.Tensor]
     skipped: bool  # the optimizer skipped the step (fp16 overflow)
 
 
@@ -63,7 +64,8 @@ def after_optimizer_step(model: torch.nn.Module, measured: StepMeasurements) -> 
 
 
 class MoELayer(torch.nn.Module):
-    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, groups: TEDGroups, layer: Optional[int] = None):
+    def __init__(self, model_cfg: ModelConfig, cfg: MoEConfig, groups: TEDGroups,
+                 layer: Optional[int] = None):
         """`layer`: the index of the transformer layer it stands in (None: stand-alone, as 0)."""
         super().__init__()
         cfg.check_layout(groups.topology)
@@ -89,7 +91,8 @@ class MoELayer(torch.nn.Module):
         pad_free = self.pad_free(x.device)
         routing = self.router(x_TH, pad_free=pad_free)
         self._check_tp_routing(routing)
-        bias = self.dispatcher.fc2_bias(self.experts.b2)  # added inside fc2, before its TP reduction
+        # added inside fc2, before its TP reduction
+        bias = self.dispatcher.fc2_bias(self.experts.b2)
         if pad_free:
             tokens, counts, plan = self.dispatcher.dispatch_packed(x_TH, routing)
             if plan.packed.tight:  # nearly equal counts: one bmm over [E_l, max count, H]
@@ -114,15 +117,17 @@ class MoELayer(torch.nn.Module):
         self.forwards += 1
         if every and tp.size > 1 and (self.forwards - 1) % every == 0:
             try:
-                comm.check_same(routing.checksum(), tp, "MoE routing (experts, kept assignments, slots)")
+                comm.check_same(routing.checksum(), tp,
+                                "MoE routing (experts, kept assignments, slots)")
             except comm.ReplicaMismatch as e:
                 raise comm.ReplicaMismatch(
-                    f"{e}. The TP ranks of this MoE layer routed differently (forward {self.forwards}): DTD and the "
-                    "TP-split experts compute wrong outputs unless every TP rank routes identically. The router's "
-                    "replicated weight or its input has drifted across TP (on GPUs, e.g. 1-ulp differences from "
-                    "non-deterministic reductions flipping an argmax); stopping.") from None
+                    f"{e}. The TP ranks of this MoE layer routed differently (forward "
+                    f"{self.forwards}): DTD and the TP-split experts compute wrong outputs unless "
+                    "every TP rank routes identically. The router's replicated weight or its input "
+                    "has drifted across TP (on GPUs, e.g. 1-ulp differences from non-deterministic "
+                    "reductions flipping an argmax); stopping.") from None
 
     def _aux(self, routing) -> MoEAux:
         loss = self.cfg.aux_loss_coeff * routing.aux_loss + self.cfg.z_loss_coeff * routing.z_loss
-        return MoEAux(self.layer, loss, routing.aux_loss.detach(), routing.z_loss.detach(), routing.keep_A.sum(),
-                      routing.keep_A.numel(), routing.counts_E)
+        return MoEAux(self.layer, loss, routing.aux_loss.detach(), routing.z_loss.detach(),
+                      routing.keep_A.sum(), routing.keep_A.numel(), routing.counts_E)

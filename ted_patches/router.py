@@ -39,11 +39,13 @@ class Routing:
     zero weight."""
 
     expert_A: torch.Tensor  # expert (global id) of each assignment
-    slot_A: torch.Tensor  # its position in the expert's slots, in [0, kept_E[e]); meaningful where keep_A
+    # its position in the expert's slots, in [0, kept_E[e]); meaningful where keep_A
+    slot_A: torch.Tensor
     keep_A: torch.Tensor  # bool: survived the capacity limit
     weight_A: torch.Tensor  # gate weight (fp32, differentiable), exactly 0 where dropped
     kept_E: torch.Tensor  # kept assignments per expert (slots 0 .. kept_E - 1 are used)
-    capacity: Optional[int]  # slots per expert, a multiple of TP (None: padding-free no-drop, unbounded)
+    # slots per expert, a multiple of TP (None: padding-free no-drop, unbounded)
+    capacity: Optional[int]
     aux_loss: torch.Tensor  # unweighted load-balancing loss
     z_loss: torch.Tensor  # unweighted router z-loss
     counts_E: torch.Tensor  # assignments per expert before dropping (all K choices)
@@ -77,12 +79,14 @@ class Routing:
         """An int64 digest of the routing decisions (expert, kept, slot of every assignment) for
         comparing ranks; gate weights are left out (a 1-ulp weight difference is harmless)."""
         A = self.expert_A.numel()
-        code = torch.where(self.keep_A, self.expert_A * (A + 1) + self.slot_A + 1, torch.zeros_like(self.expert_A))
+        code = torch.where(self.keep_A, self.expert_A * (A + 1) + self.slot_A + 1,
+                           torch.zeros_like(self.expert_A))
         mult = torch.arange(A, device=code.device, dtype=torch.int64) * 2654435761 % 4294967291 + 1
         return torch.stack([(code * mult).sum(), self.keep_A.sum()])
 
 
-def token_capacity(num_tokens: int, num_experts: int, topk: int, factor: float, min_capacity: int) -> int:
+def token_capacity(num_tokens: int, num_experts: int, topk: int, factor: float,
+                   min_capacity: int) -> int:
     """ceil(T / E * (cf * k)), at least min_capacity: DeepSpeed's formula, in fp32 as it computes
     it, so the two agree at the rounding edges too."""
     product = np.float32(num_tokens / num_experts) * np.float32(factor * topk)
@@ -100,8 +104,8 @@ def _positions(onehot_AE: torch.Tensor, expert_A: torch.Tensor) -> torch.Tensor:
     return onehot_AE.cumsum(0).gather(1, expert_A[:, None]).squeeze(1) - 1
 
 
-def keep_mask(expert_A: torch.Tensor, prob_A: torch.Tensor, num_experts: int, capacity: int, policy: str,
-              topk: int = 1, onehot_AE: Optional[torch.Tensor] = None):
+def keep_mask(expert_A: torch.Tensor, prob_A: torch.Tensor, num_experts: int, capacity: int,
+              policy: str, topk: int = 1, onehot_AE: Optional[torch.Tensor] = None):
     """Which of the A = K*T assignments (choice-major order) fit, and their slots.
 
     position: DeepSpeed's order. For k <= 2 (its top1/top2 gates) an expert takes all first
@@ -121,7 +125,8 @@ def keep_mask(expert_A: torch.Tensor, prob_A: torch.Tensor, num_experts: int, ca
         tm = lambda t: t.view(topk, T, *t.shape[1:]).transpose(0, 1).reshape(topk * T, *t.shape[1:])  # noqa: E731
         slot_A = _positions(tm(onehot_AE), tm(expert_A)).view(T, topk).t().reshape(-1)
         return slot_A < capacity, slot_A
-    score_AE = torch.where(onehot_AE.bool(), prob_A[:, None], torch.full_like(prob_A[:, None], -1.0))
+    score_AE = torch.where(onehot_AE.bool(), prob_A[:, None],
+                           torch.full_like(prob_A[:, None], -1.0))
     order = score_AE.argsort(dim=0, descending=True, stable=True)[:capacity]
     top_AE = torch.zeros_like(onehot_AE).scatter_(0, order, 1)
     keep_A = (top_AE * onehot_AE).sum(1).bool()
@@ -136,7 +141,8 @@ class Router(torch.nn.Module):
     def __init__(self, hidden_size: int, cfg: MoEConfig, groups: TEDGroups, std: float):
         super().__init__()
         self.cfg, self.groups = cfg, groups
-        self.weight = set_spec(torch.nn.Parameter(torch.empty(cfg.num_experts, hidden_size)), init="normal", std=std)
+        self.weight = set_spec(torch.nn.Parameter(torch.empty(cfg.num_experts, hidden_size)),
+                               init="normal", std=std)
         self.gate = build_gate(cfg, groups)
 
     def forward(self, x_TH: torch.Tensor, pad_free: bool = False) -> Routing:
@@ -163,7 +169,8 @@ class Router(torch.nn.Module):
             kept_E = counts_E
         else:
             capacity = self._capacity(T, counts_E)
-            keep_A, slot_A = keep_mask(expert_A, score_A.detach(), E, capacity, cfg.drop_policy, K, onehot_AE)
+            keep_A, slot_A = keep_mask(expert_A, score_A.detach(), E, capacity, cfg.drop_policy, K,
+                                       onehot_AE)
             if cfg.drop_policy == "probs":
                 kept_E = (onehot_AE * keep_A[:, None]).sum(0)
             else:
@@ -173,9 +180,9 @@ class Router(torch.nn.Module):
         # 4. gate weights (0 for the dropped) and the gate's losses
         weight_A = self.gate.normalize(score_A, keep_A, T, K)
         aux, z_loss = self.gate.losses(logits_TE, scores_TE, idx_TK, onehot_AE[:T].sum(0), counts_E)
-        return Routing(expert_A=expert_A, slot_A=slot_A, keep_A=keep_A, weight_A=weight_A, kept_E=kept_E,
-                       capacity=capacity, aux_loss=aux, z_loss=z_loss, counts_E=counts_E, num_tokens=T, topk=K,
-                       may_drop=cfg.drop_tokens)
+        return Routing(expert_A=expert_A, slot_A=slot_A, keep_A=keep_A, weight_A=weight_A,
+                       kept_E=kept_E, capacity=capacity, aux_loss=aux, z_loss=z_loss,
+                       counts_E=counts_E, num_tokens=T, topk=K, may_drop=cfg.drop_tokens)
 
     def after_step(self, counts_E: torch.Tensor, skipped: bool) -> None:
         """After each optimizer step (ted_patches.moe_layer.after_optimizer_step): to the gate."""
@@ -188,5 +195,6 @@ class Router(torch.nn.Module):
             return token_capacity(num_tokens, cfg.num_experts, cfg.topk, factor, cfg.min_capacity)
         # padded no-drop: room for the fullest expert of any rank this all-to-all talks to (a shape:
         # the one host synchronization of that mode)
-        largest = comm.all_reduce_(counts_E.max().reshape(1).clone(), self.groups.ep, op=dist.ReduceOp.MAX)
+        largest = comm.all_reduce_(counts_E.max().reshape(1).clone(), self.groups.ep,
+                                   op=dist.ReduceOp.MAX)
         return max(int(largest.item()), 1)

@@ -23,6 +23,7 @@ from megatron.checkpoint.files import (
 from megatron.checkpoint.rng_state import read_rng_file
 from megatron.checkpoint.storage import CheckpointError, Parts
 
-__all__ = ["CheckpointConfig", "Checkpointer", "Resumed", "META", "TRACKER", "check_compatible", "check_schedule",
-           "config_dict", "configs_from_meta", "find_checkpoint", "iteration_dir", "read_checkpoint_meta",
-           "read_stored_tensors", "write_model_checkpoint", "read_rng_file", "CheckpointError", "Parts"]
+__all__ = ["CheckpointConfig", "Checkpointer", "Resumed", "META", "TRACKER", "check_compatible",
+           "check_schedule", "config_dict", "configs_from_meta", "find_checkpoint", "iteration_dir",
+           "read_checkpoint_meta", "read_stored_tensors", "write_model_checkpoint", "read_rng_file",
+           "CheckpointError", "Parts"]

@@ -21,15 +21,17 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 
-from megatron.checkpoint.files import (FORMAT, META, find_checkpoint, iteration_dir, make_latest, read_checkpoint_meta,
-                                       write_json)
-from megatron.checkpoint.rng_state import rng_file, save_torch, read_rng_file, rng_state, set_rng_state
-from megatron.checkpoint.storage import (CheckpointError, Parts, SavePlanner, Snapshot, add_range, dcp_load,
-                                         dcp_save, first_failure)
+from megatron.checkpoint.files import (FORMAT, META, find_checkpoint, iteration_dir, make_latest,
+                                       read_checkpoint_meta, write_json)
+from megatron.checkpoint.rng_state import (rng_file, save_torch, read_rng_file, rng_state,
+                                           set_rng_state)
+from megatron.checkpoint.storage import (CheckpointError, Parts, SavePlanner, Snapshot, add_range,
+                                         dcp_load, dcp_save, first_failure)
 from megatron.model.params import ParamSpec, checkpoint_pieces, spec_of, state_buffers
 from megatron.parallel.topology import TEDGroups
 
-STATES = ("model", "exp_avg", "exp_avg_sq")  # stored per parameter, from the optimizer's fp32 buffers
+# stored per parameter, from the optimizer's fp32 buffers
+STATES = ("model", "exp_avg", "exp_avg_sq")
 
 
 def optimizer_parts(model, optimizer, groups: TEDGroups, states=STATES) -> tuple[dict, dict]:
@@ -48,7 +50,8 @@ def optimizer_parts(model, optimizer, groups: TEDGroups, states=STATES) -> tuple
                 pieces = checkpoint_pieces(names[id(p)], p.shape, spec_of(p), groups)
                 buffers = [_state_buffer(fg, s)[a - fg.lo:b - fg.lo] for s in states]
                 for target in (reads, writes) if own else (reads,):
-                    add_range(target, list(states), pieces, p.shape, a - offset, b - offset, buffers)
+                    add_range(target, list(states), pieces, p.shape, a - offset, b - offset,
+                              buffers)
             offset += n
     return reads, writes
 
@@ -115,17 +118,20 @@ class Checkpointer:
         dist.barrier(group=self.pg)
         save_torch(rng_state(model), rng_file(tmp, rank))
         if rank == 0:
-            meta = {**run, "format": FORMAT, "iteration": iteration, "has_optimizer": True, "has_rng": True,
-                    "layout": _layout(self.groups), "optimizer_step": optimizer.step_count,
-                    "loss_scaler": optimizer.scaler.state_dict(), "scheduler": scheduler.state_dict()}
+            meta = {**run, "format": FORMAT, "iteration": iteration, "has_optimizer": True,
+                    "has_rng": True, "layout": _layout(self.groups),
+                    "optimizer_step": optimizer.step_count,
+                    "loss_scaler": optimizer.scaler.state_dict(),
+                    "scheduler": scheduler.state_dict()}
             write_json(os.path.join(tmp, META), meta)
         _, writes = optimizer_parts(model, optimizer, self.groups)
         writes.update(buffer_parts(model, self.groups)[1])
         if self.cfg.async_save:
-            snapshot = {k: Parts(p.shape, {o: v.clone() for o, v in p.views.items()}) for k, p in writes.items()}
+            snapshot = {k: Parts(p.shape, {o: v.clone() for o, v in p.views.items()})
+                        for k, p in writes.items()}
             writer = dcp.FileSystemWriter(tmp, overwrite=False)
-            future = dcp.async_save(snapshot, storage_writer=writer, planner=SavePlanner(), process_group=self.pg,
-                                    async_stager=Snapshot())
+            future = dcp.async_save(snapshot, storage_writer=writer, planner=SavePlanner(),
+                                    process_group=self.pg, async_stager=Snapshot())
             self.pending = (future, iteration)
         else:
             dcp_save(writes, tmp, self.pg)
@@ -140,7 +146,8 @@ class Checkpointer:
         try:
             future.result()
         except dcp.api.CheckpointException as e:
-            raise CheckpointError(f"saving iteration {iteration} failed: {first_failure(e)}") from None
+            raise CheckpointError(
+                f"saving iteration {iteration} failed: {first_failure(e)}") from None
         self._commit(iteration)
 
     def _commit(self, iteration: int) -> None:
@@ -161,7 +168,8 @@ class Checkpointer:
         meta = read_checkpoint_meta(found)
         self.latest = found
         with_optimizer = meta["has_optimizer"] and not (cfg.finetune or cfg.no_load_optim)
-        reads, _ = optimizer_parts(model, optimizer, self.groups, STATES if with_optimizer else ("model",))
+        reads, _ = optimizer_parts(model, optimizer, self.groups,
+                                   STATES if with_optimizer else ("model",))
         reads.update(buffer_parts(model, self.groups)[0])
         dcp_load(reads, found, self.pg)
         optimizer.load_master_weights()
@@ -170,12 +178,15 @@ class Checkpointer:
             optimizer.scaler.load_state_dict(meta["loss_scaler"])
             try:
                 scheduler.load_state_dict(meta["scheduler"])
-            except AssertionError as e:  # megatron-core's own check (check_schedule runs it earlier)
+            except AssertionError as e:
+                # megatron-core's own check (check_schedule runs it earlier)
                 raise CheckpointError(f"{found}: {e}; pass --override-opt_param-scheduler or "
                                       "--use-checkpoint-opt_param-scheduler") from None
         self._load_rng(found, meta, model, log)
-        log(f"> loaded {found} (iteration {meta['iteration']}, saved at {meta.get('layout', {}).get('name', 'one process')}) "
-            f"in {time.time() - start:.2f} s" + ("" if with_optimizer else "; optimizer state not loaded"))
+        log(f"> loaded {found} (iteration {meta['iteration']}, saved at "
+            f"{meta.get('layout', {}).get('name', 'one process')}) "
+            f"in {time.time() - start:.2f} s"
+            + ("" if with_optimizer else "; optimizer state not loaded"))
         if cfg.finetune:
             return Resumed()
         return Resumed(meta["iteration"], meta["consumed_samples"])
@@ -185,7 +196,8 @@ class Checkpointer:
             return
         if meta["layout"]["name"] != _layout(self.groups)["name"]:
             log(f"> RNG states not restored: saved at {meta['layout']['name']}, running at "
-                f"{_layout(self.groups)['name']} (each rank's streams belong to its place in the layout)")
+                f"{_layout(self.groups)['name']} (each rank's streams belong to its place in the "
+                "layout)")
             return
         set_rng_state(model, read_rng_file(folder, self.groups.world.rank))
 

@@ -7,7 +7,8 @@ Layout on disk (Megatron's names):
         .metadata, __<rank>_0.distcp            DCP: every stored tensor (megatron.model.params,
                                                 "stored tensors") as the one-process full tensor
         ted_checkpoint.json                     iteration, consumed samples, scheduler, loss scaler,
-                                                optimizer step, the configs, the layout it was saved at
+                                                optimizer step, the configs, the layout it was
+                                                saved at
         rng/rank_00003.pt                       each rank's RNG states (tensors only)
 
 Atomic: a save writes `iter_N.tmp/`; once every rank has finished, rank 0 renames it to `iter_N/`,
@@ -43,7 +44,8 @@ def iteration_dir(root: str, iteration: int) -> str:
 def config_dict(cfg) -> dict:
     """A frozen config dataclass as JSON-able data (dtypes by name)."""
     out = dataclasses.asdict(cfg)
-    return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v for k, v in out.items()}
+    return {k: str(v).removeprefix("torch.") if isinstance(v, torch.dtype) else v
+            for k, v in out.items()}
 
 
 def configs_from_meta(meta: dict) -> tuple[ModelConfig, Optional[MoEConfig]]:
@@ -57,21 +59,23 @@ def configs_from_meta(meta: dict) -> tuple[ModelConfig, Optional[MoEConfig]]:
     return ModelConfig(**model), moe
 
 
-# Fields whose change changes the stored tensors' shapes or meaning: resuming across one is an error.
+# Fields whose change changes the stored tensors' shapes or meaning: resuming across one is an
+# error.
 SHAPE_FIELDS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "ffn_hidden_size",
-              "max_position_embeddings", "position_embedding_type", "normalization", "swiglu", "add_bias_linear",
-              "untie_embeddings_and_output_weights", "num_query_groups"),
+              "max_position_embeddings", "position_embedding_type", "normalization", "swiglu",
+              "add_bias_linear", "untie_embeddings_and_output_weights", "num_query_groups"),
     "moe": ("num_experts", "experts_per_layer", "layers", "mlp_type", "expert_ffn_hidden_size"),
 }
 
 
 def check_compatible(meta: dict, model: ModelConfig, moe: Optional[MoEConfig], where: str) -> None:
-    """Raise a CheckpointError naming the first model-shape field that differs from the checkpoint."""
+    """Raise a CheckpointError naming the first model-shape field that differs from the
+    checkpoint."""
     if (meta.get("moe") is None) != (moe is None):
         saved = "a dense GPT" if meta.get("moe") is None else "a GPT-MoE"
-        raise CheckpointError(f"{where} holds {saved}; the flags build {'a GPT-MoE' if moe else 'a dense GPT'} "
-                              "(check --num-experts)")
+        raise CheckpointError(f"{where} holds {saved}; the flags build "
+                              f"{'a GPT-MoE' if moe else 'a dense GPT'} (check --num-experts)")
     current = {"model": config_dict(model), "moe": config_dict(moe) if moe else None}
     for section, fields in SHAPE_FIELDS.items():
         if current[section] is None:
@@ -81,8 +85,9 @@ def check_compatible(meta: dict, model: ModelConfig, moe: Optional[MoEConfig], w
             if isinstance(now, tuple):
                 now = list(now)
             if saved != now:
-                raise CheckpointError(f"{where} was saved with {section} {field} = {saved}, the flags give {now}: "
-                                      "the model's shape differs (use the checkpoint's value)")
+                raise CheckpointError(f"{where} was saved with {section} {field} = {saved}, the "
+                                      f"flags give {now}: the model's shape differs (use the "
+                                      "checkpoint's value)")
 
 
 def write_json(path: str, data: dict) -> None:
@@ -100,7 +105,7 @@ def fsync_dir(path: str) -> None:
         os.close(fd)
 
 
-# ---- finding and checking a checkpoint ---------------------------------------------------------------
+# ---- finding and checking a checkpoint -----------------------------------------------------------
 def find_checkpoint(path: str) -> Optional[str]:
     """The iteration folder to load from `path` (a --save folder, or one iter_N folder itself);
     None when `path` does not exist or holds no checkpoint (nothing, or only unfinished .tmp saves).
@@ -115,20 +120,22 @@ def find_checkpoint(path: str) -> Optional[str]:
     if os.path.isfile(tracker):
         text = open(tracker).read().strip()
         if not text.isdigit():
-            raise CheckpointError(f"{tracker} holds {text[:40]!r}, not an iteration number: the file is corrupt")
+            raise CheckpointError(f"{tracker} holds {text[:40]!r}, not an iteration number: the "
+                                  "file is corrupt")
         found = iteration_dir(path, int(text))
         if not os.path.isdir(found):
             raise CheckpointError(f"{tracker} names iteration {text}, but {found} does not exist")
         return found
     entries = os.listdir(path)
-    complete = sorted(e for e in entries if e.startswith("iter_") and os.path.isfile(os.path.join(path, e, META)))
+    complete = sorted(e for e in entries
+                      if e.startswith("iter_") and os.path.isfile(os.path.join(path, e, META)))
     if complete:  # a save that finished but was killed before the tracker was written
         return os.path.join(path, complete[-1])
     if all(e.endswith(".tmp") or e.endswith(".old") for e in entries):
         return None
-    raise CheckpointError(f"{path} holds files but no checkpoint (no {TRACKER}, no iter_* folder): give the "
-                          "--save directory of a run (pretrain_gpt_moe.py --load of an empty or new directory "
-                          "starts from scratch)")
+    raise CheckpointError(f"{path} holds files but no checkpoint (no {TRACKER}, no iter_* folder): "
+                          "give the --save directory of a run (pretrain_gpt_moe.py --load of an "
+                          "empty or new directory starts from scratch)")
 
 
 def read_checkpoint_meta(path: str) -> dict:
@@ -168,8 +175,8 @@ def _check_storage_files(folder: str) -> None:
 
 # ---- one process: stored tensors in and out (tools) -------------------------------------------
 def read_stored_tensors(path: str, prefix: str = "model") -> dict[str, torch.Tensor]:
-    """Every stored tensor of the checkpoint at `path` under `prefix` ("model": the fp32 weights), in
-    full, in this process (no process group needed)."""
+    """Every stored tensor of the checkpoint at `path` under `prefix` ("model": the fp32 weights),
+    in full, in this process (no process group needed)."""
     meta = read_checkpoint_meta(path)
     folder = meta["path"]
     metadata = SafeReader(folder).read_metadata()
@@ -182,12 +189,15 @@ def read_stored_tensors(path: str, prefix: str = "model") -> dict[str, torch.Ten
     return {key[len(prefix) + 1:]: p.views[(0,) * len(p.shape)] for key, p in parts.items()}
 
 
-def write_model_checkpoint(save_dir: str, tensors: dict[str, torch.Tensor], meta: dict, iteration: int = 0) -> str:
+def write_model_checkpoint(save_dir: str, tensors: dict[str, torch.Tensor], meta: dict,
+                           iteration: int = 0) -> str:
     """Write a model-only checkpoint from one process (full stored tensors; no optimizer, no RNG),
-    loadable by pretrain_gpt_moe.py --load with --finetune or --no-load-optim. Returns its folder."""
+    loadable by pretrain_gpt_moe.py --load with --finetune or --no-load-optim. Returns its
+    folder."""
     parts = {f"model.{k}": Parts(tuple(t.shape), {(0,) * t.dim(): t.detach().float().contiguous()})
              for k, t in tensors.items()}
-    meta = {**meta, "format": FORMAT, "iteration": iteration, "has_optimizer": False, "has_rng": False}
+    meta = {**meta, "format": FORMAT, "iteration": iteration, "has_optimizer": False,
+            "has_rng": False}
     meta.setdefault("consumed_samples", 0)
     return _publish(save_dir, iteration, lambda tmp: dcp_save(parts, tmp, None), meta, rank=0)
 
@@ -230,13 +240,14 @@ def check_schedule(meta: dict, config) -> None:
     s, o = config.train.schedule, config.optim
     if s.override or s.use_checkpoint:
         return
-    now = {"max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": s.warmup_steps, "lr_decay_steps": s.decay_steps,
-           "lr_decay_style": s.decay_style, "wd_incr_steps": s.train_iters * s.per_iteration,
+    now = {"max_lr": o.lr, "min_lr": o.min_lr, "lr_warmup_steps": s.warmup_steps,
+           "lr_decay_steps": s.decay_steps, "lr_decay_style": s.decay_style,
+           "wd_incr_steps": s.train_iters * s.per_iteration,
            "start_wd": o.weight_decay, "end_wd": o.weight_decay}
     saved = meta.get("scheduler", {})
     changed = [f"{k} {saved.get(k)} -> {v}" for k, v in now.items() if k in saved and saved[k] != v]
     if changed:
-        raise CheckpointError(f"{meta['path']}: the learning-rate schedule differs from the checkpoint's "
-                              f"({'; '.join(changed)}; steps in {s.unit}): pass --override-opt_param-scheduler to "
-                              "train with the flags' schedule, or --use-checkpoint-opt_param-scheduler to keep the "
-                              "checkpoint's")
+        raise CheckpointError(f"{meta['path']}: the learning-rate schedule differs from the "
+                              f"checkpoint's ({'; '.join(changed)}; steps in {s.unit}): pass "
+                              "--override-opt_param-scheduler to train with the flags' schedule, "
+                              "or --use-checkpoint-opt_param-scheduler to keep the checkpoint's")

@@ -26,7 +26,13 @@ from torch.distributed.checkpoint.metadata import (
     TensorProperties,
     TensorStorageMetadata,
 )
-from torch.distributed.checkpoint.planner import LoadPlan, SavePlan, TensorWriteData, WriteItem, WriteItemType
+from torch.distributed.checkpoint.planner import (
+    LoadPlan,
+    SavePlan,
+    TensorWriteData,
+    WriteItem,
+    WriteItemType,
+)
 from torch.distributed.checkpoint.planner_helpers import create_read_items_for_chunk_list
 from torch.distributed.checkpoint.staging import AsyncStager
 
@@ -112,8 +118,10 @@ class SavePlanner(DefaultSavePlanner):
         for key, parts in self.state_dict.items():
             for offset, view in parts.views.items():
                 chunk = ChunkStorageMetadata(torch.Size(offset), view.shape)
-                data = TensorWriteData(chunk, TensorProperties.create_from_tensor(view), torch.Size(parts.shape))
-                items.append(WriteItem(MetadataIndex(key, torch.Size(offset)), WriteItemType.SHARD, tensor_data=data))
+                data = TensorWriteData(chunk, TensorProperties.create_from_tensor(view),
+                                       torch.Size(parts.shape))
+                items.append(WriteItem(MetadataIndex(key, torch.Size(offset)), WriteItemType.SHARD,
+                                       tensor_data=data))
         self.plan = SavePlan(items)
         return self.plan
 
@@ -139,8 +147,8 @@ class LoadPlanner(DefaultLoadPlanner):
             if not isinstance(md, TensorStorageMetadata):
                 raise CheckpointError(f"{self.where}: holds no tensor {key!r} (the model has it)")
             if tuple(md.size) != tuple(parts.shape):
-                raise CheckpointError(f"{self.where}: {key} has shape {tuple(md.size)} in the checkpoint "
-                                      f"but {tuple(parts.shape)} in the model")
+                raise CheckpointError(f"{self.where}: {key} has shape {tuple(md.size)} in the "
+                                      f"checkpoint but {tuple(parts.shape)} in the model")
             requests += create_read_items_for_chunk_list(key, md, parts.chunks())
         return LoadPlan(requests)
 
@@ -148,7 +156,8 @@ class LoadPlanner(DefaultLoadPlanner):
         return self.state_dict[index.fqn].views[tuple(index.offset)]
 
     def load_bytes(self, read_item, value) -> None:
-        raise CheckpointError(f"{self.where}: holds pickled objects ({read_item.dest_index.fqn}); refused")
+        raise CheckpointError(f"{self.where}: holds pickled objects "
+                              f"({read_item.dest_index.fqn}); refused")
 
 
 class Snapshot(AsyncStager):
@@ -169,19 +178,21 @@ class Snapshot(AsyncStager):
 # ---- reading DCP metadata without running code -----------------------------------------------
 _ALLOWED = {
     ("torch.distributed.checkpoint.metadata", name) for name in (
-        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata", "TensorProperties",
-        "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
+        "Metadata", "TensorStorageMetadata", "BytesStorageMetadata", "ChunkStorageMetadata",
+        "TensorProperties", "MetadataIndex", "StorageMeta", "_MEM_FORMAT_ENCODING")
 } | {
     ("torch.distributed.checkpoint.filesystem", "_StorageInfo"),
     ("torch", "Size"), ("torch.serialization", "_get_layout"), ("torch", "strided"),
     ("torch._utils", "_rebuild_tensor_v2"), ("collections", "OrderedDict"),
-    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("builtins", "set"), ("builtins", "frozenset"),
+    ("pathlib", "PosixPath"), ("pathlib", "PurePosixPath"), ("builtins", "set"),
+    ("builtins", "frozenset"),
 }
 
 
 class _SafeUnpickler(pickle.Unpickler):
     def find_class(self, module, name):
-        if (module, name) in _ALLOWED or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype)):
+        if ((module, name) in _ALLOWED
+                or (module == "torch" and isinstance(getattr(torch, name, None), torch.dtype))):
             return super().find_class(module, name)
         raise CheckpointError(f"refusing to unpickle {module}.{name}")
 
@@ -199,8 +210,10 @@ class SafeReader(dcp.FileSystemReader):
                 metadata = _SafeUnpickler(f).load()
         except CheckpointError as e:
             raise CheckpointError(f"{path}: {e}: not a checkpoint this program wrote") from None
-        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError, TypeError) as e:
-            raise CheckpointError(f"{path} is unreadable or truncated ({type(e).__name__}: {e})") from None
+        except (OSError, EOFError, pickle.UnpicklingError, AttributeError, ValueError,
+                TypeError) as e:
+            raise CheckpointError(
+                f"{path} is unreadable or truncated ({type(e).__name__}: {e})") from None
         if type(metadata).__name__ != "Metadata":
             raise CheckpointError(f"{path}: not DCP metadata")
         from torch.distributed.checkpoint.metadata import StorageMeta
@@ -215,15 +228,16 @@ class SafeReader(dcp.FileSystemReader):
 def dcp_save(parts: dict, folder: str, pg) -> None:
     writer = dcp.FileSystemWriter(folder, overwrite=False)
     try:
-        dcp.save(parts, storage_writer=writer, planner=SavePlanner(), process_group=pg, no_dist=pg is None)
+        dcp.save(parts, storage_writer=writer, planner=SavePlanner(), process_group=pg,
+                 no_dist=pg is None)
     except dcp.api.CheckpointException as e:
         raise CheckpointError(f"saving {folder} failed: {first_failure(e)}") from None
 
 
 def dcp_load(parts: dict, folder: str, pg) -> None:
     try:
-        dcp.load(parts, storage_reader=SafeReader(folder), planner=LoadPlanner(folder), process_group=pg,
-                 no_dist=pg is None)
+        dcp.load(parts, storage_reader=SafeReader(folder), planner=LoadPlanner(folder),
+                 process_group=pg, no_dist=pg is None)
     except dcp.api.CheckpointException as e:
         raise CheckpointError(f"loading {folder} failed: {first_failure(e)}") from None
 

@@ -1,4 +1,5 @@
-"""GPT with Megatron tensor parallelism; see gpt.py for the model and params.py for the parallel plan."""
+"""GPT with Megatron tensor parallelism; see gpt.py for the model and params.py for the parallel
+plan."""
 
 from megatron.model.config import ModelConfig
 from megatron.model.gpt import GPTModel, GPTOutput

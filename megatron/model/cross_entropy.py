@@ -22,9 +22,11 @@ class _VocabParallelCE(torch.autograd.Function):
     def forward(ctx, logits, target, tp: Group):
         logits, logits_max = _Math.calculate_logits_max(logits)
         comm.all_reduce_(logits_max, tp, op=dist.ReduceOp.MAX)
-        start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(logits.size(-1), tp.rank, tp.size)
-        target_mask, masked_target_1d, predicted, sum_exp, exp_logits = _Math.calculate_predicted_logits(
-            logits, target, logits_max, start, end
+        start, end = VocabUtility.vocab_range_from_per_partition_vocab_size(
+            logits.size(-1), tp.rank, tp.size
+        )
+        target_mask, masked_target_1d, predicted, sum_exp, exp_logits = (
+            _Math.calculate_predicted_logits(logits, target, logits_max, start, end)
         )
         comm.all_reduce_(predicted, tp)
         comm.all_reduce_(sum_exp, tp)
@@ -35,11 +37,15 @@ class _VocabParallelCE(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         softmax, target_mask, masked_target_1d = ctx.saved_tensors
-        grad_2d, arange_1d, update, grad_input = _Math.prepare_gradient_calculation_operands(softmax, target_mask)
-        grad = _Math.calculate_gradients(grad_2d, arange_1d, masked_target_1d, update, grad_input, grad_loss)
+        grad_2d, arange_1d, update, grad_input = _Math.prepare_gradient_calculation_operands(
+            softmax, target_mask
+        )
+        grad = _Math.calculate_gradients(grad_2d, arange_1d, masked_target_1d, update, grad_input,
+                                         grad_loss)
         return grad, None, None
 
 
-def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor, tp: Group) -> torch.Tensor:
+def vocab_parallel_cross_entropy(logits: torch.Tensor, target: torch.Tensor,
+                                 tp: Group) -> torch.Tensor:
     """Per-token loss [...] from vocab-split logits [..., V/TP] (fp32 math)."""
     return _VocabParallelCE.apply(logits, target, tp)

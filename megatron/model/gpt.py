@@ -50,19 +50,22 @@ class GPTModel(torch.nn.Module):
         std = cfg.init_method_std
 
         self.embedding = VocabParallelEmbedding(
-            cfg.padded_vocab_size, cfg.hidden_size, init_method=_no_init, config=mp, tp_group=groups.tp.pg
+            cfg.padded_vocab_size, cfg.hidden_size, init_method=_no_init, config=mp,
+            tp_group=groups.tp.pg
         )
         set_spec(self.embedding.weight, init="normal", std=std, tp_dim=0, rows=cfg.vocab_size)
         self.position_embedding = None
         self.rotary = None
         if cfg.position_embedding_type == "learned_absolute":
-            self.position_embedding = torch.nn.Embedding(cfg.max_position_embeddings, cfg.hidden_size)
+            self.position_embedding = torch.nn.Embedding(cfg.max_position_embeddings,
+                                                         cfg.hidden_size)
             set_spec(self.position_embedding.weight, init="normal", std=std)
         elif cfg.position_embedding_type == "rope":
             self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
 
-        self.layers = torch.nn.ModuleList(TransformerLayer(cfg, mp, groups, self.rng, mlp(i) if mlp else None)
-                                          for i in range(cfg.num_layers))
+        self.layers = torch.nn.ModuleList(
+            TransformerLayer(cfg, mp, groups, self.rng, mlp(i) if mlp else None)
+            for i in range(cfg.num_layers))
         # Activation checkpointing (set by ted_patches.cac.apply_recompute): layer ranges run
         # under one checkpoint each, and, for communication-aware checkpointing, the factory of
         # the stash that keeps their collectives' outputs for the recompute.
@@ -71,8 +74,8 @@ class GPTModel(torch.nn.Module):
         self.final_norm = build_norm(cfg)
         # The output layer shares the embedding weight unless untied (then it has its own).
         untied = cfg.untie_embeddings_and_output_weights
-        self.output = column_linear(mp, groups, cfg.hidden_size, cfg.padded_vocab_size, std=std, bias=False,
-                                    weight=untied, rows=cfg.vocab_size)
+        self.output = column_linear(mp, groups, cfg.hidden_size, cfg.padded_vocab_size, std=std,
+                                    bias=False, weight=untied, rows=cfg.vocab_size)
         # This rank's vocabulary slice and how much of it is padding (masked out of the softmax).
         local = cfg.padded_vocab_size // groups.tp.size
         self.real_local_vocab = min(local, max(0, cfg.vocab_size - groups.tp.rank * local))
@@ -93,7 +96,8 @@ class GPTModel(torch.nn.Module):
         for start, end, recompute in self._segments():
             if recompute:
                 stash = self.checkpoint_stash() if self.checkpoint_stash else None
-                x, seg_aux = checkpoint(self._run_layers, x, rope, start, end, rng=self.rng, stash=stash)
+                x, seg_aux = checkpoint(self._run_layers, x, rope, start, end, rng=self.rng,
+                                        stash=stash)
             else:
                 x, seg_aux = self._run_layers(x, rope, start, end)
             aux += seg_aux

@@ -77,7 +77,8 @@ def model_state(model: torch.nn.Module):
 def spec_of(param: torch.Tensor) -> ParamSpec:
     spec = getattr(param, "ted_spec", None)
     if spec is None:
-        raise AttributeError("parameter has no ParamSpec: every parameter must be created with set_spec()")
+        raise AttributeError("parameter has no ParamSpec: every parameter must be created with "
+                             "set_spec()")
     return spec
 
 
@@ -131,7 +132,8 @@ def init_parameters(model: torch.nn.Module, seed: int, groups: TEDGroups) -> Non
             for i in range(p.shape[0]):
                 global_id = groups.ep.rank * p.shape[0] + i
                 full = _draw(spec, shape, _seed(seed, name, global_id))
-                p[i].copy_(full if tp_dim is None else shard(full, tp_dim, tp_rank, tp_size, spec.tp_stride))
+                p[i].copy_(full if tp_dim is None
+                           else shard(full, tp_dim, tp_rank, tp_size, spec.tp_stride))
         else:
             full = _draw(spec, _full_shape(p.shape, spec.tp_dim, tp_size), _seed(seed, name, None))
             if spec.tp_dim is not None:
@@ -191,7 +193,8 @@ def checkpoint_pieces(name: str, local_shape, spec: ParamSpec, groups: TEDGroups
         units, inner, tp_dim = [(name, None)], tuple(local_shape), spec.tp_dim
     pieces = []
     for key, expert in units:
-        for part_key, start, size, offset, shape in _tp_parts(key, inner, tp_dim, spec, groups.tp.rank, groups.tp.size):
+        for part_key, start, size, offset, shape in _tp_parts(key, inner, tp_dim, spec,
+                                                              groups.tp.rank, groups.tp.size):
             if expert is not None:
                 start, size = (expert, *start), (1, *size)
             pieces.append(Piece(part_key, shape, start, size, offset, expert is not None))
@@ -221,14 +224,15 @@ def _tp_parts(key, inner, tp_dim, spec: ParamSpec, tp_rank: int, tp_size: int):
 def stored_tensors(model: torch.nn.Module, groups: TEDGroups) -> dict[str, torch.Tensor]:
     """{stored name: tensor} of a one-process model (TP = EP = 1): views, no copies."""
     if groups.tp.size > 1 or groups.ep.size > 1:
-        raise ValueError("stored_tensors needs a one-process layout; checkpoints of any layout are read "
-                         "with megatron.checkpoint")
+        raise ValueError("stored_tensors needs a one-process layout; checkpoints of any layout are "
+                         "read with megatron.checkpoint")
     return {piece.key: piece.local_view(t.detach()) for name, t, spec in model_state(model)
             for piece in checkpoint_pieces(name, t.shape, spec, groups)}
 
 
 @torch.no_grad()
-def load_stored_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor], groups: TEDGroups) -> None:
+def load_stored_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor],
+                        groups: TEDGroups) -> None:
     """Copy this rank's parts of full stored tensors into the model's parameters and state buffers
     (any layout). Raises KeyError / ValueError naming the first missing or mis-shaped tensor."""
     for name, p, spec in model_state(model):
@@ -237,5 +241,6 @@ def load_stored_tensors(model: torch.nn.Module, tensors: dict[str, torch.Tensor]
                 raise KeyError(f"no tensor {piece.key!r} for {name}")
             full = tensors[piece.key]
             if tuple(full.shape) != piece.global_shape:
-                raise ValueError(f"{piece.key}: stored shape {tuple(full.shape)} != model shape {piece.global_shape}")
+                raise ValueError(f"{piece.key}: stored shape {tuple(full.shape)} != model shape "
+                                 f"{piece.global_shape}")
             piece.local_view(p).copy_(full[piece.global_index()])

@@ -44,7 +44,8 @@ def output_std(cfg: ModelConfig) -> float:
     return cfg.init_method_std / math.sqrt(2.0 * cfg.num_layers)
 
 
-def column_linear(mp, groups, in_size, out_size, *, std, bias, stride=1, weight=True, rows=None) -> ColumnParallelLinear:
+def column_linear(mp, groups, in_size, out_size, *, std, bias, stride=1, weight=True,
+                  rows=None) -> ColumnParallelLinear:
     layer = ColumnParallelLinear(
         in_size, out_size, config=mp, init_method=_no_init, bias=bias, gather_output=False,
         stride=stride, skip_weight_param_allocation=not weight, tp_group=groups.tp.pg,
@@ -97,7 +98,8 @@ class RotaryEmbedding(torch.nn.Module):
     def forward(self, position_ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """cos, sin of shape [b, 1, s, head_dim] for the given positions [b, s]."""
         d = self.head_dim
-        inv_freq = 1.0 / (self.base ** (torch.arange(0, d, 2, dtype=torch.float32, device=position_ids.device) / d))
+        inv_freq = 1.0 / (self.base ** (torch.arange(0, d, 2, dtype=torch.float32,
+                                                     device=position_ids.device) / d))
         freqs = position_ids.float().unsqueeze(-1) * inv_freq
         emb = torch.cat([freqs, freqs], dim=-1).unsqueeze(1)
         return emb.cos(), emb.sin()
@@ -126,7 +128,8 @@ class SelfAttention(torch.nn.Module):
         self.heads = self.groups * self.per_group
         h, d = cfg.hidden_size, cfg.head_dim
         qkv_size = cfg.num_query_groups * (self.per_group + 2) * d
-        self.qkv = column_linear(mp, groups, h, qkv_size, std=cfg.init_method_std, bias=cfg.add_bias_linear)
+        self.qkv = column_linear(mp, groups, h, qkv_size, std=cfg.init_method_std,
+                                 bias=cfg.add_bias_linear)
         self.proj = row_linear(mp, groups, h, h, std=output_std(cfg), bias=cfg.add_bias_linear)
 
     def forward(self, x_BSH: torch.Tensor, rope: Optional[tuple]) -> torch.Tensor:
@@ -152,7 +155,8 @@ class SelfAttention(torch.nn.Module):
         if p == 0:
             return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
         with self.rng.fork():  # dropout on this rank's heads: a per-TP-rank stream
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True, enable_gqa=gqa)
+            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
+                                                  enable_gqa=gqa)
 
 
 class MLP(torch.nn.Module):
@@ -163,7 +167,8 @@ class MLP(torch.nn.Module):
         f = cfg.ffn_hidden_size
         self.fc1 = column_linear(mp, groups, cfg.hidden_size, stride * f, std=cfg.init_method_std,
                                  bias=cfg.add_bias_linear, stride=stride)
-        self.fc2 = row_linear(mp, groups, f, cfg.hidden_size, std=output_std(cfg), bias=cfg.add_bias_linear)
+        self.fc2 = row_linear(mp, groups, f, cfg.hidden_size, std=output_std(cfg),
+                              bias=cfg.add_bias_linear)
 
     def forward(self, x: torch.Tensor):
         h, _ = self.fc1(x)
@@ -173,7 +178,8 @@ class MLP(torch.nn.Module):
 
 class TransformerLayer(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, mp, groups: TEDGroups, rng: TPRandom, mlp=None):
-        """`mlp`: the feed-forward block (e.g. an MoE layer returning (y, aux)); None: the dense MLP."""
+        """`mlp`: the feed-forward block (e.g. an MoE layer returning (y, aux)); None: the dense
+        MLP."""
         super().__init__()
         self.hidden_dropout = cfg.hidden_dropout
         self.input_norm = build_norm(cfg)
@@ -182,6 +188,7 @@ class TransformerLayer(torch.nn.Module):
         self.mlp = MLP(cfg, mp, groups) if mlp is None else mlp
 
     def forward(self, x: torch.Tensor, rope: Optional[tuple]):
-        x = x + F.dropout(self.attention(self.input_norm(x), rope), self.hidden_dropout, self.training)
+        x = x + F.dropout(self.attention(self.input_norm(x), rope), self.hidden_dropout,
+                          self.training)
         h, aux = self.mlp(self.post_attention_norm(x))
         return x + F.dropout(h, self.hidden_dropout, self.training), aux

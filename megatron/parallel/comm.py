@@ -65,7 +65,8 @@ def _record(kind: str, group: Group, tensor: torch.Tensor) -> None:
 
 # ---- the forward-output stash behind communication-aware checkpointing (ted_patches/cac.py) -----
 class CommStashMismatch(RuntimeError):
-    """The recompute asked a CAC stash for a collective other than the one recorded at that position."""
+    """The recompute asked a CAC stash for a collective other than the one recorded at that
+    position."""
 
 
 class CommStash:
@@ -100,13 +101,15 @@ class CommStash:
         i = self.position
         if i >= len(self.outputs):
             raise CommStashMismatch(
-                f"CAC replay: the recompute issues collective #{i} {_describe(key)}, but the forward recorded "
-                f"only {len(self.outputs)}: the recomputed region does not repeat the forward's collectives")
+                f"CAC replay: the recompute issues collective #{i} {_describe(key)}, but the "
+                f"forward recorded only {len(self.outputs)}: the recomputed region does not repeat "
+                "the forward's collectives")
         if self.keys[i] != key:
             raise CommStashMismatch(
-                f"CAC replay: collective #{i} of the recompute is {_describe(key)}, the forward recorded "
-                f"{_describe(self.keys[i])} there: the recompute diverged from the forward (different routing "
-                "or control flow), so the kept output would be the wrong tensor")
+                f"CAC replay: collective #{i} of the recompute is {_describe(key)}, the forward "
+                f"recorded {_describe(self.keys[i])} there: the recompute diverged from the "
+                "forward (different routing or control flow), so the kept output would be the "
+                "wrong tensor")
         self.position = i + 1
         return self.outputs[i]
 
@@ -116,7 +119,8 @@ def _describe(key: tuple) -> str:
     return f"{kind} over {group} -> {list(shape)} {str(dtype).replace('torch.', '')}"
 
 
-_ACTIVE_STASH: contextvars.ContextVar[Optional[CommStash]] = contextvars.ContextVar("ted_comm_stash", default=None)
+_ACTIVE_STASH: contextvars.ContextVar[Optional[CommStash]] = contextvars.ContextVar(
+    "ted_comm_stash", default=None)
 
 
 def _communicate(kind: str, group: Group, x: torch.Tensor, run, out_shape) -> torch.Tensor:
@@ -164,8 +168,8 @@ def raw_all_to_all_var(x: torch.Tensor, group: Group, send: list[int], recv: lis
         out = x.new_empty(rows, *x.shape[1:])
         if rows > sum(recv):
             out[sum(recv):].zero_()
-        dist.all_to_all_single(out[:sum(recv)], x, output_split_sizes=list(recv), input_split_sizes=list(send),
-                               group=group.pg)
+        dist.all_to_all_single(out[:sum(recv)], x, output_split_sizes=list(recv),
+                               input_split_sizes=list(send), group=group.pg)
         return out
 
     return _communicate("all_to_all", group, x, run, (rows, *x.shape[1:]))
@@ -234,7 +238,8 @@ def _collective(name: str, contract: str, forward, backward):
     def bwd(ctx, grad):
         return backward(grad, ctx.group), None
 
-    fn = type(name, (torch.autograd.Function,), {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
+    fn = type(name, (torch.autograd.Function,),
+              {"forward": staticmethod(fwd), "backward": staticmethod(bwd)})
 
     def apply(x: torch.Tensor, group: Group) -> torch.Tensor:
         return forward(x, group) if group.size == 1 else fn.apply(x, group)
@@ -255,21 +260,24 @@ def _all_reduce_copy(x, group):
     return x if group.size == 1 else all_reduce_(x.contiguous().clone(), group)
 
 
-all_to_all = _collective("all_to_all", "all-to-all over dim 0; backward: all-to-all.", raw_all_to_all, raw_all_to_all)
+all_to_all = _collective("all_to_all", "all-to-all over dim 0; backward: all-to-all.",
+                         raw_all_to_all, raw_all_to_all)
 drop = _collective("drop", "[n, ...] replicated -> keep my entry of dim 0; backward: all-gather.",
                    _mine, raw_all_gather)
 gather_to_replicated = _collective(
     "gather_to_replicated", "all-gather into a new dim 0; backward: keep my entry (the consumer is "
     "replicated, so every rank holds the same full gradient).", raw_all_gather, _mine)
 gather_to_split = _collective(
-    "gather_to_split", "all-gather into a new dim 0; backward: reduce-scatter (the consumer is split over "
-    "the group, so each rank's gradient is a partial sum).", raw_all_gather, raw_reduce_scatter)
-reduce_scatter = _collective("reduce_scatter", "[n, ...] partial sums -> summed, my entry of dim 0; "
-                             "backward: all-gather.", raw_reduce_scatter, raw_all_gather)
-copy_to_split = _collective("copy_to_split", "identity into a region split over the group; backward: "
-                            "all-reduce of the partial grads.", _identity, _all_reduce_copy)
-reduce_from_split = _collective("reduce_from_split", "all-reduce of partial outputs; backward: identity.",
-                                _all_reduce_copy, _identity)
+    "gather_to_split", "all-gather into a new dim 0; backward: reduce-scatter (the consumer is "
+    "split over the group, so each rank's gradient is a partial sum).", raw_all_gather,
+    raw_reduce_scatter)
+reduce_scatter = _collective("reduce_scatter", "[n, ...] partial sums -> summed, my entry of "
+                             "dim 0; backward: all-gather.", raw_reduce_scatter, raw_all_gather)
+copy_to_split = _collective("copy_to_split", "identity into a region split over the group; "
+                            "backward: all-reduce of the partial grads.", _identity,
+                            _all_reduce_copy)
+reduce_from_split = _collective("reduce_from_split", "all-reduce of partial outputs; backward: "
+                                "identity.", _all_reduce_copy, _identity)
 
 
 class _AllToAllVar(torch.autograd.Function):
@@ -318,11 +326,12 @@ def check_same(value: torch.Tensor, group: Group, what: str) -> None:
     if hi != [-n for n in neg_lo]:
         mine = v.to("cpu", copy=True).tolist()
         raise ReplicaMismatch(
-            f"{what} differs across the {group.name.upper()} group {list(group.ranks)} (rank {group.rank} of it "
-            f"has checksum {mine}, the group's max {hi}, min {[-n for n in neg_lo]})")
+            f"{what} differs across the {group.name.upper()} group {list(group.ranks)} "
+            f"(rank {group.rank} of it has checksum {mine}, the group's max {hi}, "
+            f"min {[-n for n in neg_lo]})")
 
 
-# ---- asynchronous collectives (gradient and parameter buckets overlapped with compute) -------------
+# ---- asynchronous collectives (gradient and parameter buckets overlapped with compute) ----------
 def all_reduce_async(x: torch.Tensor, group: Group):
     """Start an in-place sum over the group; returns the work to wait on (None: nothing to do)."""
     if group.size == 1:
@@ -332,7 +341,8 @@ def all_reduce_async(x: torch.Tensor, group: Group):
 
 
 def reduce_scatter_async(out: torch.Tensor, x: torch.Tensor, group: Group):
-    """Start the sum of the flat `x` over the group into this rank's 1/n part `out` (a separate buffer)."""
+    """Start the sum of the flat `x` over the group into this rank's 1/n part `out` (a separate
+    buffer)."""
     _record("reduce_scatter", group, x)
     return _reduce_scatter_single(out, x, group=group.pg, async_op=True)
 

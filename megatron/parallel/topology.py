@@ -27,7 +27,8 @@ class LayoutError(FieldError):
     The sizes a layout must divide are named by their callers ({field} templates or plain text)."""
 
 
-def valid_layouts(world_size: int, tp_divides: Mapping[str, int] = {}, ep_divides: Mapping[str, int] = {}):
+def valid_layouts(world_size: int, tp_divides: Mapping[str, int] = {},
+                  ep_divides: Mapping[str, int] = {}):
     """Every (TP, EP) the run could use: TP divides the world and each size split over TP (heads,
     hidden, FFN), EP divides the data-parallel size and each size split over EP (experts)."""
     return [
@@ -45,8 +46,8 @@ def check_layout(world_size: int, tp: int, ep: int, *, tp_divides: Mapping[str, 
     only sizes that are valid for the whole layout: TP sizes that work with this EP, EP sizes
     that work with this TP (the one place every layout suggestion is made)."""
     if tp < 1 or ep < 1 or world_size < 1:
-        raise LayoutError(f"--tensor-model-parallel-size ({tp}), --expert-model-parallel-size ({ep}) "
-                          f"and the world size ({world_size}) must be >= 1")
+        raise LayoutError(f"--tensor-model-parallel-size ({tp}), --expert-model-parallel-size "
+                          f"({ep}) and the world size ({world_size}) must be >= 1")
     layouts = valid_layouts(world_size, tp_divides, ep_divides)
     tp_valid = [t for t, e in layouts if e == ep] or sorted({t for t, _ in layouts})
     ep_valid = [e for t, e in layouts if t == tp]
@@ -56,7 +57,8 @@ def check_layout(world_size: int, tp: int, ep: int, *, tp_divides: Mapping[str, 
         raise LayoutError(f"{problem}; {hint}")
 
     if world_size % tp:
-        fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}", tp_valid)
+        fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}",
+             tp_valid)
     for flag, value in tp_divides.items():
         if value % tp:
             fail(f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}", tp_valid)
@@ -95,7 +97,8 @@ class Topology:
         return Coords(tp=tp, dp=dp, ep=dp % self.ep, edp=dp // self.ep)
 
     def rank(self, tp: int = 0, dp: Optional[int] = None, ep: int = 0, edp: int = 0) -> int:
-        """Rank of the given coordinates; `dp` or the pair (`ep`, `edp`) names the data-parallel slot."""
+        """Rank of the given coordinates; `dp` or the pair (`ep`, `edp`) names the data-parallel
+        slot."""
         if dp is None:
             dp = ep + self.ep * edp
         return tp + self.tp * dp
@@ -122,7 +125,8 @@ class Topology:
         ]
 
     def describe(self) -> str:
-        return f"TP={self.tp} EP={self.ep} DP={self.dp} expert-DP={self.edp} (world {self.world_size})"
+        return (f"TP={self.tp} EP={self.ep} DP={self.dp} expert-DP={self.edp} "
+                f"(world {self.world_size})")
 
 
 @dataclass(frozen=True)

@@ -67,4 +67,5 @@ class Config:
     data: DataConfig
     checkpoint: CheckpointConfig
     exit: ExitConfig
-    notices: tuple[str, ...] = ()  # the peers' flags that were mapped or have no effect: printed once
+    # the peers' flags that were mapped or have no effect: printed once
+    notices: tuple[str, ...] = ()

@@ -41,10 +41,12 @@ class StepSums:
         self.losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double()
         for aux in out.aux:
             counts = self.expert_counts.get(aux.layer)
-            self.expert_counts[aux.layer] = aux.counts_E if counts is None else counts + aux.counts_E
+            self.expert_counts[aux.layer] = (aux.counts_E if counts is None
+                                             else counts + aux.counts_E)
 
 
-def forward_backward(model, microbatches: list[dict], loss_scale: float, before_last=None) -> StepSums:
+def forward_backward(model, microbatches: list[dict], loss_scale: float,
+                     before_last=None) -> StepSums:
     """Accumulate gradients of the mean loss over `microbatches`; returns their sums.
     `before_last()` runs before the last micro-batch (the optimizer's overlapped reduction)."""
     n = len(microbatches)
@@ -58,19 +60,23 @@ def forward_backward(model, microbatches: list[dict], loss_scale: float, before_
     return sums
 
 
-def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TEDGroups) -> StepMetrics:
+def train_step(model, optimizer: Optimizer, microbatches: list[dict],
+               groups: TEDGroups) -> StepMetrics:
     start = time.perf_counter()
     optimizer.zero_grad()
-    sums = forward_backward(model, microbatches, optimizer.scaler.scale, optimizer.before_last_backward)
+    sums = forward_backward(model, microbatches, optimizer.scaler.scale,
+                            optimizer.before_last_backward)
     optimizer.reduce_gradients()
     losses = reduce_losses(sums.losses / len(microbatches), groups)
-    if optimizer.cfg.check_for_nan and not optimizer.cfg.fp16 and not all(map(math.isfinite, losses)):
+    if (optimizer.cfg.check_for_nan and not optimizer.cfg.fp16
+            and not all(map(math.isfinite, losses))):
         raise NonFiniteError(f"the lm loss is {losses[0]} (moe aux loss {losses[1]})")
     middle = time.perf_counter()
     result = optimizer.step()
     after_optimizer_step(model, StepMeasurements(sums.expert_counts, result.skipped))
     timers = {"forward-backward": middle - start, "optimizer": time.perf_counter() - middle}
-    return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale, timers)
+    return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale,
+                       timers)
 
 
 def reduce_losses(values: torch.Tensor, groups: TEDGroups) -> list[float]:

@@ -21,7 +21,8 @@ def flops_per_iteration(cfg: Config) -> float:
     h, s, f = m.hidden_size, t.seq_length, m.ffn_hidden_size
     mlp = (6 if m.swiglu else 4) * h * f
     qkv = 2 * h * (m.num_attention_heads + 2 * m.num_query_groups) * m.head_dim
-    per_layer = [qkv + 2 * h * h + 4 * s * h + mlp for _ in range(m.num_layers)]  # qkv, proj, scores+context, mlp
+    # qkv, proj, scores+context, mlp
+    per_layer = [qkv + 2 * h * h + 4 * s * h + mlp for _ in range(m.num_layers)]
     if cfg.moe is not None:
         fe = cfg.moe.expert_ffn_hidden_size or f
         expert = (6 if m.swiglu else 4) * h * fe
@@ -44,7 +45,8 @@ class TrainLog:
         if enabled and cfg.train.tensorboard_dir:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.writer = SummaryWriter(log_dir=cfg.train.tensorboard_dir, max_queue=cfg.train.tensorboard.queue_size)
+            self.writer = SummaryWriter(log_dir=cfg.train.tensorboard_dir,
+                                        max_queue=cfg.train.tensorboard.queue_size)
         self._reset()
         self.flops = flops_per_iteration(cfg)
 
@@ -53,7 +55,8 @@ class TrainLog:
         self.count = self.skipped = self.nans = 0
         self.t0 = time.time()
 
-    def step(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int, timers: dict) -> None:
+    def step(self, iteration: int, metrics: StepMetrics, lr: float, consumed: int,
+             timers: dict) -> None:
         if metrics.skipped:
             self.skipped += 1
         elif not math.isfinite(metrics.lm_loss):
@@ -63,7 +66,8 @@ class TrainLog:
             self.sum_aux += metrics.aux_loss
             self.sum_norm += metrics.grad_norm
             self.count += 1
-        if self.writer is not None and not metrics.skipped and iteration % self.cfg.train.tensorboard.log_interval == 0:
+        if (self.writer is not None and not metrics.skipped
+                and iteration % self.cfg.train.tensorboard.log_interval == 0):
             for name, value in self._scalars(metrics, lr, timers):
                 self.writer.add_scalar(name, value, iteration)
         if iteration % self.cfg.train.log_interval == 0 or iteration == self.cfg.train.train_iters:
@@ -72,8 +76,9 @@ class TrainLog:
     def _scalars(self, metrics: StepMetrics, lr: float, timers: dict):
         """(tag, value) pairs for TensorBoard, as Megatron names them."""
         tb = self.cfg.train.tensorboard
-        yield from (("lm-loss", metrics.lm_loss), ("moe-aux-loss", metrics.aux_loss), ("grad-norm", metrics.grad_norm),
-                    ("learning-rate", lr), ("loss-scale", metrics.loss_scale))
+        yield from (("lm-loss", metrics.lm_loss), ("moe-aux-loss", metrics.aux_loss),
+                    ("grad-norm", metrics.grad_norm), ("learning-rate", lr),
+                    ("loss-scale", metrics.loss_scale))
         if tb.batch_size:
             yield "batch-size", self.cfg.train.global_batch_size
         if tb.timers:
@@ -97,9 +102,12 @@ class TrainLog:
         line = (
             f" iteration {iteration:8d}/{t.train_iters:8d} | consumed samples: {consumed:12d} |"
             f" elapsed time per iteration (ms): {per_iter * 1000:.1f} | learning rate: {lr:.6E} |"
-            f" global batch size: {t.global_batch_size:5d} |{losses} loss scale: {metrics.loss_scale:.1f} |"
-            f" number of skipped iterations: {self.skipped:3d} | number of nan iterations: {self.nans:3d} |"
-            f" tokens per second: {tokens_per_s:.1f} | TFLOP/s per device: {tflops:.3f} | ETA: {eta} |"
+            f" global batch size: {t.global_batch_size:5d} |{losses}"
+            f" loss scale: {metrics.loss_scale:.1f} |"
+            f" number of skipped iterations: {self.skipped:3d} |"
+            f" number of nan iterations: {self.nans:3d} |"
+            f" tokens per second: {tokens_per_s:.1f} | TFLOP/s per device: {tflops:.3f} |"
+            f" ETA: {eta} |"
         )
         if self.enabled:
             print(line, flush=True)
@@ -108,7 +116,8 @@ class TrainLog:
     def evaluation(self, iteration: int, name: str, loss: float) -> None:
         if not self.enabled:
             return
-        text = f" {name} loss at iteration {iteration} | lm loss value: {loss:.6E} | lm loss PPL: {math.exp(min(loss, 20)):.6E} |"
+        text = (f" {name} loss at iteration {iteration} | lm loss value: {loss:.6E} |"
+                f" lm loss PPL: {math.exp(min(loss, 20)):.6E} |")
         print("-" * len(text), text, "-" * len(text), sep="\n", flush=True)
         if self.writer is not None:
             self.writer.add_scalar(f"lm-loss {name}", loss, iteration)

@@ -14,11 +14,13 @@ class ScheduleConfig:
     decay_steps: int
     train_iters: int  # iterations to run (--train-iters, --train-samples, cut by --train-tokens)
     decay_style: str = "linear"
-    override: bool = False  # --override-opt_param-scheduler: the flags win over a checkpoint's schedule
+    # --override-opt_param-scheduler: the flags win over a checkpoint's schedule
+    override: bool = False
     use_checkpoint: bool = False  # --use-checkpoint-opt_param-scheduler: the checkpoint's wins
 
 
-def build_scheduler(optimizer, schedule: ScheduleConfig, lr: float, min_lr: float, weight_decay: float):
+def build_scheduler(optimizer, schedule: ScheduleConfig, lr: float, min_lr: float,
+                    weight_decay: float):
     from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 
     return OptimizerParamScheduler(

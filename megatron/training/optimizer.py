@@ -58,12 +58,14 @@ class OptimizerConfig:
     loss_scale_window: int = 1000
     hysteresis: int = 2
     accumulate_grads_in_fp32: bool = False
-    check_for_nan: bool = True  # bf16 / fp32: a non-finite gradient norm stops training (fp16 skips the step)
+    # bf16 / fp32: a non-finite gradient norm stops training (fp16 skips the step)
+    check_for_nan: bool = True
     # Buckets: each flat group is cut into parameter-aligned buckets of about this many elements
     # (None: one bucket per flat group). The reductions are the same with and without overlap.
     bucket_size: Optional[int] = None
     overlap_grad_reduce: bool = False  # a bucket's reduction starts once its last gradient is in
-    overlap_param_gather: bool = False  # ZeRO-1: a bucket's all-gather is waited for by the next forward
+    # ZeRO-1: a bucket's all-gather is waited for by the next forward
+    overlap_param_gather: bool = False
 
 
 class NonFiniteError(RuntimeError):
@@ -79,7 +81,8 @@ class LossScaler:
     def __init__(self, cfg: OptimizerConfig):
         self.dynamic = cfg.fp16 and cfg.loss_scale is None
         self.scale = (cfg.loss_scale or cfg.initial_loss_scale) if cfg.fp16 else 1.0
-        self.min_scale, self.window, self.hysteresis = cfg.min_loss_scale, cfg.loss_scale_window, cfg.hysteresis
+        self.min_scale, self.window, self.hysteresis = (cfg.min_loss_scale, cfg.loss_scale_window,
+                                                        cfg.hysteresis)
         self._clean, self._overflows_left = 0, cfg.hysteresis
 
     def state_dict(self) -> dict:
@@ -87,7 +90,8 @@ class LossScaler:
 
     def load_state_dict(self, state: dict) -> None:
         if self.dynamic:  # a static scale is whatever the flags say now
-            self.scale, self._clean, self._overflows_left = state["scale"], state["clean"], state["overflows_left"]
+            self.scale, self._clean, self._overflows_left = (state["scale"], state["clean"],
+                                                             state["overflows_left"])
 
     def update(self, overflow: bool) -> None:
         if not self.dynamic:
@@ -105,7 +109,8 @@ class LossScaler:
                 self.scale *= 2.0
 
 
-def adamw_(p, g, m, v, *, step: int, lr: float, beta1: float, beta2: float, eps: float, wd: float) -> None:
+def adamw_(p, g, m, v, *, step: int, lr: float, beta1: float, beta2: float, eps: float,
+           wd: float) -> None:
     """In-place AdamW on fp32 tensors, as torch.optim.AdamW computes it."""
     if wd:
         p.mul_(1.0 - lr * wd)
@@ -123,7 +128,8 @@ class FlatGroup:
 
     def __init__(self, params: list, group: Group, *, shard: bool, decay: bool, tp_split: bool,
                  grad_dtype: torch.dtype, dp_size: int):
-        self.params, self.group, self.decay, self.tp_split, self.shard = params, group, decay, tp_split, shard
+        self.params, self.group, self.decay, self.tp_split, self.shard = (params, group, decay,
+                                                                          tp_split, shard)
         self.dp_size = dp_size
         nshards = group.size if shard else 1
         numel = sum(p.numel() for p in params)
@@ -203,7 +209,8 @@ class FlatGroup:
             return
         per = self.hi - self.lo
         if tile <= 0:
-            comm.all_gather_into(self.param_buf, self.param_buf[self.lo:self.hi].clone(), self.group)
+            comm.all_gather_into(self.param_buf, self.param_buf[self.lo:self.hi].clone(),
+                                 self.group)
             return
         shards = self.param_buf.view(n, per)
         step = max(1, tile // n)  # the gathered [n, step] buffer holds at most `tile` elements
@@ -242,9 +249,10 @@ class Optimizer:
             grad_dtype = torch.float32 if cfg.accumulate_grads_in_fp32 else params[0].dtype
             group = groups.edp if expert else groups.dp
             for bucket in _buckets(params, cfg.bucket_size):
-                self.flat_groups.append(FlatGroup(bucket, group, shard=cfg.use_distributed_optimizer,
-                                                  decay=decay, tp_split=tp_split, grad_dtype=grad_dtype,
-                                                  dp_size=groups.dp.size))
+                self.flat_groups.append(FlatGroup(bucket, group,
+                                                  shard=cfg.use_distributed_optimizer,
+                                                  decay=decay, tp_split=tp_split,
+                                                  grad_dtype=grad_dtype, dp_size=groups.dp.size))
         # One scheduler-facing dict per flat group (megatron-core's OptimizerParamScheduler sets
         # 'lr' and 'weight_decay' = wd * 'wd_mult' in these).
         self.param_groups = [
@@ -258,7 +266,8 @@ class Optimizer:
             p.register_post_accumulate_grad_hook(self._on_grad)
         if cfg.overlap_param_gather and cfg.use_distributed_optimizer:
             for module in model.modules():
-                mine = {self.bucket_of[p] for p in module.parameters(recurse=False) if p in self.bucket_of}
+                mine = {self.bucket_of[p] for p in module.parameters(recurse=False)
+                        if p in self.bucket_of}
                 if mine:
                     module.register_forward_pre_hook(functools.partial(_wait_for, tuple(mine)))
 
@@ -274,7 +283,8 @@ class Optimizer:
         if self._overlapping:
             bucket = self.bucket_of[p]
             self._ready[bucket] = self._ready.get(bucket, 0) + 1
-            if self._ready[bucket] == len(bucket.params):  # the same order on every rank: backward's
+            # the same order on every rank: backward's
+            if self._ready[bucket] == len(bucket.params):
                 bucket.start_reduce()
 
     def params(self):
@@ -331,7 +341,8 @@ class Optimizer:
         total = torch.zeros((), dtype=torch.float64, device=device)
         for fg in self.flat_groups:
             if fg.counts_in_norm(self.groups):
-                for chunk in fg.grads.split(_SCAN_CHUNK):  # upcasting all at once would cost 4 B/element
+                # upcasting all at once would cost 4 B/element
+                for chunk in fg.grads.split(_SCAN_CHUNK):
                     total += torch.linalg.vector_norm(chunk, dtype=torch.float32).double() ** 2
         comm.all_reduce_(total, self.groups.world)
         return math.sqrt(total.item())
@@ -354,7 +365,8 @@ class Optimizer:
             g = g if g.dtype == torch.float32 else g.float()  # the only upcast: one tile at a time
             g.mul_(grad_factor)
             adamw_(fg.master[a:b], g, fg.exp_avg[a:b], fg.exp_avg_sq[a:b], step=self.step_count,
-                   lr=pg["lr"], beta1=c.adam_beta1, beta2=c.adam_beta2, eps=c.adam_eps, wd=pg["weight_decay"])
+                   lr=pg["lr"], beta1=c.adam_beta1, beta2=c.adam_beta2, eps=c.adam_eps,
+                   wd=pg["weight_decay"])
             mine = fg.param_buf[fg.lo + a:fg.lo + b]
             if mine.data_ptr() != fg.master[a:b].data_ptr():
                 mine.copy_(fg.master[a:b])

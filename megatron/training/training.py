@@ -25,7 +25,8 @@ from ted_patches.build import build_model
 # ---- set-up -------------------------------------------------------------------------------------
 def build_scheduler(optimizer: Optimizer, cfg: Config):
     o = cfg.optim
-    return lr_schedule.build_scheduler(optimizer, cfg.train.schedule, o.lr, o.min_lr, o.weight_decay)
+    return lr_schedule.build_scheduler(optimizer, cfg.train.schedule, o.lr, o.min_lr,
+                                       o.weight_decay)
 
 
 @torch.no_grad()
@@ -34,7 +35,8 @@ def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, de
     model.eval()
     total = torch.zeros(2, dtype=torch.float64, device=device)
     t = cfg.train
-    for mbs in batches(dataset, _sampler(first_step * t.global_batch_size, t.eval_iters, cfg, groups),
+    for mbs in batches(dataset,
+                       _sampler(first_step * t.global_batch_size, t.eval_iters, cfg, groups),
                        cfg.data.num_workers, device):
         for mb in mbs:
             total[0] += model(**mb).lm_loss.double()
@@ -46,12 +48,13 @@ def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, de
 
 def _sampler(first_sample: int, steps: int, cfg: Config, groups: TEDGroups) -> MicroBatchSampler:
     t = cfg.train
-    return MicroBatchSampler(first_sample, steps, t.micro_batch_size, t.global_batch_size, groups.dp.size,
-                             groups.dp.rank)
+    return MicroBatchSampler(first_sample, steps, t.micro_batch_size, t.global_batch_size,
+                             groups.dp.size, groups.dp.rank)
 
 
 # ---- the loop -----------------------------------------------------------------------------------
-def _save(checkpointer, iteration: int, consumed: int, run: dict, model, optimizer, scheduler) -> None:
+def _save(checkpointer, iteration: int, consumed: int, run: dict, model, optimizer,
+          scheduler) -> None:
     start = time.time()
     checkpointer.save(iteration, {**run, "consumed_samples": consumed}, model, optimizer, scheduler)
     mode = "started (async)" if checkpointer.cfg.async_save else "saved"
@@ -63,15 +66,18 @@ def _save(checkpointer, iteration: int, consumed: int, run: dict, model, optimiz
 def run_description(cfg: Config) -> dict:
     """What a checkpoint records of the run, besides its state (JSON-able)."""
     return {"model": config_dict(cfg.model), "moe": config_dict(cfg.moe) if cfg.moe else None,
-            "tokenizer": _tokenizer_record(cfg.data), "global_batch_size": cfg.train.global_batch_size,
-            "data": {"data_path": cfg.data.data_path, "split": cfg.data.split, "mock": cfg.data.mock}}
+            "tokenizer": _tokenizer_record(cfg.data),
+            "global_batch_size": cfg.train.global_batch_size,
+            "data": {"data_path": cfg.data.data_path, "split": cfg.data.split,
+                     "mock": cfg.data.mock}}
 
 
 def _tokenizer_record(data) -> dict:
     def absolute(path):
         return None if path is None else os.path.abspath(path)
 
-    return {"tokenizer_type": data.tokenizer_type, "tokenizer_model": absolute(data.tokenizer_model),
+    return {"tokenizer_type": data.tokenizer_type,
+            "tokenizer_model": absolute(data.tokenizer_model),
             "vocab_file": absolute(data.vocab_file), "merge_file": absolute(data.merge_file),
             "vocab_size": data.vocab_size}
 
@@ -79,8 +85,9 @@ def _tokenizer_record(data) -> dict:
 def warn_on_changes(saved: dict, now: dict, log) -> None:
     """Resuming with another global batch size or data blend is allowed, with one warning each."""
     if saved.get("global_batch_size") != now["global_batch_size"]:
-        log(f"WARNING: the checkpoint was trained with --global-batch-size {saved.get('global_batch_size')}, "
-            f"now {now['global_batch_size']}: training continues from its consumed samples")
+        log(f"WARNING: the checkpoint was trained with --global-batch-size "
+            f"{saved.get('global_batch_size')}, now {now['global_batch_size']}: training continues "
+            "from its consumed samples")
     if saved.get("data") != now["data"]:
         log(f"WARNING: the checkpoint was trained on {saved.get('data')}, now on {now['data']}")
 
@@ -91,7 +98,8 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     t, ck = cfg.train, cfg.checkpoint
     for notice in cfg.notices:
         print_rank0(f"> notice: {notice}")
-    model = build_model(cfg.model, cfg.moe, groups, seed=t.seed, device=device, recompute=cfg.recompute)
+    model = build_model(cfg.model, cfg.moe, groups, seed=t.seed, device=device,
+                        recompute=cfg.recompute)
     optimizer = Optimizer(model, groups, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
     checkpointer = Checkpointer(ck, groups)
@@ -102,12 +110,13 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
         if resumed.iteration:
             warn_on_changes(read_checkpoint_meta(ck.load), run, print_rank0)
     train_ds, valid_ds, test_ds = build_train_valid_test_datasets(
-        data_path=cfg.data.data_path, split=cfg.data.split, mock=cfg.data.mock, seq_length=t.seq_length,
-        seed=t.seed, tokenizer=tokenizer, num_samples=t.num_samples(), cache_dir=cfg.data.cache_dir,
-        eod_mask_loss=cfg.data.eod_mask_loss,
+        data_path=cfg.data.data_path, split=cfg.data.split, mock=cfg.data.mock,
+        seq_length=t.seq_length, seed=t.seed, tokenizer=tokenizer, num_samples=t.num_samples(),
+        cache_dir=cfg.data.cache_dir, eod_mask_loss=cfg.data.eod_mask_loss,
     )
-    print_rank0(f"> {cfg.topology.describe()}; {sum(p.numel() for p in model.parameters()):,} parameters on rank 0; "
-                f"{t.num_microbatches(groups.dp.size)} micro-batches of {t.micro_batch_size} per step and DP rank")
+    print_rank0(f"> {cfg.topology.describe()}; {sum(p.numel() for p in model.parameters()):,} "
+                f"parameters on rank 0; {t.num_microbatches(groups.dp.size)} micro-batches of "
+                f"{t.micro_batch_size} per step and DP rank")
     log = TrainLog(cfg, enabled=groups.world.rank == 0)
     history = {"lm_loss": [], "valid": [], "test": None}
     eval_round = resumed.iteration // t.eval_interval  # validation batches already used
@@ -122,15 +131,18 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
                 metrics = train_step(model, optimizer, next(train_batches), groups)
             except NonFiniteError as e:
                 last = checkpointer.latest or "none (no checkpoint was saved or loaded)"
-                raise NonFiniteError(f"iteration {iteration}: {e}; training stopped before the update (the last "
-                                     f"good checkpoint: {last}; --no-check-for-nan-in-loss-and-grad trains on "
+                raise NonFiniteError(f"iteration {iteration}: {e}; training stopped before the "
+                                     f"update (the last good checkpoint: {last}; "
+                                     "--no-check-for-nan-in-loss-and-grad trains on "
                                      "regardless)") from None
             consumed += t.global_batch_size
             lr = optimizer.param_groups[0]["lr"]
-            if not metrics.skipped:  # as Megatron: a skipped fp16 step does not advance the schedule
+            # as Megatron: a skipped fp16 step does not advance the schedule
+            if not metrics.skipped:
                 scheduler.step(t.schedule.per_iteration)
             history["lm_loss"].append(metrics.lm_loss)
-            log.step(iteration, metrics, lr, consumed, {**metrics.timers, "iteration": time.perf_counter() - started})
+            log.step(iteration, metrics, lr, consumed,
+                     {**metrics.timers, "iteration": time.perf_counter() - started})
             if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
                 loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
                 eval_round += 1

@@ -35,10 +35,12 @@ class Gate(torch.nn.Module):
     def choose(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, k: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def normalize(self, score_A: torch.Tensor, keep_A: torch.Tensor, T: int, K: int) -> torch.Tensor:
+    def normalize(self, score_A: torch.Tensor, keep_A: torch.Tensor, T: int,
+                  K: int) -> torch.Tensor:
         raise NotImplementedError
 
-    def losses(self, logits_TE, scores_TE, idx_TK, first_E, counts_E) -> tuple[torch.Tensor, torch.Tensor]:
+    def losses(self, logits_TE, scores_TE, idx_TK, first_E,
+               counts_E) -> tuple[torch.Tensor, torch.Tensor]:
         """(aux, z): unweighted; first_E counts first choices, counts_E all K choices."""
         raise NotImplementedError
 
@@ -52,5 +54,6 @@ def build_gate(cfg: MoEConfig, groups: TEDGroups) -> Gate:
 
     gates = {"softmax": SoftmaxGate}
     if cfg.score_function not in gates:
-        raise FieldError(f"{{score_function}} {cfg.score_function!r}: use one of {sorted(gates)}", "MoEConfig")
+        raise FieldError(f"{{score_function}} {cfg.score_function!r}: use one of {sorted(gates)}",
+                         "MoEConfig")
     return gates[cfg.score_function](cfg, groups)

@@ -39,7 +39,8 @@ class SoftmaxGate(Gate):
 
     def losses(self, logits_TE, probs_TE, idx_TK, first_E, counts_E):
         first_prob_T = probs_TE.gather(1, idx_TK[:, :1]).squeeze(1)
-        return self._aux_loss(probs_TE, first_E, counts_E), self._z_loss(logits_TE, first_prob_T, idx_TK[:, :1])
+        return (self._aux_loss(probs_TE, first_E, counts_E),
+                self._z_loss(logits_TE, first_prob_T, idx_TK[:, :1]))
 
     def _z_loss(self, logits_TE, first_prob_T, first_T1) -> torch.Tensor:
         """mean over tokens of logsumexp(logits)^2. With a zero coefficient it is only logged: then
@@ -61,6 +62,6 @@ class SoftmaxGate(Gate):
             me_E = probs_TE.mean(0)
             if kind == "deepspeed" and K <= 2:  # DeepSpeed's top-1/top-2 gates: first choices only
                 ce_E = first_E.to(probs_TE.dtype) / T
-            else:  # Megatron-Core's switch loss, and DeepSpeed's k >= 3 gate: all K choices, divided by K
-                ce_E = counts_E.to(probs_TE.dtype) / (T * K)
+            else:  # Megatron-Core's switch loss, and DeepSpeed's k >= 3 gate:
+                ce_E = counts_E.to(probs_TE.dtype) / (T * K)  # all K choices, divided by K
             return E * (me_E * ce_E).sum()
