@@ -27,15 +27,17 @@ def main(argv=None):
     cfg, tokenizer = load_config(argv)
     import torch
 
-    from megatron.launch.initialize import (await_fault_verdict, finish_distributed, initialize_distributed,
-                                              keep_freed_memory_mapped, launch_env, set_seed)
+    from megatron.launch.initialize import (await_fault_verdict, finish_distributed,
+                                              initialize_distributed, keep_freed_memory_mapped,
+                                              launch_env, set_seed)
     from megatron.checkpoint import CheckpointError
     from megatron.training.optimizer import NonFiniteError
     from megatron.training.training import pretrain
 
     torch.set_num_threads(max(1, int(os.environ.get("OMP_NUM_THREADS", torch.get_num_threads()))))
     try:
-        groups, device = initialize_distributed(cfg.topology, cfg.train.backend, cfg.train.timeout_minutes)
+        groups, device = initialize_distributed(cfg.topology, cfg.train.backend,
+                                                cfg.train.timeout_minutes)
         if device.type == "cpu":
             keep_freed_memory_mapped()
         set_seed(cfg.train.seed)
@@ -47,7 +49,8 @@ def main(argv=None):
     except SystemExit as e:  # a deliberate stop all ranks take together
         finish_distributed(0 if e.code is None else e.code if isinstance(e.code, int) else 1)
         raise
-    except (NonFiniteError, CheckpointError) as e:  # raised on every rank alike: the reduced loss, the load
+    # raised on every rank alike: the reduced loss, the load
+    except (NonFiniteError, CheckpointError) as e:
         status = EXIT_BAD_INPUT if isinstance(e, CheckpointError) else faults.EXIT_FAULT
         if launch_env().rank == 0:
             faults.say("error", str(e))

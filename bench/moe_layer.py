@@ -46,8 +46,8 @@ from harness import ted_groups, world as local_world  # noqa: E402
 DEFAULT_LAYOUTS = "1,1,1 1,2,2 1,4,4 2,2,2 2,2,4"
 DEFAULT_CFS = "1.0 1.25 2.0 none"
 SKEW_FACTOR = 4  # the skewed expert's assignments / its fair share (K * T / E)
-DS_TP_NOTE = ("DeepSpeed's TP path does not run on gloo as shipped (its token all-gather passes an N-D input "
-              "to a 1-D output, which gloo rejects)")
+DS_TP_NOTE = ("DeepSpeed's TP path does not run on gloo as shipped (its token all-gather passes an "
+              "N-D input to a 1-D output, which gloo rejects)")
 
 
 class AllToAllCounter(TorchDispatchMode):
@@ -76,8 +76,9 @@ def _model_config(opts):
     """The model around the layer: only its hidden and FFN sizes and init matter here."""
     from megatron.model import ModelConfig
 
-    return ModelConfig(num_layers=1, hidden_size=opts.hidden, num_attention_heads=1, ffn_hidden_size=opts.ffn,
-                       vocab_size=128, max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0)
+    return ModelConfig(num_layers=1, hidden_size=opts.hidden, num_attention_heads=1,
+                       ffn_hidden_size=opts.ffn, vocab_size=128, max_position_embeddings=8,
+                       hidden_dropout=0.0, attention_dropout=0.0)
 
 
 def _our_layer(opts, groups, cf, pad_free: bool, skew: bool):
@@ -85,8 +86,9 @@ def _our_layer(opts, groups, cf, pad_free: bool, skew: bool):
     from ted_patches.config import MoEConfig
     from ted_patches.moe_layer import MoELayer
 
-    cfg = MoEConfig(num_experts=opts.experts, layers=(0,), topk=opts.topk, capacity_factor=cf or 1.0,
-                    eval_capacity_factor=cf or 1.0, drop_tokens=cf is not None, pad_free=pad_free)
+    cfg = MoEConfig(num_experts=opts.experts, layers=(0,), topk=opts.topk,
+                    capacity_factor=cf or 1.0, eval_capacity_factor=cf or 1.0,
+                    drop_tokens=cf is not None, pad_free=pad_free)
     holder = torch.nn.Module()
     holder.moe = MoELayer(_model_config(opts), cfg, groups)
     init_parameters(holder, 1234, groups)
@@ -111,8 +113,9 @@ def _inputs(opts, groups, skew: bool):
 def _ds_layer(opts, groups, cf, gate_weight):
     import deepspeed_reference
 
-    layer = deepspeed_reference.build_moe(hidden=opts.hidden, ffn=opts.ffn, experts=opts.experts, ep=groups.ep.size,
-                                          topk=opts.topk, capacity_factor=cf or 1.0, drop_tokens=cf is not None)
+    layer = deepspeed_reference.build_moe(hidden=opts.hidden, ffn=opts.ffn, experts=opts.experts,
+                                          ep=groups.ep.size, topk=opts.topk,
+                                          capacity_factor=cf or 1.0, drop_tokens=cf is not None)
     with torch.no_grad():
         layer.deepspeed_moe.gate.wg.weight.copy_(gate_weight)  # the same routing as ours
     return layer
@@ -221,9 +224,11 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
     steps = {"padded": _step_of(layers[False], x, probe, opts.hidden),
              "pad-free": _step_of(layers[True], x, probe, opts.hidden)}
     if tp == 1:
-        steps["deepspeed"] = _step_of(_ds_layer(opts, groups, cf, layers[False].router.weight), x, probe, opts.hidden)
+        steps["deepspeed"] = _step_of(_ds_layer(opts, groups, cf, layers[False].router.weight),
+                                      x, probe, opts.hidden)
     info, shapes = {}, {}
-    for name in ("padded", "pad-free", "deepspeed"):  # one untimed pass each: warm-up, bytes, expert shapes
+    # one untimed pass each: warm-up, bytes, expert shapes
+    for name in ("padded", "pad-free", "deepspeed"):
         if name not in steps:
             continue
         groups.ledger.reset()
@@ -232,8 +237,10 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
                 steps[name]()
             else:
                 shapes[name] = _expert_shapes(layers[name == "pad-free"], steps[name])
-        info[name] = dict(a2a=counter.nbytes if name == "deepspeed" else groups.ledger.nbytes("all_to_all", "ep"),
-                          ag=groups.ledger.nbytes("all_gather", "tp"), rs=groups.ledger.nbytes("reduce_scatter", "tp"),
+        info[name] = dict(a2a=(counter.nbytes if name == "deepspeed"
+                               else groups.ledger.nbytes("all_to_all", "ep")),
+                          ag=groups.ledger.nbytes("all_gather", "tp"),
+                          rs=groups.ledger.nbytes("reduce_scatter", "tp"),
                           ar=groups.ledger.nbytes("all_reduce", "tp"))
     steps["gemms-padded"] = _gemm_step(layers[False].experts, shapes["padded"], opts.hidden)
     steps["gemms-pad-free"] = _gemm_step(layers[True].experts, shapes["pad-free"], opts.hidden)
@@ -244,8 +251,9 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
     dropped = aux.dropped
     times = {name: [] for name in steps}
     names = list(steps)
-    for rep in range(opts.warmup + opts.iters):  # interleaved: every implementation sees the same noise,
-        for name in names[rep % len(names):] + names[:rep % len(names)]:  # each in every position in turn
+    # interleaved: every implementation sees the same noise, each in every position in turn
+    for rep in range(opts.warmup + opts.iters):
+        for name in names[rep % len(names):] + names[:rep % len(names)]:
             times[name].append(_timed(steps[name]))
     times = {name: t[opts.warmup:] for name, t in times.items()}
     if dist.get_rank() != 0:
@@ -260,37 +268,46 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
         pad_free = name == "pad-free"
         floor = "gemms-pad-free" if pad_free else "gemms-padded"
         kind, dims = shapes["pad-free" if pad_free else "padded"]
-        row = dict(impl="deepspeed" if name == "deepspeed" else "ours", tp=tp, ep=ep, dp=groups.dp.size, topk=opts.topk,
-                   capacity_factor=cf, pad_free=pad_free, skew=skew, dtd=tp > 1 and name != "deepspeed",
+        row = dict(impl="deepspeed" if name == "deepspeed" else "ours", tp=tp, ep=ep,
+                   dp=groups.dp.size, topk=opts.topk, capacity_factor=cf, pad_free=pad_free,
+                   skew=skew, dtd=tp > 1 and name != "deepspeed",
                    tokens_per_rank=opts.tokens, dropped=round(dropped, 4),
-                   expert_rows=dims[0] * dims[1] if kind == "padded" else sum(dims), reps=opts.iters)
+                   expert_rows=dims[0] * dims[1] if kind == "padded" else sum(dims),
+                   reps=opts.iters)
         if name not in steps:
-            out.append(dict(row, ms_fwd_bwd=None, ms_expert_gemms=None, a2a_bytes_per_rank=None, note=DS_TP_NOTE))
+            out.append(dict(row, ms_fwd_bwd=None, ms_expert_gemms=None, a2a_bytes_per_rank=None,
+                            note=DS_TP_NOTE))
             continue
         t, g = _summary(times[name]), _summary(times[floor])
-        row.update(ms_fwd_bwd=round(t["median"], 2), ms_fwd_bwd_min=round(t["min"], 2), ms_fwd_bwd_max=round(t["max"], 2),
+        row.update(ms_fwd_bwd=round(t["median"], 2), ms_fwd_bwd_min=round(t["min"], 2),
+                   ms_fwd_bwd_max=round(t["max"], 2),
                    ms_fwd_bwd_iqr=round(t["iqr"], 2), ms_expert_gemms=round(g["median"], 2),
                    ms_expert_gemms_min=round(g["min"], 2), ms_expert_gemms_max=round(g["max"], 2),
                    overhead_vs_gemms=ratio(name, floor)[0] - 1,
                    ms_router_dispatch_combine=None, router_dispatch_combine_vs_gemms=None,
-                   a2a_bytes_per_rank=info[name]["a2a"], tp_allgather_bytes_per_rank=info[name]["ag"],
-                   tp_reduce_scatter_bytes_per_rank=info[name]["rs"], tp_allreduce_bytes_per_rank=info[name]["ar"])
+                   a2a_bytes_per_rank=info[name]["a2a"],
+                   tp_allgather_bytes_per_rank=info[name]["ag"],
+                   tp_reduce_scatter_bytes_per_rank=info[name]["rs"],
+                   tp_allreduce_bytes_per_rank=info[name]["ar"])
         row["overhead_vs_gemms"] = round(row["overhead_vs_gemms"], 3)
         if name != "deepspeed":
             rest = "rest-pad-free" if pad_free else "rest-padded"
             row["ms_router_dispatch_combine"] = round(_summary(times[rest])["median"], 2)
             row["router_dispatch_combine_vs_gemms"] = ratio(rest, floor)[0]
         if "deepspeed" in steps and name != "deepspeed":
-            row["ratio_vs_deepspeed"], row["ratio_vs_deepspeed_min"], row["ratio_vs_deepspeed_max"] = ratio(name, "deepspeed")
+            (row["ratio_vs_deepspeed"], row["ratio_vs_deepspeed_min"],
+             row["ratio_vs_deepspeed_max"]) = ratio(name, "deepspeed")
         if pad_free:
-            row["ratio_vs_padded"], row["ratio_vs_padded_min"], row["ratio_vs_padded_max"] = ratio(name, "padded")
+            (row["ratio_vs_padded"], row["ratio_vs_padded_min"],
+             row["ratio_vs_padded_max"]) = ratio(name, "padded")
         out.append(row)
     return out
 
 
 def profile_tables(opts, rows: int = 25) -> str:
     """torch.profiler tables (self CPU time) of one layer forward + backward at (1,1,1), for each
-    implementation and the first capacity factor; the experts' GEMMs are the bmm / mm / addmm rows."""
+    implementation and the first capacity factor; the experts' GEMMs are the bmm / mm / addmm
+    rows."""
     from torch.profiler import ProfilerActivity, profile
 
     _allocator(opts)
@@ -300,7 +317,8 @@ def profile_tables(opts, rows: int = 25) -> str:
     layers = {pf: _our_layer(opts, groups, cf, pf, False) for pf in (False, True)}
     steps = {"ours padded": _step_of(layers[False], x, probe, opts.hidden),
              "ours pad-free": _step_of(layers[True], x, probe, opts.hidden),
-             "deepspeed": _step_of(_ds_layer(opts, groups, cf, layers[False].router.weight), x, probe, opts.hidden)}
+             "deepspeed": _step_of(_ds_layer(opts, groups, cf, layers[False].router.weight), x,
+                                   probe, opts.hidden)}
     out = []
     for name, step in steps.items():
         for _ in range(opts.warmup + 1):
@@ -308,30 +326,36 @@ def profile_tables(opts, rows: int = 25) -> str:
         with profile(activities=[ProfilerActivity.CPU]) as prof:
             for _ in range(opts.iters):
                 step()
-        out.append(f"== {name}: cf {cf}, {opts.iters} forward + backward, {torch.get_num_threads()} threads ==")
+        out.append(f"== {name}: cf {cf}, {opts.iters} forward + backward, "
+                   f"{torch.get_num_threads()} threads ==")
         out.append(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
     return "\n".join(out)
 
 
 def table(rows: list[dict]) -> str:
-    head = ("layout (TP,EP,DP)", "cf", "skew", "impl", "rows", "a2a B/rank", "fwd+bwd ms (min-max)", "experts ms",
-            "overhead", "route+dispatch+combine ms (/ experts)", "vs DS (min-max)", "vs padded (min-max)")
+    head = ("layout (TP,EP,DP)", "cf", "skew", "impl", "rows", "a2a B/rank", "fwd+bwd ms (min-max)",
+            "experts ms", "overhead", "route+dispatch+combine ms (/ experts)", "vs DS (min-max)",
+            "vs padded (min-max)")
     lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     for r in rows:
         layout = f"({r['tp']},{r['ep']},{r['dp']})"
         cf = "no-drop" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
-        impl = "deepspeed" if r["impl"] == "deepspeed" else ("ours pad-free" if r["pad_free"] else "ours padded")
+        impl = ("deepspeed" if r["impl"] == "deepspeed"
+                else ("ours pad-free" if r["pad_free"] else "ours padded"))
         if r["ms_fwd_bwd"] is None:
-            lines.append(" | ".join([layout, cf, "on" if r["skew"] else "off", impl, "-", "-", "does not run", "-", "-",
-                                     "-", "-", "-"]))
+            lines.append(" | ".join([layout, cf, "on" if r["skew"] else "off", impl, "-", "-",
+                                     "does not run", "-", "-", "-", "-", "-"]))
             continue
 
         def rng(key):
-            return f"{r[key]:.2f} ({r[key + '_min']:.2f}-{r[key + '_max']:.2f})" if key in r else "-"
+            return (f"{r[key]:.2f} ({r[key + '_min']:.2f}-{r[key + '_max']:.2f})" if key in r
+                    else "-")
 
         lines.append(" | ".join([
-            layout, cf, "on" if r["skew"] else "off", impl, f"{r['expert_rows']:,}", f"{r['a2a_bytes_per_rank']:,}",
-            f"{r['ms_fwd_bwd']:.1f} ({r['ms_fwd_bwd_min']:.1f}-{r['ms_fwd_bwd_max']:.1f})", f"{r['ms_expert_gemms']:.1f}",
+            layout, cf, "on" if r["skew"] else "off", impl, f"{r['expert_rows']:,}",
+            f"{r['a2a_bytes_per_rank']:,}",
+            f"{r['ms_fwd_bwd']:.1f} ({r['ms_fwd_bwd_min']:.1f}-{r['ms_fwd_bwd_max']:.1f})",
+            f"{r['ms_expert_gemms']:.1f}",
             f"{r['overhead_vs_gemms']:+.1%}",
             "-" if r["ms_router_dispatch_combine"] is None else
             f"{r['ms_router_dispatch_combine']:.2f} ({r['router_dispatch_combine_vs_gemms']:.1%})",
@@ -347,20 +371,25 @@ def _cf(value: str):
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--layouts", default=DEFAULT_LAYOUTS, help='space-separated "TP,EP,DP" triples')
-    p.add_argument("--capacity-factors", default=DEFAULT_CFS, help='space-separated; "none": no-drop mode')
+    p.add_argument("--capacity-factors", default=DEFAULT_CFS,
+                   help='space-separated; "none": no-drop mode')
     p.add_argument("--skew", default="off on", help='"off", "on" or "off on"')
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=1024)
     p.add_argument("--experts", type=int, default=8)
     p.add_argument("--topk", type=int, default=2)
     p.add_argument("--tokens", type=int, default=2048, help="tokens per rank")
-    p.add_argument("--iters", type=int, default=7, help="timed repetitions of each implementation")
-    p.add_argument("--warmup", type=int, default=1, help="untimed repetitions first (after one warm-up pass each)")
+    p.add_argument("--iters", type=int, default=7,
+                   help="timed repetitions of each implementation")
+    p.add_argument("--warmup", type=int, default=1,
+                   help="untimed repetitions first (after one warm-up pass each)")
     p.add_argument("--raw-malloc", action="store_true",
-                   help="leave glibc's malloc returning freed memory to the kernel (pretrain_gpt_moe.py stops that "
-                        "on CPUs: megatron.launch.initialize.keep_freed_memory_mapped)")
+                   help="leave glibc's malloc returning freed memory to the kernel "
+                        "(pretrain_gpt_moe.py stops that on CPUs: "
+                        "megatron.launch.initialize.keep_freed_memory_mapped)")
     p.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
-    p.add_argument("--profile", action="store_true", help="profiler tables at (1,1,1) instead of the timings")
+    p.add_argument("--profile", action="store_true",
+                   help="profiler tables at (1,1,1) instead of the timings")
     opts = p.parse_args(argv)
     opts.cfs = [_cf(v) for v in opts.capacity_factors.split()]
     opts.skews = [{"off": False, "on": True}[v] for v in opts.skew.split()]
@@ -380,15 +409,17 @@ def main(argv=None):
             torch.set_num_threads(threads)
             layout_rows = measure_on_rank(tp, ep, opts)
         else:
-            layout_rows = local_world(world, threads).run(measure_on_rank, tp, ep, opts, timeout=3600)[0]
+            layout_rows = local_world(world, threads).run(measure_on_rank, tp, ep, opts,
+                                                          timeout=3600)[0]
         rows += layout_rows
         if opts.json:
             for r in layout_rows:
                 print(json.dumps(r), flush=True)
     if not opts.json:
-        print(f"MoE layer fwd+bwd: H={opts.hidden} FFN={opts.ffn} E={opts.experts} top-{opts.topk} "
-              f"{opts.tokens} tokens/rank, fp32, gloo, {cores} cores; {opts.iters} interleaved repetitions "
-              f"(median, min-max); skew: one expert gets {SKEW_FACTOR}x its share")
+        print(f"MoE layer fwd+bwd: H={opts.hidden} FFN={opts.ffn} E={opts.experts} "
+              f"top-{opts.topk} {opts.tokens} tokens/rank, fp32, gloo, {cores} cores; "
+              f"{opts.iters} interleaved repetitions (median, min-max); skew: one expert gets "
+              f"{SKEW_FACTOR}x its share")
         print(table(rows))
 
 

@@ -46,7 +46,7 @@ OVERLAP = {"zero1+buckets": False, "zero1+overlap": True}
 CONFIGS.update({name: (False, False, True, False) for name in OVERLAP})
 
 
-# ---- memory readings ------------------------------------------------------------------------------
+# ---- memory readings -----------------------------------------------------------------------------
 def reset_peak(device) -> None:
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -68,7 +68,7 @@ def memory(device) -> tuple[int, int]:
     return kib("VmRSS"), kib("VmHWM")
 
 
-# ---- one configuration, on every rank -----------------------------------------------------------------
+# ---- one configuration, on every rank ------------------------------------------------------------
 def run_config(name: str, opts) -> dict | None:
     from megatron.model import ModelConfig
     from megatron.model.config import RecomputeConfig
@@ -81,21 +81,27 @@ def run_config(name: str, opts) -> dict | None:
     recompute, cac, zero1, tiled = CONFIGS[name]
     device = torch.device("cuda" if opts.gpu else "cpu")
     groups = ted_groups(opts.tp, opts.ep)
-    mcfg = ModelConfig(num_layers=opts.layers, hidden_size=opts.hidden, num_attention_heads=8, ffn_hidden_size=opts.ffn,
-                       vocab_size=opts.vocab, max_position_embeddings=opts.seq, hidden_dropout=0.0,
+    mcfg = ModelConfig(num_layers=opts.layers, hidden_size=opts.hidden, num_attention_heads=8,
+                       ffn_hidden_size=opts.ffn, vocab_size=opts.vocab,
+                       max_position_embeddings=opts.seq, hidden_dropout=0.0,
                        attention_dropout=0.0)
-    moe = MoEConfig(num_experts=opts.experts, layers=moe_layer_indices(opts.layers, expert_interval=2), topk=2,
+    moe = MoEConfig(num_experts=opts.experts,
+                    layers=moe_layer_indices(opts.layers, expert_interval=2), topk=2,
                     capacity_factor=1.0)
-    recompute_cfg = RecomputeConfig("full", "uniform", 1, cac=cac) if recompute else RecomputeConfig()
+    recompute_cfg = (RecomputeConfig("full", "uniform", 1, cac=cac) if recompute
+                     else RecomputeConfig())
     model = build_model(mcfg, moe, groups, seed=7, device=device, recompute=recompute_cfg)
     model.to(dtype=getattr(torch, opts.dtype))
     overlap = OVERLAP.get(name)
     opt = Optimizer(model, groups, OptimizerConfig(lr=1e-4, use_distributed_optimizer=zero1,
                                                    tile_size=opts.tile if tiled else 0,
-                                                   bucket_size=opts.bucket if overlap is not None else None,
-                                                   overlap_grad_reduce=bool(overlap), overlap_param_gather=bool(overlap)))
+                                                   bucket_size=(opts.bucket if overlap is not None
+                                                                else None),
+                                                   overlap_grad_reduce=bool(overlap),
+                                                   overlap_param_gather=bool(overlap)))
     gen = torch.Generator(device=device).manual_seed(groups.dp.rank)
-    data = torch.randint(0, opts.vocab, (opts.micro_batch, opts.seq + 1), generator=gen, device=device)
+    data = torch.randint(0, opts.vocab, (opts.micro_batch, opts.seq + 1), generator=gen,
+                         device=device)
     batch = [dict(tokens=data[:, :-1], labels=data[:, 1:],
                   position_ids=torch.arange(opts.seq, device=device).expand(opts.micro_batch, -1))]
 
@@ -131,7 +137,8 @@ def run_config(name: str, opts) -> dict | None:
     summary = groups.ledger.summary()
     moe_layers = len(moe.layers)
     result = dict(
-        config=name, tp=opts.tp, ep=opts.ep, dp=groups.dp.size, experts=opts.experts, dtype=opts.dtype,
+        config=name, tp=opts.tp, ep=opts.ep, dp=groups.dp.size, experts=opts.experts,
+        dtype=opts.dtype,
         a2a_per_moe_layer_per_step=groups.ledger.count("all_to_all", "ep") / moe_layers,
         collectives_per_step={f"{k}/{g}": n for (k, g), (n, _) in sorted(summary.items())},
         comm_bytes_per_rank=sum(b for _, b in summary.values()),
@@ -141,7 +148,8 @@ def run_config(name: str, opts) -> dict | None:
         peak_bytes=int(statistics.median(peaks)),
         ms_step=round(statistics.median(times), 1),
     )
-    reduce_losses(torch.zeros(2, dtype=torch.float64, device=device), groups)  # all ranks finish together
+    # all ranks finish together
+    reduce_losses(torch.zeros(2, dtype=torch.float64, device=device), groups)
     return result if dist.get_rank() == 0 else None
 
 
@@ -152,15 +160,19 @@ def _sync(device):
 
 def table(rows: list[dict]) -> str:
     base = rows[0]
-    head = ("config", "a2a/MoE layer/step", "collectives per step", "comm MB/rank", "opt state MB/rank",
-            "opt step peak extra MB", "peak MB (vs baseline)", "ms/step", "vs baseline")
+    head = ("config", "a2a/MoE layer/step", "collectives per step", "comm MB/rank",
+            "opt state MB/rank", "opt step peak extra MB", "peak MB (vs baseline)", "ms/step",
+            "vs baseline")
     out = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
     for r in rows:
         coll = ", ".join(f"{k} {n}" for k, n in r["collectives_per_step"].items())
         out.append(" | ".join([
-            r["config"], f"{r['a2a_per_moe_layer_per_step']:g}", coll, f"{r['comm_bytes_per_rank'] / 2**20:.1f}",
-            f"{r['optimizer_state_bytes_per_rank'] / 2**20:.1f}", f"{r['optimizer_step_peak_extra_bytes'] / 2**20:.1f}",
-            f"{r['peak_bytes'] / 2**20:.0f} ({(r['peak_bytes'] - base['peak_bytes']) / 2**20:+.0f})",
+            r["config"], f"{r['a2a_per_moe_layer_per_step']:g}", coll,
+            f"{r['comm_bytes_per_rank'] / 2**20:.1f}",
+            f"{r['optimizer_state_bytes_per_rank'] / 2**20:.1f}",
+            f"{r['optimizer_step_peak_extra_bytes'] / 2**20:.1f}",
+            f"{r['peak_bytes'] / 2**20:.0f} "
+            f"({(r['peak_bytes'] - base['peak_bytes']) / 2**20:+.0f})",
             f"{r['ms_step']:.0f}", f"{r['ms_step'] / base['ms_step']:.2f}",
         ]))
     return "\n".join(out)
@@ -170,7 +182,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--tp", type=int, default=1)
     p.add_argument("--ep", type=int, default=2)
-    p.add_argument("--dp", type=int, default=4, help="DP / EP = expert-DP, the experts' ZeRO-1 group")
+    p.add_argument("--dp", type=int, default=4,
+                   help="DP / EP = expert-DP, the experts' ZeRO-1 group")
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--hidden", type=int, default=256)
     p.add_argument("--ffn", type=int, default=1024)
@@ -181,12 +194,16 @@ def main(argv=None):
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     p.add_argument("--tile", type=int, default=1 << 20, help="elements per tile for the tiled step")
     p.add_argument("--steps", type=int, default=3)
-    p.add_argument("--bucket", type=int, default=1 << 20, help="elements per gradient bucket in the overlap configs")
+    p.add_argument("--bucket", type=int, default=1 << 20,
+                   help="elements per gradient bucket in the overlap configs")
     p.add_argument("--configs", default=None,
-                   help="comma-separated; default: all (without the recompute ones with --optimizer-only)")
+                   help="comma-separated; default: all (without the recompute ones with "
+                        "--optimizer-only)")
     p.add_argument("--optimizer-only", action="store_true",
-                   help="skip forward/backward: random gradients, then the optimizer step (its memory and time)")
-    p.add_argument("--gpu", action="store_true", help="one process on the GPU (forces TP = EP = DP = 1)")
+                   help="skip forward/backward: random gradients, then the optimizer step (its "
+                        "memory and time)")
+    p.add_argument("--gpu", action="store_true",
+                   help="one process on the GPU (forces TP = EP = DP = 1)")
     p.add_argument("--json", action="store_true")
     opts = p.parse_args(argv)
     from bench.optimizations import run_config as run_on_rank  # importable by name in the workers
@@ -195,7 +212,8 @@ def main(argv=None):
     if opts.configs is None:
         # --optimizer-only: no forward, so the configurations that differ only in recompute go
         names = [n for n, (recompute, _, zero1, tiled) in CONFIGS.items()
-                 if not (opts.optimizer_only and (n in OVERLAP or (recompute and not (zero1 or tiled))))]
+                 if not (opts.optimizer_only
+                         and (n in OVERLAP or (recompute and not (zero1 or tiled))))]
         opts.configs = ",".join(names)
     if opts.gpu:
         opts.tp = opts.ep = opts.dp = 1
@@ -209,7 +227,8 @@ def main(argv=None):
         if world == 1:
             row = run_on_rank(name, opts)
         else:
-            w = World(world, threads=max(1, (os.cpu_count() or 1) // world))  # fresh processes: honest peaks
+            # fresh processes: honest peaks
+            w = World(world, threads=max(1, (os.cpu_count() or 1) // world))
             try:
                 row = w.run(run_on_rank, name, opts, timeout=1800)[0]
             finally:
@@ -218,9 +237,10 @@ def main(argv=None):
         if opts.json:
             print(json.dumps(row), flush=True)
     if not opts.json:
-        print(f"GPT-MoE: {opts.layers} layers, MoE every other, {opts.experts} experts top-2, H={opts.hidden} "
-              f"FFN={opts.ffn}, {opts.micro_batch}x{opts.seq} tokens/rank, {opts.dtype}, TP={opts.tp} EP={opts.ep} "
-              f"DP={opts.dp}, tile {opts.tile:,} elements; rank 0, medians of {opts.steps} steps")
+        print(f"GPT-MoE: {opts.layers} layers, MoE every other, {opts.experts} experts top-2, "
+              f"H={opts.hidden} FFN={opts.ffn}, {opts.micro_batch}x{opts.seq} tokens/rank, "
+              f"{opts.dtype}, TP={opts.tp} EP={opts.ep} DP={opts.dp}, tile {opts.tile:,} "
+              f"elements; rank 0, medians of {opts.steps} steps")
         print(table(rows))
 
 

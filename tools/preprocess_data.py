@@ -1,6 +1,7 @@
 """Tokenize a JSONL corpus into Megatron's .bin/.idx files (Megatron-LM's interface and format).
 
-    python tools/preprocess_data.py --input data/shakespeare.jsonl --output-prefix data/shakespeare \
+    python tools/preprocess_data.py --input data/shakespeare.jsonl \
+        --output-prefix data/shakespeare \
         --tokenizer-type GPT2BPETokenizer --vocab-file vocab.json --merge-file merges.txt \
         --append-eod --workers 2
 
@@ -23,7 +24,8 @@ import warnings
 # megatron-core warns at import that Transformer Engine / Apex are absent; we do not use them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
-# Runnable as `python tools/preprocess_data.py` from anywhere: the repo root holds megatron/training.
+# Runnable as `python tools/preprocess_data.py` from anywhere: the repo root holds
+# megatron/training.
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from megatron.core.datasets.indexed_dataset import DType, IndexedDatasetBuilder  # noqa: E402
@@ -145,7 +147,8 @@ def main(argv=None) -> dict:
     check_input_file(args.input, "--input")
     for name, path in _tokenizer_kwargs(args).items():
         if isinstance(path, str) and os.path.isdir(path):
-            raise ValueError(f"--{name.replace('_', '-')} {path} is a directory; give the file itself")
+            raise ValueError(f"--{name.replace('_', '-')} {path} is a directory; "
+                             "give the file itself")
     vocab_size = build_tokenizer(args.tokenizer_type, **_tokenizer_kwargs(args)).vocab_size
     output_directory(args.output_prefix, "--output-prefix")
     finals = {key: f"{args.output_prefix}_{key}_document" for key in args.json_keys}

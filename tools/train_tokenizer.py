@@ -58,7 +58,8 @@ def iter_lines(path: str, keys: list[str]):
                 if not isinstance(doc, dict) or key not in doc:
                     raise ValueError(f"--input {path} line {lineno}: no key {key!r} (--json-keys)")
                 if not isinstance(doc[key], str):
-                    raise ValueError(f"--input {path} line {lineno}: {key!r} is not a string (--json-keys)")
+                    raise ValueError(f"--input {path} line {lineno}: {key!r} is not a string "
+                                     "(--json-keys)")
                 yield from (line for line in doc[key].split("\n") if line.strip())
 
 
@@ -91,14 +92,17 @@ def train(args: argparse.Namespace) -> str:
 
 def _explain(message: str, args) -> str:
     """sentencepiece's C++ check failures, in terms of our flags (it names its own, vocab_size)."""
-    high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)", message)
+    high = re.search(r"Vocabulary size too high \((\d+)\)\. Please set it to a value <= (\d+)",
+                     message)
     if high:
-        return (f"--vocab-size {high[1]} is too high for this corpus: sentencepiece can make at most {high[2]} "
-                f"pieces of it; use --vocab-size {high[2]} or less, or a larger --input")
+        return (f"--vocab-size {high[1]} is too high for this corpus: sentencepiece can make at "
+                f"most {high[2]} pieces of it; use --vocab-size {high[2]} or less, or a larger "
+                "--input")
     low = re.search(r"Vocabulary size is smaller than required_chars\. (\d+) vs (\d+)", message)
     if low:
-        return (f"--vocab-size {low[1]} is below the {low[2]} pieces this corpus needs (its distinct characters, the special "
-                f"pieces and, with byte fallback, 256 byte pieces); use --vocab-size {low[2]} or more, or a lower --character-coverage")
+        return (f"--vocab-size {low[1]} is below the {low[2]} pieces this corpus needs (its "
+                f"distinct characters, the special pieces and, with byte fallback, 256 byte "
+                f"pieces); use --vocab-size {low[2]} or more, or a lower --character-coverage")
     if "sentences_.empty()" in message:
         return f"--input {args.input} has no text under --json-keys {' '.join(args.json_keys)}"
     detail = message.split("] ", 1)[-1].strip()

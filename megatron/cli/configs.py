@@ -66,8 +66,9 @@ def tokenizer_kwargs(args) -> dict:
         raise ConfigError("--tokenizer-type is required with --data-path "
                           "(SentencePieceTokenizer, GPT2BPETokenizer or NullTokenizer)")
     kind = TOKENIZER_ALIASES.get(kind, kind)
-    return dict(tokenizer_type=kind, tokenizer_model=args.tokenizer_model, vocab_file=args.vocab_file,
-                merge_file=args.merge_file, vocab_size=args.vocab_size)
+    return dict(tokenizer_type=kind, tokenizer_model=args.tokenizer_model,
+                vocab_file=args.vocab_file, merge_file=args.merge_file,
+                vocab_size=args.vocab_size)
 
 
 def padded_vocab_size(vocab_size: int, divisible_by: int, tp: int) -> int:
@@ -96,23 +97,28 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     model = _model_config(args, tp, vocab_size)
     moe = _moe_config(args, ep)
     # Every size split over TP or EP is known now: a bad layout's suggestions fit all of them.
-    check_layout(world_size, tp, ep, tp_divides={**model.tp_split_sizes(), **(moe.tp_split_sizes() if moe else {})},
+    check_layout(world_size, tp, ep,
+                 tp_divides={**model.tp_split_sizes(),
+                             **(moe.tp_split_sizes() if moe else {})},
                  ep_divides=moe.ep_split_sizes() if moe else {})
     topology = Topology(world_size, tp, ep)
     train = _train_config(args, topology)
     overlap = args.overlap_grad_reduce or args.overlap_param_gather
     optim = fields_from(
         OptimizerConfig, args,
-        bucket_size=args.bucket_size or (max(40_000_000, 1_000_000 * topology.dp) if overlap else None),
+        bucket_size=args.bucket_size or (max(40_000_000, 1_000_000 * topology.dp) if overlap
+                                         else None),
         # Megatron-LM: bf16 accumulates and reduces gradients in fp32 unless told otherwise
-        accumulate_grads_in_fp32=args.accumulate_allreduce_grads_in_fp32 or (args.bf16 and not args.grad_reduce_in_bf16),
+        accumulate_grads_in_fp32=(args.accumulate_allreduce_grads_in_fp32
+                                  or (args.bf16 and not args.grad_reduce_in_bf16)),
     )
     _check_optimizer_ranges(args)
-    recompute = RecomputeConfig(args.recompute_granularity, args.recompute_method, args.recompute_num_layers,
-                                cac=not args.disable_moe_cac)
+    recompute = RecomputeConfig(args.recompute_granularity, args.recompute_method,
+                                args.recompute_num_layers, cac=not args.disable_moe_cac)
     recompute.check(model.num_layers)
-    return Config(topology, model, moe, recompute, optim, train, _data_config(args), _checkpoint_config(args),
-                  _exit_config(args), tuple(getattr(args, "notices", ())))
+    return Config(topology, model, moe, recompute, optim, train, _data_config(args),
+                  _checkpoint_config(args), _exit_config(args),
+                  tuple(getattr(args, "notices", ())))
 
 
 def _check_optimizer_ranges(args) -> None:
@@ -124,13 +130,16 @@ def _check_optimizer_ranges(args) -> None:
         (0 <= args.adam_beta1 < 1, f"--adam-beta1 must be in [0, 1) (got {args.adam_beta1})"),
         (0 <= args.adam_beta2 < 1, f"--adam-beta2 must be in [0, 1) (got {args.adam_beta2})"),
         (args.adam_eps > 0, f"--adam-eps must be > 0 (got {args.adam_eps})"),
-        (args.clip_grad >= 0, f"--clip-grad must be >= 0, 0 = no clipping (got {args.clip_grad})"),
+        (args.clip_grad >= 0,
+         f"--clip-grad must be >= 0, 0 = no clipping (got {args.clip_grad})"),
         (args.tile_size >= 0, "--optimizer-tile-size must be >= 0 (0 = untiled)"),
-        (args.loss_scale_window >= 1, f"--loss-scale-window must be >= 1 (got {args.loss_scale_window})"),
+        (args.loss_scale_window >= 1,
+         f"--loss-scale-window must be >= 1 (got {args.loss_scale_window})"),
         (args.hysteresis >= 1, f"--hysteresis must be >= 1 (got {args.hysteresis})"),
         (args.min_loss_scale > 0 and args.initial_loss_scale >= args.min_loss_scale,
          "--initial-loss-scale must be >= --min-loss-scale > 0"),
-        (args.loss_scale is None or args.loss_scale > 0, f"--loss-scale must be > 0 (got {args.loss_scale})"),
+        (args.loss_scale is None or args.loss_scale > 0,
+         f"--loss-scale must be > 0 (got {args.loss_scale})"),
     ]
     for ok, message in checks:
         if not ok:
@@ -138,25 +147,28 @@ def _check_optimizer_ranges(args) -> None:
 
 
 def _check_batch_sizes(args) -> None:
-    for flag, value in (("--micro-batch-size", args.micro_batch_size), ("--global-batch-size", args.global_batch_size),
-                        ("--seq-length", args.seq_length), ("--lr-decay-iters", args.lr_decay_iters)):
+    for flag, value in (("--micro-batch-size", args.micro_batch_size),
+                        ("--global-batch-size", args.global_batch_size),
+                        ("--seq-length", args.seq_length),
+                        ("--lr-decay-iters", args.lr_decay_iters)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
 
 
 def _check_unsupported(args) -> None:
     if args.pipeline_model_parallel_size != 1:
-        raise ConfigError("--pipeline-model-parallel-size must be 1: pipeline parallelism is not supported; "
-                          "use --tensor-model-parallel-size / --expert-model-parallel-size")
+        raise ConfigError("--pipeline-model-parallel-size must be 1: pipeline parallelism is not "
+                          "supported; use --tensor-model-parallel-size / "
+                          "--expert-model-parallel-size")
     if args.sequence_parallel:
         raise ConfigError("--sequence-parallel is not supported; drop the flag")
     if args.expert_tensor_parallel_size not in (None, args.tensor_model_parallel_size):
-        raise ConfigError(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} must equal "
-                          f"--tensor-model-parallel-size {args.tensor_model_parallel_size} (TED splits "
-                          "each expert over the TP group); drop the flag")
+        raise ConfigError(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} must "
+                          f"equal --tensor-model-parallel-size {args.tensor_model_parallel_size} "
+                          "(TED splits each expert over the TP group); drop the flag")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
-        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (it overlaps ZeRO-1's "
-                          "parameter all-gather)")
+        raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (it overlaps "
+                          "ZeRO-1's parameter all-gather)")
     if args.bucket_size is not None and args.bucket_size < 1:
         raise ConfigError(f"--ddp-bucket-size must be >= 1 (got {args.bucket_size})")
     if args.fp16 and args.bf16:
@@ -168,11 +180,14 @@ def _check_unsupported(args) -> None:
 def _model_config(args, tp: int, vocab_size: int) -> ModelConfig:
     max_pos = args.max_position_embeddings or args.seq_length
     if args.position_embedding_type == "learned_absolute" and args.seq_length > max_pos:
-        raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings {max_pos}")
+        raise ConfigError(f"--seq-length {args.seq_length} exceeds --max-position-embeddings "
+                          f"{max_pos}")
     dtype = torch.bfloat16 if args.bf16 else torch.float16 if args.fp16 else torch.float32
     return fields_from(
-        ModelConfig, args, vocab_size=vocab_size, max_position_embeddings=max_pos, params_dtype=dtype,
-        padded_vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by, max(tp, 1)),
+        ModelConfig, args, vocab_size=vocab_size, max_position_embeddings=max_pos,
+        params_dtype=dtype,
+        padded_vocab_size=padded_vocab_size(vocab_size, args.make_vocab_size_divisible_by,
+                                            max(tp, 1)),
         num_query_groups=args.num_query_groups if args.group_query_attention else None,
     )
 
@@ -183,16 +198,19 @@ def _moe_config(args, ep: int) -> Optional[MoEConfig]:
         if ep > 1:
             raise ConfigError(f"--expert-model-parallel-size {ep} needs --num-experts")
         return None
-    for flag, value in (("--expert-interval", args.expert_interval), ("--moe-layer-freq", args.moe_layer_freq)):
+    for flag, value in (("--expert-interval", args.expert_interval),
+                        ("--moe-layer-freq", args.moe_layer_freq)):
         if value is not None and value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
     if args.expert_interval is None and args.moe_layer_freq is None:
         layers = moe_layer_indices(args.num_layers, expert_interval=2)
     else:
-        layers = moe_layer_indices(args.num_layers, expert_interval=args.expert_interval, layer_freq=args.moe_layer_freq)
+        layers = moe_layer_indices(args.num_layers, expert_interval=args.expert_interval,
+                                   layer_freq=args.moe_layer_freq)
     if not layers:
-        raise ConfigError(f"no layer of --num-layers {args.num_layers} gets an MoE block with --expert-interval "
-                          f"{args.expert_interval}: use an interval <= --num-layers")
+        raise ConfigError(f"no layer of --num-layers {args.num_layers} gets an MoE block with "
+                          f"--expert-interval {args.expert_interval}: use an interval <= "
+                          "--num-layers")
     return fields_from(MoEConfig, args, num_experts=counts[0], layers=layers,
                        experts_per_layer=tuple(counts) if len(counts) > 1 else None)
 
@@ -202,14 +220,17 @@ def _train_config(args, topology: Topology) -> TrainConfig:
     accumulation = getattr(args, "deepspeed_gradient_accumulation_steps", None)
     gbs = args.global_batch_size or mbs * dp * (accumulation or 1)
     if accumulation is not None and gbs != mbs * dp * accumulation:
-        raise ConfigError(f"--global-batch-size {gbs} != --micro-batch-size {mbs} x data-parallel size {dp} x "
-                          f"gradient_accumulation_steps {accumulation} of --deepspeed_config: make them agree")
+        raise ConfigError(f"--global-batch-size {gbs} != --micro-batch-size {mbs} x data-parallel "
+                          f"size {dp} x gradient_accumulation_steps {accumulation} of "
+                          "--deepspeed_config: make them agree")
     if gbs % (mbs * dp):
         raise ConfigError(
-            f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x data-parallel size {dp}; "
-            f"use a multiple of {mbs * dp}, e.g. {mbs * dp * max(1, round(gbs / (mbs * dp)))}"
+            f"--global-batch-size {gbs} is not divisible by --micro-batch-size {mbs} x "
+            f"data-parallel size {dp}; use a multiple of {mbs * dp}, e.g. "
+            f"{mbs * dp * max(1, round(gbs / (mbs * dp)))}"
         )
-    for flag, value in (("--log-interval", args.log_interval), ("--eval-interval", args.eval_interval)):
+    for flag, value in (("--log-interval", args.log_interval),
+                        ("--eval-interval", args.eval_interval)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
     if args.eval_iters < 0:
@@ -229,7 +250,8 @@ def _tensorboard_config(args) -> TensorBoardConfig:
                         ("--tensorboard-log-interval", args.tensorboard_log_interval)):
         if value < 1:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
-    return TensorBoardConfig(args.tensorboard_queue_size, args.tensorboard_log_interval, args.log_timers_to_tensorboard,
+    return TensorBoardConfig(args.tensorboard_queue_size, args.tensorboard_log_interval,
+                             args.log_timers_to_tensorboard,
                              args.log_batch_size_to_tensorboard, args.log_memory_to_tensorboard,
                              args.log_validation_ppl_to_tensorboard)
 
@@ -243,19 +265,22 @@ def _checkpoint_config(args) -> CheckpointConfig:
 
 
 def _exit_config(args) -> ExitConfig:
-    for flag, value in (("--exit-interval", args.interval), ("--exit-duration-in-mins", args.duration_minutes)):
+    for flag, value in (("--exit-interval", args.interval),
+                        ("--exit-duration-in-mins", args.duration_minutes)):
         if value is not None and value <= 0:
             raise ConfigError(f"{flag} must be > 0 (got {value})")
     name = args.signal_name if args.signal_name.startswith("SIG") else "SIG" + args.signal_name
-    if not isinstance(getattr(signal, name, None), signal.Signals) or name in ("SIGKILL", "SIGSTOP"):
-        raise ConfigError(f"--exit-signal {args.signal_name}: use a catchable signal name such as SIGTERM or SIGUSR1")
+    if (not isinstance(getattr(signal, name, None), signal.Signals)
+            or name in ("SIGKILL", "SIGSTOP")):
+        raise ConfigError(f"--exit-signal {args.signal_name}: use a catchable signal name such as "
+                          "SIGTERM or SIGUSR1")
     return fields_from(ExitConfig, args, signal_name=name)
 
 
 def _data_config(args) -> DataConfig:
     if not args.mock and not args.data_path:
-        raise ConfigError("no training data: give --data-path PREFIX [...] (from tools/preprocess_data.py) "
-                          "or --mock-data")
+        raise ConfigError("no training data: give --data-path PREFIX [...] (from "
+                          "tools/preprocess_data.py) or --mock-data")
     kw = tokenizer_kwargs(args)
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0 (got {args.num_workers})")

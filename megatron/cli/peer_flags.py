@@ -19,32 +19,41 @@ NO_EFFECT = {
     "--no-bias-swiglu-fusion": "Megatron-LM", "--no-bias-dropout-fusion": "Megatron-LM",
     "--no-gradient-accumulation-fusion": "Megatron-LM", "--no-persist-layer-norm": "Megatron-LM",
     "--no-rope-fusion": "Megatron-LM", "--use-flash-attn": "Megatron-LM",
-    "--no-async-tensor-model-parallel-allreduce": "Megatron-LM", "--attention-softmax-in-fp32": "Megatron-LM",
+    "--no-async-tensor-model-parallel-allreduce": "Megatron-LM",
+    "--attention-softmax-in-fp32": "Megatron-LM",
     "--moe-grouped-gemm": "Megatron-LM", "--no-create-attention-mask-in-dataloader": "Megatron-LM",
-    "--create-moe-param-group": "Megatron-DeepSpeed (expert parameters always form their own groups here)",
+    "--create-moe-param-group":
+        "Megatron-DeepSpeed (expert parameters always form their own groups here)",
     "--no-pipeline-parallel": "Megatron-DeepSpeed (there is no pipeline parallelism here)",
 }
 
 
 def add_peer_args(p) -> None:
     g = p.add_argument_group("Megatron-DeepSpeed's flags")
-    g.add_argument("--deepspeed", action="store_true", help="read --deepspeed_config (Megatron-DeepSpeed)")
-    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config", default=None,
-                   help="a DeepSpeed JSON config: batch sizes, gradient clipping, fp16/bf16, ZeRO stage 0/1")
+    g.add_argument("--deepspeed", action="store_true",
+                   help="read --deepspeed_config (Megatron-DeepSpeed)")
+    g.add_argument("--deepspeed_config", "--deepspeed-config", dest="deepspeed_config",
+                   default=None,
+                   help="a DeepSpeed JSON config: batch sizes, gradient clipping, fp16/bf16, ZeRO "
+                        "stage 0/1")
     g.add_argument("--checkpoint-activations", action="store_true",
                    help="the old name of --recompute-granularity full --recompute-method uniform")
     g.add_argument("--deepspeed-activation-checkpointing", action="store_true",
                    help="DeepSpeed's name for the same full, uniform recompute")
     g.add_argument("--checkpoint-num-layers", type=int, default=None,
-                   help="layers per recompute chunk with --checkpoint-activations (= --recompute-num-layers)")
-    g.add_argument("--data-impl", default="mmap", help="only mmap (Megatron's .bin/.idx); infer means mmap")
+                   help="layers per recompute chunk with --checkpoint-activations "
+                        "(= --recompute-num-layers)")
+    g.add_argument("--data-impl", default="mmap",
+                   help="only mmap (Megatron's .bin/.idx); infer means mmap")
     g.add_argument("--log-validation-ppl-to-tensorboard", action="store_true",
                    help="write the validation perplexity to TensorBoard too")
     m = p.add_argument_group("Megatron-LM's flags")
     m.add_argument("--moe-token-dispatcher-type", default="alltoall",
-                   help="alltoall only: TED's expert-parallel all-to-all (allgather and flex are not built)")
+                   help="alltoall only: TED's expert-parallel all-to-all (allgather and flex are "
+                        "not built)")
     m.add_argument("--no-position-embedding", action="store_true",
-                   help="no learned absolute position embedding (with rope: no effect; otherwise no positions)")
+                   help="no learned absolute position embedding (with rope: no effect; otherwise "
+                        "no positions)")
     m.add_argument("--transformer-impl", default="local", help="local only (no Transformer Engine)")
     n = p.add_argument_group("accepted with no effect here (CUDA fusions, other frameworks)")
     for flag, family in NO_EFFECT.items():
@@ -65,17 +74,20 @@ def resolve_peer_args(args, argv: list[str], parser) -> list[str]:
     if used:
         notices.append(f"accepted with no effect here: {' '.join(used)}")
     if args.data_impl not in ("mmap", "infer"):
-        raise ValueError(f"--data-impl {args.data_impl}: only mmap (.bin/.idx) is read here; preprocess with "
-                         "tools/preprocess_data.py")
+        raise ValueError(f"--data-impl {args.data_impl}: only mmap (.bin/.idx) is read here; "
+                         "preprocess with tools/preprocess_data.py")
     if args.moe_token_dispatcher_type != "alltoall":
-        raise ValueError(f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: only alltoall "
-                         "(TED's expert-parallel all-to-all with DTD) is built; drop the flag")
+        raise ValueError(f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: only "
+                         "alltoall (TED's expert-parallel all-to-all with DTD) is built; drop the "
+                         "flag")
     if args.transformer_impl != "local":
-        notices.append(f"--transformer-impl {args.transformer_impl}: Transformer Engine is not used; local layers")
+        notices.append(f"--transformer-impl {args.transformer_impl}: Transformer Engine is not "
+                       "used; local layers")
     if args.checkpoint_activations or args.deepspeed_activation_checkpointing:
-        if args.recompute_granularity not in (None, "full") or args.recompute_method not in (None, "uniform"):
-            raise ValueError("--checkpoint-activations means --recompute-granularity full --recompute-method "
-                             "uniform; it contradicts the recompute flags given")
+        if (args.recompute_granularity not in (None, "full")
+                or args.recompute_method not in (None, "uniform")):
+            raise ValueError("--checkpoint-activations means --recompute-granularity full "
+                             "--recompute-method uniform; it contradicts the recompute flags given")
         args.recompute_granularity, args.recompute_method = "full", "uniform"
         if args.checkpoint_num_layers is not None:
             args.recompute_num_layers = args.checkpoint_num_layers
@@ -89,7 +101,7 @@ def resolve_peer_args(args, argv: list[str], parser) -> list[str]:
     return notices
 
 
-# ---- DeepSpeed's JSON config ------------------------------------------------------------------------
+# ---- DeepSpeed's JSON config ---------------------------------------------------------------------
 def _read_config(path: str) -> dict:
     if not path:
         raise ValueError("--deepspeed needs --deepspeed_config FILE")
@@ -138,13 +150,15 @@ def apply_deepspeed_config(args, explicit: set) -> list[str]:
     used.add("zero_optimization")
     stage = int(zero.get("stage", 0)) if isinstance(zero, dict) else 0
     if stage > 1:
-        raise ValueError(f"--deepspeed_config {path}: zero_optimization.stage {stage} is not supported: TED "
-                         "shards optimizer states only (stage 1 = --use-distributed-optimizer); use stage 0 or 1")
+        raise ValueError(f"--deepspeed_config {path}: zero_optimization.stage {stage} is not "
+                         "supported: TED shards optimizer states only (stage 1 = "
+                         "--use-distributed-optimizer); use stage 0 or 1")
     _set(args, explicit, "use_distributed_optimizer", "--use-distributed-optimizer", stage == 1,
          "zero_optimization.stage")
     ignored = sorted(k for k in config if k not in used)
     if ignored:
-        notices.append(f"--deepspeed_config {path}: fields with no meaning here, ignored: {', '.join(ignored)}")
+        notices.append(f"--deepspeed_config {path}: fields with no meaning here, ignored: "
+                       f"{', '.join(ignored)}")
     return notices
 
 
@@ -162,7 +176,8 @@ def _precision(config: dict, args, explicit: set, used: set) -> list[str]:
         if scale:  # 0 means dynamic
             _set(args, explicit, "loss_scale", "--loss-scale", float(scale), "fp16.loss_scale")
         for field, dest, flag, convert in (
-                ("initial_scale_power", "initial_loss_scale", "--initial-loss-scale", lambda v: 2.0 ** v),
+                ("initial_scale_power", "initial_loss_scale", "--initial-loss-scale",
+                 lambda v: 2.0 ** v),
                 ("loss_scale_window", "loss_scale_window", "--loss-scale-window", int),
                 ("hysteresis", "hysteresis", "--hysteresis", int),
                 ("min_loss_scale", "min_loss_scale", "--min-loss-scale", float)):

@@ -69,7 +69,8 @@ def _fail(error, env, who: str) -> None:
     if prints:
         where = ""
         if env.world_size > 1 and (who == THIS_RANK or env.rank != 0):
-            where = f" (rank {env.rank} on {socket.gethostname()})" if env.rank >= 0 else f" (on {socket.gethostname()})"
+            where = (f" (rank {env.rank} on {socket.gethostname()})" if env.rank >= 0
+                     else f" (on {socket.gethostname()})")
         print(f"{faults.PROG}: error{where}: {error}", file=sys.stderr, flush=True)
     sys.exit(getattr(error, "status", EXIT_BAD_INPUT))
 
@@ -99,7 +100,8 @@ def _parse_args(argv):
     except SystemExit as e:
         if not e.code:  # --help, printed on stdout
             raise
-        message = printed.getvalue().rpartition(" error: ")[2].strip()  # after argparse's usage block
+        # after argparse's usage block
+        message = printed.getvalue().rpartition(" error: ")[2].strip()
     raise ConfigError(f"{message}{_nearest_flags(message, build_parser())}; see --help")
 
 
@@ -142,8 +144,8 @@ def _check_tensorboard(path: str) -> None:
     try:
         import torch.utils.tensorboard  # noqa: F401
     except ImportError:
-        raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install tensorboard "
-                          "(or the project's [tensorboard] extra)") from None
+        raise ConfigError("--tensorboard-dir needs the tensorboard package: pip install "
+                          "tensorboard (or the project's [tensorboard] extra)") from None
     check_writable_directory("--tensorboard-dir", path)
 
 
@@ -152,8 +154,8 @@ def check_checkpoint_flags(config, rank: int) -> None:
     (then training starts from scratch) or a whole checkpoint of the same model's shape and
     learning-rate schedule, with this rank's RNG file readable as plain data when it will be
     restored."""
-    from megatron.checkpoint import (check_compatible, check_schedule, find_checkpoint, read_checkpoint_meta,
-                                     read_rng_file)
+    from megatron.checkpoint import (check_compatible, check_schedule, find_checkpoint,
+                                     read_checkpoint_meta, read_rng_file)
 
     cfg = config.checkpoint
     if cfg.save:

@@ -28,7 +28,9 @@ import torch
 
 from megatron.core.datasets.blended_dataset import BlendedDataset
 from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-from megatron.core.datasets.blended_megatron_dataset_config import convert_split_vector_to_split_matrix
+from megatron.core.datasets.blended_megatron_dataset_config import (
+    convert_split_vector_to_split_matrix,
+)
 from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig, MockGPTDataset
 from megatron.core.datasets.indexed_dataset import DType
 
@@ -62,8 +64,8 @@ def _check_readable(path: str, what: str) -> None:
         with open(path, "rb") as f:
             f.read(1)
     except OSError as err:
-        raise ValueError(f"{what} cannot be read ({err.strerror}): fix its permissions or give another "
-                         "file") from None
+        raise ValueError(f"{what} cannot be read ({err.strerror}): fix its permissions or give "
+                         "another file") from None
 
 
 def _check_prefix_files(prefix: str) -> None:
@@ -75,16 +77,17 @@ def _check_prefix_files(prefix: str) -> None:
     if os.path.isdir(prefix) and not os.path.exists(prefix + ".idx"):
         found = sorted(glob.glob(os.path.join(prefix, "*.idx")))[:3]
         hint = f", e.g. {found[0][:-4]}" if found else " (none found in it)"
-        raise ValueError(f"--data-path {prefix} is a directory; give the prefix of a .bin/.idx pair in it{hint}")
+        raise ValueError(f"--data-path {prefix} is a directory; give the prefix of a .bin/.idx "
+                         f"pair in it{hint}")
     for path in (prefix + ".idx", prefix + ".bin"):
         try:
             is_dir = stat.S_ISDIR(os.stat(path).st_mode)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{path} not found (data prefix {prefix!r}): give the prefix of a .bin/.idx "
-                                    "pair tools/preprocess_data.py wrote") from None
+            raise FileNotFoundError(f"{path} not found (data prefix {prefix!r}): give the prefix "
+                                    "of a .bin/.idx pair tools/preprocess_data.py wrote") from None
         except OSError as err:  # e.g. a directory on the way this user may not enter
-            raise ValueError(f"{path} cannot be reached ({err.strerror}): fix the permissions of its "
-                             "directories") from None
+            raise ValueError(f"{path} cannot be reached ({err.strerror}): fix the permissions of "
+                             "its directories") from None
         if is_dir:
             raise ValueError(f"{path} is a directory, not a file (data prefix {prefix!r})")
         _check_readable(path, path)
@@ -148,9 +151,10 @@ def check_token_ids(prefix: str, vocab_size: int, cache_dir: str | None = None) 
     if low < 0 or high >= vocab_size:
         bad = high if high >= vocab_size else low
         raise ValueError(
-            f"{prefix}.bin holds token id {bad} but the tokenizer has {vocab_size} ids (0..{vocab_size - 1}): "
-            "the data was preprocessed with another tokenizer; give that tokenizer's --tokenizer-model / "
-            "--vocab-file / --vocab-size, or preprocess again with this one"
+            f"{prefix}.bin holds token id {bad} but the tokenizer has {vocab_size} ids "
+            f"(0..{vocab_size - 1}): the data was preprocessed with another tokenizer; give that "
+            "tokenizer's --tokenizer-model / --vocab-file / --vocab-size, or preprocess again with "
+            "this one"
         )
 
 
@@ -199,7 +203,8 @@ def _save_json(path: str, value: dict) -> None:
 
 
 def parse_data_path(data_path: list[str]) -> tuple[list[str], list[float] | None]:
-    """Megatron's --data-path: either `p1 p2 ...` or `w1 p1 w2 p2 ...` (weights need not sum to 1)."""
+    """Megatron's --data-path: either `p1 p2 ...` or `w1 p1 w2 p2 ...` (weights need not sum
+    to 1)."""
     if not data_path:
         raise ValueError("--data-path is empty: give `PREFIX ...` or `WEIGHT PREFIX ...`")
     heads = data_path[0::2]
@@ -340,8 +345,8 @@ def parse_split(split: str) -> list[float]:
     except ValueError:
         weights = []
     if not 1 <= len(weights) <= 3 or any(w < 0 for w in weights) or sum(weights) <= 0:
-        raise ValueError(f"--split {split!r}: give up to three non-negative weights for train, valid, test, "
-                         "e.g. 969,30,1")
+        raise ValueError(f"--split {split!r}: give up to three non-negative weights for train, "
+                         "valid, test, e.g. 969,30,1")
     weights += [0.0] * (3 - len(weights))
     return [w / sum(weights) for w in weights]
 
@@ -366,11 +371,12 @@ def _empty_splits(prefix, seq_lengths, split_matrix, split) -> dict[str, str]:
         beg, end = (int(round(b * float(n))) for b in bounds)
         if int(seq_lengths[beg:end].sum(dtype=numpy.int64)) > 0:
             continue
-        where = f"--split {split}: the {name} split of {prefix} gets sequences [{beg}, {end}) of {n}, which hold no tokens"
+        where = (f"--split {split}: the {name} split of {prefix} gets sequences [{beg}, {end}) "
+                 f"of {n}, which hold no tokens")
         if name == "train":
             raise ValueError(f"{where}; give it a larger share or use more documents")
-        skipped[name] = (f"{where}; training without {name} evaluation (give it a larger share or use more "
-                         "documents to have one)")
+        skipped[name] = (f"{where}; training without {name} evaluation (give it a larger share "
+                         "or use more documents to have one)")
     return skipped
 
 

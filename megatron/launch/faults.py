@@ -48,7 +48,8 @@ class LaunchError(RuntimeError):
     """A launch or join fault: one line (unless `quiet`: another rank prints it), then `status`.
     `rank_specific`: only this rank has it (the others' launch variables may be fine)."""
 
-    def __init__(self, message: str, status: int = EXIT_FAULT, quiet: bool = False, rank_specific: bool = False):
+    def __init__(self, message: str, status: int = EXIT_FAULT, quiet: bool = False,
+                 rank_specific: bool = False):
         super().__init__(message)
         self.status, self.quiet, self.rank_specific = status, quiet, rank_specific
 
@@ -180,7 +181,8 @@ class _Conn:
         return lines
 
     def read_line(self, deadline: float) -> str | None:
-        """Block for one line until `deadline` (time.monotonic()): None at close, "" at the deadline."""
+        """Block for one line until `deadline` (time.monotonic()): None at close, "" at the
+        deadline."""
         while not self.lines:
             left = deadline - time.monotonic()
             if left <= 0:
@@ -212,7 +214,7 @@ def _me(rank: int) -> Peer:
     return Peer(rank, os.getpid(), socket.gethostname())
 
 
-# ---- the join, rank 0's side ----------------------------------------------------------------------
+# ---- the join, rank 0's side ---------------------------------------------------------------------
 def listen(port: int = 0) -> socket.socket:
     """Rank 0's listening socket on every interface; port 0: any free port."""
     sock = _track(socket.socket(socket.AF_INET, socket.SOCK_STREAM))
@@ -221,8 +223,9 @@ def listen(port: int = 0) -> socket.socket:
         sock.bind(("", port))
     except OSError as err:
         sock.close()
-        raise LaunchError(f"rank 0 cannot listen on MASTER_PORT {port} on {socket.gethostname()} ({err.strerror}): "
-                          "another run uses it; give each run its own MASTER_PORT", EXIT_BAD_LAUNCH) from None
+        raise LaunchError(f"rank 0 cannot listen on MASTER_PORT {port} on {socket.gethostname()} "
+                          f"({err.strerror}): another run uses it; give each run its own "
+                          "MASTER_PORT", EXIT_BAD_LAUNCH) from None
     sock.listen(min(socket.SOMAXCONN, 4096))
     _raise_open_file_limit()
     return sock
@@ -246,7 +249,8 @@ class _Gathering:
     def __init__(self, listener: socket.socket, world_size: int, timeout_s: float):
         self.listener, self.world_size, self.timeout_s = listener, world_size, timeout_s
         self.joined: dict[int, _Conn] = {}
-        self.connected: list[_Conn] = []  # every connection, joined or not (all are told when rank 0 gives up)
+        # every connection, joined or not (all are told when rank 0 gives up)
+        self.connected: list[_Conn] = []
         self.selector = selectors.DefaultSelector()
         self.selector.register(listener, selectors.EVENT_READ)
 
@@ -257,8 +261,9 @@ class _Gathering:
             now = time.monotonic()
             if now >= deadline:
                 self._give_up(f"ranks {describe_ranks(self._missing())} never joined within "
-                              f"{_duration(self.timeout_s)} (--distributed-timeout-minutes): start them with the "
-                              "same MASTER_ADDR, MASTER_PORT and WORLD_SIZE as rank 0, or raise the timeout")
+                              f"{_duration(self.timeout_s)} (--distributed-timeout-minutes): start "
+                              "them with the same MASTER_ADDR, MASTER_PORT and WORLD_SIZE as rank "
+                              "0, or raise the timeout")
             if now >= report_at:
                 say("note", f"rank 0 waits for ranks {describe_ranks(self._missing())} to join "
                             f"({len(self.joined) + 1} of {self.world_size} here); giving up in "
@@ -300,15 +305,17 @@ class _Gathering:
             words = []
         if not words or words[0] != "join":
             self._give_up(f"a process that is not a rank of this run connected to MASTER_PORT "
-                          f"{self.listener.getsockname()[1]}: give each run its own MASTER_PORT", EXIT_BAD_LAUNCH)
+                          f"{self.listener.getsockname()[1]}: give each run its own MASTER_PORT",
+                          EXIT_BAD_LAUNCH)
         peer = Peer(rank, pid, host)
         if world != self.world_size:
-            self._give_up(f"{peer} was started with WORLD_SIZE {world}, rank 0 with {self.world_size}: "
-                          "start every rank with the same WORLD_SIZE", EXIT_BAD_LAUNCH)
+            self._give_up(f"{peer} was started with WORLD_SIZE {world}, rank 0 with "
+                          f"{self.world_size}: start every rank with the same WORLD_SIZE",
+                          EXIT_BAD_LAUNCH)
         if not 0 < rank < world or rank in self.joined:
             other = f" and {self.joined[rank].peer}" if rank in self.joined else ""
-            self._give_up(f"{peer}{other} both joined as rank {rank}: give every process its own RANK "
-                          f"in 0..{world - 1}", EXIT_BAD_LAUNCH)
+            self._give_up(f"{peer}{other} both joined as rank {rank}: give every process its own "
+                          f"RANK in 0..{world - 1}", EXIT_BAD_LAUNCH)
         conn.peer = peer
         self.joined[rank] = conn
 
@@ -335,7 +342,8 @@ class Joined:
     store_port: int | None = None
 
 
-def gather_ranks(listener: socket.socket, world_size: int, timeout_s: float, start_store=None) -> Joined:
+def gather_ranks(listener: socket.socket, world_size: int, timeout_s: float,
+                 start_store=None) -> Joined:
     """Rank 0: wait (saying which ranks are missing) until every rank has joined, then start the
     store (start_store() -> its port; None under torchrun) and send `go` to everyone."""
     conns = _Gathering(listener, world_size, timeout_s).run()
@@ -361,11 +369,11 @@ def join_rank0(addr: str, port: int, rank: int, world_size: int, timeout_s: floa
             now = time.monotonic()
             if now >= deadline:
                 raise LaunchError(f"rank 0 never came up at {where} within {_duration(timeout_s)} "
-                                  "(--distributed-timeout-minutes): start it, or check MASTER_ADDR and MASTER_PORT",
-                                  quiet=rank != 1) from None
+                                  "(--distributed-timeout-minutes): start it, or check MASTER_ADDR "
+                                  "and MASTER_PORT", quiet=rank != 1) from None
             if rank == 1 and now >= report_at:
-                say("note", f"rank 1 waits for rank 0 at {where}; giving up in {_duration(deadline - now)} "
-                            "(--distributed-timeout-minutes)")
+                say("note", f"rank 1 waits for rank 0 at {where}; giving up in "
+                            f"{_duration(deadline - now)} (--distributed-timeout-minutes)")
                 report_at = now + REPORT_EVERY_S
             time.sleep(0.2)
     conn, me = _Conn(sock), _me(rank)
@@ -380,8 +388,8 @@ def join_rank0(addr: str, port: int, rank: int, world_size: int, timeout_s: floa
     conn.close()
     if words[:1] == ["abort"]:
         raise LaunchError(line[len("abort "):], quiet=True)  # rank 0 printed why
-    raise LaunchError(f"rank 0 at {where} stopped before every rank had joined (its own output says why)",
-                      quiet=rank != 1)
+    raise LaunchError(f"rank 0 at {where} stopped before every rank had joined (its own output "
+                      "says why)", quiet=rank != 1)
 
 
 # ---- the watchdog -------------------------------------------------------------------------------
@@ -442,7 +450,8 @@ class Watchdog:
             if words[:1] == ["abort"]:  # rank 0 found a dead peer and has said so
                 _exit_now(EXIT_FAULT)
             if words[:1] == ["done"]:
-                conn.done = int(words[1]) if len(words) == 2 and words[1].lstrip("-").isdigit() else 0
+                conn.done = (int(words[1]) if len(words) == 2 and words[1].lstrip("-").isdigit()
+                             else 0)
                 if conn.done != 0:
                     self._grace[conn.peer.rank] = time.monotonic() + GRACE_S
         if not alive:
@@ -454,13 +463,15 @@ class Watchdog:
         for rank, until in list(self._grace.items()):
             if time.monotonic() >= until and not self.stopping:
                 conn = self.conns[rank]
-                self._stop_all(f"{conn.peer} exited with status {conn.done} {int(GRACE_S)} s ago (its own output "
-                               "says why) while this rank ran on; stopping every rank",
+                self._stop_all(f"{conn.peer} exited with status {conn.done} {int(GRACE_S)} s ago "
+                               "(its own output says why) while this rank ran on; stopping every "
+                               "rank",
                                prints=self.rank == 0 or (rank == 0 and self.rank == 1))
 
     def _peer_lost(self, peer: Peer) -> None:
-        self._stop_all(f"{peer} died or exited mid-run (its own output, if any, says why); stopping the "
-                       f"{self.world_size - 1} other ranks", prints=self.rank == 0 or (peer.rank == 0 and self.rank == 1))
+        self._stop_all(f"{peer} died or exited mid-run (its own output, if any, says why); "
+                       f"stopping the {self.world_size - 1} other ranks",
+                       prints=self.rank == 0 or (peer.rank == 0 and self.rank == 1))
 
     def _stop_all(self, message: str, prints: bool) -> None:
         if prints:

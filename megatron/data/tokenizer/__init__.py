@@ -1,4 +1,5 @@
-"""build_tokenizer: Megatron's --tokenizer-type names -> one of our tokenizers (see tokenizer.py)."""
+"""build_tokenizer: Megatron's --tokenizer-type names -> one of our tokenizers
+(see tokenizer.py)."""
 
 import os
 
@@ -44,7 +45,8 @@ def build_tokenizer(
             )
         return NullTokenizer(vocab_size)
     raise ValueError(
-        f"--tokenizer-type {tokenizer_type!r} is not supported: use one of {', '.join(TOKENIZER_TYPES)}"
+        f"--tokenizer-type {tokenizer_type!r} is not supported: "
+        f"use one of {', '.join(TOKENIZER_TYPES)}"
     )
 
 
