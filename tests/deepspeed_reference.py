@@ -41,7 +41,8 @@ def import_deepspeed():
 
 
 def init_distributed() -> None:
-    """deepspeed.init_distributed on an already initialized torch.distributed, without its JIT build."""
+    """deepspeed.init_distributed on an already initialized torch.distributed, without its JIT
+    build."""
     deepspeed, _ = import_deepspeed()
     import deepspeed.comm.comm as ds_comm
 
@@ -62,15 +63,18 @@ def build_moe(*, hidden: int, ffn: int, experts: int, ep: int, topk: int, capaci
               drop_tokens: bool, min_capacity: int = 4):
     """DeepSpeed's MoE with GELU experts Linear(H, F) -> GELU -> Linear(F, H), deterministic."""
     _, MoE = import_deepspeed()
-    expert = torch.nn.Sequential(torch.nn.Linear(hidden, ffn), torch.nn.GELU(), torch.nn.Linear(ffn, hidden))
+    expert = torch.nn.Sequential(torch.nn.Linear(hidden, ffn), torch.nn.GELU(),
+                                 torch.nn.Linear(ffn, hidden))
     moe = MoE(hidden_size=hidden, expert=expert, num_experts=experts, ep_size=ep, k=topk,
-              capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor, min_capacity=min_capacity,
-              use_residual=False, noisy_gate_policy=None, drop_tokens=drop_tokens, use_rts=False, use_tutel=False,
+              capacity_factor=capacity_factor, eval_capacity_factor=capacity_factor,
+              min_capacity=min_capacity, use_residual=False, noisy_gate_policy=None,
+              drop_tokens=drop_tokens, use_rts=False, use_tutel=False,
               enable_expert_tensor_parallelism=False, top2_2nd_expert_sampling=False)
     if ep > 1:
         init_distributed()
         with contextlib.redirect_stdout(sys.stderr):  # it prints a notice: keep stdout for results
-            moe.set_deepspeed_parallelism()  # creates (once per process) and sets the 'ep_size_{ep}' group
+            # creates (once per process) and sets the 'ep_size_{ep}' group
+            moe.set_deepspeed_parallelism()
     return moe
 
 

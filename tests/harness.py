@@ -40,7 +40,8 @@ def ted_groups(tp: int = 1, ep: int = 1):
     from megatron.parallel.topology import Topology
 
     if not dist.is_initialized():
-        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0, world_size=1)
+        dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
+                                world_size=1)
     key = (tp, ep)
     if key not in _GROUPS:
         _GROUPS[key] = init_ted_groups(Topology(dist.get_world_size(), tp, ep))
@@ -54,7 +55,8 @@ def _worker(rank: int, size: int, port: int, path: list[str], threads: int, conn
 
     sys.path[:] = path
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=size)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                            world_size=size)
     while True:
         msg = conn.recv()
         if msg is None:
@@ -79,7 +81,8 @@ class World:
         self.conns, self.procs = [], []
         for rank in range(size):
             parent, child = ctx.Pipe()
-            p = ctx.Process(target=_worker, args=(rank, size, port, list(sys.path), threads, child))  # not daemonic: data-loader workers are its children
+            # not daemonic: data-loader workers are its children
+            p = ctx.Process(target=_worker, args=(rank, size, port, list(sys.path), threads, child))
             p.start()
             self.conns.append(parent)
             self.procs.append(p)
@@ -94,7 +97,8 @@ class World:
             ready = wait(list(pending.values()), timeout=timeout)
             if not ready:
                 self.kill()
-                raise TimeoutError(f"{fn.__qualname__} did not finish in {timeout}s on ranks {sorted(pending)}")
+                raise TimeoutError(f"{fn.__qualname__} did not finish in {timeout}s on ranks "
+                                   f"{sorted(pending)}")
             for rank, c in list(pending.items()):
                 if c in ready:
                     try:
@@ -111,7 +115,8 @@ class World:
         for p in self.procs:
             if p.is_alive():
                 p.kill()
-        if _WORLDS.get((self.size, self.threads)) is self:  # a fresh World(...) is not the cached one
+        # a fresh World(...) is not the cached one
+        if _WORLDS.get((self.size, self.threads)) is self:
             del _WORLDS[(self.size, self.threads)]
 
     def close(self) -> None:

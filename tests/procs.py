@@ -18,9 +18,10 @@ from megatron.launch.initialize import free_port
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPT = os.path.join(ROOT, "pretrain_gpt_moe.py")
 # The smallest MoE run that still has every part: TP x EP, 4 experts, mock data
-TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 --seq-length 16 "
-        "--mock-data --vocab-size 120 --make-vocab-size-divisible-by 8 --micro-batch-size 2 --lr 1e-3 "
-        "--num-experts 4 --moe-router-topk 2 --hidden-dropout 0 --attention-dropout 0 --eval-iters 0").split()
+TINY = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 "
+        "--seq-length 16 --mock-data --vocab-size 120 --make-vocab-size-divisible-by 8 "
+        "--micro-batch-size 2 --lr 1e-3 --num-experts 4 --moe-router-topk 2 --hidden-dropout 0 "
+        "--attention-dropout 0 --eval-iters 0").split()
 
 
 def quiet_env(**extra) -> dict:
@@ -35,7 +36,8 @@ class Proc:
         self.out_path, self.err_path = tmp / f"{name}.out", tmp / f"{name}.err"
         # its own session: a cleanup kill of its group never reaches the test runner
         with open(self.out_path, "w") as out, open(self.err_path, "w") as err:
-            self.popen = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=err, start_new_session=True)
+            self.popen = subprocess.Popen(argv, env=env, cwd=ROOT, stdout=out, stderr=err,
+                                          start_new_session=True)
         self.pid = self.popen.pid
 
     def out(self) -> str:
@@ -54,8 +56,8 @@ class Proc:
             if self.popen.poll() is not None:
                 break
             time.sleep(0.05)
-        raise AssertionError(f"{pattern!r} not printed (exit {self.popen.poll()}):\n{self.out()[-2000:]}\n"
-                             f"{self.err()[-2000:]}")
+        raise AssertionError(f"{pattern!r} not printed (exit {self.popen.poll()}):\n"
+                             f"{self.out()[-2000:]}\n{self.err()[-2000:]}")
 
     def kill(self) -> None:
         if self.popen.poll() is None:
@@ -63,12 +65,14 @@ class Proc:
         self.popen.wait()
 
 
-def launch_world(world: int, argv: list[str], tmp, port: int | None = None, ranks=None) -> list[Proc]:
+def launch_world(world: int, argv: list[str], tmp, port: int | None = None,
+                 ranks=None) -> list[Proc]:
     """Ranks `ranks` (default all) of a world started by hand, as srun starts its tasks."""
     port = port or free_port()
     procs = []
     for rank in ranks if ranks is not None else range(world):
-        env = quiet_env(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1", MASTER_PORT=port)
+        env = quiet_env(RANK=rank, WORLD_SIZE=world, LOCAL_RANK=rank, MASTER_ADDR="127.0.0.1",
+                        MASTER_PORT=port)
         procs.append(Proc([sys.executable, SCRIPT, *argv], env, tmp, f"rank{rank}"))
     return procs
 

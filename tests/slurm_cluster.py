@@ -3,7 +3,8 @@ these machines"): Debian's slurmctld and slurmd in the foreground (-D), a slurm.
 state, spool, pid and log paths all live in one temporary folder, ports on loopback, no munge
 (auth/none), no accounting, and a scheduler that looks at pending jobs every second (the
 default, 60 s, is made for a busy cluster). cred_expire=5: a requeued job may start again 5 s
-after its requeue (default 120 s; a forced earlier start fails with "Job credential revoked"). `stop()` ends every daemon it started, by PID."""
+after its requeue (default 120 s; a forced earlier start fails with "Job credential revoked").
+`stop()` ends every daemon it started, by PID."""
 
 from __future__ import annotations
 
@@ -22,8 +23,8 @@ def missing_reason() -> str | None:
     """Why a real Slurm cannot run here (None: it can)."""
     absent = [name for name in DAEMONS if shutil.which(name, path=PATH) is None]
     if absent:
-        return (f"Slurm is not installed ({', '.join(absent)} missing): apt-get install -y --no-install-recommends "
-                f"{PACKAGES} (tests/run.sh does it where apt-get exists)")
+        return (f"Slurm is not installed ({', '.join(absent)} missing): apt-get install -y "
+                f"--no-install-recommends {PACKAGES} (tests/run.sh does it where apt-get exists)")
     if os.geteuid() != 0:
         return "slurmd must run as root to start job steps (SlurmdUser=root); run the tests as root"
     return None
@@ -104,9 +105,10 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
         self.stop()
         raise RuntimeError(f"Slurm did not come up (node state {state!r}):\n{self.logs()}")
 
-    def run(self, *argv, check: bool = True, env: dict | None = None, cwd=None) -> subprocess.CompletedProcess:
-        done = subprocess.run(argv, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True, text=True,
-                              timeout=60)
+    def run(self, *argv, check: bool = True, env: dict | None = None,
+            cwd=None) -> subprocess.CompletedProcess:
+        done = subprocess.run(argv, env={**self.env, **(env or {})}, cwd=cwd, capture_output=True,
+                              text=True, timeout=60)
         if check and done.returncode != 0:
             raise RuntimeError(f"{' '.join(argv)} failed: {done.stderr}")
         return done
@@ -123,7 +125,8 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
             if info.get("JobState") in states:
                 return info
             time.sleep(0.2)
-        raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout} s:\n{self.logs()}")
+        raise TimeoutError(f"job {job_id} still {info.get('JobState')} after {timeout} s:\n"
+                           f"{self.logs()}")
 
     def logs(self) -> str:
         out = []
@@ -141,7 +144,8 @@ PartitionName=debug Nodes={self.host} Default=YES MaxTime=INFINITE State=UP Over
             time.sleep(0.2)
 
     def stop(self) -> None:
-        """Every daemon started here, by PID: TERM, then KILL if it lingers (jobs cancelled first)."""
+        """Every daemon started here, by PID: TERM, then KILL if it lingers (jobs cancelled
+        first)."""
         self.cancel_all()
         for p in self.procs:
             if p.poll() is None:

@@ -17,39 +17,47 @@ def json_lines(script: str, *args) -> list[dict]:
 
 
 def test_moe_layer_bench_json():
-    rows = json_lines("moe_layer.py", "--layouts", "1,2,2 2,1,1", "--hidden", "32", "--ffn", "64", "--tokens", "64",
-                      "--iters", "2", "--warmup", "0")
-    keys = {"impl", "tp", "ep", "dp", "topk", "capacity_factor", "pad_free", "skew", "ms_fwd_bwd", "ms_expert_gemms",
-            "a2a_bytes_per_rank"}
+    rows = json_lines("moe_layer.py", "--layouts", "1,2,2 2,1,1", "--hidden", "32", "--ffn", "64",
+                      "--tokens", "64", "--iters", "2", "--warmup", "0")
+    keys = {"impl", "tp", "ep", "dp", "topk", "capacity_factor", "pad_free", "skew", "ms_fwd_bwd",
+            "ms_expert_gemms", "a2a_bytes_per_rank"}
     assert all(keys <= set(r) for r in rows)
-    # every case of a plain run: cf 1.0, 1.25, 2.0 and no-drop (capacity_factor null), skew off and on, and
-    # the three implementations (DeepSpeed's does not run with TP > 1: its row says so)
-    cases = {(r["tp"], r["ep"], r["capacity_factor"], r["skew"], r["impl"], r["pad_free"]) for r in rows}
-    assert cases == {(tp, ep, cf, skew, impl, pf) for tp, ep in ((1, 2), (2, 1)) for cf in (1.0, 1.25, 2.0, None)
-                     for skew in (False, True) for impl, pf in (("ours", False), ("ours", True), ("deepspeed", False))}
+    # every case of a plain run: cf 1.0, 1.25, 2.0 and no-drop (capacity_factor null), skew off and
+    # on, and the three implementations (DeepSpeed's does not run with TP > 1: its row says so)
+    cases = {(r["tp"], r["ep"], r["capacity_factor"], r["skew"], r["impl"], r["pad_free"])
+             for r in rows}
+    assert cases == {(tp, ep, cf, skew, impl, pf) for tp, ep in ((1, 2), (2, 1))
+                     for cf in (1.0, 1.25, 2.0, None) for skew in (False, True)
+                     for impl, pf in (("ours", False), ("ours", True), ("deepspeed", False))}
     assert all(r["ms_fwd_bwd"] is None for r in rows if r["impl"] == "deepspeed" and r["tp"] > 1)
     for r in rows:
         if r["ms_fwd_bwd"] is not None:  # a spread over the interleaved repetitions
             assert r["ms_fwd_bwd_min"] <= r["ms_fwd_bwd"] <= r["ms_fwd_bwd_max"] and r["reps"] == 2
         if r["impl"] == "ours":  # router + dispatch + combine timed alone (the experts an identity)
             assert 0 < r["ms_router_dispatch_combine"] and r["router_dispatch_combine_vs_gemms"] > 0
-    by = {(r["ep"], r["capacity_factor"], r["skew"], r["impl"], r["pad_free"]): r for r in rows if r["tp"] == 1}
+    by = {(r["ep"], r["capacity_factor"], r["skew"], r["impl"], r["pad_free"]): r for r in rows
+          if r["tp"] == 1}
     for cf in (1.0, 1.25, 2.0, None):
         for skew in (False, True):
             padded, packed, ds = (by[(2, cf, skew, impl, pf)] for impl, pf in
                                   (("ours", False), ("ours", True), ("deepspeed", False)))
-            assert padded["a2a_bytes_per_rank"] == ds["a2a_bytes_per_rank"] > 0  # the same capacity buffers
-            assert 0 < packed["a2a_bytes_per_rank"] <= padded["a2a_bytes_per_rank"]  # only kept tokens
+            # the same capacity buffers
+            assert padded["a2a_bytes_per_rank"] == ds["a2a_bytes_per_rank"] > 0
+            # only kept tokens
+            assert 0 < packed["a2a_bytes_per_rank"] <= padded["a2a_bytes_per_rank"]
             assert packed["expert_rows"] <= padded["expert_rows"] and "ratio_vs_deepspeed" in packed
     skewed, plain = by[(2, None, True, "ours", False)], by[(2, None, False, "ours", False)]
-    assert skewed["expert_rows"] > plain["expert_rows"]  # no-drop pads every expert to the skewed one
+    # no-drop pads every expert to the skewed one
+    assert skewed["expert_rows"] > plain["expert_rows"]
 
 
 def test_optimizations_bench_json():
-    rows = json_lines("optimizations.py", "--tp", "1", "--ep", "2", "--dp", "2", "--layers", "2", "--hidden", "32",
-                      "--ffn", "64", "--experts", "4", "--vocab", "128", "--seq", "16", "--micro-batch", "2",
-                      "--steps", "1", "--tile", "1000", "--configs", "baseline,recompute,recompute+cac,zero1,tiled,all")
-    assert [r["config"] for r in rows] == ["baseline", "recompute", "recompute+cac", "zero1", "tiled", "all"]
+    rows = json_lines("optimizations.py", "--tp", "1", "--ep", "2", "--dp", "2", "--layers", "2",
+                      "--hidden", "32", "--ffn", "64", "--experts", "4", "--vocab", "128",
+                      "--seq", "16", "--micro-batch", "2", "--steps", "1", "--tile", "1000",
+                      "--configs", "baseline,recompute,recompute+cac,zero1,tiled,all")
+    assert [r["config"] for r in rows] == ["baseline", "recompute", "recompute+cac", "zero1",
+                                           "tiled", "all"]
     for r in rows:
         assert {"config", "a2a_per_moe_layer_per_step", "optimizer_state_bytes_per_rank",
                 "optimizer_step_peak_extra_bytes", "peak_bytes", "ms_step"} <= set(r)

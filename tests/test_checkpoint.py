@@ -17,7 +17,8 @@ from megatron.checkpoint import storage
 from test_training import MODEL, MOE, layout_flags, logged, pretrain_case
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]  # the last value wins over MODEL's 0
+# the last value wins over MODEL's 0
+DROPOUT = ["--hidden-dropout", "0.1", "--attention-dropout", "0.1"]
 BATCH = ["--micro-batch-size", "2", "--global-batch-size", "8"]
 
 
@@ -28,7 +29,10 @@ def train(layout, iters, *extra):
 
 
 # ---- exact resume -------------------------------------------------------------------------------
-@pytest.mark.parametrize("layout,extra", [((2, 2, 2), []), ((1, 2, 4), ["--use-distributed-optimizer"])])
+@pytest.mark.parametrize("layout,extra", [
+    ((2, 2, 2), []),
+    ((1, 2, 4), ["--use-distributed-optimizer"]),
+])
 def test_resume_is_bitwise_equal_to_an_uninterrupted_run(tmp_path, layout, extra):
     """20 iterations straight == 10 + save + load + 10, in every printed lm loss (fp32, dropout
     on, tokens dropped at cf 1.0)."""
@@ -58,7 +62,8 @@ def test_a_checkpoint_loads_at_any_layout_and_trains_on(tmp_path_factory, layout
         shutil.copytree(save, save + ".at3")
         original = train((2, 2, 2), 4, *PADDED, "--eval-interval", "4", "--load", save + ".at3")
         with open(save + ".want.json", "w") as f:
-            json.dump({"loss": logged(original["printed"], "lm loss"), "valid": original["history"]["valid"]}, f)
+            json.dump({"loss": logged(original["printed"], "lm loss"),
+                       "valid": original["history"]["valid"]}, f)
     want = json.load(open(save + ".want.json"))
     got = train(layout, 4, *PADDED, "--eval-interval", "4", "--load", save + ".at3")
     assert "RNG states not restored" in got["printed"] or layout == (2, 2, 2)
@@ -76,7 +81,8 @@ def test_stored_tensors_are_the_one_process_model(tmp_path):
     from megatron.cli.configs import build_config
 
     argv = MODEL + MOE + BATCH + PADDED + ["--train-iters", "3", "--swiglu"]
-    train((2, 2, 2), 3, *argv[len(MODEL + MOE + BATCH):], "--save", str(tmp_path), "--exit-interval", "1")
+    train((2, 2, 2), 3, *argv[len(MODEL + MOE + BATCH):], "--save", str(tmp_path),
+          "--exit-interval", "1")
     stored = ckpt.read_stored_tensors(str(tmp_path))
     cfg = build_config(parse_args(argv), 1, 121)
     groups = ted_groups(1, 1)
@@ -94,7 +100,8 @@ ONE_PROCESS = [sys.executable] + MODEL + MOE + BATCH  # argv tail for pretrain_g
 
 def _launch(*argv, point=None):
     env = dict(os.environ, OMP_NUM_THREADS="1", RANK="0", WORLD_SIZE="1", LOCAL_RANK="0")
-    script = [os.path.join(ROOT, "tests", "kill_during_save.py"), point] if point else [os.path.join(ROOT, "pretrain_gpt_moe.py")]
+    script = ([os.path.join(ROOT, "tests", "kill_during_save.py"), point] if point
+              else [os.path.join(ROOT, "pretrain_gpt_moe.py")])
     return subprocess.Popen([sys.executable, *script, *MODEL, *MOE, *BATCH, *argv], env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
 
@@ -112,8 +119,10 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path):
     import random
 
     points = ["start", "written", "rename", "tracker"]
-    procs = {p: _launch("--train-iters", "4", "--save-interval", "1", "--save", str(tmp_path / p), point=p) for p in points}
-    delayed = _launch("--train-iters", "400", "--save-interval", "1", "--save", str(tmp_path / "random"))
+    procs = {p: _launch("--train-iters", "4", "--save-interval", "1", "--save", str(tmp_path / p),
+                        point=p) for p in points}
+    delayed = _launch("--train-iters", "400", "--save-interval", "1", "--save",
+                      str(tmp_path / "random"))
     for point, proc in procs.items():
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == -9, err[-2000:]
@@ -127,12 +136,13 @@ def test_a_kill_at_any_point_of_a_save_leaves_the_previous_checkpoint(tmp_path):
     delayed.communicate(timeout=60)
     iteration = _loads(str(tmp_path / "random"))
     assert iteration >= 1
-    resumed = _launch("--train-iters", "400", "--exit-interval", str(iteration + 1), "--load", str(tmp_path / "random"))
+    resumed = _launch("--train-iters", "400", "--exit-interval", str(iteration + 1),
+                      "--load", str(tmp_path / "random"))
     out, err = resumed.communicate(timeout=240)
     assert resumed.returncode == 0 and f"iteration {iteration + 1:8d}/" in out, err[-2000:]
 
 
-# ---- loading never runs code -----------------------------------------------------------------------
+# ---- loading never runs code ---------------------------------------------------------------------
 class _Payload:
     def __init__(self, marker):
         self.marker = marker
@@ -150,7 +160,8 @@ def _small_checkpoint(path) -> str:
     groups = ted_groups(1, 1)
     cfg = tiny_model_config()
     model = build_model(cfg, None, groups, seed=3)
-    meta = {"model": ckpt.config_dict(cfg), "moe": None, "tokenizer": {"tokenizer_type": "NullTokenizer", "vocab_size": 95}}
+    meta = {"model": ckpt.config_dict(cfg), "moe": None,
+            "tokenizer": {"tokenizer_type": "NullTokenizer", "vocab_size": 95}}
     return ckpt.write_model_checkpoint(str(path), stored_tensors(model, groups), meta)
 
 
@@ -168,7 +179,7 @@ def test_a_crafted_checkpoint_is_refused_and_runs_nothing(tmp_path):
     assert not marker.exists()
 
 
-# ---- bad input -------------------------------------------------------------------------------------------
+# ---- bad input -----------------------------------------------------------------------------------
 def _preflight(argv, capsys, monkeypatch) -> tuple[int, str]:
     import pretrain_gpt_moe
 
@@ -192,8 +203,10 @@ def test_bad_checkpoints_are_errors_before_training(tmp_path, capsys, monkeypatc
     code, err = _preflight(["--load", save, "--num-experts", "4"], capsys, monkeypatch)
     assert code == 2 and "num_experts = 8, the flags give 4" in err, err
     code, err = _preflight(["--load", save, "--lr", "5e-3"], capsys, monkeypatch)
-    assert code == 2 and "max_lr 0.001 -> 0.005" in err and "--override-opt_param-scheduler" in err, err
-    assert _preflight(["--load", save, "--lr", "5e-3", "--override-opt_param-scheduler"], capsys, monkeypatch)[0] == 0
+    assert (code == 2 and "max_lr 0.001 -> 0.005" in err
+            and "--override-opt_param-scheduler" in err), err
+    assert _preflight(["--load", save, "--lr", "5e-3", "--override-opt_param-scheduler"], capsys,
+                      monkeypatch)[0] == 0
     data = next(f for f in os.listdir(folder) if f.endswith(".distcp"))
     os.truncate(os.path.join(folder, data), 100)
     code, err = _preflight(["--load", save], capsys, monkeypatch)
@@ -221,14 +234,17 @@ def test_a_mismatched_tensor_names_itself_and_both_shapes(tmp_path):
     stored["layers.0.mlp.fc2.weight"] = torch.zeros(32, 48)
     ckpt.write_model_checkpoint(str(tmp_path / "bad"), stored, meta)
     parts = {"model.layers.0.mlp.fc2.weight": ckpt.Parts((32, 64), {(0, 0): torch.empty(32, 64)})}
-    with pytest.raises(ckpt.CheckpointError, match=r"layers.0.mlp.fc2.weight has shape \(32, 48\) in the checkpoint "
-                                                   r"but \(32, 64\) in the model"):
+    with pytest.raises(ckpt.CheckpointError,
+                       match=r"layers.0.mlp.fc2.weight has shape \(32, 48\) in the checkpoint "
+                             r"but \(32, 64\) in the model"):
         storage.dcp_load(parts, ckpt.iteration_dir(str(tmp_path / "bad"), 0), None)
 
 
 def test_load_of_nothing_starts_from_scratch_and_changes_are_warned(tmp_path):
-    empty = train((1, 1, 1), 3, "--load", str(tmp_path / "nowhere"), "--save", str(tmp_path / "run"))
-    assert f"WARNING: no checkpoint in --load {tmp_path / 'nowhere'}: training from scratch" in empty["printed"]
+    empty = train((1, 1, 1), 3, "--load", str(tmp_path / "nowhere"), "--save",
+                  str(tmp_path / "run"))
+    assert (f"WARNING: no checkpoint in --load {tmp_path / 'nowhere'}: training from scratch"
+            in empty["printed"])
     resumed = train((1, 1, 1), 5, "--load", str(tmp_path / "run"), "--global-batch-size", "4",
                     "--override-opt_param-scheduler")
     assert "--global-batch-size 8, now 4" in resumed["printed"]
@@ -237,23 +253,29 @@ def test_load_of_nothing_starts_from_scratch_and_changes_are_warned(tmp_path):
 
 def test_async_save_equals_a_blocking_save_and_finetune_starts_over(tmp_path):
     train((1, 2, 2), 3, "--save", str(tmp_path / "sync"), "--use-distributed-optimizer")
-    train((1, 2, 2), 3, "--save", str(tmp_path / "async"), "--async-save", "--use-distributed-optimizer")
+    train((1, 2, 2), 3, "--save", str(tmp_path / "async"), "--async-save",
+          "--use-distributed-optimizer")
     for state in ("model", "exp_avg", "exp_avg_sq"):
         a, b = (ckpt.read_stored_tensors(str(tmp_path / d), state) for d in ("sync", "async"))
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a), state
     tuned = train((1, 1, 1), 3, "--load", str(tmp_path / "async"), "--finetune")
-    assert "optimizer state not loaded" in tuned["printed"] and "iteration        1/       3" in tuned["printed"]
+    assert ("optimizer state not loaded" in tuned["printed"]
+            and "iteration        1/       3" in tuned["printed"])
 
 
 def test_a_non_finite_loss_stops_training_naming_the_iteration_and_the_last_checkpoint(tmp_path):
     from megatron.training.optimizer import NonFiniteError
 
     with pytest.raises(RuntimeError) as err:  # the harness re-raises the rank's NonFiniteError
-        train((1, 1, 1), 30, "--lr", "1e6", "--lr-warmup-iters", "0", "--save", str(tmp_path), "--save-interval", "1")
-    message = str(err.value).splitlines()[-1] if not isinstance(err.value, NonFiniteError) else str(err.value)
-    assert "training stopped before the update" in message and f"{tmp_path}/iter_" in message, message
+        train((1, 1, 1), 30, "--lr", "1e6", "--lr-warmup-iters", "0", "--save", str(tmp_path),
+              "--save-interval", "1")
+    message = (str(err.value).splitlines()[-1] if not isinstance(err.value, NonFiniteError)
+               else str(err.value))
+    assert ("training stopped before the update" in message
+            and f"{tmp_path}/iter_" in message), message
     assert "iteration 1:" not in message  # the first steps were finite and saved
-    regardless = train((1, 1, 1), 6, "--lr", "1e6", "--lr-warmup-iters", "0", "--no-check-for-nan-in-loss-and-grad")
+    regardless = train((1, 1, 1), 6, "--lr", "1e6", "--lr-warmup-iters", "0",
+                       "--no-check-for-nan-in-loss-and-grad")
     assert "number of nan iterations:   1" in regardless["printed"]
 
 
@@ -281,10 +303,11 @@ def raising_case_keeps_signal(argv):
 def test_the_signal_handler_is_given_back_when_training_raises():
     argv = MODEL + MOE + BATCH + ["--train-iters", "30", "--lr", "1e6", "--lr-warmup-iters", "0",
                                   "--exit-signal-handler"] + layout_flags(1, 1, 1)
-    assert run(1, raising_case_keeps_signal, argv)[0] == {"raised": "NonFiniteError", "restored": True}
+    assert run(1, raising_case_keeps_signal, argv)[0] == {"raised": "NonFiniteError",
+                                                          "restored": True}
 
 
-# ---- leaving early: a signal, a duration ---------------------------------------------------------------
+# ---- leaving early: a signal, a duration ---------------------------------------------------------
 def signalled_case(argv, delay: float):
     """pretrain_case, with rank 1 sending itself SIGTERM after `delay` seconds of training."""
     import signal
@@ -297,8 +320,10 @@ def signalled_case(argv, delay: float):
 
 
 def test_a_signal_on_one_rank_saves_and_exits_on_every_rank_at_the_same_step(tmp_path):
-    argv = MODEL + MOE + BATCH + ["--train-iters", "400", "--save", str(tmp_path), "--exit-signal-handler"]
-    out = run(2, signalled_case, argv + layout_flags(1, 2, 2), 3.0)  # a return from both: no rank hangs
+    argv = MODEL + MOE + BATCH + ["--train-iters", "400", "--save", str(tmp_path),
+                                  "--exit-signal-handler"]
+    # a return from both: no rank hangs
+    out = run(2, signalled_case, argv + layout_flags(1, 2, 2), 3.0)
     assert out[1] == "rank 1 returned"
     printed = out[0]["printed"]
     stopped = int(printed.split("> exiting at iteration ")[1].split(":")[0])
@@ -307,7 +332,8 @@ def test_a_signal_on_one_rank_saves_and_exits_on_every_rank_at_the_same_step(tmp
 
 
 def test_exit_duration_and_interval_save_and_stop(tmp_path):
-    late = train((1, 1, 1), 50, "--save", str(tmp_path / "late"), "--exit-duration-in-mins", "0.00001")
+    late = train((1, 1, 1), 50, "--save", str(tmp_path / "late"),
+                 "--exit-duration-in-mins", "0.00001")
     assert "--exit-duration-in-mins 1e-05 reached" in late["printed"]
     assert ckpt.read_checkpoint_meta(str(tmp_path / "late"))["iteration"] == 1
     early = train((1, 1, 1), 50, "--exit-interval", "4")

@@ -133,11 +133,13 @@ def test_empty_split_is_skipped_or_refused_instead_of_hanging(corpus, tmp_path):
     signal.alarm(30)
     try:
         # 40 documents at 969,30,1: the test split gets none. Skipped, as Megatron-LM users expect
-        train, valid, test = build([corpus["a"]], tmp_path, num_samples=(10, 2, 1), split="969,30,1")
+        train, valid, test = build([corpus["a"]], tmp_path, num_samples=(10, 2, 1),
+                                   split="969,30,1")
         assert len(train) >= 10 and len(valid) >= 2 and test is None
         assert check_data([corpus["a"]], "969,30,1", (10, 2, 1)) == [
-            f"--split 969,30,1: the test split of {corpus['a']} gets sequences [40, 40) of 40, which hold no "
-            "tokens; training without test evaluation (give it a larger share or use more documents to have one)"]
+            f"--split 969,30,1: the test split of {corpus['a']} gets sequences [40, 40) of 40, "
+            "which hold no tokens; training without test evaluation (give it a larger share or use "
+            "more documents to have one)"]
         with pytest.raises(ValueError, match="--split 1,999,0: the train split of .*no tokens"):
             build([corpus["a"]], tmp_path, num_samples=(10, 2, 0), split="1,999,0")
     finally:
@@ -156,7 +158,8 @@ def test_blend_two_prefixes_by_weight(corpus, tmp_path):
         assert all(d < 100 for d in docs) if x["dataset_id"] == 0 else all(d >= 100 for d in docs)
     batch = collate(items[:4])
     assert batch["tokens"].shape == (4, SEQ) and batch["dataset_id"].shape == (4,)
-    again = build(["1", corpus["a"], "3", corpus["b"]], tmp_path / "again", num_samples=(400, 20, 0))
+    again = build(["1", corpus["a"], "3", corpus["b"]], tmp_path / "again",
+                  num_samples=(400, 20, 0))
     assert all_tokens(again[0]) == [x["tokens"].tolist() for x in items]
 
 
@@ -178,13 +181,16 @@ def test_blend_without_process_group_with_cache_dir(corpus, tmp_path):
         "from megatron.data.datasets import build_train_valid_test_datasets\n"
         "from megatron.data.tokenizer import build_tokenizer\n"
         "assert not torch.distributed.is_initialized()\n"
-        "train = build_train_valid_test_datasets(data_path=['1', sys.argv[2], '1', sys.argv[3]], split='9,1,0',\n"
-        "    mock=False, seq_length=%d, seed=1234, tokenizer=build_tokenizer('NullTokenizer', vocab_size=%d),\n"
+        "train = build_train_valid_test_datasets(data_path=['1', sys.argv[2], '1', sys.argv[3]], "
+        "split='9,1,0',\n"
+        "    mock=False, seq_length=%d, seed=1234, "
+        "tokenizer=build_tokenizer('NullTokenizer', vocab_size=%d),\n"
         "    num_samples=(60, 5, 0), cache_dir=sys.argv[4])[0]\n"
         "print(len(train))\n" % (SEQ, VOCAB)
     )
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    done = subprocess.run([sys.executable, "-c", code, root, corpus["a"], corpus["b"], str(tmp_path / "cache")],
+    done = subprocess.run([sys.executable, "-c", code, root, corpus["a"], corpus["b"],
+                           str(tmp_path / "cache")],
                           capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.split()[-1] == "60"
@@ -437,7 +443,8 @@ def test_shakespeare_corpus(shakespeare):
 def test_shakespeare_is_deterministic(shakespeare, tmp_path):
     again = prepare_shakespeare.main(["--output", str(tmp_path / "again.jsonl")])
     assert filecmp.cmp(shakespeare["path"], again["path"], shallow=False)
-    plays = prepare_shakespeare.main(["--output", str(tmp_path / "p.jsonl"), "--granularity", "play"])
+    plays = prepare_shakespeare.main(["--output", str(tmp_path / "p.jsonl"),
+                                      "--granularity", "play"])
     assert plays["documents"] == 38
 
 

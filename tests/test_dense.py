@@ -15,17 +15,20 @@ from harness import run, ted_groups
 from megatron.training.optimizer import Optimizer, OptimizerConfig
 from ted_patches.build import build_model
 from megatron.training.forward_backward import train_step
-from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err, tiny_model_config
+from util import (PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, rel_err,
+                  tiny_model_config)
 
 SEQ, MBS, MICRO = 16, 2, 2
 VARIANTS = {
     "gelu-learned-tied": dict(),
-    "swiglu-rope-rms-untied-nobias": dict(swiglu=True, position_embedding_type="rope", normalization="RMSNorm",
-                                          untie_embeddings_and_output_weights=True, add_bias_linear=False),
+    "swiglu-rope-rms-untied-nobias": dict(swiglu=True, position_embedding_type="rope",
+                                          normalization="RMSNorm",
+                                          untie_embeddings_and_output_weights=True,
+                                          add_bias_linear=False),
     # Mixtral's attention: 8 query heads in 4 key/value groups (grouped-query attention)
-    "gqa-swiglu-rope-rms": dict(num_attention_heads=8, num_query_groups=4, swiglu=True, position_embedding_type="rope",
-                                normalization="RMSNorm", untie_embeddings_and_output_weights=True,
-                                add_bias_linear=False),
+    "gqa-swiglu-rope-rms": dict(num_attention_heads=8, num_query_groups=4, swiglu=True,
+                                position_embedding_type="rope", normalization="RMSNorm",
+                                untie_embeddings_and_output_weights=True, add_bias_linear=False),
 }
 
 
@@ -41,7 +44,8 @@ def train_case(tp: int, variant: str, steps: int = 3) -> dict | None:
     # rounding noise, which differs between layouts, into updates of lr * 1e-11 / eps. eps = 1e-6
     # keeps that below the 1e-5 comparison; with eps = 1e-8 the key bias alone differs by 2e-5.
     # clip_grad is below the norm, so clipping is active and checked too.
-    opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3, adam_eps=1e-6, weight_decay=0.1, clip_grad=0.05))
+    opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3, adam_eps=1e-6, weight_decay=0.1,
+                                                   clip_grad=0.05))
     out = {"init": full_tensors(model, groups), "loss": [], "norm": []}
     data = dict(mbs=MBS, seq=SEQ, vocab=cfg.vocab_size)
     for step in range(steps):

@@ -13,12 +13,13 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def _pretrain_argv(*extra) -> list[str]:
-    return [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"), "--distributed-backend", "nccl",
-            "--num-layers", "4", "--hidden-size", "256", "--num-attention-heads", "8", "--seq-length", "256",
-            "--micro-batch-size", "8", "--global-batch-size", "16", "--train-iters", "10", "--lr", "1e-3",
+    return [sys.executable, os.path.join(ROOT, "pretrain_gpt_moe.py"),
+            "--distributed-backend", "nccl", "--num-layers", "4", "--hidden-size", "256",
+            "--num-attention-heads", "8", "--seq-length", "256", "--micro-batch-size", "8",
+            "--global-batch-size", "16", "--train-iters", "10", "--lr", "1e-3",
             "--mock-data", "--vocab-size", "1000", "--num-experts", "8", "--moe-router-topk", "2",
-            "--hidden-dropout", "0", "--attention-dropout", "0", "--log-interval", "1", "--eval-interval", "10",
-            "--eval-iters", "1", *extra]
+            "--hidden-dropout", "0", "--attention-dropout", "0", "--log-interval", "1",
+            "--eval-interval", "10", "--eval-iters", "1", *extra]
 
 
 def _losses(stdout: str) -> list[float]:
@@ -28,10 +29,12 @@ def _losses(stdout: str) -> list[float]:
 def test_bf16_gpt_moe_trains_on_one_gpu():
     """One process (NCCL initialized, its collectives over groups of one are identities): the CUDA
     code path of the model, bf16 with fp32 master weights, recompute with CAC, ZeRO-1, tiling."""
-    argv = _pretrain_argv("--bf16", "--train-iters", "30", "--log-interval", "10", "--eval-interval", "30",
+    argv = _pretrain_argv("--bf16", "--train-iters", "30", "--log-interval", "10",
+                          "--eval-interval", "30",
                           "--recompute-granularity", "full", "--recompute-method", "uniform",
                           "--use-distributed-optimizer", "--optimizer-tile-size", "100000")
-    done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env=dict(os.environ, WORLD_SIZE="1", RANK="0"))
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, WORLD_SIZE="1", RANK="0"))
     assert done.returncode == 0, done.stderr[-3000:]
     losses = _losses(done.stdout)
     assert len(losses) == 3 and losses[-1] < losses[0]
@@ -45,8 +48,9 @@ def test_moe_layer_forward_backward_on_gpu_matches_cpu():
     from ted_patches.moe_layer import MoELayer
 
     groups = ted_groups(1, 1)
-    mcfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128, vocab_size=64,
-                       max_position_embeddings=8, hidden_dropout=0.0, attention_dropout=0.0)
+    mcfg = ModelConfig(num_layers=1, hidden_size=64, num_attention_heads=4, ffn_hidden_size=128,
+                       vocab_size=64, max_position_embeddings=8, hidden_dropout=0.0,
+                       attention_dropout=0.0)
     cfg = MoEConfig(num_experts=8, layers=(0,), topk=2)
     results = []
     for device in ("cpu", "cuda"):
@@ -54,7 +58,8 @@ def test_moe_layer_forward_backward_on_gpu_matches_cpu():
         holder.moe = MoELayer(mcfg, cfg, groups)
         init_parameters(holder, 3, groups)
         holder.to(device)
-        x = torch.randn(4, 32, 64, generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
+        x = torch.randn(4, 32, 64,
+                        generator=torch.Generator().manual_seed(1)).to(device).requires_grad_()
         y, aux = holder.moe(x)
         (y.square().sum() + aux.loss).backward()
         results.append((y.detach().cpu(), x.grad.cpu(), holder.moe.experts.w1.grad.cpu()))

@@ -66,8 +66,10 @@ def test_no_import_runs_upward(index, name, package):
         for module in imported_modules(path):
             target = layer_of(module)
             if target is not None and target > index:
-                upward.append(f"{os.path.relpath(path, ROOT)} imports {module} ({LAYERS[target][0] if target < len(LAYERS) else 'entry points'})")
-    assert not upward, f"{name} must not import a layer above it:\n" + "\n".join(sorted(set(upward)))
+                upward.append(f"{os.path.relpath(path, ROOT)} imports {module} "
+                              f"({LAYERS[target][0] if target < len(LAYERS) else 'entry points'})")
+    assert not upward, (f"{name} must not import a layer above it:\n"
+                        + "\n".join(sorted(set(upward))))
 
 
 def test_the_library_holds_no_test_harness():

@@ -20,8 +20,8 @@ from megatron.training.optimizer import Optimizer, OptimizerConfig
 from megatron.training.forward_backward import train_step
 from ted_patches.config import moe_layer_indices
 from ted_patches.build import build_model
-from util import (MoEOnly, PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, reference_expert_loop, rel_err,
-                  tiny_model_config, tiny_moe_config)
+from util import (MoEOnly, PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches,
+                  reference_expert_loop, rel_err, tiny_model_config, tiny_moe_config)
 
 LAYOUTS = [(1, 2, 2), (2, 1, 1), (2, 2, 2), (1, 4, 4), (2, 2, 4), (2, 4, 4)]  # (TP, EP, DP)
 VARIANTS = [(1, True), (2, True), (1, False), (2, False)]  # (top-k, drop tokens)
@@ -54,20 +54,23 @@ def run_layer(groups, cfg, microbatches: list[int]) -> dict:
         x, probe = layer_input(index)
         y, aux = module.moe(x)
         ((y * probe).sum() + aux.loss).div(len(microbatches)).backward()
-        outs[index] = dict(y=y.detach(), aux=aux.aux_loss.item(), z=aux.z_loss.item(), dropped=aux.dropped)
+        outs[index] = dict(y=y.detach(), aux=aux.aux_loss.item(), z=aux.z_loss.item(),
+                           dropped=aux.dropped)
     a2a = groups.ledger.nbytes("all_to_all", "ep")
     opt.reduce_gradients()
     return dict(outs=outs, grads=full_tensors(module, groups, grads=True), a2a_bytes=a2a)
 
 
 def layer_case(tp: int, ep: int) -> list:
-    """Every variant on this rank's micro-batch, on both dispatch paths; with TP > 1 also DTD off."""
+    """Every variant on this rank's micro-batch, on both dispatch paths; with TP > 1 also DTD
+    off."""
     groups = ted_groups(tp, ep)
     results = {}
     for topk, drop in VARIANTS:
         for dtd in ([True, False] if tp > 1 else [True]):
             for pad_free in PATHS:
-                res = run_layer(groups, moe_config(topk, drop, dtd=dtd, pad_free=pad_free), [groups.dp.rank])
+                res = run_layer(groups, moe_config(topk, drop, dtd=dtd, pad_free=pad_free),
+                                [groups.dp.rank])
                 if torch.distributed.get_rank() != 0:
                     res.pop("grads")
                 results[(topk, drop, dtd, pad_free)] = res
@@ -77,7 +80,8 @@ def layer_case(tp: int, ep: int) -> list:
 @functools.cache
 def layer_reference(dp: int) -> dict:
     groups = ted_groups(1, 1)
-    return {(k, d): run_layer(groups, moe_config(k, d, pad_free=False), list(range(dp))) for k, d in VARIANTS}
+    return {(k, d): run_layer(groups, moe_config(k, d, pad_free=False), list(range(dp)))
+            for k, d in VARIANTS}
 
 
 @pytest.mark.parametrize("tp,ep,dp", LAYOUTS)
@@ -99,15 +103,19 @@ def test_moe_layer_equals_single_process(tp, ep, dp):
                     assert rel_err(got["y"], padded["y"]) <= 1e-6, f"{what}: output vs padded"
         assert_close_dicts(res["grads"], want["grads"], 1e-5, f"{what} grad")
         if pad_free:
-            assert_close_dicts(res["grads"], ranks[0][(topk, drop, dtd, False)]["grads"], 1e-6, f"{what} grad vs padded")
+            assert_close_dicts(res["grads"], ranks[0][(topk, drop, dtd, False)]["grads"], 1e-6,
+                               f"{what} grad vs padded")
     for topk, drop in VARIANTS:
         for pad_free in PATHS:
             if tp > 1:  # DTD is neutral
-                on, off = ranks[0][(topk, drop, True, pad_free)], ranks[0][(topk, drop, False, pad_free)]
+                on, off = (ranks[0][(topk, drop, True, pad_free)],
+                           ranks[0][(topk, drop, False, pad_free)])
                 for index in on["outs"]:
                     assert rel_err(on["outs"][index]["y"], off["outs"][index]["y"]) <= 1e-6
                 assert_close_dicts(on["grads"], off["grads"], 1e-6, "DTD on vs off grad")
-            if ep > 1:  # DTD sends 1/TP of the all-to-all bytes: exactly per rank when padded, in sum padding-free
+            # DTD sends 1/TP of the all-to-all bytes: exactly per rank when padded, in sum
+            # padding-free
+            if ep > 1:
                 on = [r[(topk, drop, True, pad_free)]["a2a_bytes"] for r in ranks]
                 off = [r[(topk, drop, tp == 1, pad_free)]["a2a_bytes"] for r in ranks]
                 padded = [r[(topk, drop, True, False)]["a2a_bytes"] for r in ranks]
@@ -129,7 +137,8 @@ def test_drop_mode_really_drops_and_no_drop_mode_does_not():
 GPT_MICRO, GPT_MBS = 4, 2
 
 
-def gpt_case(tp: int, ep: int, topk: int, drop: bool, steps: int = 3, pad_free: bool = False) -> dict | None:
+def gpt_case(tp: int, ep: int, topk: int, drop: bool, steps: int = 3,
+             pad_free: bool = False) -> dict | None:
     groups = ted_groups(tp, ep)
     mcfg = model_config()
     moe = moe_config(topk, drop, layers=moe_layer_indices(2, expert_interval=2), pad_free=pad_free)
@@ -173,7 +182,8 @@ def assert_replicas_identical(ranks: list[dict]) -> None:
 @pytest.mark.parametrize("topk,drop", [(2, True), (1, False)])
 @pytest.mark.parametrize("tp,ep,dp", LAYOUTS)
 def test_gpt_moe_three_steps_equal_single_process(tp, ep, dp, topk, drop, pad_free):
-    ranks, ref = run(tp * dp, gpt_case, tp, ep, topk, drop, pad_free=pad_free), gpt_reference(topk, drop)
+    ranks, ref = (run(tp * dp, gpt_case, tp, ep, topk, drop, pad_free=pad_free),
+                  gpt_reference(topk, drop))
     got = ranks[0]
     assert_replicas_identical(ranks)
     for key in ("loss", "aux", "norm"):
@@ -183,7 +193,8 @@ def test_gpt_moe_three_steps_equal_single_process(tp, ep, dp, topk, drop, pad_fr
 
 
 @pytest.mark.parametrize("swiglu,bias", [(False, True), (True, False)])
-def test_experts_in_cpu_cache_chunks_equal_one_batch_and_the_per_expert_loop(monkeypatch, swiglu, bias):
+def test_experts_in_cpu_cache_chunks_equal_one_batch_and_the_per_expert_loop(
+        monkeypatch, swiglu, bias):
     """The CPU path computes a few experts at a time (cache locality); forward and every gradient
     must equal one batched product and the plain per-expert loop."""
     from ted_patches import experts as experts_mod
@@ -231,7 +242,8 @@ def test_residual_moe_equals_single_process():
     for rank_result in ranks:
         for index, got in rank_result["outs"].items():
             assert rel_err(got["y"], want["outs"][index]["y"]) <= 1e-5
-    assert any(k.startswith("moe.dense.") for k in want["grads"]) and "moe.mix.weight" in want["grads"]
+    assert (any(k.startswith("moe.dense.") for k in want["grads"])
+            and "moe.mix.weight" in want["grads"])
     assert_close_dicts(ranks[0]["grads"], want["grads"], 1e-5, "residual MoE grad")
 
 
@@ -244,7 +256,8 @@ def jitter_case(tp: int) -> tuple:
     train = module.moe.router(x.view(-1, H))
     module.eval()
     evaluation = module.moe.router(x.view(-1, H))
-    return (train.expert_N, train.slot_N, train.weight_N.detach()), (evaluation.expert_N, evaluation.weight_N.detach())
+    return ((train.expert_N, train.slot_N, train.weight_N.detach()),
+            (evaluation.expert_N, evaluation.weight_N.detach()))
 
 
 def test_jitter_draws_from_the_stream_the_tp_ranks_share_and_only_in_training():
@@ -259,7 +272,8 @@ def test_jitter_draws_from_the_stream_the_tp_ranks_share_and_only_in_training():
 
 
 def test_eval_mode_uses_the_eval_capacity_factor():
-    module = MoEOnly(model_config(), moe_config(2, True, capacity_factor=1.0, eval_capacity_factor=2.0),
+    module = MoEOnly(model_config(),
+                     moe_config(2, True, capacity_factor=1.0, eval_capacity_factor=2.0),
                      ted_groups(1, 1))
     x, _ = layer_input(0)
     train_routing = module.moe.router(x.view(-1, H))

@@ -37,12 +37,14 @@ model_config = tiny_model_config
 
 
 def moe_config(**kw) -> MoEConfig:
-    base = dict(num_experts=4, layers=(1,), topk=1, capacity_factor=1.0, min_capacity=4, drop_tokens=True)
+    base = dict(num_experts=4, layers=(1,), topk=1, capacity_factor=1.0, min_capacity=4,
+                drop_tokens=True)
     return MoEConfig(**{**base, **kw})
 
 
 # ---- one expert == the dense MLP --------------------------------------------------------------
-ONE_EXPERT_VARIANTS = [(norm, drop) for norm in ("surviving", "topk", "none") for drop in (False, True)]
+ONE_EXPERT_VARIANTS = [(norm, drop) for norm in ("surviving", "topk", "none")
+                       for drop in (False, True)]
 
 
 def one_expert_case(tp: int) -> dict:
@@ -71,23 +73,27 @@ def one_expert_case(tp: int) -> dict:
     for norm, drop in ONE_EXPERT_VARIANTS:
         for dtd in ([True, False] if tp > 1 else [True]):
             # cf 1.0 with one expert and top-1 is room for every token
-            cfg = MoEConfig(num_experts=1, layers=(0,), topk=1, capacity_factor=1.0, min_capacity=0, drop_tokens=drop,
-                            gate_normalization=norm, aux_loss_coeff=0.0, z_loss_coeff=0.0, dtd=dtd)
+            cfg = MoEConfig(num_experts=1, layers=(0,), topk=1, capacity_factor=1.0, min_capacity=0,
+                            drop_tokens=drop, gate_normalization=norm, aux_loss_coeff=0.0,
+                            z_loss_coeff=0.0, dtd=dtd)
             moe = MoELayer(mcfg, cfg, groups)
             with torch.no_grad():
-                moe.router.weight.copy_(torch.randn(1, H, generator=torch.Generator().manual_seed(6)))
+                moe.router.weight.copy_(torch.randn(1, H,
+                                                    generator=torch.Generator().manual_seed(6)))
                 moe.experts.w1[0].copy_(shard(w1, 0, r, t).t())  # experts store [in, out]
                 moe.experts.b1[0].copy_(shard(b1, 0, r, t))
                 moe.experts.w2[0].copy_(shard(w2, 1, r, t).t())
                 moe.experts.b2[0].copy_(b2)
             routing = moe.router(x0.reshape(-1, H))
-            assert torch.equal(routing.weight_N, torch.ones(MBS * SEQ)), "gate weight of the one expert is not 1.0"
+            assert torch.equal(routing.weight_N, torch.ones(MBS * SEQ)), (
+                "gate weight of the one expert is not 1.0")
             x = x0.clone().requires_grad_(True)
             y, aux = moe(x)
             (y * gy).sum().backward()
             assert aux.dropped == 0
-            got = dict(y=y.detach(), x=x.grad, w1=moe.experts.w1.grad[0].t(), b1=moe.experts.b1.grad[0],
-                       w2=moe.experts.w2.grad[0].t(), b2=moe.experts.b2.grad[0])
+            got = dict(y=y.detach(), x=x.grad, w1=moe.experts.w1.grad[0].t(),
+                       b1=moe.experts.b1.grad[0], w2=moe.experts.w2.grad[0].t(),
+                       b2=moe.experts.b2.grad[0])
             results[(norm, drop, dtd)] = {k: rel_err(got[k], want[k]) for k in want}
     return results
 
@@ -142,8 +148,10 @@ def test_dropped_token_output_is_exactly_zero(topk, cf):
     alive = [t for t in range(16) if kept[t]]
     assert dropped and alive
     assert aux.dropped == 1 - len(routing.token_N) / (16 * topk)
-    assert torch.equal(y[dropped], torch.zeros(len(dropped), H)), "a dropped token's output is not exactly 0"
-    assert torch.equal(x.grad[dropped], torch.zeros(len(dropped), H)), "a dropped token has an input gradient"
+    assert torch.equal(y[dropped], torch.zeros(len(dropped), H)), (
+        "a dropped token's output is not exactly 0")
+    assert torch.equal(x.grad[dropped], torch.zeros(len(dropped), H)), (
+        "a dropped token has an input gradient")
     assert (y[alive].abs().sum(1) > 0).all(), "a kept token's output is zero"
 
 
@@ -176,7 +184,8 @@ def skew_input(index: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def run_skewed(groups, topk: int, drop: bool, microbatches: list[int]) -> dict:
-    cfg = moe_config(num_experts=E_SKEW, topk=topk, drop_tokens=drop, aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    cfg = moe_config(num_experts=E_SKEW, topk=topk, drop_tokens=drop, aux_loss_coeff=0.1,
+                     z_loss_coeff=0.01)
     module = skewed_moe(cfg, groups)
     opt = Optimizer(module, groups, OptimizerConfig())
     opt.zero_grad()
@@ -185,8 +194,8 @@ def run_skewed(groups, topk: int, drop: bool, microbatches: list[int]) -> dict:
         x, probe = skew_input(index)
         y, aux = module.moe(x)
         ((y * probe).sum() + aux.loss).div(len(microbatches)).backward()
-        outs[index] = dict(y=y.detach(), aux=aux.aux_loss.item(), z=aux.z_loss.item(), counts=aux.counts_E.tolist(),
-                           dropped=aux.dropped)
+        outs[index] = dict(y=y.detach(), aux=aux.aux_loss.item(), z=aux.z_loss.item(),
+                           counts=aux.counts_E.tolist(), dropped=aux.dropped)
     opt.reduce_gradients()
     return dict(outs=outs, grads=full_tensors(module, groups, grads=True))
 
@@ -217,7 +226,8 @@ def test_rank_routing_all_tokens_to_one_expert(tp, ep):
         first0 = want["outs"][0]["counts"] if topk == 1 else None
         if first0 is not None:  # the skew is real: micro-batch 0 sends nothing to experts 1..E-1
             assert first0 == [MBS * SEQ] + [0] * (E_SKEW - 1), f"{what}: counts {first0}"
-            assert min(want["outs"][1]["counts"]) > 0, f"{what}: micro-batch 1 should use every expert"
+            assert min(want["outs"][1]["counts"]) > 0, (
+                f"{what}: micro-batch 1 should use every expert")
         for rank_result in ranks:
             for index, got in rank_result[(topk, drop)]["outs"].items():
                 w = want["outs"][index]
@@ -228,9 +238,10 @@ def test_rank_routing_all_tokens_to_one_expert(tp, ep):
         assert_close_dicts(ranks[0][(topk, drop)]["grads"], want["grads"], TOL, f"{what} grad")
 
 
-# ---- bad flags: clear errors, on every rank, before any collective --------------------------------
+# ---- bad flags: clear errors, on every rank, before any collective -------------------------------
 BAD_FLAGS = {  # name -> (MoEConfig overrides, text the message must contain)
-    "experts % EP": (dict(num_experts=3), "--num-experts 3 is not divisible by --expert-model-parallel-size 2"),
+    "experts % EP": (dict(num_experts=3),
+                     "--num-experts 3 is not divisible by --expert-model-parallel-size 2"),
     "topk > experts": (dict(num_experts=4, topk=5), "--moe-router-topk 5"),
     "topk 0": (dict(num_experts=4, topk=0), "--moe-router-topk 0"),
     "cf 0": (dict(capacity_factor=0.0), "--moe-expert-capacity-factor"),
@@ -303,12 +314,18 @@ def _router(groups, **kw) -> Router:
     cfg = MoEConfig(**{**dict(num_experts=8, layers=(0,), topk=1, min_capacity=0), **kw})
     router = Router(H, cfg, groups, std=0.02)
     with torch.no_grad():
-        router.weight.copy_(torch.randn(cfg.num_experts, H, generator=torch.Generator().manual_seed(31)))
+        router.weight.copy_(torch.randn(cfg.num_experts, H,
+                                        generator=torch.Generator().manual_seed(31)))
     return router
 
 
-@pytest.mark.parametrize("k,cf,drop", [(1, 1.125, True), (1, 1.25, True), (2, 1.0, True), (1, 1.0, False),
-                                       (2, 1.0, False)])
+@pytest.mark.parametrize("k,cf,drop", [
+    (1, 1.125, True),
+    (1, 1.25, True),
+    (2, 1.0, True),
+    (1, 1.0, False),
+    (2, 1.0, False),
+])
 def test_capacity_padded_to_tp_and_routing_independent_of_tp(k, cf, drop):
     x = torch.randn(64, H, generator=torch.Generator().manual_seed(32))
     base = _router(fake_groups(1), topk=k, capacity_factor=cf, drop_tokens=drop)(x)
@@ -316,7 +333,8 @@ def test_capacity_padded_to_tp_and_routing_independent_of_tp(k, cf, drop):
     assert base.capacity == unpadded
     for tp in (2, 4):
         r = _router(fake_groups(tp), topk=k, capacity_factor=cf, drop_tokens=drop)(x)
-        assert r.capacity % tp == 0 and r.capacity == -(-unpadded // tp) * tp, (tp, r.capacity, unpadded)
+        assert r.capacity % tp == 0 and r.capacity == -(-unpadded // tp) * tp, (
+            tp, r.capacity, unpadded)
         # dropping uses the unpadded capacity: the same assignments, slots and weights at every TP
         for name in ("token_N", "expert_N", "slot_N", "weight_N"):
             assert torch.equal(getattr(r, name), getattr(base, name)), name
@@ -348,32 +366,40 @@ def test_keep_mask_position_and_probs_policies():
 
 
 def test_keep_mask_k3_position_follows_token_order_and_choice_follows_choice_order():
-    # E = 4, K = 3, T = 3, capacity 2. Choices: t0 (1, 2, 0), t1 (0, 1, 3), t2 (0, 2, 3); assignments in
-    # choice-major order a = k * T + t: a0..a2 first choices, a3..a5 second, a6..a8 third.
+    # E = 4, K = 3, T = 3, capacity 2. Choices: t0 (1, 2, 0), t1 (0, 1, 3), t2 (0, 2, 3);
+    # assignments in choice-major order a = k * T + t: a0..a2 first choices, a3..a5 second, a6..a8
+    # third.
     expert_A = torch.tensor([1, 0, 0, 2, 1, 2, 0, 3, 3])
     prob_A = torch.rand(9)
-    # position (DeepSpeed's topkgating, k >= 3): token order over all choices: t0's a0 a3 a6, t1's a1 a4 a7,
-    # t2's a2 a5 a8. Expert 0 takes t0's THIRD choice a6, then t1's first a1, and drops t2's first a2.
+    # position (DeepSpeed's topkgating, k >= 3): token order over all choices: t0's a0 a3 a6, t1's
+    # a1 a4 a7, t2's a2 a5 a8. Expert 0 takes t0's THIRD choice a6, then t1's first a1, and drops
+    # t2's first a2.
     keep, slot = keep_mask(expert_A, prob_A, 4, 2, "position", topk=3)
     assert keep.tolist() == [True, True, False, True, True, True, True, True, True]
-    assert {a: slot[a].item() for a in range(9) if keep[a]} == {0: 0, 1: 1, 3: 0, 4: 1, 5: 1, 6: 0, 7: 0, 8: 1}
-    # choice (ours before, now under its own name): first choices first: expert 0 takes a1, a2, drops a6
+    assert ({a: slot[a].item() for a in range(9) if keep[a]}
+            == {0: 0, 1: 1, 3: 0, 4: 1, 5: 1, 6: 0, 7: 0, 8: 1})
+    # choice (ours before, now under its own name): first choices first: expert 0 takes a1, a2,
+    # drops a6
     keep, slot = keep_mask(expert_A, prob_A, 4, 2, "choice", topk=3)
     assert keep.tolist() == [True, True, True, True, True, True, False, True, True]
-    assert {a: slot[a].item() for a in range(9) if keep[a]} == {0: 0, 1: 0, 2: 1, 3: 0, 4: 1, 5: 1, 7: 0, 8: 1}
+    assert ({a: slot[a].item() for a in range(9) if keep[a]}
+            == {0: 0, 1: 0, 2: 1, 3: 0, 4: 1, 5: 1, 7: 0, 8: 1})
     # for k <= 2 the two are one policy (DeepSpeed's top-1/top-2 gates hand out first choices first)
     two = torch.tensor([0, 0, 1, 0, 1, 2, 0, 1])
-    for a, b in zip(keep_mask(two, prob_A[:8], 3, 2, "position", topk=2), keep_mask(two, prob_A[:8], 3, 2, "choice", topk=2)):
+    for a, b in zip(keep_mask(two, prob_A[:8], 3, 2, "position", topk=2),
+                    keep_mask(two, prob_A[:8], 3, 2, "choice", topk=2)):
         assert torch.equal(a, b)
 
 
 # E = 3, H = 3, router weight = identity, so the logits are these rows. K = 2, T = 5, cf 0.5 ->
-# capacity ceil(5 / 3 * 2 * 0.5) = 2. Choices (first, second): t0 (0,1) t1 (0,2) t2 (0,2) t3 (1,2) t4 (1,0).
+# capacity ceil(5 / 3 * 2 * 0.5) = 2. Choices (first, second): t0 (0,1) t1 (0,2) t2 (0,2) t3 (1,2)
+# t4 (1,0).
 # Assignments a0..a4 = first choices of t0..t4, a5..a9 = second choices.
 # Position policy: e0 takes a0, a1 (a2 = t2's first and a9 = t4's second dropped); e1 takes a3, a4
 # (a5 = t0's second dropped); e2 takes a6, a7 (a8 = t3's second dropped).
 LOGITS = [[2.0, 1.0, 0.0], [3.0, 0.0, 1.0], [1.5, -1.0, 0.5], [0.0, 2.5, 1.0], [0.5, 1.0, -0.5]]
-KEPT = [(0, 0, 0), (1, 0, 1), (3, 1, 0), (4, 1, 1), (1, 2, 0), (2, 2, 1)]  # (token, expert, slot) of a0 a1 a3 a4 a6 a7
+# (token, expert, slot) of a0 a1 a3 a4 a6 a7
+KEPT = [(0, 0, 0), (1, 0, 1), (3, 1, 0), (4, 1, 1), (1, 2, 0), (2, 2, 1)]
 
 
 def _probs(row):
@@ -385,7 +411,8 @@ P = [_probs(r) for r in LOGITS]
 
 
 def _tiny_router(**kw) -> Router:
-    cfg = MoEConfig(**{**dict(num_experts=3, layers=(0,), topk=2, capacity_factor=0.5, min_capacity=0), **kw})
+    cfg = MoEConfig(**{**dict(num_experts=3, layers=(0,), topk=2, capacity_factor=0.5,
+                              min_capacity=0), **kw})
     router = Router(3, cfg, fake_groups(1), std=0.02)
     with torch.no_grad():
         router.weight.copy_(torch.eye(3))
@@ -394,7 +421,8 @@ def _tiny_router(**kw) -> Router:
 
 def _close(got, want, tol=1e-6):
     got = [float(v) for v in got]
-    assert len(got) == len(want) and all(abs(a - b) <= tol * max(1.0, abs(b)) for a, b in zip(got, want)), (got, want)
+    assert len(got) == len(want) and all(abs(a - b) <= tol * max(1.0, abs(b))
+                                         for a, b in zip(got, want)), (got, want)
 
 
 def test_gate_normalization_modes():
@@ -402,10 +430,12 @@ def test_gate_normalization_modes():
     assert token_capacity(5, 3, 2, 0.5, 0) == 2
     want = {
         # over the surviving choices: t1 kept both, every other token kept one -> 1.0
-        "surviving": [1.0, P[1][0] / (P[1][0] + P[1][2]), 1.0, 1.0, P[1][2] / (P[1][0] + P[1][2]), 1.0],
+        "surviving": [1.0, P[1][0] / (P[1][0] + P[1][2]), 1.0, 1.0, P[1][2] / (P[1][0] + P[1][2]),
+                      1.0],
         # over the k choices before dropping
-        "topk": [P[0][0] / (P[0][0] + P[0][1]), P[1][0] / (P[1][0] + P[1][2]), P[3][1] / (P[3][1] + P[3][2]),
-                 P[4][1] / (P[4][1] + P[4][0]), P[1][2] / (P[1][0] + P[1][2]), P[2][2] / (P[2][0] + P[2][2])],
+        "topk": [P[0][0] / (P[0][0] + P[0][1]), P[1][0] / (P[1][0] + P[1][2]),
+                 P[3][1] / (P[3][1] + P[3][2]), P[4][1] / (P[4][1] + P[4][0]),
+                 P[1][2] / (P[1][0] + P[1][2]), P[2][2] / (P[2][0] + P[2][2])],
         # raw probabilities
         "none": [P[0][0], P[1][0], P[3][1], P[4][1], P[1][2], P[2][2]],
     }

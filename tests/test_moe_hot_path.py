@@ -27,9 +27,10 @@ MBS, SEQ, H = 4, 16, 32
 TOL = 1e-6
 
 # ops that make the host wait for the device (or, on CPUs, that would on an accelerator)
-SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.nonzero_numpy", "aten.argwhere",
-            "aten.is_nonzero", "aten.equal", "aten.allclose", "aten.bincount", "aten.unique", "aten._unique",
-            "aten._unique2", "aten.unique_dim", "aten.unique_consecutive", "aten.masked_select", "aten.histc"}
+SYNC_OPS = {"aten._local_scalar_dense", "aten.item", "aten.nonzero", "aten.nonzero_numpy",
+            "aten.argwhere", "aten.is_nonzero", "aten.equal", "aten.allclose", "aten.bincount",
+            "aten.unique", "aten._unique", "aten._unique2", "aten.unique_dim",
+            "aten.unique_consecutive", "aten.masked_select", "aten.histc"}
 
 
 class HostSyncCounter(TorchDispatchMode):
@@ -47,19 +48,21 @@ class HostSyncCounter(TorchDispatchMode):
         self.ops[name] += 1
         if name in SYNC_OPS:
             self.syncs[name] += 1
-        elif name == "aten.repeat_interleave" and func._overloadname == "Tensor" and kwargs.get("output_size") is None:
+        elif (name == "aten.repeat_interleave" and func._overloadname == "Tensor"
+              and kwargs.get("output_size") is None):
             self.syncs[name] += 1
         elif name in ("aten.index", "aten.index_put", "aten.index_put_") and any(
                 isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in (args[1] or [])):
             self.syncs[name + "(bool mask)"] += 1
-        elif name in ("aten._to_copy", "aten.copy_", "aten.to") and str(kwargs.get("device", "")) == "cpu":
+        elif (name in ("aten._to_copy", "aten.copy_", "aten.to")
+              and str(kwargs.get("device", "")) == "cpu"):
             self.syncs["copy to host"] += 1
         return func(*args, **kwargs)
 
 
 def moe_config(**kw) -> MoEConfig:
-    base = dict(num_experts=8, layers=(1,), topk=2, capacity_factor=1.0, min_capacity=4, drop_tokens=True,
-                aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    base = dict(num_experts=8, layers=(1,), topk=2, capacity_factor=1.0, min_capacity=4,
+                drop_tokens=True, aux_loss_coeff=0.1, z_loss_coeff=0.01)
     return MoEConfig(**{**base, **kw})
 
 
@@ -90,7 +93,8 @@ def sync_case(tp: int, ep: int) -> dict:
     out = {}
     for pad_free, drop, _ in SYNC_VARIANTS:
         for topk in (1, 2, 3):
-            module = MoEOnly(tiny_model_config(), moe_config(topk=topk, drop_tokens=drop, pad_free=pad_free), groups)
+            module = MoEOnly(tiny_model_config(),
+                             moe_config(topk=topk, drop_tokens=drop, pad_free=pad_free), groups)
             x, probe = layer_input(groups.dp.rank)
             with HostSyncCounter() as counter:
                 forward_backward(module, x, probe)
@@ -106,8 +110,10 @@ def test_host_synchronizations_in_one_layer_forward_and_backward(tp, ep, dp):
                 syncs, ops = result[(pad_free, drop, topk)]
                 what = f"rank {rank} pad_free={pad_free} drop={drop} top-{topk}"
                 # the mode sees the whole layer, backward included
-                assert {"aten._embedding_bag", "aten.gelu_backward", "aten._softmax_backward_data"} <= set(ops), what
-                assert sum(syncs.values()) == want, f"{what}: host synchronizations {syncs}, want {want}"
+                assert {"aten._embedding_bag", "aten.gelu_backward",
+                        "aten._softmax_backward_data"} <= set(ops), what
+                assert sum(syncs.values()) == want, (
+                    f"{what}: host synchronizations {syncs}, want {want}")
                 if pad_free:
                     assert syncs == {"copy to host": 1}, f"{what}: {syncs}"
 
@@ -116,8 +122,10 @@ def test_host_synchronizations_in_one_layer_forward_and_backward(tp, ep, dp):
 EQUAL_VARIANTS = [
     dict(topk=1), dict(topk=2), dict(topk=3), dict(topk=4),
     dict(topk=2, drop_tokens=False), dict(topk=3, drop_tokens=False),
-    dict(topk=2, drop_policy="probs"), dict(topk=3, drop_policy="probs"), dict(topk=3, drop_policy="choice"),
-    dict(topk=2, capacity_factor=0.5), dict(topk=2, capacity_factor=2.0), dict(topk=1, gate_normalization="none"),
+    dict(topk=2, drop_policy="probs"), dict(topk=3, drop_policy="probs"),
+    dict(topk=3, drop_policy="choice"),
+    dict(topk=2, capacity_factor=0.5), dict(topk=2, capacity_factor=2.0),
+    dict(topk=1, gate_normalization="none"),
     dict(topk=2, mlp_type="residual"),
 ]
 
@@ -141,21 +149,31 @@ def _compare(module_cfg, cfg, groups, x, probe, backend=None, router_weight=None
     return {k: rel_err(packed[k], padded[k]) for k in padded if k != "dropped"}
 
 
-@pytest.mark.parametrize("backend,layout", [("loop", "packed"), ("grouped_mm", "packed"), (None, "tight")])
-@pytest.mark.parametrize("variant", EQUAL_VARIANTS, ids=lambda v: ",".join(f"{k}={v[k]}" for k in v))
+@pytest.mark.parametrize("backend,layout", [
+    ("loop", "packed"),
+    ("grouped_mm", "packed"),
+    (None, "tight"),
+])
+@pytest.mark.parametrize("variant", EQUAL_VARIANTS,
+                         ids=lambda v: ",".join(f"{k}={v[k]}" for k in v))
 def test_pad_free_equals_padded(variant, backend, layout):
     groups = ted_groups(1, 1)
     x, probe = layer_input(0)
-    errs = _compare(tiny_model_config(), moe_config(**variant), groups, x, probe, backend, layout=layout)
+    errs = _compare(tiny_model_config(), moe_config(**variant), groups, x, probe, backend,
+                    layout=layout)
     assert max(errs.values()) <= TOL, errs
 
 
-@pytest.mark.parametrize("backend,layout", [("loop", "packed"), ("grouped_mm", "packed"), (None, "tight")])
+@pytest.mark.parametrize("backend,layout", [
+    ("loop", "packed"),
+    ("grouped_mm", "packed"),
+    (None, "tight"),
+])
 @pytest.mark.parametrize("swiglu,bias", [(True, False), (False, False), (True, True)])
 def test_pad_free_equals_padded_swiglu_and_no_bias(backend, layout, swiglu, bias):
     x, probe = layer_input(1)
-    errs = _compare(tiny_model_config(swiglu=swiglu, add_bias_linear=bias), moe_config(), ted_groups(1, 1), x, probe,
-                    backend, layout=layout)
+    errs = _compare(tiny_model_config(swiglu=swiglu, add_bias_linear=bias), moe_config(),
+                    ted_groups(1, 1), x, probe, backend, layout=layout)
     assert max(errs.values()) <= TOL, errs
 
 
@@ -177,8 +195,8 @@ def test_pad_free_equals_padded_when_every_token_picks_one_expert(drop):
     x, probe = layer_input(2)
     x[..., 0] = 15.0  # every token's first choice is expert 0
     for backend, layout in (("loop", "packed"), ("grouped_mm", "packed"), (None, "tight")):
-        errs = _compare(tiny_model_config(), moe_config(topk=1, drop_tokens=drop), ted_groups(1, 1), x, probe,
-                        backend, router_weight=w, layout=layout)
+        errs = _compare(tiny_model_config(), moe_config(topk=1, drop_tokens=drop), ted_groups(1, 1),
+                        x, probe, backend, router_weight=w, layout=layout)
         assert max(errs.values()) <= TOL, (backend, layout, errs)
 
 
@@ -191,7 +209,8 @@ def layouts_case(tp: int, ep: int) -> dict:
         for dtd in (True, False):
             for drop in (True, False):
                 cfg = moe_config(drop_tokens=drop, dtd=dtd)
-                out[(layout, dtd, drop)] = max(_compare(tiny_model_config(), cfg, groups, x, probe, layout=layout).values())
+                out[(layout, dtd, drop)] = max(_compare(tiny_model_config(), cfg, groups, x, probe,
+                                                        layout=layout).values())
     return out
 
 
@@ -205,12 +224,14 @@ def test_pad_free_layouts_equal_padded_across_ranks(tp, ep, dp):
 
 
 def packed_sends_case(tp: int, ep: int) -> dict:
-    """Padding-free, DTD on and off: the all-to-all bytes this rank sent and the kept assignments."""
+    """Padding-free, DTD on and off: the all-to-all bytes this rank sent and the kept
+    assignments."""
     groups = ted_groups(tp, ep)
     out = {}
     for dtd in (True, False):
         for drop in (True, False):
-            module = MoEOnly(tiny_model_config(), moe_config(drop_tokens=drop, dtd=dtd, pad_free=True), groups)
+            module = MoEOnly(tiny_model_config(),
+                             moe_config(drop_tokens=drop, dtd=dtd, pad_free=True), groups)
             groups.ledger.reset()
             _, aux, _ = forward_backward(module, *layer_input(groups.dp.rank))
             out[(dtd, drop)] = (groups.ledger.nbytes("all_to_all", "ep"), int(aux.kept_count))
@@ -220,7 +241,8 @@ def packed_sends_case(tp: int, ep: int) -> dict:
 @pytest.mark.parametrize("tp,ep,dp", [(1, 2, 2), (2, 2, 2)])
 def test_pad_free_sends_only_kept_tokens(tp, ep, dp):
     """Each kept assignment's row crosses the all-to-all four times per forward + backward
-    (dispatch, combine, and their backwards), once per TP group with DTD, once per TP rank without."""
+    (dispatch, combine, and their backwards), once per TP group with DTD, once per TP rank
+    without."""
     ranks = run(tp * dp, packed_sends_case, tp, ep)
     for drop in (True, False):
         kept = sum(r[(True, drop)][1] for r in ranks)  # each TP group counted TP times
@@ -234,9 +256,11 @@ def test_pad_free_sends_only_kept_tokens(tp, ep, dp):
 def a2a_var_case() -> dict:
     groups = ted_groups(1, 2)
     r = groups.ep.rank
-    send = [[2, 0], [3, 1]][r]  # rank 0 sends 2 rows to itself, none to rank 1; rank 1 sends 3 to 0, 1 to itself
+    # rank 0 sends 2 rows to itself, none to rank 1; rank 1 sends 3 to 0, 1 to itself
+    send = [[2, 0], [3, 1]][r]
     recv = [[2, 3], [0, 1]][r]
-    x = (torch.arange(sum(send) * 2, dtype=torch.float32).view(-1, 2) + 100 * r).requires_grad_(True)
+    x = (torch.arange(sum(send) * 2, dtype=torch.float32).view(-1, 2)
+         + 100 * r).requires_grad_(True)
     y = comm.all_to_all_var(x, groups.ep, send, recv, out_rows=6)
     (y * torch.arange(1, 7.0)[:, None]).sum().backward()
     return dict(y=y.detach(), grad=x.grad)
@@ -244,14 +268,15 @@ def a2a_var_case() -> dict:
 
 def test_variable_all_to_all_and_its_backward():
     r0, r1 = run(2, a2a_var_case)
-    assert torch.equal(r0["y"], torch.tensor([[0, 1], [2, 3], [100, 101], [102, 103], [104, 105], [0, 0.0]]))
+    assert torch.equal(r0["y"], torch.tensor([[0, 1], [2, 3], [100, 101], [102, 103], [104, 105],
+                                              [0, 0.0]]))
     assert torch.equal(r1["y"], torch.tensor([[106, 107.0]] + [[0, 0]] * 5))
     # gradient of y row i is (i + 1): it flows back to the row that was sent there
     assert torch.equal(r0["grad"], torch.tensor([[1, 1], [2, 2.0]]))
     assert torch.equal(r1["grad"], torch.tensor([[3, 3], [4, 4], [5, 5], [1, 1.0]]))
 
 
-# ---- CAC replay checks ----------------------------------------------------------------------------
+# ---- CAC replay checks ---------------------------------------------------------------------------
 def stash_case() -> list[str]:
     groups = ted_groups(1, 2)
     stash = comm.CommStash()
@@ -285,15 +310,17 @@ def test_cac_replay_checks_kind_group_shape_and_dtype():
     for errors in run(2, stash_case):
         assert len(errors) == 5 and not any(e.endswith("no error") for e in errors), errors
         shape, dtype, kind, group, too_many = errors
-        assert "all_to_all over ep -> [6, 3] float32" in shape and "recorded all_to_all over ep -> [4, 3]" in shape
+        assert ("all_to_all over ep -> [6, 3] float32" in shape
+                and "recorded all_to_all over ep -> [4, 3]" in shape)
         assert "float64" in dtype and "all_gather over ep" in kind and "over tp" in group
         assert "#2" in too_many and "recorded only 2" in too_many
 
 
-# ---- --check-tp-routing ----------------------------------------------------------------------------
+# ---- --check-tp-routing --------------------------------------------------------------------------
 def tp_routing_case(every: int, pad_free: bool) -> list:
     groups = ted_groups(2, 1)
-    module = MoEOnly(tiny_model_config(), moe_config(check_tp_routing=every, pad_free=pad_free), groups)
+    module = MoEOnly(tiny_model_config(), moe_config(check_tp_routing=every, pad_free=pad_free),
+                     groups)
     x, probe = layer_input(0)
     forward_backward(module, x, probe)  # identical routing: passes
     if groups.tp.rank == 1:  # drift on one TP rank flips routing decisions
@@ -315,18 +342,21 @@ def test_check_tp_routing_stops_every_tp_rank_with_a_clear_error(pad_free):
     (the padding-free path's TP collectives would not even match in size)."""
     for outcomes in run(2, tp_routing_case, 1, pad_free):
         assert all(o is not None for o in outcomes), outcomes
-        assert "MoE routing" in outcomes[0] and "TP group [0, 1]" in outcomes[0] and "DTD" in outcomes[0]
+        assert ("MoE routing" in outcomes[0] and "TP group [0, 1]" in outcomes[0]
+                and "DTD" in outcomes[0])
 
 
 def test_check_tp_routing_every_n_forwards():
-    # every 2nd forward: the 2nd (unchecked, silently wrong on the padded path) passes, the 3rd stops
+    # every 2nd forward: the 2nd (unchecked, silently wrong on the padded path) passes, the 3rd
+    # stops
     for outcomes in run(2, tp_routing_case, 2, False):
         assert outcomes[0] is None and outcomes[1] is not None, outcomes
 
 
-# ---- the flags ------------------------------------------------------------------------------------
-CLI = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 --micro-batch-size 2 "
-       "--train-iters 2 --lr 1e-3 --mock-data --vocab-size 100 --num-experts 4").split()
+# ---- the flags -----------------------------------------------------------------------------------
+CLI = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16 "
+       "--micro-batch-size 2 --train-iters 2 --lr 1e-3 --mock-data --vocab-size 100 "
+       "--num-experts 4").split()
 
 
 @pytest.mark.parametrize("argv,want", [
@@ -353,4 +383,5 @@ def test_bad_check_tp_routing_is_a_clear_error(monkeypatch, capsys):
     monkeypatch.setenv("RANK", "0")
     with pytest.raises(SystemExit) as exit_info:
         pretrain_gpt_moe.load_config(CLI + ["--check-tp-routing", "-1"])
-    assert exit_info.value.code == 2 and "--check-tp-routing must be >= 0" in capsys.readouterr().err
+    assert (exit_info.value.code == 2
+            and "--check-tp-routing must be >= 0" in capsys.readouterr().err)

@@ -45,7 +45,8 @@ import deepspeed_reference as ds_baseline
 try:
     deepspeed, _ = ds_baseline.import_deepspeed()
 except ImportError:
-    pytest.skip("deepspeed is not installed (pip install deepspeed: the [test] extra)", allow_module_level=True)
+    pytest.skip("deepspeed is not installed (pip install deepspeed: the [test] extra)",
+                allow_module_level=True)
 from deepspeed.moe import sharded_moe  # noqa: E402
 from deepspeed.moe.sharded_moe import _capacity as ds_capacity  # noqa: E402
 
@@ -63,7 +64,8 @@ E, H, FFN = 8, 16, 32
 B, S = 4, 16  # T = 64 tokens per rank
 AUX = 0.1  # loss = <y, G> + AUX * aux
 TOL = 1e-5
-# name -> (top-k, capacity factor, drop tokens, drop policy of both: ours and DeepSpeed's topkgating)
+# name -> (top-k, capacity factor, drop tokens, drop policy of both: ours and DeepSpeed's
+# topkgating)
 CASES = {
     "top2-drop-cf1": (2, 1.0, True, "position"),
     "top2-nodrop": (2, 1.0, False, "position"),
@@ -79,7 +81,8 @@ GRADS = ("x", "gate", "w1", "b1", "w2", "b2")
 
 
 def full_weights(seed: int = 1234) -> dict:
-    """Global weights. Gate: logits = x @ wg.T; expert e: w2[e] @ gelu(w1[e] @ x + b1[e]) + b2[e]."""
+    """Global weights. Gate: logits = x @ wg.T;
+    expert e: w2[e] @ gelu(w1[e] @ x + b1[e]) + b2[e]."""
     g = torch.Generator().manual_seed(seed)
     return dict(
         wg=torch.randn(E, H, generator=g) * 0.5,
@@ -96,7 +99,8 @@ def rank_input(rank: int) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def build_ds(ep: int, k: int, cf: float, drop: bool, w: dict, ep_rank: int):
-    moe = ds_baseline.build_moe(hidden=H, ffn=FFN, experts=E, ep=ep, topk=k, capacity_factor=cf, drop_tokens=drop)
+    moe = ds_baseline.build_moe(hidden=H, ffn=FFN, experts=E, ep=ep, topk=k, capacity_factor=cf,
+                                drop_tokens=drop)
     assert ds_baseline.ep_rank(moe) == ep_rank, "DeepSpeed's EP rank != ours"
     ds_baseline.load_weights(moe, w)
     return moe
@@ -104,7 +108,8 @@ def build_ds(ep: int, k: int, cf: float, drop: bool, w: dict, ep_rank: int):
 
 @contextlib.contextmanager
 def ds_topk_policy(policy: str):
-    """DeepSpeed's TopKGate calls topkgating with its default drop policy ("probs"): pass `policy`."""
+    """DeepSpeed's TopKGate calls topkgating with its default drop policy ("probs"): pass
+    `policy`."""
     original = sharded_moe.topkgating
     sharded_moe.topkgating = functools.partial(original, drop_policy=policy)
     try:
@@ -114,11 +119,13 @@ def ds_topk_policy(policy: str):
 
 
 def build_ours(groups, k: int, cf: float, drop: bool, w: dict, overrides: dict) -> MoELayer:
-    mcfg = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=1, ffn_hidden_size=FFN, vocab_size=16,
-                       max_position_embeddings=S, hidden_dropout=0.0, attention_dropout=0.0)
+    mcfg = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=1, ffn_hidden_size=FFN,
+                       vocab_size=16, max_position_embeddings=S, hidden_dropout=0.0,
+                       attention_dropout=0.0)
     cfg = MoEConfig(num_experts=E, layers=(0,), topk=k, capacity_factor=cf, eval_capacity_factor=cf,
-                    min_capacity=4, drop_tokens=drop, drop_policy="position", gate_normalization="surviving",
-                    aux_loss_type="deepspeed", aux_loss_coeff=AUX, z_loss_coeff=0.0, jitter_eps=0.0)
+                    min_capacity=4, drop_tokens=drop, drop_policy="position",
+                    gate_normalization="surviving", aux_loss_type="deepspeed", aux_loss_coeff=AUX,
+                    z_loss_coeff=0.0, jitter_eps=0.0)
     cfg = dataclasses.replace(cfg, **overrides)
     layer = MoELayer(mcfg, cfg, groups)
     ids = [groups.ep.rank * (E // groups.ep.size) + i for i in range(E // groups.ep.size)]
@@ -137,9 +144,12 @@ def run_ds(moe, x, gy) -> dict:
     ((out * gy).sum() + AUX * l_aux).backward()
     layer = moe.deepspeed_moe
     exs = layer.experts.deepspeed_experts
-    return dict(out=out.detach(), aux=l_aux.detach(), counts=counts.long(), x=x.grad, gate=layer.gate.wg.weight.grad,
-                w1=torch.stack([e[0].weight.grad for e in exs]), b1=torch.stack([e[0].bias.grad for e in exs]),
-                w2=torch.stack([e[2].weight.grad for e in exs]), b2=torch.stack([e[2].bias.grad for e in exs]))
+    return dict(out=out.detach(), aux=l_aux.detach(), counts=counts.long(), x=x.grad,
+                gate=layer.gate.wg.weight.grad,
+                w1=torch.stack([e[0].weight.grad for e in exs]),
+                b1=torch.stack([e[0].bias.grad for e in exs]),
+                w2=torch.stack([e[2].weight.grad for e in exs]),
+                b2=torch.stack([e[2].bias.grad for e in exs]))
 
 
 def run_ours(layer: MoELayer, x, gy) -> dict:
@@ -147,9 +157,9 @@ def run_ours(layer: MoELayer, x, gy) -> dict:
     y, aux = layer(x)
     ((y * gy).sum() + aux.loss).backward()
     ex = layer.experts
-    return dict(out=y.detach(), aux=aux.aux_loss, counts=aux.counts_E.long(), x=x.grad, gate=layer.router.weight.grad,
-                w1=ex.w1.grad.transpose(1, 2), b1=ex.b1.grad, w2=ex.w2.grad.transpose(1, 2), b2=ex.b2.grad,
-                dropped=aux.dropped)
+    return dict(out=y.detach(), aux=aux.aux_loss, counts=aux.counts_E.long(), x=x.grad,
+                gate=layer.router.weight.grad, w1=ex.w1.grad.transpose(1, 2), b1=ex.b1.grad,
+                w2=ex.w2.grad.transpose(1, 2), b2=ex.b2.grad, dropped=aux.dropped)
 
 
 def oracle_case(ep: int, names: list[str]) -> dict:
@@ -165,7 +175,8 @@ def oracle_case(ep: int, names: list[str]) -> dict:
         with ds_topk_policy(policy):
             ds = run_ds(build_ds(ep, k, cf, drop, w, groups.ep.rank), x, gy)
         for pad_free in (False, True):
-            ours = run_ours(build_ours(groups, k, cf, drop, w, dict(drop_policy=policy, pad_free=pad_free)), x, gy)
+            ours = run_ours(build_ours(groups, k, cf, drop, w,
+                                       dict(drop_policy=policy, pad_free=pad_free)), x, gy)
             errs = {key: rel_err(ours[key], ds[key]) for key in ("out", "aux") + GRADS}
             errs["counts_equal"] = bool(torch.equal(ours["counts"], ds["counts"]))
             errs["dropped"] = ours["dropped"]
@@ -178,13 +189,15 @@ def check(results_by_rank: list[dict], names: list[str]) -> None:
     for rank, results in enumerate(results_by_rank):
         for (name, pad_free), errs in results.items():
             what = f"rank {rank} {name} pad_free={pad_free}"
-            print(what, {k: f"{v:.2e}" for k, v in errs.items() if isinstance(v, float) and k != "dropped"},
+            print(what, {k: f"{v:.2e}" for k, v in errs.items()
+                         if isinstance(v, float) and k != "dropped"},
                   f"dropped={errs['dropped']:.4f}")
             assert errs["counts_equal"], f"{what}: expert counts differ"
             for key in ("out", "aux") + GRADS:
                 assert errs[key] <= TOL, f"{what}: {key} relative error {errs[key]:.3e} > {TOL}"
             # every compared gradient is a real signal, not zeros agreeing with zeros
-            assert all(v > 0 for v in errs["grad_norms"].values()), f"{what}: a gradient is all zero"
+            assert all(v > 0 for v in errs["grad_norms"].values()), (
+                f"{what}: a gradient is all zero")
             if name in DROPPING:
                 assert errs["dropped"] > 0, f"{what}: the drop case dropped nothing"
             else:
@@ -193,7 +206,8 @@ def check(results_by_rank: list[dict], names: list[str]) -> None:
 
 def test_activation_is_exact_gelu_in_both():
     h = torch.linspace(-4, 4, 101)
-    cfg = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=1, vocab_size=16, max_position_embeddings=S)
+    cfg = ModelConfig(num_layers=1, hidden_size=H, num_attention_heads=1, vocab_size=16,
+                      max_position_embeddings=S)
     assert torch.equal(activation(cfg, h), F.gelu(h, approximate="none"))
     assert not torch.equal(activation(cfg, h), F.gelu(h, approximate="tanh"))
     moe = build_ds(1, 1, 1.0, True, full_weights(), 0)
@@ -223,12 +237,13 @@ def test_oracle_ep2():
     check(run(2, oracle_case, 2, names), names)
 
 
-# ---- the gates alone: DeepSpeed's topkgating against our router, k >= 3, on random logits -----------
+# ---- the gates alone: DeepSpeed's topkgating against our router, k >= 3, on random logits --------
 def ours_on_logits(logits: torch.Tensor, k: int, cf: float, policy: str):
     """Our router fed `logits` exactly (identity gate weight over E input features)."""
     T, n = logits.shape
-    cfg = MoEConfig(num_experts=n, layers=(0,), topk=k, capacity_factor=cf, eval_capacity_factor=cf, min_capacity=4,
-                    drop_policy=policy, gate_normalization="surviving", aux_loss_type="deepspeed")
+    cfg = MoEConfig(num_experts=n, layers=(0,), topk=k, capacity_factor=cf, eval_capacity_factor=cf,
+                    min_capacity=4, drop_policy=policy, gate_normalization="surviving",
+                    aux_loss_type="deepspeed")
     router = Router(n, cfg, ted_groups(1, 1), std=0.02)
     with torch.no_grad():
         router.weight.copy_(torch.eye(n))
@@ -261,4 +276,5 @@ def test_topk_gating_k3_k4_equals_deepspeed_on_random_logits(k, policy):
             assert torch.equal(our_counts, counts.long()), what
             assert abs(our_aux.item() - l_aux.item()) <= 1e-6 * abs(l_aux.item()), what
             if policy == "position":  # slots in token order over all k choices, as DeepSpeed's
-                assert torch.equal(torch.where(kept, slot, -1), torch.where(ds_kept, dispatch_TEC.int().argmax(-1), -1)), what
+                assert torch.equal(torch.where(kept, slot, -1),
+                                   torch.where(ds_kept, dispatch_TEC.int().argmax(-1), -1)), what

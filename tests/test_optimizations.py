@@ -13,7 +13,8 @@ from megatron.training.optimizer import Optimizer, OptimizerConfig
 from megatron.training.forward_backward import forward_backward, train_step
 from ted_patches.config import moe_layer_indices
 from ted_patches.build import build_model
-from util import PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches, tiny_model_config, tiny_moe_config
+from util import (PARAM_FLOOR, assert_close_dicts, full_tensors, my_microbatches,
+                  tiny_model_config, tiny_moe_config)
 
 SEQ, MBS, MICRO = 16, 2, 2
 RECOMPUTE = {
@@ -45,11 +46,13 @@ def recompute_case(tp: int, ep: int, name: str, dropout: float = 0.0) -> dict:
     a2a = groups.ledger.count("all_to_all", "ep") / (moe_layers * len(mbs))
     opt.reduce_gradients()
     grads = full_tensors(model, groups, grads=True)
-    return {"grads": grads, "a2a_per_layer_per_microbatch": a2a} if torch.distributed.get_rank() == 0 else None
+    return ({"grads": grads, "a2a_per_layer_per_microbatch": a2a}
+            if torch.distributed.get_rank() == 0 else None)
 
 
 @pytest.mark.parametrize("dropout", [0.0, 0.1])
-def test_recompute_and_cac_leave_gradients_unchanged_and_cac_saves_a_third_of_the_all_to_alls(dropout):
+def test_recompute_and_cac_leave_gradients_unchanged_and_cac_saves_a_third_of_the_all_to_alls(
+        dropout):
     results = {name: run(4, recompute_case, 2, 2, name, dropout)[0] for name in RECOMPUTE}
     base = results["none"]
     for name, res in results.items():
@@ -65,7 +68,8 @@ OPTIMIZERS = {
     "plain": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5),
     "tiled": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, tile_size=1000),
     "zero1": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, use_distributed_optimizer=True),
-    "zero1+tiled": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, use_distributed_optimizer=True, tile_size=777),
+    "zero1+tiled": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5,
+                                   use_distributed_optimizer=True, tile_size=777),
 }
 
 
@@ -78,7 +82,8 @@ def optimizer_case(tp: int, ep: int, name: str, dtype=torch.float32, steps: int 
         cfg = dataclasses.replace(cfg, fp16=True, initial_loss_scale=1024.0)
     opt = Optimizer(model, groups, cfg)
     for step in range(steps):
-        train_step(model, opt, my_microbatches(step, groups, 4, mbs=MBS, seq=SEQ, vocab=mcfg.vocab_size), groups)
+        train_step(model, opt, my_microbatches(step, groups, 4, mbs=MBS, seq=SEQ,
+                                               vocab=mcfg.vocab_size), groups)
     state = [(fg.group.name, fg.param_buf.numel(), fg.state_bytes()) for fg in opt.flat_groups]
     params = full_tensors(model, groups)
     return {"params": params, "state": state} if torch.distributed.get_rank() == 0 else None
@@ -105,7 +110,8 @@ def test_zero1_divides_optimizer_state_by_the_sharding_group():
     element, divided by DP (4) for dense parameters and by expert-DP (2) for expert parameters."""
     res = optimizer_results("float32")
     sizes = {"dp": 4, "edp": 2}
-    for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"], res["zero1"]["state"]):
+    for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"],
+                                                                res["zero1"]["state"]):
         assert plain_bytes == 8 * numel
         assert zero_bytes * sizes[group] == -(-numel // sizes[group]) * sizes[group] * 8
 
@@ -116,7 +122,8 @@ def test_bf16_params_keep_fp32_master_weights_and_tiled_is_bitwise():
         assert v.dtype == torch.bfloat16
         assert torch.equal(res["tiled"]["params"][k], v), k
     sizes = {"dp": 4, "edp": 2}
-    for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"], res["zero1"]["state"]):
+    for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"],
+                                                                res["zero1"]["state"]):
         assert plain_bytes == 12 * numel  # fp32 master + two moments
         assert zero_bytes * sizes[group] == plain_bytes
 
@@ -132,7 +139,7 @@ def test_fp16_zero1_and_tiled_follow_the_plain_fp16_optimizer():
         assert torch.equal(res["tiled"]["params"][k], plain[k]), k
 
 
-# ---- overlapped gradient reduction and parameter gather --------------------------------------------
+# ---- overlapped gradient reduction and parameter gather ------------------------------------------
 OVERLAP = {  # small buckets, so each flat group is several buckets started at different times
     "buckets": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, bucket_size=3000),
     "overlap-grad": OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=0.5, bucket_size=3000,
@@ -149,12 +156,14 @@ def overlap_case(tp: int, ep: int, name: str, steps: int = 4) -> dict:
     groups = ted_groups(tp, ep)
     model, mcfg = build(groups, RecomputeConfig(), layers=2)
     opt = Optimizer(model, groups, OVERLAP[name])
-    losses = [train_step(model, opt, my_microbatches(step, groups, 4, mbs=MBS, seq=SEQ, vocab=mcfg.vocab_size),
+    losses = [train_step(model, opt, my_microbatches(step, groups, 4, mbs=MBS, seq=SEQ,
+                                                     vocab=mcfg.vocab_size),
                          groups).lm_loss for step in range(steps)]
     opt.wait_params()
     buckets = len(opt.flat_groups)
     params = full_tensors(model, groups)
-    return {"params": params, "losses": losses, "buckets": buckets} if torch.distributed.get_rank() == 0 else None
+    return ({"params": params, "losses": losses, "buckets": buckets}
+            if torch.distributed.get_rank() == 0 else None)
 
 
 @pytest.mark.parametrize("tp,ep", [(1, 2), (2, 2)])
@@ -167,4 +176,5 @@ def test_overlapped_reduction_and_gather_equal_the_same_buckets_without_overlap(
         assert res[overlapped]["losses"] == res[plain]["losses"], overlapped
         for key, value in res[plain]["params"].items():
             assert torch.equal(res[overlapped]["params"][key], value), (overlapped, key)
-    assert_close_dicts(res["zero1-buckets"]["params"], res["buckets"]["params"], 1e-6, "zero1 vs plain", PARAM_FLOOR)
+    assert_close_dicts(res["zero1-buckets"]["params"], res["buckets"]["params"], 1e-6,
+                       "zero1 vs plain", PARAM_FLOOR)

@@ -23,7 +23,7 @@ from util import my_microbatches, tiny_model_config
 MOE = dict(num_experts=4, layers=(0, 1), topk=2, drop_tokens=False, aux_loss_coeff=0.01)
 
 
-# ---- gates -----------------------------------------------------------------------------------------
+# ---- gates ---------------------------------------------------------------------------------------
 def test_the_gate_is_chosen_by_config_and_an_unknown_one_names_the_field():
     groups = ted_groups(1, 1)
     assert type(build_gate(MoEConfig(**MOE), groups)) is SoftmaxGate
@@ -60,17 +60,19 @@ def test_after_the_optimizer_step_each_gate_gets_its_counts_over_the_whole_step(
     for step in range(2):
         micro = my_microbatches(step, groups, 3, mbs=2, seq=16, vocab=96)
         with torch.no_grad():  # the same routing the step will see (no dropout, no jitter)
-            want = [sum(aux.counts_E for aux in model(**mb).aux[i:i + 1]) for i in range(2) for mb in micro]
+            want = [sum(aux.counts_E for aux in model(**mb).aux[i:i + 1])
+                    for i in range(2) for mb in micro]
         want = [sum(want[i * 3:(i + 1) * 3]) for i in range(2)]
         train_step(model, opt, micro, groups)
         for layer, counts in zip(layers, want):
             got, skipped, steps_then = layer.router.gate.received[-1]
             assert torch.equal(got, counts) and not skipped and steps_then == step + 1
-            assert int(got.sum()) == 3 * 2 * 16 * MOE["topk"]  # every assignment of every micro-batch
+            # every assignment of every micro-batch
+            assert int(got.sum()) == 3 * 2 * 16 * MOE["topk"]
     assert all(len(layer.router.gate.received) == 2 for layer in layers)
 
 
-# ---- state buffers in checkpoints ------------------------------------------------------------------
+# ---- state buffers in checkpoints ----------------------------------------------------------------
 def with_state_buffers(model, groups) -> None:
     """Per router: a replicated [E] buffer; per expert group: an expert-split [E_local] buffer.
     Values are functions of the global expert id, so every layout holds the same model state."""
@@ -102,10 +104,12 @@ def save_or_load_case(path: str, tp: int, ep: int, save: bool) -> dict:
     with_state_buffers(model, groups)
     opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3))
     sched = build_scheduler(opt, ScheduleConfig("samples", 8, 0, 80, 10), 1e-3, 0.0, 0.0)
-    ck = Checkpointer(CheckpointConfig(save=path if save else None, load=None if save else path), groups)
+    ck = Checkpointer(CheckpointConfig(save=path if save else None,
+                                       load=None if save else path), groups)
     if save:
         fill(model, groups, 0.5)
-        ck.save(3, {"model": config_dict(mcfg), "moe": config_dict(moe), "consumed_samples": 24}, model, opt, sched)
+        ck.save(3, {"model": config_dict(mcfg), "moe": config_dict(moe), "consumed_samples": 24},
+                model, opt, sched)
     else:
         ck.load(model, opt, sched, lambda *_: None)
     return {name: buf.clone() for name, buf in model.named_buffers()} | {"ep_rank": groups.ep.rank}
@@ -120,7 +124,8 @@ def test_state_buffers_are_saved_resharded_and_loaded(tmp_path):
     run(2, save_or_load_case, path, 1, 2, True)
     stored = ckpt.read_stored_tensors(path)
     assert torch.equal(stored["layers.1.mlp.router.bias"], torch.arange(4) * 0.5)
-    assert [stored[f"layers.0.mlp.experts.{e}.load"].item() for e in range(4)] == [0.0, -0.5, -1.0, -1.5]
+    assert ([stored[f"layers.0.mlp.experts.{e}.load"].item() for e in range(4)]
+            == [0.0, -0.5, -1.0, -1.5])
     one = save_or_load_case(path, 1, 1, False)
     groups = ted_groups(1, 1)
     model = build_model(tiny_model_config(), MoEConfig(**MOE), groups, seed=5)
@@ -129,7 +134,8 @@ def test_state_buffers_are_saved_resharded_and_loaded(tmp_path):
     want = {name: buf for name, buf in model.named_buffers()}
     assert one.pop("ep_rank") == 0 and one.keys() == want.keys()
     assert all(torch.equal(one[k], want[k]) for k in want)
-    assert set(stored_tensors(model, groups)) >= {"layers.0.mlp.router.bias", "layers.0.mlp.experts.3.load"}
+    assert set(stored_tensors(model, groups)) >= {"layers.0.mlp.router.bias",
+                                                  "layers.0.mlp.experts.3.load"}
     for out in run(2, save_or_load_case, path, 2, 1, False):
         out.pop("ep_rank")
         assert all(torch.equal(out[k], want[k]) for k in want)
@@ -146,7 +152,8 @@ def test_library_errors_name_fields_and_the_command_line_shows_flags():
         "--moe-router-topk 5 must be between 1 and --num-experts 4"
     with pytest.raises(FieldError) as err:
         tiny_model_config(hidden_size=30)
-    assert "--" not in str(err.value) and "hidden_size 30 is not divisible by num_attention_heads 4" in str(err.value)
+    assert ("--" not in str(err.value)
+            and "hidden_size 30 is not divisible by num_attention_heads 4" in str(err.value))
 
 
 def test_a_gate_plugged_in_by_subclassing_routes_like_the_interface_says():
@@ -170,4 +177,5 @@ def test_a_gate_plugged_in_by_subclassing_routes_like_the_interface_says():
     layer = MoELayer(tiny_model_config(), MoEConfig(**MOE), groups)
     layer.router.gate = FirstK(layer.cfg, groups)
     routing = layer.router(torch.randn(10, 32))
-    assert routing.counts_E.tolist() == [10, 10, 0, 0] and torch.equal(routing.weight_A, torch.full((20,), 0.5))
+    assert (routing.counts_E.tolist() == [10, 10, 0, 0]
+            and torch.equal(routing.weight_A, torch.full((20,), 0.5)))

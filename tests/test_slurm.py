@@ -36,15 +36,16 @@ def slurm(tmp_path_factory):
 
 
 def submit(cluster, tmp_path, **env) -> str:
-    env = {"TED_ROOT": ROOT, "TED_VENV": sys.prefix, "TED_CONFIG": "tests/slurm_tiny.sh", "PYTHONWARNINGS": "ignore",
-           "TED_SAVE": str(tmp_path / "checkpoints"), **env}
+    env = {"TED_ROOT": ROOT, "TED_VENV": sys.prefix, "TED_CONFIG": "tests/slurm_tiny.sh",
+           "PYTHONWARNINGS": "ignore", "TED_SAVE": str(tmp_path / "checkpoints"), **env}
     done = cluster.run("sbatch", "--parsable", *CPU_JOB, "--output", f"{tmp_path}/%x-%j.out",
                        "--error", f"{tmp_path}/%x-%j.err", SBATCH, env=env, cwd=ROOT)
     return done.stdout.strip().split(";")[0]
 
 
 def logs(tmp_path, job: str) -> tuple[str, str]:
-    read = lambda ext: (tmp_path / f"gpt-moe-ted-{job}.{ext}").read_text() if (tmp_path / f"gpt-moe-ted-{job}.{ext}").exists() else ""
+    read = lambda ext: ((tmp_path / f"gpt-moe-ted-{job}.{ext}").read_text()
+                        if (tmp_path / f"gpt-moe-ted-{job}.{ext}").exists() else "")
     return read("out"), read("err")
 
 
@@ -68,41 +69,51 @@ def test_sbatch_trains_checkpoints_and_resumes_after_its_time_limit_warning(slur
     wait_for_log(tmp_path, job, r"iteration\s+2/")
     slurm.run("scancel", "--signal=USR1", "--batch", job)  # what --signal=B:USR1@120 sends
     end = time.monotonic() + 120
-    while slurm.job(job).get("Restarts") != "1" and time.monotonic() < end:  # it checkpoints and requeues
+    # it checkpoints and requeues
+    while slurm.job(job).get("Restarts") != "1" and time.monotonic() < end:
         time.sleep(0.1)
     first_run = time.monotonic() - start
-    held = time.monotonic()  # Slurm holds a requeued job for cred_expire (5 s here), then runs it again
-    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
+    # Slurm holds a requeued job for cred_expire (5 s here), then runs it again
+    held = time.monotonic()
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"},
+                            timeout=240)
     second_run = time.monotonic() - held
     out, err = logs(tmp_path, job)
-    assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0" and info["Restarts"] == "1", (info, out, err)
+    assert (info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
+            and info["Restarts"] == "1"), (info, out, err)
     stopped = int(re.search(r"> exiting at iteration (\d+): SIGUSR1 received", out)[1])
     assert f"> checkpoint saved at iteration {stopped} in {tmp_path / 'checkpoints'}" in out
     assert f"> loaded {tmp_path / 'checkpoints'}/iter_{stopped:07d} (iteration {stopped}" in out
     resumed = out[out.index("> loaded"):]
-    assert re.search(rf"iteration\s+{stopped + 1}/\s+12 \|", resumed) and re.search(r"iteration\s+12/\s+12 \|", resumed)
+    assert (re.search(rf"iteration\s+{stopped + 1}/\s+12 \|", resumed)
+            and re.search(r"iteration\s+12/\s+12 \|", resumed))
     assert "time limit near: every rank checkpoints and exits (USR1)" in err and "requeueing" in err
     # Slurm's own note on the requeue is the one error line
     errors = [line for line in err.splitlines() if "error" in line.lower()]
-    assert "Traceback" not in err and [e for e in errors if "DUE TO JOB REQUEUE" not in e] == [], err
+    assert ("Traceback" not in err
+            and [e for e in errors if "DUE TO JOB REQUEUE" not in e] == []), err
     assert tracker(tmp_path / "checkpoints") == 12
-    print(f"\n[figure] Slurm job {job}: first run {first_run:.1f} s (sbatch to requeued, stopped at iteration "
-          f"{stopped}), second run {second_run:.1f} s (requeued to COMPLETED); 4 tasks, TP=2 EP=2, 12 iterations")
+    print(f"\n[figure] Slurm job {job}: first run {first_run:.1f} s (sbatch to requeued, stopped "
+          f"at iteration {stopped}), second run {second_run:.1f} s (requeued to COMPLETED); "
+          "4 tasks, TP=2 EP=2, 12 iterations")
 
 
 @pytest.mark.slurm
 def test_sbatch_torchrun_per_node_variant(slurm, tmp_path):
     start = time.monotonic()
     job = submit(slurm, tmp_path, TINY_ITERS="4", TED_LAUNCHER="torchrun")
-    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"}, timeout=240)
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"},
+                            timeout=240)
     out, err = logs(tmp_path, job)
     assert info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0", (info, out, err)
-    assert "TP=2 EP=2 DP=2 expert-DP=1 (world 4)" in out and re.search(r"iteration\s+4/\s+4 \|", out), out
+    assert ("TP=2 EP=2 DP=2 expert-DP=1 (world 4)" in out
+            and re.search(r"iteration\s+4/\s+4 \|", out)), out
     assert tracker(tmp_path / "checkpoints") == 4 and "Traceback" not in err, err
-    print(f"\n[figure] Slurm job {job} (torchrun per node): {time.monotonic() - start:.1f} s sbatch to COMPLETED")
+    print(f"\n[figure] Slurm job {job} (torchrun per node): {time.monotonic() - start:.1f} s "
+          "sbatch to COMPLETED")
 
 
-# ---- the example configurations --------------------------------------------------------------------
+# ---- the example configurations ------------------------------------------------------------------
 STUB_SRUN = """#!{python}
 import json, os, sys
 with open(os.environ["TED_STUB_ARGV"], "w") as f:
@@ -115,16 +126,19 @@ def composed_argv(tmp_path, config: str, world: int, launcher: str = "srun") -> 
     """What the batch script hands srun for `config` on `world` GPUs (srun and scontrol stubbed)."""
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir(exist_ok=True)
-    for name, text in (("srun", STUB_SRUN.format(python=sys.executable)), ("scontrol", STUB_SCONTROL)):
+    for name, text in (("srun", STUB_SRUN.format(python=sys.executable)),
+                       ("scontrol", STUB_SCONTROL)):
         (bin_dir / name).write_text(text)
         (bin_dir / name).chmod(0o755)
     vocab, merges = gpt2_files()
     out = tmp_path / "argv.json"
-    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TED_ROOT=ROOT, TED_VENV=sys.prefix,
-               TED_CONFIG=config, TED_LAUNCHER=launcher, TED_STUB_ARGV=str(out), TED_SAVE=str(tmp_path / "ckpt"),
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TED_ROOT=ROOT,
+               TED_VENV=sys.prefix, TED_CONFIG=config, TED_LAUNCHER=launcher,
+               TED_STUB_ARGV=str(out), TED_SAVE=str(tmp_path / "ckpt"),
                DATA=str(tmp_path / "corpus_text_document"), VOCAB=vocab, MERGES=merges,
                SLURM_NTASKS=str(world), SLURM_NNODES=str(world // 8), SLURM_JOB_ID="4242",
-               SLURM_JOB_NAME="gpt-moe-ted", SLURM_JOB_NODELIST="node[001-016]", SLURM_CPUS_PER_TASK="8")
+               SLURM_JOB_NAME="gpt-moe-ted", SLURM_JOB_NODELIST="node[001-016]",
+               SLURM_CPUS_PER_TASK="8")
     done = subprocess.run(["bash", SBATCH], env=env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 0, done.stderr
     return json.loads(out.read_text())
@@ -140,15 +154,20 @@ def gpt2_corpus(tmp_path):
 
 @pytest.mark.parametrize("config", ["gpt3_moe_1.3b.sh", "gpt3_moe_2.7b.sh", "gpt3_moe_6.7b.sh"])
 @pytest.mark.parametrize("world", [32, 128])
-def test_paper_configurations_parse_at_the_world_sizes_they_name(config, world, tmp_path, gpt2_corpus, monkeypatch):
+def test_paper_configurations_parse_at_the_world_sizes_they_name(config, world, tmp_path,
+                                                                 gpt2_corpus, monkeypatch):
     argv = composed_argv(tmp_path, f"examples/{config}", world)
-    assert argv[0] == "--kill-on-bad-exit=1" and argv[1:3] == ["python", "pretrain_gpt_moe.py"], argv[:4]
+    assert (argv[0] == "--kill-on-bad-exit=1"
+            and argv[1:3] == ["python", "pretrain_gpt_moe.py"]), argv[:4]
     flags = argv[3:]
-    for name, value in (("RANK", "0"), ("WORLD_SIZE", str(world)), ("MASTER_ADDR", "node001"), ("MASTER_PORT", "14242")):
+    for name, value in (("RANK", "0"), ("WORLD_SIZE", str(world)), ("MASTER_ADDR", "node001"),
+                        ("MASTER_PORT", "14242")):
         monkeypatch.setenv(name, value)
     cfg, tokenizer = pretrain_gpt_moe.load_config(flags)
-    layers, hidden = {"gpt3_moe_1.3b.sh": (24, 2048), "gpt3_moe_2.7b.sh": (32, 2560), "gpt3_moe_6.7b.sh": (32, 4096)}[config]
-    assert (cfg.model.num_layers, cfg.model.hidden_size, cfg.moe.num_experts) == (layers, hidden, 16)
+    layers, hidden = {"gpt3_moe_1.3b.sh": (24, 2048), "gpt3_moe_2.7b.sh": (32, 2560),
+                      "gpt3_moe_6.7b.sh": (32, 4096)}[config]
+    assert ((cfg.model.num_layers, cfg.model.hidden_size, cfg.moe.num_experts)
+            == (layers, hidden, 16))
     assert cfg.moe.layers == tuple(range(1, layers, 2)) and tokenizer.vocab_size == 50257
     assert cfg.topology.world_size == world and cfg.topology.tp * cfg.topology.dp == world
     print(f"{config} on {world}: {cfg.topology.describe()}")
@@ -159,7 +178,10 @@ def test_the_torchrun_variant_starts_one_torchrun_per_node(tmp_path, gpt2_corpus
     shell = argv.index("-c")  # bash -c 'trap "" USR1; exec "$@"' torchrun torchrun ...
     assert argv[shell - 1] == "bash" and argv[shell + 2] == "torchrun"
     torchrun = argv[shell + 3:]
-    assert argv[:4] == ["--kill-on-bad-exit=1", "--ntasks=4", "--ntasks-per-node=1", "--cpus-per-task=64"], argv
-    assert torchrun[:12] == ["torchrun", "--nnodes", "4", "--nproc-per-node", "8", "--rdzv-backend", "c10d",
-                             "--rdzv-endpoint", "node001:14242", "--rdzv-id", "4242", "pretrain_gpt_moe.py"], torchrun
-    assert "--exit-signal" in torchrun and torchrun[torchrun.index("--exit-signal") + 1] == "SIGUSR1"
+    assert argv[:4] == ["--kill-on-bad-exit=1", "--ntasks=4", "--ntasks-per-node=1",
+                        "--cpus-per-task=64"], argv
+    assert torchrun[:12] == ["torchrun", "--nnodes", "4", "--nproc-per-node", "8",
+                             "--rdzv-backend", "c10d", "--rdzv-endpoint", "node001:14242",
+                             "--rdzv-id", "4242", "pretrain_gpt_moe.py"], torchrun
+    assert ("--exit-signal" in torchrun
+            and torchrun[torchrun.index("--exit-signal") + 1] == "SIGUSR1")

@@ -38,7 +38,8 @@ def test_coords_round_trip_and_groups_partition_the_world(world, tp, ep):
     ]:
         assert len(table) == count and all(len(g) == size for g in table)
         assert sorted(r for g in table for r in g) == list(range(world))
-    # EP peers share the TP rank (all-to-all moves whole TP shards); expert-DP peers share TP and EP.
+    # EP peers share the TP rank (all-to-all moves whole TP shards); expert-DP peers share TP and
+    # EP.
     for g in t.ep_groups():
         assert len({t.coords(r).tp for r in g}) == 1
     for g in t.edp_groups():

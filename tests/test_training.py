@@ -22,10 +22,11 @@ from megatron.data.tokenizer import build_tokenizer
 from megatron.training.training import pretrain
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-MODEL = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 --seq-length 16 "
-         "--mock-data --vocab-size 120 --make-vocab-size-divisible-by 8 --hidden-dropout 0 --attention-dropout 0 "
-         "--lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine --lr-warmup-iters 2 --adam-eps 1e-6 --seed 5 "
-         "--log-interval 1 --eval-interval 5 --eval-iters 2 --num-workers 0").split()
+MODEL = ("--num-layers 2 --hidden-size 32 --num-attention-heads 4 --ffn-hidden-size 64 "
+         "--seq-length 16 --mock-data --vocab-size 120 --make-vocab-size-divisible-by 8 "
+         "--hidden-dropout 0 --attention-dropout 0 --lr 1e-3 --min-lr 1e-4 --lr-decay-style cosine "
+         "--lr-warmup-iters 2 --adam-eps 1e-6 --seed 5 --log-interval 1 --eval-interval 5 "
+         "--eval-iters 2 --num-workers 0").split()
 MOE = "--num-experts 8 --moe-router-topk 2 --expert-interval 2 --moe-z-loss-coeff 0.001".split()
 
 
@@ -39,7 +40,8 @@ def pretrain_case(argv: list[str]) -> dict | None:
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         history = pretrain(cfg, tokenizer, groups, torch.device("cpu"))
-    return {"printed": printed.getvalue(), "history": history} if torch.distributed.get_rank() == 0 else None
+    return ({"printed": printed.getvalue(), "history": history}
+            if torch.distributed.get_rank() == 0 else None)
 
 
 def logged(printed: str, key: str) -> list[float]:
@@ -75,10 +77,11 @@ def test_printed_lm_loss_equals_single_process_at_every_layout(tp, ep, dp):
 
 
 def test_log_line_has_megatrons_fields():
-    line = next(l for l in reference_run(E2E)["printed"].splitlines() if "iteration" in l and "lm loss" in l)
-    for field in ("iteration        1/      10", "consumed samples:", "elapsed time per iteration (ms):",
-                  "learning rate:", "lm loss:", "moe aux loss:", "grad norm:", "tokens per second:",
-                  "TFLOP/s per device:", "ETA:"):
+    line = next(l for l in reference_run(E2E)["printed"].splitlines()
+                if "iteration" in l and "lm loss" in l)
+    for field in ("iteration        1/      10", "consumed samples:",
+                  "elapsed time per iteration (ms):", "learning rate:", "lm loss:", "moe aux loss:",
+                  "grad norm:", "tokens per second:", "TFLOP/s per device:", "ETA:"):
         assert field in line, field
     assert re.search(r"lm loss: \d\.\d{6}E[+-]\d\d", line)
     assert "validation loss at iteration 5" in reference_run(E2E)["printed"]
@@ -99,7 +102,8 @@ def test_gradient_accumulation_equals_a_bigger_micro_batch():
 @pytest.mark.parametrize("precision", [["--bf16"], ["--fp16", "--initial-loss-scale", "1024"]])
 def test_half_precision_stays_near_the_fp32_curve(precision):
     """bf16 / fp16 (loss scaling, fp32 master weights) over 8 steps stay within 2% of fp32."""
-    flags = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "8", "--lr", "3e-3"]
+    flags = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "8",
+             "--lr", "3e-3"]
     fp32 = logged(pretrain_case(MODEL + MOE + flags)["printed"], "lm loss")
     got = logged(pretrain_case(MODEL + MOE + flags + precision)["printed"], "lm loss")
     assert len(got) == 8 and all(math.isfinite(v) for v in got)
@@ -110,7 +114,8 @@ def test_half_precision_stays_near_the_fp32_curve(precision):
 def test_bf16_across_ranks_stays_near_the_single_process_fp32_curve():
     """bf16 at TP=2 x EP=2 x DP=2 (bf16 activations through DTD and the all-to-alls, fp32 gradient
     reduction): within 2% of one fp32 process."""
-    flags = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6", "--lr", "3e-3"]
+    flags = ["--micro-batch-size", "2", "--global-batch-size", "4", "--train-iters", "6",
+             "--lr", "3e-3"]
     fp32 = logged(pretrain_case(MODEL + MOE + flags)["printed"], "lm loss")
     got = run(4, pretrain_case, MODEL + MOE + flags + ["--bf16"] + layout_flags(2, 2, 2))[0]
     bf16 = logged(got["printed"], "lm loss")
@@ -139,10 +144,11 @@ def test_fp16_overflow_skips_steps_and_backs_off_the_scale():
 def test_quickstart_short_run_learns(tmp_path):
     """The README's first command, shortened (30 iterations), in this environment."""
     env = dict(os.environ, TED_VENV=sys.prefix, TED_QUICKSTART_DIR=str(tmp_path))
-    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), "--short"], env=env,
-                          capture_output=True, text=True, timeout=600)
+    done = subprocess.run(["bash", os.path.join(ROOT, "examples", "quickstart.sh"), "--short"],
+                          env=env, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    valid = [float(v) for v in re.findall(r"validation loss at iteration \d+ \| lm loss value: ([0-9.E+-]+)", done.stdout)]
+    valid = [float(v) for v in re.findall(
+        r"validation loss at iteration \d+ \| lm loss value: ([0-9.E+-]+)", done.stdout)]
     assert len(valid) == 3 and valid[-1] < valid[0] - 0.3, valid
     assert valid[-1] < math.log(4096) - 1.5  # far below an untrained model's ~ln(vocab)
     assert "quickstart outputs in" in done.stdout
@@ -166,12 +172,14 @@ def test_tensorboard_scalars_are_written(tmp_path):
 
 
 def test_vocabulary_padding_does_not_change_the_model():
-    """--vocab-size 512 (513 ids with EOD) pads to 640 at TP=1, 768 at TP=2 and 1024 at TP=4: the real
-    rows are drawn alike and the padded logits are masked, so the printed losses agree."""
+    """--vocab-size 512 (513 ids with EOD) pads to 640 at TP=1, 768 at TP=2 and 1024 at TP=4: the
+    real rows are drawn alike and the padded logits are masked, so the printed losses agree."""
+    # the last value wins
     flags = MODEL + MOE + list(E2E[:4]) + ["--train-iters", "4", "--vocab-size", "512",
-                                           "--make-vocab-size-divisible-by", "128"]  # the last value wins
+                                           "--make-vocab-size-divisible-by", "128"]
     ref = logged(pretrain_case(flags)["printed"], "lm loss")
     for tp in (2, 4):
-        got = logged(run(tp, pretrain_case, flags + layout_flags(tp, 1, 1))[0]["printed"], "lm loss")
+        got = logged(run(tp, pretrain_case, flags + layout_flags(tp, 1, 1))[0]["printed"],
+                     "lm loss")
         assert len(got) == len(ref) == 4
         assert got == pytest.approx(ref, rel=1e-6), (tp, got, ref)

@@ -44,7 +44,8 @@ def test_tp_dropout_stream_differs_per_tp_rank_and_leaves_the_default_stream_alo
 def test_vocab_padding_and_moe_layer_placement():
     assert padded_vocab_size(50257, 128, 1) == 50304
     assert padded_vocab_size(50257, 128, 4) == 50688
-    assert moe_layer_indices(6, expert_interval=2) == (1, 3, 5)  # Megatron-DeepSpeed: layers 2, 4, 6
+    # Megatron-DeepSpeed: layers 2, 4, 6
+    assert moe_layer_indices(6, expert_interval=2) == (1, 3, 5)
     assert moe_layer_indices(6, layer_freq=2) == (0, 2, 4)  # Megatron-Core: layers 0, 2, 4
     assert moe_layer_indices(4, layer_freq=1) == (0, 1, 2, 3)
 
@@ -70,7 +71,8 @@ def test_comm_ledger_keeps_totals_not_a_growing_list():
     ep = Group("ep", None, (0, 1), 0, ledger)
     for _ in range(1000):
         ledger.record("all_to_all", ep, torch.empty(4, 8))
-    ledger.record("all_gather", Group("tp", None, (0, 1), 0, ledger), torch.empty(3, dtype=torch.float64))
+    ledger.record("all_gather", Group("tp", None, (0, 1), 0, ledger),
+                  torch.empty(3, dtype=torch.float64))
     assert ledger.count("all_to_all", "ep") == 1000 and ledger.nbytes("all_to_all") == 1000 * 128
     assert ledger.summary() == {("all_to_all", "ep"): (1000, 128000), ("all_gather", "tp"): (1, 24)}
     assert len(ledger.calls) == 2  # bounded by (kind, group) pairs, not by calls
@@ -81,7 +83,8 @@ def test_comm_ledger_keeps_totals_not_a_growing_list():
 def test_loss_scaler_follows_megatrons_dynamic_rule():
     from megatron.training.optimizer import LossScaler, OptimizerConfig
 
-    scaler = LossScaler(OptimizerConfig(fp16=True, initial_loss_scale=1024, loss_scale_window=3, hysteresis=2))
+    scaler = LossScaler(OptimizerConfig(fp16=True, initial_loss_scale=1024, loss_scale_window=3,
+                                        hysteresis=2))
     seen = []
     for overflow in [True, True, True, False, False, False, True, True]:
         scaler.update(overflow)
@@ -118,8 +121,8 @@ def test_keep_freed_memory_mapped_applies_and_defers_to_the_users_choice(monkeyp
     code = "from megatron.launch.initialize import keep_freed_memory_mapped as k; print(k())"
 
     def applied(**env) -> str:
-        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
-                              env={**os.environ, **env}).stdout.strip()
+        return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                              check=True, env={**os.environ, **env}).stdout.strip()
 
     assert applied() == "True"  # these machines: Linux, glibc
     assert applied(MALLOC_MMAP_THRESHOLD_="65536") == "False"  # the user's own setting stands

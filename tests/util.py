@@ -14,8 +14,9 @@ from megatron.model.params import gather_full, init_parameters, spec_of
 
 def tiny_model_config(**kw) -> ModelConfig:
     """The small GPT the multi-process tests share (2 layers, hidden 32, 4 heads, seq 16)."""
-    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64, vocab_size=96,
-                max_position_embeddings=16, hidden_dropout=0.0, attention_dropout=0.0)
+    base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
+                vocab_size=96, max_position_embeddings=16, hidden_dropout=0.0,
+                attention_dropout=0.0)
     return ModelConfig(**{**base, **kw})
 
 
@@ -23,8 +24,8 @@ def tiny_moe_config(topk: int, drop: bool, **kw):
     """The MoE settings the equivalence tests share (8 experts in layer 1, cf 1.0)."""
     from ted_patches.config import MoEConfig
 
-    base = dict(num_experts=8, layers=(1,), topk=topk, capacity_factor=1.0, min_capacity=4, drop_tokens=drop,
-                aux_loss_coeff=0.1, z_loss_coeff=0.01)
+    base = dict(num_experts=8, layers=(1,), topk=topk, capacity_factor=1.0, min_capacity=4,
+                drop_tokens=drop, aux_loss_coeff=0.1, z_loss_coeff=0.01)
     return MoEConfig(**{**base, **kw})
 
 
@@ -68,7 +69,8 @@ def my_microbatches(step: int, groups, micro_per_step: int, **kw) -> list[dict]:
     """This DP rank's micro-batches of a step: of each block of DP micro-batches, DP rank r takes
     the r-th (Megatron's sampler); accumulation walks the blocks in order."""
     dp, r = groups.dp.size, groups.dp.rank
-    return [synthetic_microbatch(step * micro_per_step + i * dp + r, **kw) for i in range(micro_per_step // dp)]
+    return [synthetic_microbatch(step * micro_per_step + i * dp + r, **kw)
+            for i in range(micro_per_step // dp)]
 
 
 def full_tensors(model, groups, grads: bool = False) -> dict[str, torch.Tensor]:
@@ -81,7 +83,8 @@ def full_tensors(model, groups, grads: bool = False) -> dict[str, torch.Tensor]:
 
 
 def rel_err(a: torch.Tensor, b: torch.Tensor, floor: float = 1e-30) -> float:
-    """max|a - b| / max(max|b|, floor): relative to the tensor's scale, robust to entries near zero."""
+    """max|a - b| / max(max|b|, floor): relative to the tensor's scale, robust to entries near
+    zero."""
     a, b = a.double(), b.double()
     return ((a - b).abs().max() / b.abs().max().clamp(min=floor)).item()
 
@@ -97,7 +100,8 @@ def assert_close_dicts(got: dict, want: dict, tol: float, what: str, floor: floa
     assert got.keys() == want.keys(), f"{what}: parameter names differ"
     worst = 0.0
     for k in want:
-        assert got[k].shape == want[k].shape, f"{what} {k}: shape {tuple(got[k].shape)} != {tuple(want[k].shape)}"
+        assert got[k].shape == want[k].shape, (f"{what} {k}: shape {tuple(got[k].shape)} != "
+                                               f"{tuple(want[k].shape)}")
         err = rel_err(got[k], want[k], floor)
         assert err <= tol, f"{what} {k}: relative error {err:.3e} > {tol}"
         worst = max(worst, err)
