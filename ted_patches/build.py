@@ -11,6 +11,7 @@ from typing import Optional
 
 from megatron.model.config import ModelConfig, RecomputeConfig
 from megatron.model.gpt import GPTModel
+from megatron.parallel.stages import StagePlan
 from megatron.parallel.topology import TEDGroups
 from ted_patches.cac import apply_recompute
 from ted_patches.config import MoEConfig
@@ -18,8 +19,10 @@ from ted_patches.moe_layer import MoELayer
 
 
 def build_model(model: ModelConfig, moe: Optional[MoEConfig], groups: TEDGroups, *, seed: int,
-                device="cpu", recompute: Optional[RecomputeConfig] = None) -> GPTModel:
-    """The GPT(-MoE) of these configs on this rank, in `model.params_dtype`, on `device`."""
+                device="cpu", recompute: Optional[RecomputeConfig] = None,
+                stages: Optional[StagePlan] = None) -> GPTModel:
+    """The GPT(-MoE) of these configs on this rank, in `model.params_dtype`, on `device`; with a
+    pipeline (`stages`), the layers and ends of this rank's stages only."""
     if moe is not None:
         bad = [i for i in moe.layers if not 0 <= i < model.num_layers]
         if bad:
@@ -31,6 +34,11 @@ def build_model(model: ModelConfig, moe: Optional[MoEConfig], groups: TEDGroups,
             return None
         return MoELayer(model, moe.for_layer(i), groups, layer=i)
 
-    gpt = GPTModel(model, groups, seed=seed, device=device, mlp=mlp)
+    where = {}
+    if stages is not None and stages.pp > 1:
+        rank = groups.coords.pp
+        where = dict(layers=stages.layers_of(rank), pre_process=stages.holds_first(rank),
+                     post_process=stages.holds_last(rank))
+    gpt = GPTModel(model, groups, seed=seed, device=device, mlp=mlp, **where)
     apply_recompute(gpt, recompute or RecomputeConfig())
     return gpt.to(dtype=model.params_dtype)

@@ -28,8 +28,10 @@ def apply_recompute(model: GPTModel, cfg: RecomputeConfig) -> GPTModel:
     chunk holds an MoE layer, unless turned off."""
     model.checkpoint_chunks = cfg.full_chunks(len(model.layers))
     recomputed = {i for chunk in model.checkpoint_chunks for i in chunk}
-    cac = cfg.cac and any(isinstance(model.layers[i].mlp, MoELayer) for i in recomputed)
+    cac = cfg.cac and any(isinstance(getattr(model.layers[i], "mlp", None), MoELayer)
+                          for i in recomputed)
     model.checkpoint_stash = CommStash if cac else None
     for layer in model.layers:
-        layer.attention.recompute_core = cfg.granularity == "selective"
+        if hasattr(layer, "attention"):  # not a layer another pipeline stage holds
+            layer.attention.recompute_core = cfg.granularity == "selective"
     return model

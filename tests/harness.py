@@ -31,8 +31,8 @@ _WORLDS: dict[tuple[int, int], "World"] = {}
 _GROUPS: dict[tuple[int, int], object] = {}
 
 
-def ted_groups(tp: int = 1, ep: int = 1):
-    """The TEDGroups of layout (tp, ep) on this process's world (cached per layout). In the
+def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1):
+    """The TEDGroups of layout (tp, ep, pp) on this process's world (cached per layout). In the
     calling process itself this starts a one-rank world: the single-process reference."""
     import torch.distributed as dist
 
@@ -42,9 +42,9 @@ def ted_groups(tp: int = 1, ep: int = 1):
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1)
-    key = (tp, ep)
+    key = (tp, ep, pp)
     if key not in _GROUPS:
-        _GROUPS[key] = init_ted_groups(Topology(dist.get_world_size(), tp, ep))
+        _GROUPS[key] = init_ted_groups(Topology(dist.get_world_size(), tp, ep, pp))
     groups = _GROUPS[key]
     groups.ledger.reset()
     return groups

@@ -12,6 +12,7 @@ import sys
 
 from megatron.cli.peer_flags import add_peer_args, resolve_peer_args
 from megatron.cli.schedule import add_schedule_args
+from megatron.parallel.stages import SCHEDULE_PLACEMENT
 from ted_patches.config import (AUX_LOSS_TYPES, DROP_POLICIES, GATE_NORMALIZATIONS, MLP_TYPES,
                                 SCORE_FUNCTIONS)
 
@@ -163,7 +164,20 @@ def _parallel_args(g):
                    help="accepted for Megatron-DeepSpeed scripts: experts are always split over TP "
                         "here")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="only 1 is supported")
+                   help="PP: the layers split into this many pipeline stages (world = TP x PP x "
+                        "DP)")
+    g.add_argument("--pipeline-schedule", choices=sorted(SCHEDULE_PLACEMENT), default=None,
+                   help="1f1b (default), interleaved (default with virtual stages), gpipe, or "
+                        "the zero-bubble zbv / dualpipev (two stages per rank in a V), all run by "
+                        "torch.distributed.pipelining")
+    g.add_argument("--num-virtual-stages-per-pipeline-rank", type=int, default=None,
+                   help="model chunks per pipeline rank (interleaved 1F1B; 2 for zbv/dualpipev)")
+    g.add_argument("--num-layers-per-virtual-pipeline-stage", type=int, default=None,
+                   help="layers per model chunk (another way to give the virtual stages)")
+    g.add_argument("--decoder-first-pipeline-num-layers", type=int, default=None,
+                   help="layers of the first pipeline stage (default: an even split)")
+    g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
+                   help="layers of the last pipeline stage (default: an even split)")
     g.add_argument("--sequence-parallel", action="store_true", help="not supported")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce each gradient bucket while backward still runs (async collectives)")

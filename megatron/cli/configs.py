@@ -21,6 +21,7 @@ from megatron.cli.schedule import ScheduleError, schedule_from_args
 from megatron.data.config import DataConfig
 from megatron.model.config import ModelConfig, RecomputeConfig
 from megatron.parallel.fields import FieldError
+from megatron.parallel.stages import SCHEDULE_PLACEMENT, StagePlan
 from megatron.parallel.topology import Topology, check_layout
 from megatron.training.config import Config, TensorBoardConfig, TrainConfig
 from megatron.training.exits import ExitConfig
@@ -94,15 +95,19 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     _check_unsupported(args)
     _check_batch_sizes(args)
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
+    pp = args.pipeline_model_parallel_size
     model = _model_config(args, tp, vocab_size)
     moe = _moe_config(args, ep)
     # Every size split over TP or EP is known now: a bad layout's suggestions fit all of them.
-    check_layout(world_size, tp, ep,
+    check_layout(world_size, tp, ep, pp=pp,
                  tp_divides={**model.tp_split_sizes(),
                              **(moe.tp_split_sizes() if moe else {})},
                  ep_divides=moe.ep_split_sizes() if moe else {})
-    topology = Topology(world_size, tp, ep)
+    topology = Topology(world_size, tp, ep, pp)
+    stages = _stage_plan(args, model.num_layers)
     train = _train_config(args, topology)
+    if stages is not None:
+        _check_microbatches(stages, train.num_microbatches(topology.dp))
     overlap = args.overlap_grad_reduce or args.overlap_param_gather
     optim = fields_from(
         OptimizerConfig, args,
@@ -118,7 +123,58 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     recompute.check(model.num_layers)
     return Config(topology, model, moe, recompute, optim, train, _data_config(args),
                   _checkpoint_config(args), _exit_config(args),
-                  tuple(getattr(args, "notices", ())))
+                  tuple(getattr(args, "notices", ())), stages)
+
+
+def _stage_plan(args, num_layers: int) -> Optional[StagePlan]:
+    """The pipeline's stages (None without one): Megatron's virtual-stage flags, either spelling."""
+    pp = args.pipeline_model_parallel_size
+    virtual, per_chunk = (args.num_virtual_stages_per_pipeline_rank,
+                          args.num_layers_per_virtual_pipeline_stage)
+    uneven = (args.decoder_first_pipeline_num_layers, args.decoder_last_pipeline_num_layers)
+    if pp == 1:
+        given = [f for f, v in (("--num-virtual-stages-per-pipeline-rank", virtual),
+                                ("--num-layers-per-virtual-pipeline-stage", per_chunk),
+                                ("--decoder-first-pipeline-num-layers", uneven[0]),
+                                ("--decoder-last-pipeline-num-layers", uneven[1]))
+                 if v is not None]
+        if given:
+            raise ConfigError(f"{given[0]} needs --pipeline-model-parallel-size > 1")
+        return None
+    if per_chunk is not None:
+        if per_chunk < 1 or num_layers % (per_chunk * pp):
+            raise ConfigError(f"--num-layers-per-virtual-pipeline-stage {per_chunk}: --num-layers "
+                              f"{num_layers} must be a multiple of it x "
+                              f"--pipeline-model-parallel-size {pp}")
+        derived = num_layers // (per_chunk * pp)
+        if virtual not in (None, derived):
+            raise ConfigError(f"--num-virtual-stages-per-pipeline-rank {virtual} and "
+                              f"--num-layers-per-virtual-pipeline-stage {per_chunk} disagree (that "
+                              f"is {derived} virtual stages): give one")
+        virtual = derived
+    schedule = args.pipeline_schedule
+    if schedule is None:
+        schedule = "interleaved" if (virtual or 1) > 1 else "1f1b"
+    if virtual is None:
+        virtual = 2 if SCHEDULE_PLACEMENT[schedule] == "v" else 1
+    return StagePlan(num_layers, pp, virtual, uneven[0], uneven[1], schedule)
+
+
+def _check_microbatches(stages: StagePlan, n: int) -> None:
+    """What each schedule needs of the micro-batches per step and DP rank (Megatron's rule for
+    interleaving; torch.distributed.pipelining's for the others)."""
+    P, S = stages.pp, stages.num_stages
+    need = {"1f1b": (n >= P, f"at least {P} (one per stage)"),
+            "gpipe": (True, ""),
+            "interleaved": (n % P == 0, f"a multiple of --pipeline-model-parallel-size {P}"),
+            "zbv": (n >= P, f"at least {P}"),
+            "dualpipev": (n >= S, f"at least the {S} stages")}
+    ok, what = need[stages.schedule]
+    if not ok:
+        raise ConfigError(f"--pipeline-schedule {stages.schedule} needs {what} micro-batches per "
+                          f"step and data-parallel rank, but --global-batch-size / "
+                          f"(--micro-batch-size x data-parallel size) is {n}: change the batch "
+                          "sizes")
 
 
 def _check_optimizer_ranges(args) -> None:
@@ -156,10 +212,6 @@ def _check_batch_sizes(args) -> None:
 
 
 def _check_unsupported(args) -> None:
-    if args.pipeline_model_parallel_size != 1:
-        raise ConfigError("--pipeline-model-parallel-size must be 1: pipeline parallelism is not "
-                          "supported; use --tensor-model-parallel-size / "
-                          "--expert-model-parallel-size")
     if args.sequence_parallel:
         raise ConfigError("--sequence-parallel is not supported; drop the flag")
     if args.expert_tensor_parallel_size not in (None, args.tensor_model_parallel_size):

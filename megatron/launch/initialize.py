@@ -43,8 +43,8 @@ def launch_env() -> LaunchEnv:
     if "RANK" in env or "WORLD_SIZE" in env:
         if "RANK" not in env or "WORLD_SIZE" not in env:
             given, missing = ("RANK", "WORLD_SIZE") if "RANK" in env else ("WORLD_SIZE", "RANK")
-            raise LaunchError(f"{given} is set but {missing} is not: set both (torchrun does), or neither "
-                              "for one process", EXIT_BAD_LAUNCH)
+            raise LaunchError(f"{given} is set but {missing} is not: set both (torchrun does), or "
+                              "neither for one process", EXIT_BAD_LAUNCH)
         names = ("RANK", "WORLD_SIZE", "LOCAL_RANK")
     elif "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
         names = ("SLURM_PROCID", "SLURM_NTASKS", "SLURM_LOCALID")
@@ -52,9 +52,9 @@ def launch_env() -> LaunchEnv:
         return LaunchEnv(0, 1, 0)
     rank, world, local = (_env_int(name, 0) for name in names)
     if world < 1 or not 0 <= rank < world or local < 0:
-        raise LaunchError(f"{names[0]}={rank} with {names[1]}={world} and {names[2]}={local}: the rank must be "
-                          f"in 0..{max(world - 1, 0)}, the world >= 1 and the local rank >= 0", EXIT_BAD_LAUNCH,
-                          rank_specific=True)
+        raise LaunchError(f"{names[0]}={rank} with {names[1]}={world} and {names[2]}={local}: the "
+                          f"rank must be in 0..{max(world - 1, 0)}, the world >= 1 and the local "
+                          "rank >= 0", EXIT_BAD_LAUNCH, rank_specific=True)
     return LaunchEnv(rank, world, local)
 
 
@@ -65,7 +65,8 @@ def _env_int(name: str, default: int) -> int:
     try:
         return int(text)
     except ValueError:
-        raise LaunchError(f"{name}={text!r} is not an integer", EXIT_BAD_LAUNCH, rank_specific=True) from None
+        raise LaunchError(f"{name}={text!r} is not an integer", EXIT_BAD_LAUNCH,
+                          rank_specific=True) from None
 
 
 def under_torchrun() -> bool:
@@ -77,9 +78,9 @@ def check_rendezvous_env(env: LaunchEnv) -> None:
     if env.world_size == 1 or under_torchrun():
         return
     if "MASTER_ADDR" not in os.environ or "MASTER_PORT" not in os.environ:
-        raise LaunchError(f"MASTER_ADDR and MASTER_PORT must be set for {env.world_size} ranks (torchrun sets them; "
-                          "under srun export them in the batch script, as examples/pretrain_gpt_moe.sbatch does)",
-                          EXIT_BAD_LAUNCH)
+        raise LaunchError(f"MASTER_ADDR and MASTER_PORT must be set for {env.world_size} ranks "
+                          "(torchrun sets them; under srun export them in the batch script, as "
+                          "examples/pretrain_gpt_moe.sbatch does)", EXIT_BAD_LAUNCH)
     port = _env_int("MASTER_PORT", 0)
     if not 0 < port < 65536:
         raise LaunchError(f"MASTER_PORT={port} is not a TCP port (1..65535)", EXIT_BAD_LAUNCH)
@@ -117,7 +118,8 @@ def initialize_distributed(
     seconds of one dying. Raises LaunchError on a launch fault."""
     env = launch_env()
     if env.world_size != topology.world_size:
-        raise ValueError(f"launcher world size {env.world_size} != layout world size {topology.world_size}")
+        raise ValueError(f"launcher world size {env.world_size} != layout world size "
+                         f"{topology.world_size}")
     backend = backend or default_backend()
     device = device_for(backend, env.local_rank)
     if not dist.is_initialized():
@@ -141,16 +143,20 @@ def _init_world(env: LaunchEnv, backend: str, timeout: timedelta) -> None:
     store = []
 
     def start_store() -> int:
-        store.append(dist.TCPStore(addr, 0, env.world_size, True, timeout=timeout, wait_for_workers=False))
+        store.append(dist.TCPStore(addr, 0, env.world_size, True, timeout=timeout,
+                                   wait_for_workers=False))
         return store[0].port
 
     if env.rank == 0:
-        joined = faults.gather_ranks(faults.listen(port), env.world_size, timeout.total_seconds(), start_store)
+        joined = faults.gather_ranks(faults.listen(port), env.world_size, timeout.total_seconds(),
+                                     start_store)
     else:
         joined = faults.join_rank0(addr, port, env.rank, env.world_size, timeout.total_seconds())
         store.append(dist.TCPStore(addr, joined.store_port, env.world_size, False, timeout=timeout))
-    _watchdog = Watchdog(joined).start()  # before init_process_group: a death during it is caught too
-    dist.init_process_group(backend, store=store[0], rank=env.rank, world_size=env.world_size, timeout=timeout)
+    # before init_process_group: a death during it is caught too
+    _watchdog = Watchdog(joined).start()
+    dist.init_process_group(backend, store=store[0], rank=env.rank, world_size=env.world_size,
+                            timeout=timeout)
 
 
 def _join_after_init(env: LaunchEnv, timeout_s: float) -> faults.Joined:
@@ -175,7 +181,8 @@ def _reachable_address() -> str:
         return socket.gethostname()
 
 
-def init_ted_groups(topology: Topology, backend: str = "gloo", timeout_minutes: int = 10) -> TEDGroups:
+def init_ted_groups(topology: Topology, backend: str = "gloo",
+                    timeout_minutes: int = 10) -> TEDGroups:
     """(Re)build megatron-core's parallel_state groups for `topology` on the running world and wrap
     them. Earlier groups stay valid: parallel_state only drops its references to them."""
     from megatron.core import parallel_state
@@ -184,6 +191,7 @@ def init_ted_groups(topology: Topology, backend: str = "gloo", timeout_minutes: 
         parallel_state.destroy_model_parallel()
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=topology.tp,
+        pipeline_model_parallel_size=topology.pp,
         expert_model_parallel_size=topology.ep,
         expert_tensor_parallel_size=topology.tp,
         distributed_timeout_minutes=timeout_minutes,

@@ -37,6 +37,9 @@ class ParamSpec:
     expert: bool = False
     decay: Optional[bool] = None
     rows: Optional[int] = None
+    # a copy of a parameter another pipeline stage holds (the tied word embedding on the last
+    # stage): trained alike, but neither counted in the gradient norm nor written to checkpoints
+    pipeline_copy: bool = False
 
     def __post_init__(self):
         if self.init not in ("normal", "zeros", "ones"):

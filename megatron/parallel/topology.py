@@ -40,31 +40,39 @@ def valid_layouts(world_size: int, tp_divides: Mapping[str, int] = {},
     ]
 
 
-def check_layout(world_size: int, tp: int, ep: int, *, tp_divides: Mapping[str, int] = {},
-                 ep_divides: Mapping[str, int] = {}) -> None:
+def check_layout(world_size: int, tp: int, ep: int, *, pp: int = 1,
+                 tp_divides: Mapping[str, int] = {}, ep_divides: Mapping[str, int] = {}) -> None:
     """Raise a LayoutError naming the first flag that breaks the layout. The suggestion offers
     only sizes that are valid for the whole layout: TP sizes that work with this EP, EP sizes
-    that work with this TP (the one place every layout suggestion is made)."""
-    if tp < 1 or ep < 1 or world_size < 1:
+    that work with this TP (the one place every layout suggestion is made). With pipeline
+    parallelism each of the `pp` stages holds world / pp ranks, laid out as a world of its own."""
+    if tp < 1 or ep < 1 or pp < 1 or world_size < 1:
         raise LayoutError(f"--tensor-model-parallel-size ({tp}), --expert-model-parallel-size "
-                          f"({ep}) and the world size ({world_size}) must be >= 1")
-    layouts = valid_layouts(world_size, tp_divides, ep_divides)
-    tp_valid = [t for t, e in layouts if e == ep] or sorted({t for t, _ in layouts})
-    ep_valid = [e for t, e in layouts if t == tp]
+                          f"({ep}), --pipeline-model-parallel-size ({pp}) and the world size "
+                          f"({world_size}) must be >= 1")
 
     def fail(problem: str, valid: list[int]):
         hint = f"use one of {valid}" if valid else "no size fits the other flags: change them"
         raise LayoutError(f"{problem}; {hint}")
 
-    if world_size % tp:
-        fail(f"world size {world_size} is not divisible by --tensor-model-parallel-size {tp}",
-             tp_valid)
+    if world_size % pp:
+        fail(f"world size {world_size} is not divisible by --pipeline-model-parallel-size {pp}",
+             [p for p in range(1, world_size + 1)
+              if world_size % p == 0 and valid_layouts(world_size // p, tp_divides, ep_divides)])
+    stage = world_size // pp
+    world = f"world size {world_size}" if pp == 1 else f"{stage} ranks per pipeline stage"
+    layouts = valid_layouts(stage, tp_divides, ep_divides)
+    tp_valid = [t for t, e in layouts if e == ep] or sorted({t for t, _ in layouts})
+    ep_valid = [e for t, e in layouts if t == tp]
+    if stage % tp:
+        fail(f"{world} is not divisible by --tensor-model-parallel-size {tp}", tp_valid)
     for flag, value in tp_divides.items():
         if value % tp:
             fail(f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}", tp_valid)
-    dp = world_size // tp
+    dp = stage // tp
     if dp % ep:
-        fail(f"data-parallel size {dp} (= world {world_size} / TP {tp}) is not divisible by "
+        where = f"world {world_size}" if pp == 1 else f"world {world_size} / PP {pp}"
+        fail(f"data-parallel size {dp} (= {where} / TP {tp}) is not divisible by "
              f"--expert-model-parallel-size {ep}", ep_valid)
     for flag, value in ep_divides.items():
         if value % ep:
@@ -76,13 +84,14 @@ class Topology:
     world_size: int
     tp: int = 1
     ep: int = 1
+    pp: int = 1
 
     def __post_init__(self):
-        check_layout(self.world_size, self.tp, self.ep)
+        check_layout(self.world_size, self.tp, self.ep, pp=self.pp)
 
     @property
     def dp(self) -> int:
-        return self.world_size // self.tp
+        return self.world_size // (self.tp * self.pp)
 
     @property
     def edp(self) -> int:
@@ -93,39 +102,46 @@ class Topology:
     def coords(self, rank: int) -> "Coords":
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world of {self.world_size}")
-        tp, dp = rank % self.tp, rank // self.tp
-        return Coords(tp=tp, dp=dp, ep=dp % self.ep, edp=dp // self.ep)
+        tp, dp, pp = rank % self.tp, rank // self.tp % self.dp, rank // (self.tp * self.dp)
+        return Coords(tp=tp, dp=dp, ep=dp % self.ep, edp=dp // self.ep, pp=pp)
 
-    def rank(self, tp: int = 0, dp: Optional[int] = None, ep: int = 0, edp: int = 0) -> int:
+    def rank(self, tp: int = 0, dp: Optional[int] = None, ep: int = 0, edp: int = 0,
+             pp: int = 0) -> int:
         """Rank of the given coordinates; `dp` or the pair (`ep`, `edp`) names the data-parallel
-        slot."""
+        slot (megatron-core's order: TP fastest, then DP with EP inside it, then PP)."""
         if dp is None:
             dp = ep + self.ep * edp
-        return tp + self.tp * dp
+        return tp + self.tp * (dp + self.dp * pp)
 
     # -- group tables (lists of rank lists, each ordered by rank in group) ------------------
     def tp_groups(self) -> list[list[int]]:
-        return [[self.rank(tp=t, dp=d) for t in range(self.tp)] for d in range(self.dp)]
+        return [[self.rank(tp=t, dp=d, pp=p) for t in range(self.tp)]
+                for p in range(self.pp) for d in range(self.dp)]
 
     def dp_groups(self) -> list[list[int]]:
-        return [[self.rank(tp=t, dp=d) for d in range(self.dp)] for t in range(self.tp)]
+        return [[self.rank(tp=t, dp=d, pp=p) for d in range(self.dp)]
+                for p in range(self.pp) for t in range(self.tp)]
 
     def ep_groups(self) -> list[list[int]]:
-        return [
-            [self.rank(tp=t, ep=e, edp=x) for e in range(self.ep)]
-            for x in range(self.edp)
-            for t in range(self.tp)
-        ]
+        return [[self.rank(tp=t, ep=e, edp=x, pp=p) for e in range(self.ep)]
+                for p in range(self.pp) for x in range(self.edp) for t in range(self.tp)]
 
     def edp_groups(self) -> list[list[int]]:
-        return [
-            [self.rank(tp=t, ep=e, edp=x) for x in range(self.edp)]
-            for e in range(self.ep)
-            for t in range(self.tp)
-        ]
+        return [[self.rank(tp=t, ep=e, edp=x, pp=p) for x in range(self.edp)]
+                for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
+
+    def pp_groups(self) -> list[list[int]]:
+        return [[self.rank(tp=t, dp=d, pp=p) for p in range(self.pp)]
+                for d in range(self.dp) for t in range(self.tp)]
+
+    def embedding_groups(self) -> list[list[int]]:
+        """The first and last rank of each pipeline group (Megatron's embedding group: the tied
+        word embedding's two copies sum their gradients here)."""
+        return [sorted({g[0], g[-1]}) for g in self.pp_groups()]
 
     def describe(self) -> str:
-        return (f"TP={self.tp} EP={self.ep} DP={self.dp} expert-DP={self.edp} "
+        pp = f" PP={self.pp}" if self.pp > 1 else ""
+        return (f"TP={self.tp}{pp} EP={self.ep} DP={self.dp} expert-DP={self.edp} "
                 f"(world {self.world_size})")
 
 
@@ -135,6 +151,7 @@ class Coords:
     dp: int
     ep: int
     edp: int
+    pp: int = 0
 
 
 @dataclass(frozen=True)
@@ -156,7 +173,7 @@ class Group:
 @dataclass(frozen=True)
 class TEDGroups:
     """Everything a layer needs to know about parallelism: the topology, this rank's coordinates,
-    and the four groups. Built once per process by `megatron.launch.initialize`."""
+    and the groups. Built once per process by `megatron.launch.initialize`."""
 
     topology: Topology
     coords: Coords
@@ -165,6 +182,8 @@ class TEDGroups:
     ep: Group
     edp: Group
     world: Group
+    pp: Optional[Group] = None  # the pipeline (None: a layout without one, e.g. a unit test's)
+    embedding: Optional[Group] = None  # first and last pipeline stage (tied embedding copies)
 
     @property
     def ledger(self):
@@ -185,7 +204,10 @@ def groups_from_parallel_state(topology: Topology, ledger=None) -> TEDGroups:
         "dp": (ps.get_data_parallel_group(), topology.dp_groups()),
         "ep": (ps.get_expert_model_parallel_group(), topology.ep_groups()),
         "edp": (ps.get_expert_data_parallel_group(), topology.edp_groups()),
+        "pp": (ps.get_pipeline_model_parallel_group(), topology.pp_groups()),
     }
+    if any(rank in g for g in topology.embedding_groups()):  # first or last pipeline stage
+        wanted["embedding"] = (ps.get_embedding_group(), topology.embedding_groups())
     groups = {}
     for name, (pg, table) in wanted.items():
         ranks = tuple(dist.get_process_group_ranks(pg))

@@ -9,6 +9,7 @@ from typing import Optional
 from megatron.checkpoint import CheckpointConfig
 from megatron.data.config import DataConfig
 from megatron.model.config import ModelConfig, RecomputeConfig
+from megatron.parallel.stages import StagePlan
 from megatron.parallel.topology import Topology
 from megatron.training.exits import ExitConfig
 from megatron.training.lr_schedule import ScheduleConfig
@@ -69,3 +70,4 @@ class Config:
     exit: ExitConfig
     # the peers' flags that were mapped or have no effect: printed once
     notices: tuple[str, ...] = ()
+    stages: Optional[StagePlan] = None  # the pipeline's stages (None: no pipeline parallelism)

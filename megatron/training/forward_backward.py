@@ -1,8 +1,9 @@
 """One training step: forward and backward over the step's micro-batches, the gradient reduction,
 the optimizer step, and what the MoE layers measured handed to them after it.
 
-This is where a pipeline schedule goes: `forward_backward` is the schedule without pipelining
-(every micro-batch's forward, then its backward, accumulating gradients).
+`forward_backward` is the schedule without pipelining (every micro-batch's forward, then its
+backward, accumulating gradients); with pipeline parallelism a torch.distributed.pipelining
+schedule runs the micro-batches instead (megatron.training.pipeline).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import torch
 from megatron.parallel import comm
 from megatron.parallel.topology import TEDGroups
 from megatron.training.optimizer import NonFiniteError, Optimizer
+from megatron.training.pipeline import reduce_over_stages
 from ted_patches.moe_layer import StepMeasurements, after_optimizer_step
 
 
@@ -60,12 +62,27 @@ def forward_backward(model, microbatches: list[dict], loss_scale: float,
     return sums
 
 
-def train_step(model, optimizer: Optimizer, microbatches: list[dict],
-               groups: TEDGroups) -> StepMetrics:
+def pipeline_forward_backward(pipeline, optimizer: Optimizer, microbatches: list[dict],
+                              groups: TEDGroups) -> StepSums:
+    """The same through a pipeline schedule (megatron.training.pipeline): every stage's sums,
+    added up over the pipeline so every rank holds the whole model's."""
+    if pipeline.plan.schedule not in ("zbv", "dualpipev"):  # their weight passes skip the hook
+        optimizer.expect_gradients(len(microbatches))
+    lm, aux, counts = pipeline.run(microbatches, optimizer.scaler.scale, train=True)
+    optimizer.collect_gradients()
+    return StepSums(reduce_over_stages(torch.stack([lm, aux]), groups), counts)
+
+
+def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TEDGroups,
+               pipeline=None) -> StepMetrics:
+    """One optimizer step over the micro-batches (through `pipeline` when there is one)."""
     start = time.perf_counter()
     optimizer.zero_grad()
-    sums = forward_backward(model, microbatches, optimizer.scaler.scale,
-                            optimizer.before_last_backward)
+    if pipeline is not None:
+        sums = pipeline_forward_backward(pipeline, optimizer, microbatches, groups)
+    else:
+        sums = forward_backward(model, microbatches, optimizer.scaler.scale,
+                                optimizer.before_last_backward)
     optimizer.reduce_gradients()
     losses = reduce_losses(sums.losses / len(microbatches), groups)
     if (optimizer.cfg.check_for_nan and not optimizer.cfg.fp16

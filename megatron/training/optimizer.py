@@ -127,9 +127,10 @@ class FlatGroup:
     master weights and Adam moments for those only."""
 
     def __init__(self, params: list, group: Group, *, shard: bool, decay: bool, tp_split: bool,
-                 grad_dtype: torch.dtype, dp_size: int):
+                 grad_dtype: torch.dtype, dp_size: int, pipeline_copy: bool = False):
         self.params, self.group, self.decay, self.tp_split, self.shard = (params, group, decay,
                                                                           tp_split, shard)
+        self.pipeline_copy = pipeline_copy  # copies of another stage's parameters (tied embedding)
         self.dp_size = dp_size
         nshards = group.size if shard else 1
         numel = sum(p.numel() for p in params)
@@ -185,8 +186,9 @@ class FlatGroup:
         self.pending = None
 
     def counts_in_norm(self, groups: TEDGroups) -> bool:
-        """Whether this rank's shard is the one copy that enters the global norm."""
-        if not self.tp_split and groups.tp.rank != 0:
+        """Whether this rank's shard is the one copy that enters the global norm (and that a
+        checkpoint stores)."""
+        if self.pipeline_copy or (not self.tp_split and groups.tp.rank != 0):
             return False
         return self.shard or self.group.rank == 0
 
@@ -243,16 +245,22 @@ class Optimizer:
         for p in model.parameters():
             if p.requires_grad:
                 spec = spec_of(p)
-                keyed.setdefault((spec.expert, spec.decay, spec.tp_dim is not None), []).append(p)
+                key = (spec.expert, spec.decay, spec.tp_dim is not None, spec.pipeline_copy)
+                keyed.setdefault(key, []).append(p)
         self.flat_groups = []
-        for (expert, decay, tp_split), params in keyed.items():
+        for (expert, decay, tp_split, copy), params in keyed.items():
             grad_dtype = torch.float32 if cfg.accumulate_grads_in_fp32 else params[0].dtype
             group = groups.edp if expert else groups.dp
             for bucket in _buckets(params, cfg.bucket_size):
                 self.flat_groups.append(FlatGroup(bucket, group,
                                                   shard=cfg.use_distributed_optimizer,
                                                   decay=decay, tp_split=tp_split,
-                                                  grad_dtype=grad_dtype, dp_size=groups.dp.size))
+                                                  grad_dtype=grad_dtype, dp_size=groups.dp.size,
+                                                  pipeline_copy=copy))
+        # Parameters held by two pipeline stages (the tied word embedding on the first and the
+        # last): their gradients are summed over the embedding group before any other reduction.
+        shared = getattr(model, "pipeline_shared", lambda: [])()
+        self.shared = [p for p in shared if p.requires_grad]
         # One scheduler-facing dict per flat group (megatron-core's OptimizerParamScheduler sets
         # 'lr' and 'weight_decay' = wd * 'wd_mult' in these).
         self.param_groups = [
@@ -262,6 +270,8 @@ class Optimizer:
         self.bucket_of = {p: fg for fg in self.flat_groups for p in fg.params}
         self._ready: dict = {}  # bucket -> gradients in, during an overlapped backward
         self._overlapping = False
+        self._grads_per_param = 1  # per bucket parameter, before an overlapped reduction starts
+        self._late = {self.bucket_of[p] for p in self.shared}  # reduced after the embedding sum
         for p in self.params():
             p.register_post_accumulate_grad_hook(self._on_grad)
         if cfg.overlap_param_gather and cfg.use_distributed_optimizer:
@@ -274,8 +284,13 @@ class Optimizer:
     def before_last_backward(self) -> None:
         """Called before the step's last micro-batch: from now on a bucket whose gradients are all
         in starts its reduction while backward goes on (--overlap-grad-reduce)."""
+        self.expect_gradients(1)
+
+    def expect_gradients(self, per_param: int) -> None:
+        """From now on (--overlap-grad-reduce), a bucket starts its reduction once each of its
+        parameters has received `per_param` gradients (a pipeline: one per micro-batch)."""
         if self.cfg.overlap_grad_reduce:
-            self._overlapping, self._ready = True, {}
+            self._overlapping, self._ready, self._grads_per_param = True, {}, per_param
 
     @torch.no_grad()
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -284,8 +299,17 @@ class Optimizer:
             bucket = self.bucket_of[p]
             self._ready[bucket] = self._ready.get(bucket, 0) + 1
             # the same order on every rank: backward's
-            if self._ready[bucket] == len(bucket.params):
+            if (self._ready[bucket] == len(bucket.params) * self._grads_per_param
+                    and bucket not in self._late):
                 bucket.start_reduce()
+
+    @torch.no_grad()
+    def collect_gradients(self) -> None:
+        """Gradients a schedule wrote to `.grad` itself, past the accumulation hook (the
+        zero-bubble schedules' weight passes), into the flat buffers."""
+        for p in self.params():
+            if p.grad is not None:
+                self._on_grad(p)
 
     def params(self):
         return (p for fg in self.flat_groups for p in fg.params)
@@ -300,8 +324,10 @@ class Optimizer:
         Buckets an overlapped backward has started are waited for; the rest run now."""
         started = self._ready if self._overlapping else {}
         self._overlapping = False
+        for p in self.shared:  # the first and last stage's copies: one gradient, their sum
+            comm.all_reduce_(p.main_grad, self.groups.embedding)
         for fg in self.flat_groups:
-            if started.get(fg, 0) < len(fg.params):
+            if fg in self._late or started.get(fg, 0) < len(fg.params) * self._grads_per_param:
                 fg.start_reduce()
         for fg in self.flat_groups:
             fg.finish_reduce()

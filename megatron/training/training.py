@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import sys
 import time
+from typing import Optional
 
 import torch
 
@@ -19,6 +20,7 @@ from megatron.training.exits import ExitControl
 from megatron.training.forward_backward import train_step
 from megatron.training.log import TrainLog, print_rank0
 from megatron.training.optimizer import NonFiniteError, Optimizer
+from megatron.training.pipeline import Pipeline, reduce_over_stages
 from ted_patches.build import build_model
 
 
@@ -30,18 +32,22 @@ def build_scheduler(optimizer: Optimizer, cfg: Config):
 
 
 @torch.no_grad()
-def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, device) -> float:
+def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, device,
+             pipeline: Optional[Pipeline] = None) -> float:
     """Mean LM loss over --eval-iters global batches of `dataset`, from batch `first_step`."""
     model.eval()
-    total = torch.zeros(2, dtype=torch.float64, device=device)
+    lm, count = torch.zeros((), dtype=torch.float64, device=device), 0
     t = cfg.train
     for mbs in batches(dataset,
                        _sampler(first_step * t.global_batch_size, t.eval_iters, cfg, groups),
                        cfg.data.num_workers, device):
-        for mb in mbs:
-            total[0] += model(**mb).lm_loss.double()
-        total[1] += len(mbs)
+        if pipeline is None:
+            lm += sum(model(**mb).lm_loss.double() for mb in mbs)
+        else:  # the losses come out of the last stage
+            lm += pipeline.run(mbs, 1.0, train=False)[0]
+        count += len(mbs)
     model.train()
+    total = torch.stack([reduce_over_stages(lm, groups), lm.new_tensor(count)])
     comm.all_reduce_(total, groups.dp)
     return (total[0] / total[1]).item()
 
@@ -99,7 +105,11 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     for notice in cfg.notices:
         print_rank0(f"> notice: {notice}")
     model = build_model(cfg.model, cfg.moe, groups, seed=t.seed, device=device,
-                        recompute=cfg.recompute)
+                        recompute=cfg.recompute, stages=cfg.stages)
+    pipeline = None
+    if cfg.stages is not None:
+        pipeline = Pipeline(model, cfg.stages, groups, t.num_microbatches(groups.dp.size),
+                            t.micro_batch_size, t.seq_length, device)
     optimizer = Optimizer(model, groups, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
     checkpointer = Checkpointer(ck, groups)
@@ -114,9 +124,14 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
         seq_length=t.seq_length, seed=t.seed, tokenizer=tokenizer, num_samples=t.num_samples(),
         cache_dir=cfg.data.cache_dir, eod_mask_loss=cfg.data.eod_mask_loss,
     )
+    stages = ""
+    if cfg.stages is not None:
+        s = cfg.stages
+        stages = (f"; pipeline schedule {s.schedule}, {s.num_stages} stages of "
+                  f"{s.layer_counts()} layers")
     print_rank0(f"> {cfg.topology.describe()}; {sum(p.numel() for p in model.parameters()):,} "
                 f"parameters on rank 0; {t.num_microbatches(groups.dp.size)} micro-batches of "
-                f"{t.micro_batch_size} per step and DP rank")
+                f"{t.micro_batch_size} per step and DP rank{stages}")
     log = TrainLog(cfg, enabled=groups.world.rank == 0)
     history = {"lm_loss": [], "valid": [], "test": None}
     eval_round = resumed.iteration // t.eval_interval  # validation batches already used
@@ -128,7 +143,7 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
         for iteration in range(resumed.iteration + 1, t.train_iters + 1):
             started = time.perf_counter()
             try:
-                metrics = train_step(model, optimizer, next(train_batches), groups)
+                metrics = train_step(model, optimizer, next(train_batches), groups, pipeline)
             except NonFiniteError as e:
                 last = checkpointer.latest or "none (no checkpoint was saved or loaded)"
                 raise NonFiniteError(f"iteration {iteration}: {e}; training stopped before the "
@@ -144,7 +159,8 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
             log.step(iteration, metrics, lr, consumed,
                      {**metrics.timers, "iteration": time.perf_counter() - started})
             if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
-                loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
+                loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device,
+                                pipeline)
                 eval_round += 1
                 history["valid"].append((iteration, loss))
                 log.evaluation(iteration, "validation", loss)
@@ -163,11 +179,12 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     finally:
         exits.close()
     if valid_ds is not None and t.eval_iters and t.train_iters % t.eval_interval:
-        loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device)
+        loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device,
+                        pipeline)
         history["valid"].append((t.train_iters, loss))
         log.evaluation(t.train_iters, "validation", loss)
     if test_ds is not None and t.eval_iters:
-        history["test"] = evaluate(model, test_ds, 0, cfg, groups, device)
+        history["test"] = evaluate(model, test_ds, 0, cfg, groups, device, pipeline)
         log.evaluation(t.train_iters, "test", history["test"])
     log.close()
     sys.stdout.flush()
