@@ -4,6 +4,7 @@ layout equal to one process, checkpoints across pipeline sizes, and bad layouts 
 from __future__ import annotations
 
 import functools
+import re
 
 import pytest
 import torch
@@ -171,8 +172,8 @@ def pipeline_case(tp: int, ep: int, pp: int, steps: int = 2, micro: int = 4, **k
 
 
 @functools.cache
-def one_process(layers: int, untie: bool, drop: bool) -> dict:
-    return pipeline_case(1, 1, 1, layers=layers, untie=untie, drop=drop)
+def one_process(layers: int, untie: bool, drop: bool, micro: int = 4) -> dict:
+    return pipeline_case(1, 1, 1, layers=layers, untie=untie, drop=drop, micro=micro)
 
 
 def merged(ranks: list[dict], key: str) -> dict:
@@ -201,12 +202,27 @@ LAYOUTS = [
 ]
 
 
-@pytest.mark.parametrize("tp,ep,pp,dp,kw", LAYOUTS)
+def every_layout() -> list[tuple]:
+    """Every (TP, EP, PP, DP) of world <= 8 with PP 2 or 4 that the tiny model allows (TP divides
+    its 4 heads, EP its 4 experts and DP), drop and no-drop alternating; 1F1B with as many
+    micro-batches per DP rank as stages."""
+    from megatron.parallel.topology import valid_layouts
+
+    out = []
+    for world in (2, 4, 6, 8):
+        for pp in (2, 4):
+            if world % pp:
+                continue
+            for tp, ep in valid_layouts(world // pp, {"heads": 4}, {"experts": 4}):
+                dp = world // pp // tp
+                out.append((tp, ep, pp, dp, {"drop": len(out) % 2 == 0, "micro": pp * dp}))
+    return out
+
+
+@pytest.mark.parametrize("tp,ep,pp,dp,kw", every_layout() + LAYOUTS)
 def test_every_pipeline_layout_equals_one_process(tp, ep, pp, dp, kw):
-    ref = one_process(kw.get("layers", 4), kw.get("untie", False), kw.get("drop", True))
-    if kw.get("micro", 4) != 4:
-        ref = pipeline_case(1, 1, 1, **{k: v for k, v in kw.items()
-                                        if k not in ("virtual", "schedule", "first", "last")})
+    ref = one_process(kw.get("layers", 4), kw.get("untie", False), kw.get("drop", True),
+                      kw.get("micro", 4))
     ranks = run(tp * pp * dp, pipeline_case, tp, ep, pp, **kw)
     for key in ("loss", "aux", "norm"):
         for a, b in zip(ranks[0][key], ref[key]):
@@ -276,6 +292,7 @@ def test_megatron_lms_mixtral_recipe_trains_at_its_own_pipeline_size():
     losses = logged(out["printed"], "lm loss")
     assert len(losses) == 4 and all(loss == loss for loss in losses)
     assert "PP=4 EP=2 DP=2" in out["printed"] and "1f1b, 4 stages of [1, 1, 1, 1]" in out["printed"]
+    assert len(re.findall(r"pipeline bubble: [0-9.]+%", out["printed"])) == 4
 
 
 # ---- bad layouts, before any collective ----------------------------------------------------------

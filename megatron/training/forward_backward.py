@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
+from typing import Optional
 
 import torch
 
@@ -29,6 +30,7 @@ class StepMetrics:
     skipped: bool
     loss_scale: float
     timers: dict = field(default_factory=dict)  # seconds (host clock): forward-backward, optimizer
+    bubble: Optional[float] = None  # pipeline: the step's share this rank spent waiting
 
 
 @dataclass
@@ -38,6 +40,7 @@ class StepSums:
     losses: torch.Tensor  # [lm, aux] loss sums (float64)
     # MoE layer index -> assignments per expert before dropping, summed over the micro-batches
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)
+    bubble: Optional[float] = None  # pipeline: the step's share this rank spent waiting
 
     def add(self, out) -> None:
         self.losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double()
@@ -70,7 +73,7 @@ def pipeline_forward_backward(pipeline, optimizer: Optimizer, microbatches: list
         optimizer.expect_gradients(len(microbatches))
     lm, aux, counts = pipeline.run(microbatches, optimizer.scaler.scale, train=True)
     optimizer.collect_gradients()
-    return StepSums(reduce_over_stages(torch.stack([lm, aux]), groups), counts)
+    return StepSums(reduce_over_stages(torch.stack([lm, aux]), groups), counts, pipeline.bubble)
 
 
 def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TEDGroups,
@@ -93,7 +96,7 @@ def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TE
     after_optimizer_step(model, StepMeasurements(sums.expert_counts, result.skipped))
     timers = {"forward-backward": middle - start, "optimizer": time.perf_counter() - middle}
     return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale,
-                       timers)
+                       timers, sums.bubble)
 
 
 def reduce_losses(values: torch.Tensor, groups: TEDGroups) -> list[float]:

@@ -51,7 +51,7 @@ class TrainLog:
         self.flops = flops_per_iteration(cfg)
 
     def _reset(self):
-        self.sum_lm = self.sum_aux = self.sum_norm = 0.0
+        self.sum_lm = self.sum_aux = self.sum_norm = self.sum_bubble = 0.0
         self.count = self.skipped = self.nans = 0
         self.t0 = time.time()
 
@@ -65,6 +65,7 @@ class TrainLog:
             self.sum_lm += metrics.lm_loss
             self.sum_aux += metrics.aux_loss
             self.sum_norm += metrics.grad_norm
+            self.sum_bubble += metrics.bubble or 0.0
             self.count += 1
         if (self.writer is not None and not metrics.skipped
                 and iteration % self.cfg.train.tensorboard.log_interval == 0):
@@ -79,6 +80,8 @@ class TrainLog:
         yield from (("lm-loss", metrics.lm_loss), ("moe-aux-loss", metrics.aux_loss),
                     ("grad-norm", metrics.grad_norm), ("learning-rate", lr),
                     ("loss-scale", metrics.loss_scale))
+        if metrics.bubble is not None:
+            yield "pipeline-bubble", metrics.bubble
         if tb.batch_size:
             yield "batch-size", self.cfg.train.global_batch_size
         if tb.timers:
@@ -99,6 +102,8 @@ class TrainLog:
             if self.cfg.moe is not None:
                 losses += f" moe aux loss: {self.sum_aux / n:.6E} |"
             losses += f" grad norm: {self.sum_norm / n:.3f} |"
+            if self.cfg.stages is not None:  # this rank's (rank 0: the first stage)
+                losses += f" pipeline bubble: {100 * self.sum_bubble / n:.1f}% |"
         line = (
             f" iteration {iteration:8d}/{t.train_iters:8d} | consumed samples: {consumed:12d} |"
             f" elapsed time per iteration (ms): {per_iter * 1000:.1f} | learning rate: {lr:.6E} |"

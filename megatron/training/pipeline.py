@@ -7,10 +7,14 @@ DTD run inside each stage as without a pipeline. What crosses a stage boundary: 
 and the position ids (every stage computes its own RoPE). What does not: the MoE aux and z
 losses. Each stage adds their gradient to its own backward (`AddAuxGrad`, Megatron's
 MoEAuxLossAutoScaler), so the loss the whole model minimizes is the one process's, lm + aux,
-averaged over the step's micro-batches.
+averaged over the step's micro-batches. The bubble each rank measures is the share of the step it
+spent in neither a forward nor a backward of its stages (waiting on its neighbours; the zero-
+bubble schedules' separate weight passes are not timed, so theirs reads high).
 """
 
 from __future__ import annotations
+
+import time
 
 import torch
 from torch.distributed import pipelining
@@ -60,15 +64,29 @@ class StageChunk(torch.nn.Module):
         self.own = torch.nn.ModuleList(dict.fromkeys(m for m in own if m is not None))
         self.aux_scale = 0.0  # per step: the factor the LM loss is scaled by
         self.aux: list[list] = []  # per forward (micro-batch order): the MoE layers' aux outputs
+        self.busy = 0.0  # seconds this step in this stage's forwards and backwards
 
     def forward(self, first, position_ids):
-        gpt = self.gpt
+        gpt, start = self.gpt, time.perf_counter()
         x = gpt.embed(first, position_ids) if self.first else first
+        training = torch.is_grad_enabled()
+        if training and x.requires_grad:  # the backward of this micro-batch ends here
+            x.register_hook(self._backward_ends)
         x, aux = gpt.run_layers(x, gpt.rope(position_ids), self.start, self.end)
-        if aux and torch.is_grad_enabled():
+        if aux and training:
             x = AddAuxGrad.apply(x, sum(a.loss for a in aux) * self.aux_scale)
         self.aux.append(aux)
-        return gpt.head(x) if self.last else (x, position_ids)
+        out = gpt.head(x) if self.last else x
+        if training:  # and starts here
+            out.register_hook(self._backward_starts)
+        self.busy += time.perf_counter() - start
+        return out if self.last else (out, position_ids)
+
+    def _backward_starts(self, _grad) -> None:
+        self._began = time.perf_counter()
+
+    def _backward_ends(self, _grad) -> None:
+        self.busy += time.perf_counter() - self._began
 
 
 class _Shapes:
@@ -131,7 +149,8 @@ class Pipeline:
         self.lm = []
         self.loss_scale = loss_scale / n
         for c in self.chunks:
-            c.aux, c.aux_scale = [], loss_scale / n
+            c.aux, c.aux_scale, c.busy = [], loss_scale / n, 0.0
+        started = time.perf_counter()
         args, kwargs = (), {}
         if any(c.first for c in self.chunks):
             args = tuple(torch.cat([mb[k] for mb in microbatches])
@@ -144,6 +163,9 @@ class Pipeline:
         else:
             with torch.no_grad():
                 self.schedule.eval(*args, **kwargs)
+        wall = time.perf_counter() - started
+        # the share of the step this rank spent waiting on its neighbours
+        self.bubble = max(0.0, 1.0 - sum(c.busy for c in self.chunks) / wall) if wall else 0.0
         return self._sums(args[0].device if args else microbatches[0]["tokens"].device)
 
     def _sums(self, device):
