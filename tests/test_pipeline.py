@@ -79,8 +79,10 @@ def megatron_interleaved(P: int, V: int, rank: int, n: int) -> list[tuple]:
 
 
 def order_case(pp: int, schedule: str, virtual: int, n: int, layers: int) -> list[tuple]:
-    """Each stage's forwards (F) and the start of its backwards (B), per micro-batch, in the
-    order this rank ran them."""
+    """Each stage's forwards (F) and the start of its backwards (B), per micro-batch, and the
+    point-to-point sends and receives (with the peer), in the order this rank ran them."""
+    from torch.distributed.pipelining import schedules
+
     from megatron.training.pipeline import Pipeline
     from ted_patches.build import build_model
 
@@ -97,22 +99,63 @@ def order_case(pp: int, schedule: str, virtual: int, n: int, layers: int) -> lis
             (out if isinstance(out, torch.Tensor) else out[0]).register_hook(
                 lambda _grad: events.append(("B", stage, i)))
         chunk.register_forward_hook(record)
-    pipe.run(my_microbatches(0, groups, n, mbs=MBS, seq=SEQ, vocab=mcfg.vocab_size), 1.0, True)
+    batch_p2p = schedules._batch_p2p
+
+    def recorded(ops, desc=None):
+        events.extend(("send" if op.op is torch.distributed.isend else "recv", op.peer)
+                      for op in ops)
+        return batch_p2p(ops, desc)
+
+    schedules._batch_p2p = recorded
+    try:
+        pipe.run(my_microbatches(0, groups, n, mbs=MBS, seq=SEQ, vocab=mcfg.vocab_size), 1.0,
+                 True)
+    finally:
+        schedules._batch_p2p = batch_p2p
     return events
+
+
+def check_1f1b_messages(events: list[tuple], rank: int, P: int, n: int) -> None:
+    """Rank `rank` of a 1F1B pipeline: n activations (hidden state and position ids: two
+    tensors) in from the previous stage and out to the next, n gradients (of the hidden state)
+    back the other way, each received before the forward / backward that needs it and sent only
+    after the forward / backward that made it; nothing else."""
+    prev, after = rank - 1, rank + 1
+    seen = {"F": 0, "B": 0, ("recv", prev): 0, ("recv", after): 0, ("send", after): 0,
+            ("send", prev): 0}
+    for e in events:
+        if e[0] in ("F", "B"):
+            seen[e[0]] += 1
+            if e[0] == "F" and rank > 0:
+                assert seen[("recv", prev)] >= 2 * seen["F"], f"F{e[2]} before its activation"
+            if e[0] == "B" and rank < P - 1:
+                assert seen[("recv", after)] >= seen["B"], f"B{e[2]} before its gradient"
+            continue
+        assert e in seen, f"a message to or from rank {e[1]}, not a neighbour"
+        seen[e] += 1
+        assert seen[("send", after)] <= 2 * seen["F"] and seen[("send", prev)] <= seen["B"]
+    assert seen[("recv", prev)] == 2 * n * (rank > 0) and seen[("send", prev)] == n * (rank > 0)
+    last = rank == P - 1
+    assert seen[("send", after)] == 2 * n * (not last) and seen[("recv", after)] == n * (not last)
 
 
 @pytest.mark.parametrize("pp,n", [(2, 2), (2, 5), (4, 4), (4, 7)])
 def test_1f1b_runs_megatrons_order_for_any_micro_batch_count(pp, n):
     ranks = run(pp, order_case, pp, "1f1b", 1, n, pp)
     for rank, events in enumerate(ranks):
-        assert events == megatron_1f1b(pp, rank, n), rank
+        assert [e for e in events if e[0] in "FB"] == megatron_1f1b(pp, rank, n), rank
+        check_1f1b_messages(events, rank, pp, n)
 
 
 @pytest.mark.parametrize("pp,n", [(2, 2), (2, 4), (2, 6), (4, 4), (4, 8)])
 def test_interleaved_runs_megatrons_order(pp, n):
     ranks = run(pp, order_case, pp, "interleaved", 2, n, 2 * pp)
     for rank, events in enumerate(ranks):
-        assert events == megatron_interleaved(pp, 2, rank, n), rank
+        assert [e for e in events if e[0] in "FB"] == megatron_interleaved(pp, 2, rank, n), rank
+        # per micro-batch and chunk: activations out (two tensors) unless the last stage, the
+        # gradient back (one) unless the first
+        sends = [e for e in events if e[0] == "send"]
+        assert len(sends) == 2 * n * (2 - (rank == pp - 1)) + n * (2 - (rank == 0)), rank
 
 
 # ---- equal to one process ------------------------------------------------------------------------
