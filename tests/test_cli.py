@@ -47,7 +47,8 @@ def fails(argv, world, capsys, rank=0, monkeypatch=None) -> str:
     (1, ["--fp16", "--bf16"], "--fp16 and --bf16 are both given"),
     (2, ["--global-batch-size", "6"],
      "--global-batch-size 6 is not divisible by --micro-batch-size 2 x data-parallel size 2"),
-    (1, ["--pipeline-model-parallel-size", "2"], "--pipeline-model-parallel-size must be 1"),
+    (1, ["--pipeline-model-parallel-size", "2"],
+     "world size 1 is not divisible by --pipeline-model-parallel-size 2; use one of [1]"),
     (2, ["--tensor-model-parallel-size", "2", "--expert-tensor-parallel-size", "1"],
      "--expert-tensor-parallel-size 1 must equal"),
     (1, ["--recompute-granularity", "full"], "--recompute-method uniform or block"),
@@ -65,6 +66,9 @@ def fails(argv, world, capsys, rank=0, monkeypatch=None) -> str:
     (1, ["--lr-warmup-iters", "1", "--lr-warmup-fraction", "0.1"], "are both given"),
     (1, ["--lr-decay-iters", "0"], "--lr-decay-iters must be >= 1"),
     (1, ["--swiglu", "--hidden-size", "16", "--num-attention-heads", "4"], "give it explicitly"),
+    (1, ["--data-path", "corpus_text_document"], "--mock-data and --data-path both given"),
+    (1, ["--save-retain-interval", "0"], "--save-retain-interval must be >= 1"),
+    (1, ["--ckpt-format", "fsdp_dtensor"], "use --ckpt-format torch_dist"),
 ])
 def test_bad_layout_or_flag_is_a_clear_error(world, argv, expect, capsys, monkeypatch):
     err = fails(argv, world, capsys, rank=0, monkeypatch=monkeypatch)
