@@ -9,7 +9,7 @@ from typing import Optional
 import torch
 
 from megatron.convert import llama
-from megatron.convert.allowlist import Declaration, any_value, only, when
+from megatron.convert.allowlist import Declaration, any_value, when
 from megatron.convert.common import (
     HAS_GQA,
     ConversionError,
@@ -29,12 +29,6 @@ def _dense_layers(model: ModelConfig, moe: MoEConfig) -> list[int]:
     return [i for i in range(model.num_layers) if i not in moe.layers]
 
 
-def _pyramid(counts, model, moe) -> str:
-    counts = counts or (moe.num_experts,)
-    return (f"a different expert count per MoE layer (pyramid MoE, --num-experts "
-            f"{' '.join(map(str, counts))}): mixtral has one num_experts")
-
-
 def _raw_gates(normalization, model, moe) -> str:
     weight = "the raw probability" if moe.topk == 1 else "raw probabilities"
     return (f"top-{moe.topk} gates are {weight} (--moe-gate-normalization {normalization}): "
@@ -43,30 +37,10 @@ def _raw_gates(normalization, model, moe) -> str:
 
 EXPRESSES = Declaration(
     FORMAT,
-    model={
-        "normalization": only("RMSNorm",
-                              message="LayerNorm: mixtral uses RMSNorm (--normalization RMSNorm)"),
-        "position_embedding_type": only("rope", message="learned absolute positions: mixtral uses "
-                                                        "RoPE (--position-embedding-type rope)"),
-        "swiglu": only(True, message="a GELU MLP: mixtral uses SwiGLU (--swiglu)"),
-        "add_bias_linear": only(False, message="biases in the linear layers: mixtral has none "
-                                               "(--disable-bias-linear)"),
-        # written to config.json (num_key_value_heads for num_query_groups)
-        **any_value("num_layers", "hidden_size", "num_attention_heads", "vocab_size",
-                    "max_position_embeddings", "ffn_hidden_size", "rotary_base", "norm_epsilon",
-                    "untie_embeddings_and_output_weights", "attention_dropout", "init_method_std",
-                    "num_query_groups"),
-        # not the function: dropout is training's, the dtype the export's (--dtype), padded rows
-        # are never stored
-        **any_value("hidden_dropout", "params_dtype", "padded_vocab_size"),
-    },
+    model=llama.model_rules(FORMAT),
     dense_refused="a dense model (no --num-experts): mixtral is a mixture of experts",
     moe={
-        "experts_per_layer": when(lambda counts, model, moe: len(set(counts or ())) <= 1,
-                                  _pyramid),
-        "mlp_type": only("standard", message="residual MoE (--mlp-type residual): its dense MLP "
-                                             "mixed by a learned softmax gate has no counterpart "
-                                             "in mixtral"),
+        **llama.moe_rules(FORMAT),
         "layers": when(lambda layers, model, moe: not _dense_layers(model, moe),
                        lambda layers, model, moe:
                        f"MoE not in every layer (layers {_dense_layers(model, moe)} are dense): "
@@ -75,19 +49,9 @@ EXPRESSES = Declaration(
         # reads topk too: top-1 "surviving" keeps the raw probability
         "gate_normalization": when(lambda normalization, model, moe: renormalized_over_topk(moe),
                                    _raw_gates),
-        "score_function": only("softmax", message=lambda name, model, moe:
-                               f"a {name} router (MoEConfig.score_function {name!r}): mixtral's "
-                               "router is a softmax (--moe-router-score-function softmax)"),
-        # written to config.json (expert_ffn_hidden_size as intermediate_size; topk's interplay
-        # with the gates is gate_normalization's rule)
-        **any_value("num_experts", "topk", "expert_ffn_hidden_size", "aux_loss_coeff",
-                    "jitter_eps"),
-        # no expert capacity in Hugging Face models: an export computes ours with no token
-        # dropped (--disable-moe-token-dropping), whatever the capacity settings
-        **any_value("capacity_factor", "eval_capacity_factor", "min_capacity", "drop_tokens",
-                    "drop_policy"),
-        # training's losses, and how (not what) we compute: the function is the same
-        **any_value("aux_loss_type", "z_loss_coeff", "dtd", "pad_free", "check_tp_routing"),
+        # written to config.json (expert_ffn_hidden_size as intermediate_size, jitter_eps as
+        # router_jitter_noise; topk's interplay with the gates is gate_normalization's rule)
+        **any_value("num_experts", "topk", "expert_ffn_hidden_size", "aux_loss_coeff"),
     },
 )
 
