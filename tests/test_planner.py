@@ -1,12 +1,18 @@
 """The TED layout planner (tools/ted_planner.py over megatron/plan/) against real
 CPU/gloo training steps: every collective's calls and bytes per (kind, group), as the dispatcher-
 level counter (megatron/parallel/counter.py) sees them, TP all-reduces inside megatron-core's
-linears included; parameters and optimizer state exactly. Then the time model by hand, and the
-command line: its JSON, its plot, its one-line errors."""
+linears included; parameters and optimizer state exactly. With pipeline parallelism the same per
+pipeline rank against real pipeline steps (P2P sends and receives, the tied embedding's all-reduce,
+each stage's parameters and state), then the bubble and in-flight formulas. Then the time model by
+hand, and the command line: the layouts it offers, its JSON, its help (runnable examples, every
+column explained), its plot, its one-line errors."""
 
 import functools
+import importlib.util
 import json
 import os
+import re
+import shlex
 import sys
 from types import SimpleNamespace
 
@@ -208,6 +214,193 @@ def test_total_parameters_equal_the_one_process_model():
     assert planner.total_parameters(cfg) == sum(p.numel() for p in model.parameters())
 
 
+# ---- pipeline parallelism: each pipeline rank against a real pipeline step -----------------------
+PIPE = "--pipeline-model-parallel-size {} --global-batch-size {} "
+# name -> (world, flags): every schedule's placement, tied and untied embeddings, uneven and
+# virtual stages, TP, EP, ZeRO-1 and recompute with CAC inside a stage
+PP_CASES = {
+    "tp2-pp2 1f1b tied": (4, PIPE.format(2, 4) + "--tensor-model-parallel-size 2"),
+    "pp2-ep2 1f1b untied zero1 recompute+cac": (
+        4, PIPE.format(2, 8) + "--expert-model-parallel-size 2 --use-distributed-optimizer "
+                               "--untie-embeddings-and-output-weights --recompute-granularity "
+                               "full --recompute-method uniform --recompute-num-layers 3"),
+    "pp4 interleaved uneven tied": (
+        4, PIPE.format(4, 8) + "--num-layers 10 --num-virtual-stages-per-pipeline-rank 2 "
+                               "--decoder-first-pipeline-num-layers 2 "
+                               "--decoder-last-pipeline-num-layers 2"),
+    "pp4 zbv tied": (4, PIPE.format(4, 8) + "--num-layers 8 --pipeline-schedule zbv"),
+    "pp2-ep2 gpipe bf16": (4, PIPE.format(2, 8) + "--expert-model-parallel-size 2 "
+                                                  "--pipeline-schedule gpipe --bf16"),
+}
+
+
+def pipeline_step_case(flags: str) -> dict:
+    """Two train_steps through the pipeline, the second under the counter (torch's stages
+    exchange 4-byte handshakes in their first step only), with the PP and embedding groups
+    named."""
+    from megatron.training.forward_backward import train_step
+    from megatron.training.optimizer import Optimizer
+    from megatron.training.pipeline import Pipeline
+    from ted_patches.build import build_model
+    from util import my_microbatches
+
+    cfg = config(flags, torch.distributed.get_world_size())
+    topo = cfg.topology
+    groups = ted_groups(topo.tp, topo.ep, topo.pp)
+    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed,
+                        device=torch.device("cpu"), recompute=cfg.recompute, stages=cfg.stages)
+    opt = Optimizer(model, groups, cfg.optim)
+    t = cfg.train
+    n = t.global_batch_size // t.micro_batch_size
+    pipe = Pipeline(model, cfg.stages, groups, n // groups.dp.size, t.micro_batch_size,
+                    t.seq_length, torch.device("cpu"))
+    named = [g for g in (groups.tp, groups.dp, groups.ep, groups.edp, groups.world, groups.pp,
+                         groups.embedding) if g is not None]
+    counter = CollectiveCounter(named)
+    for step in range(2):
+        mbs = my_microbatches(step, groups, n, mbs=t.micro_batch_size, seq=t.seq_length,
+                              vocab=cfg.model.vocab_size)
+        if step:
+            with counter:
+                assert not train_step(model, opt, mbs, groups, pipe).skipped
+        else:
+            train_step(model, opt, mbs, groups, pipe)
+    return dict(
+        pp_rank=groups.coords.pp, counter=counter.summary(),
+        params=[(n, p.numel()) for n, p in model.named_parameters()],
+        flat=[(fg.group.name, fg.param_buf.numel(), fg.param_buf.element_size(),
+               fg.grad_buf.element_size()) for fg in opt.flat_groups],
+        state_bytes=opt.state_bytes(),
+    )
+
+
+def pipeline_step_cases(names: list[str]) -> dict:
+    return {name: pipeline_step_case(PP_CASES[name][1]) for name in names}
+
+
+@functools.cache
+def measured_pipeline(world: int) -> list:
+    return run(world, pipeline_step_cases, [n for n, (w, _) in PP_CASES.items() if w == world])
+
+
+def _pp_cases():
+    return [pytest.param(w, name, id=name) for name, (w, _) in PP_CASES.items()]
+
+
+@pytest.mark.parametrize("world,name", _pp_cases())
+def test_each_pipeline_ranks_parameters_and_state_equal_the_real_stage(world, name):
+    cfg = config(PP_CASES[name][1], world)
+    for rank, got in enumerate(measured_pipeline(world)):
+        res, r = got[name], got[name]["pp_rank"]
+        assert r == cfg.topology.coords(rank).pp
+        assert res["params"] == [(p.name, p.numel) for p in planner.param_table(cfg, r)], rank
+        fgs = planner.flat_groups(cfg, r)
+        assert [(fg.group, fg.padded) for fg in fgs] == [(g, n) for g, n, _, _ in res["flat"]]
+        memory = planner.memory_per_gpu(cfg, pp_rank=r)
+        assert memory.params == sum(n * p for _, n, p, _ in res["flat"])
+        assert memory.grads == sum(n * g for _, n, _, g in res["flat"])
+        assert memory.optimizer == planner.optimizer_state_bytes(cfg, r) == res["state_bytes"]
+    # the layout's memory is its heaviest pipeline rank's
+    heaviest = planner.memory_per_gpu(cfg)
+    assert heaviest.total == max(m.total for m in planner.stage_memory(cfg))
+
+
+@pytest.mark.parametrize("world,name", _pp_cases())
+def test_each_pipeline_ranks_collectives_and_p2p_equal_the_counted_ones(world, name):
+    cfg = config(PP_CASES[name][1], world)
+    for rank, got in enumerate(measured_pipeline(world)):
+        res = got[name]
+        want = {k: (t.calls, t.bytes) for k, t in
+                planner.comm_per_step(cfg, res["pp_rank"]).items()}
+        assert res["counter"] == want, f"rank {rank}"
+        assert ("send", "pp") in want
+
+
+def test_the_tied_embeddings_copy_and_its_all_reduce_live_on_the_first_and_last_stage():
+    tied = config(PP_CASES["pp4 interleaved uneven tied"][1], 4)
+    for r in range(4):  # stage 7 (the last) on rank 3, stage 0 on rank 0
+        assert planner.embedding_copy(tied, r) == (r == 3)
+        assert planner.embedding_all_reduce(tied, r) == (r in (0, 3))
+        has = ("all_reduce", "embedding") in planner.comm_per_step(tied, r)
+        assert has == (r in (0, 3))
+    v = config(PP_CASES["pp4 zbv tied"][1], 4)  # the V: rank 0 holds the first and last stage
+    assert not any(planner.embedding_all_reduce(v, r) for r in range(4))
+    assert [len(planner.rank_layers(v, r)) for r in range(4)] == [2, 2, 2, 2]
+    # the V's middle pair exchanges in memory: rank 3 sends only backward (stage 3) and forward
+    # (stage 4) once each per micro-batch, as rank 0 does
+    micro = [planner.per_microbatch(v, r)[("send", "pp")].calls for r in range(4)]
+    assert micro == [3, 6, 6, 3]
+
+
+def _stage_cfg(schedule: str, pp: int, m: int, virtual: int = 1, layers: int = 8):
+    args = parse_args(MODEL + f"--num-layers {layers} --pipeline-model-parallel-size {pp} "
+                      f"--pipeline-schedule {schedule} --num-virtual-stages-per-pipeline-rank "
+                      f"{virtual} --global-batch-size {2 * m}".split())
+    return build_config(args, pp, args.vocab_size + 1)
+
+
+def test_bubble_fractions_are_megatrons():
+    for P, m in ((2, 2), (4, 4), (4, 8), (8, 16)):
+        for schedule in ("1f1b", "gpipe"):
+            assert (planner.bubble_fraction(_stage_cfg(schedule, P, m), m)
+                    == pytest.approx((P - 1) / (m + P - 1)))
+        for V in (2, 4):
+            cfg = _stage_cfg("interleaved", P, m, V, layers=P * V * 2)
+            assert planner.bubble_fraction(cfg, m) == pytest.approx((P - 1) / (V * m + P - 1))
+        for schedule in ("zbv", "dualpipev"):  # assumed: close to zero bubble
+            cfg = _stage_cfg(schedule, P, max(m, 2 * P), 2, layers=4 * P)
+            assert planner.bubble_fraction(cfg, m) == 0.0
+    assert planner.bubble_fraction(config(LAYOUT.format(1, 1, 4), 1), 2) == 0.0
+
+
+def test_in_flight_micro_batches_follow_each_schedule():
+    P, m = 4, 8
+    assert [planner.in_flight(_stage_cfg("1f1b", P, m), r, m) for r in range(P)] == [4, 3, 2, 1]
+    assert [planner.in_flight(_stage_cfg("1f1b", P, 2 * 2), r, 2) for r in range(P)] == [
+        2, 2, 2, 1]
+    assert [planner.in_flight(_stage_cfg("gpipe", P, m), r, m) for r in range(P)] == [8] * 4
+    V = 2  # Megatron: (P - r - 1) * 2 + (V - 1) * P warm-up, + 1
+    cfg = _stage_cfg("interleaved", P, m, V)
+    assert [planner.in_flight(cfg, r, m) for r in range(P)] == [11, 9, 7, 5]
+    assert [planner.in_flight(_stage_cfg("zbv", P, m, 2), r, m) for r in range(P)] == [8] * 4
+    # rank 0 holds the most activations under 1F1B; the last stage the output layer
+    mems = planner.stage_memory(_stage_cfg("1f1b", P, m))
+    assert mems[0].activations > mems[1].activations > mems[2].activations
+
+
+def test_the_step_time_includes_the_bubble_of_the_slowest_stage():
+    cluster = planner.cluster_preset("a100-40gb", 4)
+    for schedule, virtual in (("1f1b", 1), ("interleaved", 2), ("zbv", 2)):
+        cfg = _stage_cfg(schedule, 4, 8, virtual)
+        m, f = 8, planner.bubble_fraction(cfg, 8)
+        times = [planner.step_time(cfg, cluster, pp_rank=r) for r in range(4)]
+        links = planner.group_links(cfg.topology, cluster)
+        busy = []
+        for r, t in enumerate(times):
+            link = {**links, "pp": planner.p2p_link(cfg, cluster, r)}
+            micro = planner.per_microbatch(cfg, r)
+            busy.append(t.compute + m * sum(planner.collective_seconds(k, v, link[g])
+                                            for (k, g), v in micro.items()))
+        for b, t in zip(busy, times):  # every rank waits for the slowest, then the bubble
+            assert t.bubble == pytest.approx(max(busy) - b + max(busy) * f / (1 - f))
+        assert planner.step_time(cfg, cluster).total == max(t.total for t in times)
+        if schedule != "zbv":
+            assert min(t.bubble for t in times) >= max(busy) * f / (1 - f) > 0
+
+
+def test_p2p_crosses_nodes_where_the_stages_ranks_do():
+    cluster = planner.cluster_preset("a100-40gb", 16)  # two nodes of 8
+    args = parse_args(MODEL + "--pipeline-model-parallel-size 2 --global-batch-size 32".split())
+    cfg = build_config(args, 16, args.vocab_size + 1)  # stage 0 on ranks 0-7, stage 1 on 8-15
+    link = planner.p2p_link(cfg, cluster, 0)
+    assert not link.intra_node and link.ring_bandwidth == cluster.inter_bandwidth / 8
+    args = parse_args(MODEL + "--pipeline-model-parallel-size 4 --global-batch-size 32".split())
+    cfg = build_config(args, 16, args.vocab_size + 1)  # stages 0, 1 on node 0; 2, 3 on node 1
+    assert planner.p2p_link(cfg, cluster, 0).intra_node
+    assert not planner.p2p_link(cfg, cluster, 1).intra_node
+    assert planner.p2p_link(cfg, cluster, 1).ring_bandwidth == cluster.inter_bandwidth / 4
+
+
 # ---- the time model, by hand ---------------------------------------------------------------------
 def test_links_use_intra_node_figures_only_for_groups_inside_a_node():
     cluster = planner.cluster_preset("summit-v100-16gb", 12)  # two 6-GPU nodes
@@ -260,24 +453,94 @@ def test_json_has_one_object_per_layout_and_one_recommended(capsys):
     code, out, _ = cli(capsys, *CLI, "--use-distributed-optimizer", "--json")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
-    assert {(r["tp"], r["ep"]) for r in rows} == {(t, e) for t, e in [
-        (1, 1), (1, 2), (1, 4), (1, 8), (1, 16),
-        (2, 1), (2, 2), (2, 4), (2, 8), (2, 16),
-        (4, 1), (4, 2), (4, 4), (4, 8), (4, 16),
-        (8, 1), (8, 2), (8, 4), (8, 8),
-        (16, 1), (16, 2), (16, 4)]}
+    # 24 layers: PP in (1, 2, 4, 8); 16 heads and 16 experts: TP, EP up to 16
+    assert {(r["tp"], r["pp"], r["ep"]) for r in rows} == {
+        (t, p, e) for p in (1, 2, 4, 8) for t in (1, 2, 4, 8, 16) if 64 % (t * p) == 0
+        for e in (1, 2, 4, 8, 16) if 64 // (t * p) % e == 0}
     for r in rows:
-        assert {"tp", "ep", "dp", "fits", "memory_bytes", "comm_bytes", "step_seconds",
-                "recommended"} <= set(r)
-        assert r["tp"] * r["dp"] == 64 and isinstance(r["fits"], bool)
+        assert {"tp", "pp", "ep", "dp", "fits", "memory_bytes", "comm_bytes", "step_seconds",
+                "bubble_seconds", "microbatches", "recommended"} <= set(r)
+        assert r["tp"] * r["pp"] * r["dp"] == 64 and isinstance(r["fits"], bool)
         assert ({"params", "grads", "optimizer", "activations", "step_peak"}
                 <= set(r["memory_bytes"]))
         for key in r["comm_bytes"]:
             kind, group = key.split("/")
             assert kind in planner.KINDS and group in planner.GROUPS
+        assert ("send/pp" in r["comm_bytes"]) == (r["pp"] > 1)
     best = [r for r in rows if r["recommended"]]
     assert len(best) == 1 and best[0]["fits"]
     assert best[0]["step_seconds"] == min(r["step_seconds"] for r in rows if r["fits"])
+
+
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved"])
+def test_the_search_offers_exactly_the_valid_pipeline_layouts(capsys, schedule):
+    """PP divides the layers (x the virtual stages) and the GPUs; the micro-batches per step
+    (global batch / (micro x DP)) meet the schedule's rule: 1F1B at least PP, interleaved a
+    multiple of PP. A global batch of half the GPUs leaves some layouts out by that rule."""
+    extra = ["--global-batch-size", "32", "--pipeline-schedule", schedule]
+    V = 2 if schedule == "interleaved" else 1
+    if V > 1:
+        extra += ["--num-virtual-stages-per-pipeline-rank", "2"]
+    code, out, _ = cli(capsys, *CLI, *extra, "--json")
+    assert code == 0
+    got = {(r["tp"], r["pp"], r["ep"]): r for r in map(json.loads, out.splitlines())}
+    want = set()
+    for p in range(1, 65):
+        for t in (1, 2, 4, 8, 16):
+            if 64 % (t * p) or 24 % (p * V) or (V > 1 and p == 1):
+                continue
+            dp = 64 // (t * p)
+            if 32 % dp:
+                continue
+            m = 32 // dp
+            if (m % p if V > 1 else m < p):
+                continue
+            want |= {(t, p, e) for e in (1, 2, 4, 8, 16) if dp % e == 0}
+    assert set(got) == want and any(p > 1 for _, p, _ in want)
+    for (t, p, e), r in got.items():
+        assert r["microbatches"] * r["dp"] == 32 and r["virtual_stages"] == V
+        assert r["schedule"] == ("" if p == 1 else schedule)
+        m = r["microbatches"]
+        f = (p - 1) / (V * m + p - 1) if p > 1 else 0.0
+        assert r["bubble_fraction"] == pytest.approx(f)
+
+
+def test_pipeline_size_one_restricts_the_search_to_no_pipeline(capsys):
+    code, out, _ = cli(capsys, *CLI, "--pipeline-model-parallel-size", "1", "--json")
+    assert code == 0 and {json.loads(line)["pp"] for line in out.splitlines()} == {1}
+    code, out, _ = cli(capsys, *CLI, "--pipeline-model-parallel-size", "4", "--json")
+    assert code == 0 and {json.loads(line)["pp"] for line in out.splitlines()} == {4}
+
+
+def _help_examples() -> list[list[str]]:
+    block = ted_planner.__doc__.split("examples:\n", 1)[1].split("\n\n", 1)[0]
+    joined = block.replace("\\\n", " ")
+    return [shlex.split(line.split("#")[0])[2:] for line in joined.strip().splitlines()]
+
+
+def test_help_examples_run(capsys, tmp_path):
+    examples = _help_examples()
+    assert len(examples) >= 4 and all("..." not in argv for argv in examples)
+    for argv in examples:
+        if "--plot" in argv:
+            if importlib.util.find_spec("matplotlib") is None:
+                continue
+            argv[argv.index("--plot") + 1] = str(tmp_path / "plan.png")
+        code, out, err = cli(capsys, *argv)
+        assert code == 0 and out and not err, (argv, err)
+
+
+def test_help_explains_every_column(capsys):
+    with pytest.raises(SystemExit):
+        ted_planner.planner_parser().parse_args(["--help"])
+    text = capsys.readouterr().out
+    assert "examples:" in text and "columns" in text
+    code, out, _ = cli(capsys, *CLI, "--tensor-model-parallel-size", "2")
+    header = next(line for line in out.splitlines() if line.lstrip().startswith("TP "))
+    names = header.split("  ")
+    for name in (n.strip() for n in names if n.strip()):
+        name = name.split(" (")[0]  # "largest comm (GB/rank/step)"
+        assert re.search(rf"^ +{re.escape(name)}\b|, {re.escape(name)}\b", text, re.M), name
 
 
 def test_table_marks_what_does_not_fit_and_the_recommendation(capsys):
@@ -292,6 +555,23 @@ def test_plot_writes_a_png(capsys, tmp_path):
     path = tmp_path / "plan.png"
     code, _, _ = cli(capsys, *CLI, "--expert-model-parallel-size", "8", "--plot", str(path))
     assert code == 0 and path.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_the_plot_has_a_title_and_a_memory_axis_clipped_at_one_and_a_half_gpus(tmp_path):
+    pytest.importorskip("matplotlib")
+    import matplotlib.pyplot as plt
+
+    opts, args, given = ted_planner.parse(CLI + ["--expert-model-parallel-size", "8",
+                                                 "--gpu-memory-gib", "16"])
+    cluster = ted_planner.cluster_from(opts)
+    plans = ted_planner.plan_all(args, cluster, given)
+    assert max(p.memory.total for p in plans) > 1.5 * cluster.memory_bytes  # one is clipped
+    fig = ted_planner.plot(plans, planner.recommend(plans), cluster, str(tmp_path / "p.png"))
+    memory_axis = fig.axes[0]
+    assert "on 64 x a100-40gb" in memory_axis.get_title()
+    assert memory_axis.get_ylim()[1] == pytest.approx(1.5 * cluster.memory_bytes / 2**30)
+    assert any(t.get_text().isdigit() for t in memory_axis.texts)  # the clipped bars' sizes
+    plt.close(fig)
 
 
 def test_plot_without_matplotlib_is_one_error_line(capsys, tmp_path, monkeypatch):

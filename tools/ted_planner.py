@@ -1,19 +1,54 @@
 #!/usr/bin/env python
-"""TED layout planner: every valid (TP, EP, DP) of a GPT-MoE on a cluster, ranked, with per-GPU
+"""TED layout planner: every valid (TP, PP, EP, DP) of a GPT-MoE on a cluster, ranked, with per-GPU
 memory, per-step communication and an estimated step time (megatron/plan/).
 
+examples:
     python tools/ted_planner.py --preset 6.7b --cluster summit-v100-16gb --gpus 128 \\
         --micro-batch-size 4 --global-batch-size 1024 --fp16 --use-distributed-optimizer \\
         --recompute-granularity full --recompute-method uniform
     python tools/ted_planner.py --gpus 64 --cluster a100-40gb --num-layers 24 --hidden-size 2048 \\
-        --num-attention-heads 16 --seq-length 2048 --num-experts 16 --vocab-size 50256 ... --json
+        --num-attention-heads 16 --seq-length 2048 --max-position-embeddings 2048 \\
+        --num-experts 16 --expert-interval 2 --vocab-size 50256 --micro-batch-size 1 \\
+        --global-batch-size 512 --bf16 --json
+    python tools/ted_planner.py --preset 13b --gpus 64 --micro-batch-size 1 \\
+        --global-batch-size 512 --fp16 --use-distributed-optimizer \\
+        --recompute-granularity full --recompute-method uniform --pipeline-model-parallel-size 1
+    python tools/ted_planner.py --preset 1.3b --cluster a100-40gb --gpus 32 \\
+        --micro-batch-size 1 --global-batch-size 256 --bf16 --pipeline-schedule interleaved \\
+        --num-virtual-stages-per-pipeline-rank 2 --plot plan.png
     python tools/ted_planner.py --paper      # the model's figures for the paper's two claims
 
 The model is given by pretrain_gpt_moe.py's own flags (all of them: what it would train is what
 is planned), or a --preset base with 16 experts every other layer, the flags that follow
-overriding it. --tensor-model-parallel-size / --expert-model-parallel-size, when given, restrict
-the layouts to those sizes. --json prints one JSON object per layout; --plot FILE.png draws
-memory and step time per layout (needs matplotlib). Bad input: one `error:` line, exit status 2.
+overriding it. --tensor-model-parallel-size / --pipeline-model-parallel-size /
+--expert-model-parallel-size, when given, restrict the layouts to those sizes (e.g.
+--pipeline-model-parallel-size 1: no pipeline). Without them every PP that divides the layers and
+the GPUs is tried, with the schedule --pipeline-schedule names (default 1f1b) and its rule on the
+micro-batches per step (global batch / (micro batch x DP): 1f1b needs at least PP, interleaved a
+multiple of PP). --json prints one JSON object per layout; --plot FILE.png draws memory and step
+time per layout (needs matplotlib; the memory axis is clipped at 1.5 x the GPU memory, taller
+bars marked with their size). Bad input: one `error:` line, exit status 2.
+
+columns (memory in GiB per GPU: the pipeline rank that needs the most; time in seconds per step):
+    TP, PP, EP, DP  tensor-, pipeline-, expert- and data-parallel sizes (GPUs = TP x PP x DP)
+    EDP             expert-data-parallel size, DP / EP: the replicas of each expert
+    m               micro-batches per step and DP rank: global batch / (micro batch x DP)
+    params, grads   this GPU's parameters and gradients (ZeRO-1 padding included)
+    optim           fp32 master weights and Adam moments (sharded over DP / EDP with ZeRO-1)
+    activ           the activation peak: what the micro-batches in flight keep for backward
+                    (with a pipeline, as many as its schedule keeps on that rank) plus the
+                    largest transient of a forward or backward
+    step pk         the optimizer step's peak temporaries (upcast tiles, ZeRO-1's gathered
+                    buffer); live at another time than activ, so total counts the larger
+    total           params + grads + optim + max(activ, step pk) + the runtime's reserve
+    fits            total <= the GPU's memory
+    step s          compute s + comm s + bubble s, of the pipeline rank that finishes last
+    compute s       FLOPs at the assumed efficiency of the peak
+    comm s          every collective and P2P send, serialized (alpha-beta model)
+    bubble s        pipeline idle time: the schedule's bubble ((P-1)/(m+P-1) of the step for
+                    1f1b and gpipe, (P-1)/(V m+P-1) interleaved, 0 assumed for zbv and
+                    dualpipev) plus waiting for a slower stage
+    largest comm    the three largest (kind/group: GB sent per rank per step)
 """
 
 from __future__ import annotations
@@ -37,6 +72,8 @@ from megatron.cli.configs import build_config, tokenizer_kwargs  # noqa: E402
 
 PROG = "ted_planner.py"
 GIB = 2**30
+LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
+                "--expert-model-parallel-size")
 
 
 class UsageError(Exception):
@@ -48,7 +85,9 @@ def _one_line_error(message: str):
 
 
 def planner_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], allow_abbrev=False)
+    head, _, rest = __doc__.partition("\n\n")
+    p = argparse.ArgumentParser(prog=PROG, description=head, epilog=rest, allow_abbrev=False,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
     p.error = _one_line_error
     p.add_argument("--preset", choices=list(planner.BASES),
                    help="a GPT-3-style base (the paper's: 1.3b, 2.7b, 6.7b) with 16 experts every "
@@ -84,7 +123,7 @@ def parse(argv: list[str]):
     if opts.paper:
         return opts, None, set()
     given = set()
-    for flag in ("--tensor-model-parallel-size", "--expert-model-parallel-size"):
+    for flag in LAYOUT_FLAGS:
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             given.add(flag)
     model_argv = (planner.preset_flags(opts.preset) if opts.preset else []) + rest
@@ -162,21 +201,28 @@ def vocabulary(args) -> int:
 
 
 def layout_configs(args, world: int, given: set[str]) -> tuple[list, list[str]]:
-    """The Config of every layout build_config accepts (what pretrain_gpt_moe.py would run), and
-    why the others were refused."""
+    """The Config of every layout build_config accepts (what pretrain_gpt_moe.py would run: PP
+    dividing the layers and the GPUs, the schedule's rule on the micro-batches), and why the
+    others were refused."""
     vocab = vocabulary(args)
     configs, refused = [], []
-    for tp, ep in valid_layouts(world):  # build_config refuses what the model's sizes rule out
-        if "--tensor-model-parallel-size" in given and tp != args.tensor_model_parallel_size:
+    for pp in range(1, world + 1):
+        if world % pp or ("--pipeline-model-parallel-size" in given
+                          and pp != args.pipeline_model_parallel_size):
             continue
-        if "--expert-model-parallel-size" in given and ep != args.expert_model_parallel_size:
-            continue
-        layout = argparse.Namespace(**vars(args))
-        layout.tensor_model_parallel_size, layout.expert_model_parallel_size = tp, ep
-        try:
-            configs.append(build_config(layout, world, vocab))
-        except ConfigError as e:
-            refused.append(f"TP={tp} EP={ep}: {e}")
+        # build_config refuses what the model's sizes rule out
+        for tp, ep in valid_layouts(world // pp):
+            if "--tensor-model-parallel-size" in given and tp != args.tensor_model_parallel_size:
+                continue
+            if "--expert-model-parallel-size" in given and ep != args.expert_model_parallel_size:
+                continue
+            layout = argparse.Namespace(**vars(args))
+            layout.tensor_model_parallel_size, layout.expert_model_parallel_size = tp, ep
+            layout.pipeline_model_parallel_size = pp
+            try:
+                configs.append(build_config(layout, world, vocab))
+            except ConfigError as e:
+                refused.append(f"TP={tp} PP={pp} EP={ep}: {e}")
     return configs, refused
 
 
@@ -186,15 +232,15 @@ def plan_all(args, cluster: planner.Cluster, given: set[str]) -> list[planner.La
         build_config(args, cluster.gpus, vocabulary(args))
     if not configs:
         reason = refused[0] if refused else "no TP and EP sizes divide it"
-        raise UsageError(f"--gpus {cluster.gpus}: no (TP, EP, DP) layout fits the model and batch "
-                         f"({reason})")
+        raise UsageError(f"--gpus {cluster.gpus}: no (TP, PP, EP, DP) layout fits the model and "
+                         f"batch ({reason})")
     return [planner.plan_layout(cfg, cluster) for cfg in configs]
 
 
 def ranked(plans: list[planner.LayoutPlan]) -> list[planner.LayoutPlan]:
     """Fitting layouts fastest first, then the others by memory."""
     return sorted(plans, key=lambda p: (not p.fits, p.time.total if p.fits else p.memory.total,
-                                        p.tp, p.ep))
+                                        p.tp, p.pp, p.ep))
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -205,24 +251,31 @@ def table(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, args)
         f"hidden {args.hidden_size}, {' / '.join(map(str, args.num_experts or [1]))} experts); "
         f"{cluster.gpus} x {cluster.name} ({cluster.gpus_per_node} per node, "
         f"{cluster.memory_bytes / GIB:.0f} GiB, {cluster.peak_flops / 1e12:.0f} "
-        f"TFLOP/s at efficiency {cluster.efficiency}); GiB per GPU, seconds and GB per rank "
-        "per step",
+        f"TFLOP/s at efficiency {cluster.efficiency}); GiB per GPU (with PP: the pipeline rank "
+        "needing the most), seconds and GB per rank per step (the rank finishing last)",
     ]
+    schedules = sorted({p.schedule for p in plans if p.pp > 1})
+    if schedules:
+        lines.append(f"pipeline schedule: {', '.join(schedules)}; m = micro-batches per step and "
+                     "DP rank")
     for note in sorted({n for p in plans for n in p.notes}):
         lines.append(f"note: {note}")
-    head = ("", "TP", "EP", "DP", "EDP", "params", "grads", "optim", "activ", "step pk", "total",
-            "fits", "step s", "compute s", "comm s", "largest comm (GB/rank/step)")
+    head = ("", "TP", "PP", "EP", "DP", "EDP", "m", "params", "grads", "optim", "activ",
+            "step pk", "total", "fits", "step s", "compute s", "comm s", "bubble s",
+            "largest comm (GB/rank/step)")
     rows = [head]
     for p in ranked(plans):
         m = p.memory
         comm = sorted(((f"{k}/{g}", t.bytes) for (k, g), t in p.comm.items()),
                       key=lambda kv: -kv[1])[:3]
         rows.append((
-            "*" if p is best else "", str(p.tp), str(p.ep), str(p.dp), str(p.edp),
+            "*" if p is best else "", str(p.tp), str(p.pp), str(p.ep), str(p.dp), str(p.edp),
+            str(p.microbatches),
             *(f"{v / GIB:.2f}" for v in (m.params, m.grads, m.optimizer, m.activations,
                                          m.step_peak, m.total)),
             "yes" if p.fits else "NO", f"{p.time.total:.3f}", f"{p.time.compute:.3f}",
-            f"{sum(p.time.comm.values()):.3f}", ", ".join(f"{k} {b / 1e9:.2f}" for k, b in comm),
+            f"{sum(p.time.comm.values()):.3f}", f"{p.time.bubble:.3f}",
+            ", ".join(f"{k} {b / 1e9:.2f}" for k, b in comm),
         ))
     widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
     left = (0, len(head) - 1)  # the marker and the text column; numbers right-aligned
@@ -230,17 +283,28 @@ def table(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, args)
         lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w)
                                for i, (c, w) in enumerate(zip(r, widths))))
     if best is None:
+        pipe = ("allow pipeline parallelism (leave out --pipeline-model-parallel-size), "
+                if all(p.pp == 1 for p in plans) else "")
         lines.append("no layout fits: turn on --recompute-granularity full, "
-                     "--use-distributed-optimizer, --optimizer-tile-size, or use more or larger "
-                     "GPUs")
+                     f"--use-distributed-optimizer, --optimizer-tile-size, {pipe}or use more or "
+                     "larger GPUs")
     else:
-        lines.append(f"recommended (*): TP={best.tp} EP={best.ep} DP={best.dp} "
-                     f"(expert-DP {best.edp}), {best.memory.total / GIB:.2f} GiB per GPU, "
-                     f"{best.time.total:.3f} s per step")
+        lines.append(f"recommended (*): {describe(best)}, {best.memory.total / GIB:.2f} GiB per "
+                     f"GPU, {best.time.total:.3f} s per step")
     return "\n".join(lines)
 
 
-def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: str) -> None:
+def describe(p: planner.LayoutPlan) -> str:
+    pipe = ""
+    if p.pp > 1:
+        chunks = f", {p.virtual} stages per rank" if p.virtual > 1 else ""
+        pipe = (f" ({p.schedule}{chunks}, {p.microbatches} micro-batches, bubble "
+                f"{100 * p.bubble:.1f}%)")
+    return f"TP={p.tp} PP={p.pp} EP={p.ep} DP={p.dp} (expert-DP {p.edp}){pipe}"
+
+
+def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: str):
+    """Draw the plans to `path`; returns the matplotlib figure."""
     try:
         import matplotlib
 
@@ -249,7 +313,7 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     plans = ranked(plans)
-    labels = [f"{p.tp}x{p.ep}x{p.dp}" + ("*" if p is best else "") for p in plans]
+    labels = [f"{p.tp}x{p.pp}x{p.ep}x{p.dp}" + ("*" if p is best else "") for p in plans]
     x = range(len(plans))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(plans) + 2), 7), sharex=True)
     bottom_of = [0.0] * len(plans)
@@ -260,26 +324,42 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
         top.bar(x, values, bottom=bottom_of,
                 label="activations / step peak" if key == "peak" else key)
         bottom_of = [a + b for a, b in zip(bottom_of, values)]
-    top.axhline(cluster.memory_bytes / GIB, color="black", linestyle="--", label="GPU memory")
-    top.set_ylabel("GiB per GPU")
+    device = cluster.memory_bytes / GIB
+    top.axhline(device, color="black", linestyle="--", label="GPU memory")
+    # clipped at 1.5 x the GPU memory, so one huge layout does not flatten the others; the taller
+    # bars carry their size
+    ceiling = 1.5 * device
+    top.set_ylim(0, ceiling)
+    for i, height in enumerate(bottom_of):
+        if height > ceiling:
+            top.text(i, ceiling * 0.98, f"{height:.0f}", ha="center", va="top", rotation=90,
+                     fontsize="x-small")
+    top.set_ylabel("GiB per GPU (clipped at 1.5 x)")
+    top.set_title(f"{plans[0].total_params / 1e9:.1f}B parameters on {cluster.gpus} x "
+                  f"{cluster.name}: memory per GPU and step time per layout")
     top.legend(fontsize="small")
     compute = [p.time.compute for p in plans]
     comm = [sum(p.time.comm.values()) for p in plans]
+    bubble = [p.time.bubble for p in plans]
     bottom.bar(x, compute, label="compute")
     bottom.bar(x, comm, bottom=compute, label="communication")
+    below = [a + b for a, b in zip(compute, comm)]
+    if any(bubble):
+        bottom.bar(x, bubble, bottom=below, label="pipeline bubble")
     for i, p in enumerate(plans):
         if not p.fits:
-            bottom.text(i, compute[i] + comm[i], "OOM", ha="center", va="bottom",
+            bottom.text(i, below[i] + bubble[i], "OOM", ha="center", va="bottom",
                         fontsize="x-small")
     bottom.set_ylabel("seconds per step")
     bottom.set_xticks(list(x), labels, rotation=60, fontsize="small")
-    bottom.set_xlabel("TP x EP x DP (* recommended)")
+    bottom.set_xlabel("TP x PP x EP x DP (* recommended)")
     bottom.legend(fontsize="small")
     fig.tight_layout()
     try:
         fig.savefig(path)
     except OSError as e:
         raise UsageError(f"--plot {path}: {e.strerror or e}") from None
+    return fig
 
 
 # ---- the paper's claims --------------------------------------------------------------------------
@@ -298,9 +378,10 @@ def paper(cluster_name: str = "summit-v100-16gb", gpus: int = 128) -> str:
 
     def plans_for(base: str, extra=(), tp=None):
         args = pretrain_args(planner.preset_flags(base) + PAPER_SWITCHES + list(extra))
-        given = set()
+        given = {"--pipeline-model-parallel-size"}  # the paper's layouts: no pipeline
         if tp is not None:
-            args.tensor_model_parallel_size, given = tp, {"--tensor-model-parallel-size"}
+            args.tensor_model_parallel_size = tp
+            given.add("--tensor-model-parallel-size")
         configs, _ = layout_configs(args, gpus, given)
         return [planner.plan_layout(c, cluster) for c in configs]
 
@@ -361,7 +442,10 @@ def main(argv=None) -> int:
         plans = plan_all(args, cluster, given)
         best = planner.recommend(plans)
         if opts.plot:
-            plot(plans, best, cluster, opts.plot)
+            fig = plot(plans, best, cluster, opts.plot)  # raises first if matplotlib is absent
+            import matplotlib.pyplot as plt
+
+            plt.close(fig)
         if opts.json:
             for p in ranked(plans):
                 print(json.dumps(p.as_json(p is best)))

@@ -11,12 +11,13 @@ from dataclasses import dataclass
 from typing import Optional
 
 from megatron.parallel.topology import Topology
+from megatron.plan import pipeline
 from megatron.plan.params import _FP32, experts_in, flat_groups, grad_bytes, param_bytes
 from megatron.plan.shapes import _layer_kinds, micro_shapes, num_microbatches
 from megatron.training.config import Config
 
-KINDS = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter")
-GROUPS = ("tp", "dp", "ep", "edp", "world")
+KINDS = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter", "send", "recv")
+GROUPS = ("tp", "dp", "ep", "edp", "world", "pp", "embedding")
 
 
 # ---- communication -------------------------------------------------------------------------------
@@ -32,7 +33,8 @@ class _Tally:
 
     def __init__(self, topo: Topology):
         self.sizes = {"tp": topo.tp, "dp": topo.dp, "ep": topo.ep, "edp": topo.edp,
-                      "world": topo.world_size}
+                      "world": topo.world_size, "pp": topo.pp,
+                      "embedding": 2 if topo.pp > 1 else 1}
         self.calls: Counter = Counter()
         self.bytes: Counter = Counter()
 
@@ -52,31 +54,63 @@ class _Tally:
         return {k: Traffic(self.calls[k], self.bytes[k]) for k in sorted(self.calls)}
 
 
-def comm_per_step(cfg: Config) -> dict[tuple[str, str], Traffic]:
-    """Every collective of one `train_step` on one rank (all ranks alike in drop mode): the
-    micro-batches' forward, recompute and backward, the gradient reduction, the optimizer step
-    and the loss average."""
+def comm_per_step(cfg: Config, pp_rank: int = 0) -> dict[tuple[str, str], Traffic]:
+    """Every collective of one `train_step` on one rank of pipeline rank `pp_rank` (all ranks
+    alike in drop mode without a pipeline): the micro-batches' forward, recompute and backward
+    (with a pipeline: the P2P sends and receives between stages, each counted by its own side),
+    the gradient reduction, the optimizer step and the loss average. torch's pipeline stages
+    also exchange a few 4-byte handshakes in their first step only: not planned."""
+    micro, rest = step_parts(cfg, pp_rank)
     total = _Tally(cfg.topology)
-    total.merge(_microbatch_comm(cfg), times=num_microbatches(cfg))
-    total.merge(_optimizer_comm(cfg))
-    total.add("all_reduce", "dp", 2 * 8)  # reduce_losses: [lm, aux] in float64
+    total.merge(micro, times=num_microbatches(cfg))
+    total.merge(rest)
     return total.result()
 
 
-def _microbatch_comm(cfg: Config) -> _Tally:
+def step_parts(cfg: Config, pp_rank: int = 0) -> tuple["_Tally", "_Tally"]:
+    """(one micro-batch's collectives, the rest of the step's): the part a pipeline schedule
+    runs per micro-batch and the part after it."""
+    rest = _optimizer_comm(cfg, pp_rank)
+    rest.add("all_reduce", "dp", 2 * 8)  # reduce_losses: [lm, aux] in float64
+    rest.add("all_reduce", "pp", 2 * 8)  # reduce_over_stages: the same, over the pipeline
+    return _microbatch_comm(cfg, pp_rank), rest
+
+
+def per_microbatch(cfg: Config, pp_rank: int = 0) -> dict[tuple[str, str], Traffic]:
+    """One micro-batch's collectives and P2P transfers on pipeline rank `pp_rank`."""
+    return step_parts(cfg, pp_rank)[0].result()
+
+
+def _microbatch_comm(cfg: Config, pp_rank: int) -> _Tally:
     m = cfg.model
     T, _ = micro_shapes(cfg)
     act = T * m.hidden_size * param_bytes(cfg)  # one [T, H] activation
     tally = _Tally(cfg.topology)
     # megatron-core: the vocab-parallel embedding's reduction (forward); the output layer's input
     # gradient (backward); the cross-entropy's max, target logit and sum-exp over TP, in fp32.
-    tally.add("all_reduce", "tp", act, 2)
-    tally.add("all_reduce", "tp", T * _FP32, 3)
-    chunks = cfg.recompute.full_chunks(m.num_layers)
+    if pipeline.holds_first(cfg, pp_rank):
+        tally.add("all_reduce", "tp", act)
+    if pipeline.holds_last(cfg, pp_rank):
+        tally.add("all_reduce", "tp", act)
+        tally.add("all_reduce", "tp", T * _FP32, 3)
+    # between stages on other ranks: forward the hidden state and the position ids (int64), back
+    # the hidden state's gradient
+    for st in pipeline.stages_of(cfg, pp_rank):
+        if st.recv_prev:
+            tally.add("recv", "pp", act)
+            tally.add("recv", "pp", T * 8)
+            tally.add("send", "pp", act)
+        if st.send_next:
+            tally.add("send", "pp", act)
+            tally.add("send", "pp", T * 8)
+            tally.add("recv", "pp", act)
+    chunks = pipeline.checkpoint_chunks(cfg, pp_rank)
     recomputed = {i for c in chunks for i in c}
     last_in_chunk = {c[-1] for c in chunks}
     cac = cfg.recompute.cac and cfg.moe is not None and any(i in cfg.moe.layers for i in recomputed)
-    for i, kind in enumerate(_layer_kinds(cfg)):
+    kinds = _layer_kinds(cfg)
+    for i in pipeline.rank_layers(cfg, pp_rank):
+        kind = kinds[i]
         layer = _layer_comm(cfg, i, kind, act)
         for part in (layer.forward, layer.tail, layer.ours, layer.backward):
             tally.merge(part)
@@ -155,11 +189,16 @@ def _moe_comm(cfg: Config, experts: int, fwd: _Tally, bwd: _Tally) -> None:
         fwd.add(kind, group, nbytes)
 
 
-def _optimizer_comm(cfg: Config) -> _Tally:
+def _optimizer_comm(cfg: Config, pp_rank: int = 0) -> _Tally:
     """Optimizer.reduce_gradients and Optimizer.step (no fp16 overflow assumed)."""
     tally = _Tally(cfg.topology)
     g, p = grad_bytes(cfg), param_bytes(cfg)
-    for fg in flat_groups(cfg):
+    m = cfg.model
+    if pipeline.embedding_all_reduce(cfg, pp_rank):  # the tied embedding's two copies: one sum
+        tally.add("all_reduce", "embedding", m.padded_vocab_size // cfg.topology.tp
+                  * m.hidden_size * g)
+    fgs = flat_groups(cfg, pp_rank)
+    for fg in fgs:
         if fg.shards > 1:
             tally.add("reduce_scatter", fg.group, fg.padded * g)
         else:
@@ -168,7 +207,7 @@ def _optimizer_comm(cfg: Config) -> _Tally:
         tally.add("all_reduce", "world", _FP32)  # the overflow flag, float32
     tally.add("all_reduce", "world", 8)  # the squared grad norm, float64
     tile = cfg.optim.tile_size
-    for fg in flat_groups(cfg):
+    for fg in fgs:
         if fg.shards > 1:  # ZeRO-1: the updated shards back to every rank, tile by tile when tiled
             calls = 1 if tile <= 0 else -(-fg.shard // max(1, tile // fg.shards))
             tally.add("all_gather", fg.group, 0, calls, total=fg.shard * p)

@@ -1,5 +1,7 @@
-"""The layout search: one (TP, EP, DP) layout's plan (memory, communication, step time, whether
-it fits), the recommendation among layouts, and the GPT-3-style model presets."""
+"""The layout search: one (TP, PP, EP, DP) layout's plan (memory, communication, step time,
+whether it fits), the recommendation among layouts, and the GPT-3-style model presets. With a
+pipeline the memory is the pipeline rank that needs the most (`memory.pp_rank`), the
+communication and time the rank that finishes its step last (`time.pp_rank`)."""
 
 from __future__ import annotations
 
@@ -9,7 +11,8 @@ from typing import Optional
 from megatron.plan.comm import Traffic, comm_per_step
 from megatron.plan.memory import Memory, memory_per_gpu
 from megatron.plan.params import total_parameters
-from megatron.plan.shapes import pads
+from megatron.plan import pipeline
+from megatron.plan.shapes import num_microbatches, pads
 from megatron.plan.time import Cluster, StepTime, step_time
 from megatron.training.config import Config
 
@@ -27,10 +30,18 @@ class LayoutPlan:
     fits: bool
     total_params: int
     notes: tuple[str, ...] = field(default_factory=tuple)
+    pp: int = 1
+    schedule: str = ""  # the pipeline schedule ("" without a pipeline)
+    virtual: int = 1  # stages (model chunks) per pipeline rank
+    microbatches: int = 1  # per step and data-parallel rank
+    bubble: float = 0.0  # the schedule's idle share of the step (megatron/plan/pipeline.py)
 
     def as_json(self, recommended: bool) -> dict:
         return dict(
-            tp=self.tp, ep=self.ep, dp=self.dp, edp=self.edp, fits=self.fits,
+            tp=self.tp, pp=self.pp, ep=self.ep, dp=self.dp, edp=self.edp, fits=self.fits,
+            schedule=self.schedule, virtual_stages=self.virtual, microbatches=self.microbatches,
+            bubble_fraction=self.bubble, memory_pp_rank=self.memory.pp_rank,
+            time_pp_rank=self.time.pp_rank, bubble_seconds=self.time.bubble,
             memory_bytes=self.memory.as_dict(),
             comm_bytes={f"{k}/{g}": t.bytes for (k, g), t in self.comm.items()},
             comm_calls={f"{k}/{g}": t.calls for (k, g), t in self.comm.items()},
@@ -42,7 +53,8 @@ class LayoutPlan:
 
 def plan_layout(cfg: Config, cluster: Cluster) -> LayoutPlan:
     topo = cfg.topology
-    comm = comm_per_step(cfg)
+    time = step_time(cfg, cluster)
+    comm = comm_per_step(cfg, time.pp_rank)
     memory = memory_per_gpu(cfg, cluster.reserved_bytes)
     notes = []
     if cfg.moe is not None and not cfg.moe.drop_tokens:
@@ -54,16 +66,23 @@ def plan_layout(cfg: Config, cluster: Cluster) -> LayoutPlan:
     if not pads(cfg):
         notes.append("padding-free dispatch: planned as the padded one (the kept tokens' sizes "
                      "depend on the routing; the padded sizes bound them)")
+    if cfg.stages is not None and cfg.stages.schedule in ("zbv", "dualpipev"):
+        notes.append(f"--pipeline-schedule {cfg.stages.schedule}: planned with no bubble and "
+                     "1F1B's peak activations (optimistic: megatron/plan/pipeline.py)")
     notes = tuple(notes)
-    return LayoutPlan(topo.tp, topo.ep, topo.dp, topo.edp, memory, comm,
-                      step_time(cfg, cluster, comm), memory.total <= cluster.memory_bytes,
-                      total_parameters(cfg), notes)
+    m = num_microbatches(cfg)
+    stages = cfg.stages
+    return LayoutPlan(topo.tp, topo.ep, topo.dp, topo.edp, memory, comm, time,
+                      memory.total <= cluster.memory_bytes, total_parameters(cfg), notes,
+                      pp=topo.pp, schedule=stages.schedule if stages else "",
+                      virtual=stages.virtual if stages else 1, microbatches=m,
+                      bubble=pipeline.bubble_fraction(cfg, m))
 
 
 def recommend(plans: list[LayoutPlan]) -> Optional[LayoutPlan]:
-    """The fastest layout that fits (ties: less TP, then less EP)."""
+    """The fastest layout that fits (ties: less TP, then less PP, then less EP)."""
     fitting = [p for p in plans if p.fits]
-    return min(fitting, key=lambda p: (p.time.total, p.tp, p.ep)) if fitting else None
+    return min(fitting, key=lambda p: (p.time.total, p.tp, p.pp, p.ep)) if fitting else None
 
 
 # ---- model presets -------------------------------------------------------------------------------

@@ -8,6 +8,7 @@ Shapes as in megatron/plan/shapes.py."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from megatron.plan.params import (
     _FP32,
@@ -19,7 +20,8 @@ from megatron.plan.params import (
     qkv_size,
     query_groups,
 )
-from megatron.plan.shapes import _layer_kinds, micro_shapes
+from megatron.plan import pipeline
+from megatron.plan.shapes import _layer_kinds, micro_shapes, num_microbatches
 from megatron.training.config import Config
 from megatron.training.optimizer import _SCAN_CHUNK
 
@@ -39,6 +41,7 @@ class Memory:
     step_peak: int
     # the runtime's own (CUDA context, communicator buffers): the cluster's figure
     reserved: int = 0
+    pp_rank: int = 0  # the pipeline rank these bytes are of
 
     @property
     def total(self) -> int:
@@ -51,15 +54,26 @@ class Memory:
                     reserved=self.reserved, total=self.total)
 
 
-def memory_per_gpu(cfg: Config, reserved: int = 0) -> Memory:
+def memory_per_gpu(cfg: Config, reserved: int = 0, pp_rank: Optional[int] = None) -> Memory:
+    """Pipeline rank `pp_rank`'s memory; None: the rank that needs the most (without a pipeline
+    every rank alike)."""
+    if pp_rank is None:
+        return max((memory_per_gpu(cfg, reserved, r) for r in pipeline.pp_ranks(cfg)),
+                   key=lambda mem: mem.total)
     p, g = param_bytes(cfg), grad_bytes(cfg)
-    fgs = flat_groups(cfg)
+    fgs = flat_groups(cfg, pp_rank)
     return Memory(params=sum(fg.padded for fg in fgs) * p, grads=sum(fg.padded for fg in fgs) * g,
-                  optimizer=optimizer_state_bytes(cfg), activations=activation_peak(cfg),
-                  step_peak=step_peak(cfg), reserved=reserved)
+                  optimizer=optimizer_state_bytes(cfg, pp_rank),
+                  activations=activation_peak(cfg, pp_rank), step_peak=step_peak(cfg, pp_rank),
+                  reserved=reserved, pp_rank=pp_rank)
 
 
-def step_peak(cfg: Config) -> int:
+def stage_memory(cfg: Config, reserved: int = 0) -> list[Memory]:
+    """Every pipeline rank's memory, by rank."""
+    return [memory_per_gpu(cfg, reserved, r) for r in pipeline.pp_ranks(cfg)]
+
+
+def step_peak(cfg: Config, pp_rank: int = 0) -> int:
     """Optimizer._update and FlatGroup.gather_params, one flat group at a time: a tile's (or the
     whole shard's) fp32 upcast of half-precision gradients, Adam's two fp32 temporaries
     (v.sqrt(), then / bias correction), and ZeRO-1's gathered buffer (untiled: a copy of the shard).
@@ -69,7 +83,7 @@ def step_peak(cfg: Config) -> int:
     upcast = 0 if grad_bytes(cfg) == _FP32 else _FP32
     scan = 0 if grad_bytes(cfg) == _FP32 else _SCAN_CHUNK * _FP32
     worst = scan
-    for fg in flat_groups(cfg):
+    for fg in flat_groups(cfg, pp_rank):
         n = fg.shard if tile <= 0 else min(tile, fg.shard)
         worst = max(worst, n * (upcast + 2 * _FP32))
         if fg.shards > 1:
@@ -212,55 +226,96 @@ def _embedding_saved(T: int) -> int:
     return 3 * T * 8  # token ids (int64) kept by the two lookups, and the vocab-range mask
 
 
-def activation_peak(cfg: Config) -> int:
-    """The highest point of one micro-batch's forward + backward above the static memory."""
-    return max(activation_candidates(cfg).values())
+def activation_peak(cfg: Config, pp_rank: int = 0) -> int:
+    """The highest point of the step's forwards and backwards above the static memory on pipeline
+    rank `pp_rank`: one micro-batch's peak over the rank's layers, plus the activations the other
+    micro-batches its schedule keeps in flight hold (megatron/plan/pipeline.py's table; with
+    several chunks per rank, counted in its largest chunk's)."""
+    k = pipeline.in_flight(cfg, pp_rank, num_microbatches(cfg))
+    stages = pipeline.stages_of(cfg, pp_rank)
+    if len(stages) == 1:
+        return (k - 1) * _kept(cfg, pp_rank) + max(activation_candidates(cfg, pp_rank).values())
+    kept = max(_kept(cfg, pp_rank, st) for st in stages)
+    return (k - 1) * kept + max(max(_candidates(cfg, pp_rank, st).values()) for st in stages)
 
 
-def activation_candidates(cfg: Config) -> dict[str, int]:
-    """The moments one of which is the activation peak, by name, with their live bytes."""
+def activation_candidates(cfg: Config, pp_rank: int = 0) -> dict[str, int]:
+    """The moments one of which is one micro-batch's activation peak on pipeline rank `pp_rank`
+    (its first stage), by name, with their live bytes."""
+    return _candidates(cfg, pp_rank, pipeline.stages_of(cfg, pp_rank)[0])
+
+
+def _kept(cfg: Config, pp_rank: int, stage=None) -> int:
+    """What one micro-batch holds on the rank (one stage of it) from its forward to its backward:
+    every layer's kept tensors, the embedding's and the head's saved ones, and what the pipeline
+    schedule itself keeps (the stage's output until its backward, the received position ids)."""
+    return _walk(cfg, pp_rank, stage or pipeline.stages_of(cfg, pp_rank)[0])[1]
+
+
+def _candidates(cfg: Config, pp_rank: int, stage) -> dict[str, int]:
+    return _walk(cfg, pp_rank, stage)[0]
+
+
+def _walk(cfg: Config, pp_rank: int, stage) -> tuple[dict[str, int], int]:
+    """(the peak's candidate moments of one micro-batch through `stage`, the bytes it keeps from
+    its forward to its backward)."""
     m = cfg.model
     T, _ = micro_shapes(cfg)
     e = _act(cfg)
     kinds = _layer_kinds(cfg)
-    blocks = []
-    for i, kind in enumerate(kinds):
-        mlp = _moe_block(cfg, T, i) if kind == "moe" else _dense_mlp_block(cfg, T)
+    layers = list(stage.layers)
+    blocks = {}
+    for i in layers:
+        mlp = _moe_block(cfg, T, i) if kinds[i] == "moe" else _dense_mlp_block(cfg, T)
         attn = _attention_block(cfg, T)
-        blocks.append(_Block(attn.saved + mlp.saved, max(attn.fwd_transient, mlp.fwd_transient),
-                             max(attn.bwd_transient, mlp.bwd_transient)))
-    head_saved, loss_transient, head_bwd = _head_block(cfg, T)
+        blocks[i] = _Block(attn.saved + mlp.saved, max(attn.fwd_transient, mlp.fwd_transient),
+                           max(attn.bwd_transient, mlp.bwd_transient))
     # a tied embedding's gradient from the output layer waits for the lookup's, at the very end
-    pending = (0 if m.untie_embeddings_and_output_weights
-               else m.padded_vocab_size // cfg.topology.tp * m.hidden_size * e)
-    chunk_of = {i: tuple(c) for c in cfg.recompute.full_chunks(m.num_layers) for i in c}
+    # (only where one rank holds both: a last stage's copy takes its gradient at once)
+    tied_here = (not m.untie_embeddings_and_output_weights and stage.last
+                 and pipeline.holds_first(cfg, pp_rank))
+    pending = m.padded_vocab_size // cfg.topology.tp * m.hidden_size * e if tied_here else 0
+    chunk_of = {i: tuple(c) for c in pipeline.checkpoint_chunks(cfg, pp_rank) for i in c
+                if i in blocks}
     cac = cfg.recompute.cac and cfg.moe is not None and any(i in cfg.moe.layers for i in chunk_of)
 
     # What each layer holds from its forward to its backward: its saved tensors, or, in a
     # checkpointed chunk, the chunk's input (at its first layer) and the layer's CAC stash.
-    kept = []
-    for i, b in enumerate(blocks):
+    kept = {}
+    for i, b in blocks.items():
         if i not in chunk_of:
-            kept.append(b.saved)
+            kept[i] = b.saved
             continue
         stash = cac_stash_bytes(cfg, i) if cac and kinds[i] == "moe" else 0
-        kept.append((T * m.hidden_size * e if chunk_of[i][0] == i else 0) + stash)
-    base = _embedding_saved(T)
+        kept[i] = (T * m.hidden_size * e if chunk_of[i][0] == i else 0) + stash
+    # the first stage: the token ids; a later one: the position ids it received (its input
+    # hidden state is the first layer's saved input); a stage before the last: its output,
+    # which the schedule keeps for the backward
+    base = _embedding_saved(T) if stage.first else T * 8
+    out = 0 if stage.last else T * m.hidden_size * e
     candidates = {}
     held = base
-    for i, b in enumerate(blocks):  # forward: what is held so far, plus this layer's working set
-        candidates[f"forward {i}"] = held + b.saved + b.fwd_transient
+    for i in layers:  # forward: what is held so far, plus this layer's working set
+        candidates[f"forward {i}"] = held + blocks[i].saved + blocks[i].fwd_transient
         held += kept[i]
-    candidates["loss"] = held + head_saved + loss_transient
-    candidates["output backward"] = held + head_saved + head_bwd + pending
+    total = held + out
+    if stage.last:
+        head_saved, loss_transient, head_bwd = _head_block(cfg, T)
+        candidates["loss"] = held + head_saved + loss_transient
+        candidates["output backward"] = held + head_saved + head_bwd + pending
+        total += head_saved
     # backward, from the last layer: what the layers below still hold, this layer's saved tensors
-    # (a chunk's recompute materializes all of its layers' at once), its gradients
-    for i in reversed(range(len(blocks))):
+    # (a chunk's recompute materializes all of its layers' at once), its gradients; before the
+    # last stage, the output and the gradient received for it
+    incoming = 0 if stage.last else 2 * T * m.hidden_size * e
+    for n in reversed(range(len(layers))):
+        i = layers[n]
+        below = sum(kept[j] for j in layers[:n])
         if i in chunk_of:
             chunk = chunk_of[i]
-            live = base + sum(kept[:chunk[0]]) + sum(kept[j] for j in chunk)
-            live += sum(blocks[j].saved for j in chunk if j <= i)
+            live = base + below - sum(kept[j] for j in chunk if j < i)
+            live += sum(kept[j] for j in chunk) + sum(blocks[j].saved for j in chunk if j <= i)
         else:
-            live = base + sum(kept[:i + 1])
-        candidates[f"backward {i}"] = live + blocks[i].bwd_transient + pending
-    return candidates
+            live = base + below + kept[i]
+        candidates[f"backward {i}"] = live + blocks[i].bwd_transient + pending + incoming
+    return candidates, total

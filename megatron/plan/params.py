@@ -11,6 +11,7 @@ import torch
 
 from megatron.model.config import ModelConfig
 from megatron.parallel.topology import Topology
+from megatron.plan import pipeline
 from megatron.training.config import Config
 from ted_patches.config import MoEConfig
 
@@ -28,19 +29,30 @@ class ParamEntry:
     expert: bool = False
     decay: bool = True
     tp_split: bool = False
+    copy: bool = False  # the tied embedding's copy on the last pipeline stage
 
 
-def param_table(cfg: Config) -> list[ParamEntry]:
-    """Every parameter this rank holds, in the model's order (megatron/model/gpt.py, transformer.py,
-    ted_patches/moe_layer.py, experts.py, router.py)."""
+def param_table(cfg: Config, pp_rank: int = 0) -> list[ParamEntry]:
+    """Every parameter pipeline rank `pp_rank` holds (without a pipeline: all), in the model's
+    order (megatron/model/gpt.py, transformer.py, ted_patches/moe_layer.py, experts.py,
+    router.py)."""
+    first, last = pipeline.holds_first(cfg, pp_rank), pipeline.holds_last(cfg, pp_rank)
+    return _table(cfg, pipeline.rank_layers(cfg, pp_rank), first, last,
+                  copy=pipeline.embedding_copy(cfg, pp_rank))
+
+
+def _table(cfg: Config, layers, first: bool, last: bool, copy: bool = False) -> list[ParamEntry]:
     m, t = cfg.model, cfg.topology.tp
     H = m.hidden_size
     V = m.padded_vocab_size  # rows allocated; the padding ones are zero, masked out of the softmax
-    out = [ParamEntry("embedding.weight", V // t * H, tp_split=True)]
-    if m.position_embedding_type == "learned_absolute":
+    tied = not m.untie_embeddings_and_output_weights
+    out = []
+    if first or (last and tied):  # the last stage's copy of a tied embedding: its own flat group
+        out.append(ParamEntry("embedding.weight", V // t * H, tp_split=True, copy=copy))
+    if m.position_embedding_type == "learned_absolute" and first:
         out.append(ParamEntry("position_embedding.weight", m.max_position_embeddings * H))
     moe_layers = set(cfg.moe.layers) if cfg.moe is not None else set()
-    for i in range(m.num_layers):
+    for i in layers:
         p = f"layers.{i}."
         out += _norm(m, p + "input_norm")
         out += _linear(m, p + "attention.qkv", qkv_size(m) // t * H, qkv_size(m) // t, column=True)
@@ -50,9 +62,10 @@ def param_table(cfg: Config) -> list[ParamEntry]:
             out += _moe(m, cfg.moe, experts_in(cfg, i), cfg.topology, p + "mlp")
         else:
             out += _mlp(m, p + "mlp", t)
-    out += _norm(m, "final_norm")
-    if m.untie_embeddings_and_output_weights:
-        out.append(ParamEntry("output.weight", V // t * H, tp_split=True))
+    if last:
+        out += _norm(m, "final_norm")
+        if not tied:
+            out.append(ParamEntry("output.weight", V // t * H, tp_split=True))
     return out
 
 
@@ -115,11 +128,11 @@ def _moe(m: ModelConfig, moe: MoEConfig, experts: int, topo: Topology,
 
 
 def total_parameters(cfg: Config) -> int:
-    """Parameters of the whole model (each counted once over the world), padded vocabulary rows
-    included."""
+    """Parameters of the whole model (each counted once over the world: every pipeline stage, no
+    copies), padded vocabulary rows included."""
     t, ep = cfg.topology.tp, cfg.topology.ep
     return sum(p.numel * (t if p.tp_split else 1) * (ep if p.expert else 1)
-               for p in param_table(cfg))
+               for p in _table(cfg, range(cfg.model.num_layers), True, True))
 
 
 @dataclass(frozen=True)
@@ -133,6 +146,7 @@ class FlatSpec:
     numel: int  # parameters in it
     group: str  # dp | edp: where its gradients are reduced and, with ZeRO-1, its state sharded
     shards: int  # ZeRO-1: the group's size; else 1
+    copy: bool = False  # the tied embedding's last-stage copy (kept apart, as the optimizer does)
 
     @property
     def padded(self) -> int:
@@ -143,18 +157,19 @@ class FlatSpec:
         return self.padded // self.shards
 
 
-def flat_groups(cfg: Config) -> list[FlatSpec]:
-    """The optimizer's flat groups, keyed (expert, decay, TP-split) in the order it builds them."""
+def flat_groups(cfg: Config, pp_rank: int = 0) -> list[FlatSpec]:
+    """The optimizer's flat groups on pipeline rank `pp_rank`, keyed (expert, decay, TP-split,
+    pipeline copy) in the order it builds them."""
     keyed: dict[tuple, int] = {}
-    for p in param_table(cfg):
-        key = (p.expert, p.decay, p.tp_split)
+    for p in param_table(cfg, pp_rank):
+        key = (p.expert, p.decay, p.tp_split, p.copy)
         keyed[key] = keyed.get(key, 0) + p.numel
     topo, zero = cfg.topology, cfg.optim.use_distributed_optimizer
     out = []
-    for (expert, decay, tp_split), numel in keyed.items():
+    for (expert, decay, tp_split, copy), numel in keyed.items():
         group = "edp" if expert else "dp"
         size = topo.edp if expert else topo.dp
-        out.append(FlatSpec(expert, decay, tp_split, numel, group, size if zero else 1))
+        out.append(FlatSpec(expert, decay, tp_split, numel, group, size if zero else 1, copy))
     return out
 
 
@@ -170,8 +185,9 @@ def grad_bytes(cfg: Config) -> int:
     return _FP32 if cfg.optim.accumulate_grads_in_fp32 else param_bytes(cfg)
 
 
-def optimizer_state_bytes(cfg: Config) -> int:
+def optimizer_state_bytes(cfg: Config, pp_rank: int = 0) -> int:
     """Adam moments (fp32) of this rank's shard, plus fp32 master weights unless the parameters are
-    fp32 themselves (then they are their own master copy): Optimizer.state_bytes()."""
+    fp32 themselves (then they are their own master copy): Optimizer.state_bytes(). The tied
+    embedding's last-stage copy has its own (updated alike from the same summed gradient)."""
     per = 2 * _FP32 + (0 if cfg.model.params_dtype == torch.float32 else _FP32)
-    return sum(per * fg.shard for fg in flat_groups(cfg))
+    return sum(per * fg.shard for fg in flat_groups(cfg, pp_rank))

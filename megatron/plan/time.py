@@ -1,26 +1,31 @@
 """Time of one step: compute (FLOPs at an assumed efficiency of the peak) plus every collective
 by an alpha-beta model over the cluster's links, serialized: nothing here assumes communication
-hides behind compute. The cluster presets (and their sources) live here.
+hides behind compute. With a pipeline, P2P sends to the neighbouring stages' ranks (over the link
+between them) and the schedule's bubble (megatron/plan/pipeline.py) are added. The cluster
+presets (and their sources) live here.
 
 Shapes as in megatron/plan/shapes.py."""
 
 from __future__ import annotations
 
+import dataclasses
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron.parallel.topology import Topology
-from megatron.plan.comm import Traffic, comm_per_step
+from megatron.plan import pipeline
+from megatron.plan.comm import Traffic, comm_per_step, step_parts
 from megatron.plan.params import experts_in, qkv_size
 from megatron.plan.shapes import _layer_kinds, micro_shapes, num_microbatches
 from megatron.training.config import Config
 
 
 # ---- compute -------------------------------------------------------------------------------------
-def flops_per_rank(cfg: Config) -> float:
-    """FLOPs one rank computes in one step: forward x 3 (backward twice the forward), plus the
-    recomputed forward. Experts count the capacity rows each rank computes, padding included."""
+def flops_per_rank(cfg: Config, pp_rank: int = 0) -> float:
+    """FLOPs one rank of pipeline rank `pp_rank` computes in one step (its layers, and the output
+    layer on the last stage): forward x 3 (backward twice the forward), plus the recomputed
+    forward. Experts count the capacity rows each rank computes, padding included."""
     m, topo = cfg.model, cfg.topology
     t = topo.tp
     T, _ = micro_shapes(cfg)
@@ -29,9 +34,11 @@ def flops_per_rank(cfg: Config) -> float:
     # QKV, projection, scores + context
     attn = T * (2 * H * qkv_size(m) + 2 * H * H + 4 * s * H) / t
     dense = T * gemm * H * m.ffn_hidden_size / t
-    fwd = []
-    for i, kind in enumerate(_layer_kinds(cfg)):
-        layer = attn
+    fwd = {}
+    kinds = _layer_kinds(cfg)
+    layers = pipeline.rank_layers(cfg, pp_rank)
+    for i in layers:
+        kind, layer = kinds[i], attn
         if kind == "moe":
             moe, E = cfg.moe, experts_in(cfg, i)
             _, C = micro_shapes(cfg, E)
@@ -41,12 +48,12 @@ def flops_per_rank(cfg: Config) -> float:
                 layer += dense
         else:
             layer += dense
-        fwd.append(layer)
-    head = 2 * T * H * m.padded_vocab_size / t
-    recomputed = sum(fwd[i] for c in cfg.recompute.full_chunks(m.num_layers) for i in c)
+        fwd[i] = layer
+    head = 2 * T * H * m.padded_vocab_size / t if pipeline.holds_last(cfg, pp_rank) else 0
+    recomputed = sum(fwd[i] for c in pipeline.checkpoint_chunks(cfg, pp_rank) for i in c)
     if cfg.recompute.granularity == "selective":
-        recomputed = m.num_layers * T * 4 * s * H / t
-    per_micro = 3 * (sum(fwd) + head) + recomputed
+        recomputed = len(layers) * T * 4 * s * H / t
+    per_micro = 3 * (sum(fwd.values()) + head) + recomputed
     return per_micro * num_microbatches(cfg)
 
 
@@ -131,7 +138,8 @@ def group_links(topo: Topology, cluster: Cluster) -> dict[str, Link]:
     this kind with members on it); its all-to-all sends each off-node peer's share through the
     node's injection, shared by all the node's ranks."""
     tables = {"tp": topo.tp_groups(), "dp": topo.dp_groups(), "ep": topo.ep_groups(),
-              "edp": topo.edp_groups(), "world": [list(range(topo.world_size))]}
+              "edp": topo.edp_groups(), "world": [list(range(topo.world_size))],
+              "pp": topo.pp_groups(), "embedding": topo.embedding_groups()}
     gpn = cluster.gpus_per_node
     out = {}
     for name, groups in tables.items():
@@ -152,6 +160,38 @@ def group_links(topo: Topology, cluster: Cluster) -> dict[str, Link]:
     return out
 
 
+def p2p_link(cfg: Config, cluster: Cluster, pp_rank: int) -> Link:
+    """The link pipeline rank `pp_rank`'s stages send their neighbours over (the PP group's ranks
+    sit TP x DP apart in megatron-core's order, so PP usually crosses nodes): the intra-node
+    figures when every neighbour of this rank lives on its node; otherwise the node's injection
+    shared by those of its ranks that send off the node at the same time (every rank of a node
+    sends its stage boundary at once), at most one GPU's intra-node bandwidth."""
+    topo, gpn = cfg.topology, cluster.gpus_per_node
+
+    owner = {i: q for q in pipeline.pp_ranks(cfg) for i in pipeline.stage_indices(cfg, q)}
+    neighbours = []  # per pipeline rank: the pipeline ranks its stages exchange with
+    for q in pipeline.pp_ranks(cfg):
+        near = set()
+        for st in pipeline.stages_of(cfg, q):
+            near |= {owner[st.index - 1]} if st.recv_prev else set()
+            near |= {owner[st.index + 1]} if st.send_next else set()
+        neighbours.append(near)
+
+    def off_node(rank: int) -> bool:
+        c = topo.coords(rank)
+        return any(topo.rank(tp=c.tp, dp=c.dp, pp=q) // gpn != rank // gpn
+                   for q in neighbours[c.pp])
+
+    me = topo.rank(pp=pp_rank)
+    if not off_node(me):
+        return Link(2, True, cluster.intra_bandwidth, cluster.intra_latency, 2,
+                    cluster.intra_bandwidth)
+    node = me // gpn
+    crossing = sum(off_node(r) for r in range(node * gpn, min((node + 1) * gpn, topo.world_size)))
+    bandwidth = min(cluster.intra_bandwidth, cluster.inter_bandwidth / max(1, crossing))
+    return Link(2, False, bandwidth, cluster.inter_latency, 1, bandwidth)
+
+
 def collective_seconds(kind: str, traffic: Traffic, link: Link) -> float:
     """Alpha-beta time of `traffic.calls` collectives sending `traffic.bytes` in all (send-buffer
     bytes): ring all-reduce 2(n-1)/n B, all-gather (n-1) S, reduce-scatter (n-1)/n B, each at the
@@ -159,6 +199,10 @@ def collective_seconds(kind: str, traffic: Traffic, link: Link) -> float:
     through the rank's share of the node's injection, concurrently with the on-node part."""
     n, B = link.size, traffic.bytes
     if n <= 1:
+        return 0.0
+    if kind == "send":  # P2P: one message at a time over the link to the neighbour
+        return traffic.calls * link.latency + B / link.ring_bandwidth
+    if kind == "recv":  # the neighbour's send, timed on its side (counted once)
         return 0.0
     if kind == "all_reduce":
         return 2 * (n - 1) * (traffic.calls * link.latency + B / n / link.ring_bandwidth)
@@ -178,15 +222,46 @@ def collective_seconds(kind: str, traffic: Traffic, link: Link) -> float:
 class StepTime:
     compute: float
     comm: dict[str, float]  # "kind/group" -> seconds
+    # pipeline: seconds this rank waits, the schedule's bubble (megatron/plan/pipeline.py) plus
+    # the wait for a slower stage
+    bubble: float = 0.0
+    pp_rank: int = 0  # the pipeline rank timed
 
     @property
     def total(self) -> float:
-        return self.compute + sum(self.comm.values())
+        return self.compute + sum(self.comm.values()) + self.bubble
 
 
-def step_time(cfg: Config, cluster: Cluster, comm: Optional[dict] = None) -> StepTime:
-    comm = comm if comm is not None else comm_per_step(cfg)
+def step_time(cfg: Config, cluster: Cluster, comm: Optional[dict] = None,
+              pp_rank: Optional[int] = None) -> StepTime:
+    """One step on pipeline rank `pp_rank` (None: the rank that finishes last; without a pipeline
+    every rank alike). Serialized: compute, then every collective; `comm` replaces the planned
+    collectives (without a pipeline only). With a pipeline the ranks run their micro-batches
+    (compute, the collectives inside a stage, the P2P sends) at the pace of the slowest, whose
+    busy time B stretches by the bubble f: B f / (1 - f); then each its gradient reduction and
+    optimizer step."""
     links = group_links(cfg.topology, cluster)
-    compute = flops_per_rank(cfg) / (cluster.peak_flops * cluster.efficiency)
-    return StepTime(compute, {f"{k}/{g}": collective_seconds(k, t, links[g])
-                              for (k, g), t in comm.items()})
+    speed = cluster.peak_flops * cluster.efficiency
+    P = pipeline.pp_size(cfg)
+    if P == 1:
+        comm = comm if comm is not None else comm_per_step(cfg)
+        return StepTime(flops_per_rank(cfg) / speed,
+                        {f"{k}/{g}": collective_seconds(k, t, links[g])
+                         for (k, g), t in comm.items()})
+    m = num_microbatches(cfg)
+    ranks = []
+    for r in pipeline.pp_ranks(cfg):
+        mine = {**links, "pp": p2p_link(cfg, cluster, r)}
+        micro, _ = step_parts(cfg, r)
+        busy = flops_per_rank(cfg, r) / speed + m * sum(
+            collective_seconds(k, t, mine[g]) for (k, g), t in micro.result().items())
+        seconds = {f"{k}/{g}": collective_seconds(k, t, mine[g])
+                   for (k, g), t in comm_per_step(cfg, r).items()}
+        ranks.append((busy, StepTime(flops_per_rank(cfg, r) / speed, seconds, 0.0, r)))
+    slowest = max(busy for busy, _ in ranks)
+    f = pipeline.bubble_fraction(cfg, m)
+    bubble = slowest * f / (1 - f)
+    timed = [dataclasses.replace(t, bubble=slowest - busy + bubble) for busy, t in ranks]
+    if pp_rank is not None:
+        return timed[pp_rank]
+    return max(timed, key=lambda t: (t.total, -t.pp_rank))
