@@ -20,10 +20,14 @@ warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not
 
 from megatron.launch import faults  # noqa: E402  (light: no torch, so it can run first)
 from megatron.cli.preflight import EXIT_BAD_INPUT, load_config  # noqa: E402  (light too)
+from megatron.training.exits import catch_early  # noqa: E402  (light too)
 
 
 def main(argv=None):
     faults.die_with_launcher()  # first: killing torchrun during the imports must end us too
+    # a preemption warning (or Ctrl-C) during the imports, the join or the load is remembered and
+    # honoured at the first iteration that can save, instead of killing a rank with no checkpoint
+    catch_early(sys.argv[1:] if argv is None else list(argv))
     cfg, tokenizer = load_config(argv)
     import torch
 
@@ -51,7 +55,9 @@ def main(argv=None):
         raise
     # raised on every rank alike: the reduced loss, the load
     except (NonFiniteError, CheckpointError) as e:
-        status = EXIT_BAD_INPUT if isinstance(e, CheckpointError) else faults.EXIT_FAULT
+        # a bad checkpoint to load is bad input; a save failing at run time (exit_status 1) not
+        status = (getattr(e, "exit_status", EXIT_BAD_INPUT) if isinstance(e, CheckpointError)
+                  else faults.EXIT_FAULT)
         if launch_env().rank == 0:
             faults.say("error", str(e))
         finish_distributed(status)  # a rank alone in it: the others stop after the watchdog's grace

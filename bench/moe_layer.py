@@ -5,7 +5,9 @@ per layout, capacity factor and routing skew, on gloo.
 For every (TP, EP, DP) one local gloo world runs. For every case (capacity factor 1.0, 1.25,
 2.0 and no-drop; each with a plain and a skewed router, where one expert gets 4x its share of
 the assignments) every rank builds, with the same gate weights and input: our layer padded,
-our layer padding-free, DeepSpeed's layer (where it runs: its TP path fails on gloo as shipped),
+our layer padding-free, both again with DTD off where TP > 1 (rows with `dtd` false: the
+all-to-all carries TP times the bytes), DeepSpeed's layer (where it runs: its TP path fails on
+gloo as shipped),
 the floors: our experts alone on the rows each path computes (the padded buffer
 [E_l, TP * EP * C, H]; the real rows, grouped), and the rest: each of our layers with its
 experts replaced by the identity (router, dispatch and combine alone, forward and backward).
@@ -81,14 +83,14 @@ def _model_config(opts):
                        hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def _our_layer(opts, groups, cf, pad_free: bool, skew: bool):
+def _our_layer(opts, groups, cf, pad_free: bool, skew: bool, dtd: bool = True):
     from megatron.model.params import init_parameters
     from ted_patches.config import MoEConfig
     from ted_patches.moe_layer import MoELayer
 
     cfg = MoEConfig(num_experts=opts.experts, layers=(0,), topk=opts.topk,
                     capacity_factor=cf or 1.0, eval_capacity_factor=cf or 1.0,
-                    drop_tokens=cf is not None, pad_free=pad_free)
+                    drop_tokens=cf is not None, pad_free=pad_free, dtd=dtd)
     holder = torch.nn.Module()
     holder.moe = MoELayer(_model_config(opts), cfg, groups)
     init_parameters(holder, 1234, groups)
@@ -198,6 +200,20 @@ def _summary(ts: list[float]) -> dict:
     return dict(median=statistics.median(ts), min=min(ts), max=max(ts), iqr=q[2] - q[0])
 
 
+# our layer padded and padding-free (DTD on where TP > 1), the same with DTD off (TP > 1 only),
+# DeepSpeed's (TP 1 only)
+IMPLS = ("padded", "pad-free", "padded dtd-off", "pad-free dtd-off", "deepspeed")
+
+
+def _name(pad_free: bool, dtd: bool) -> str:
+    return ("pad-free" if pad_free else "padded") + ("" if dtd else " dtd-off")
+
+
+def _layer_of(layers: dict, name: str):
+    pad_free = name.startswith("pad-free")
+    return layers[pad_free, "off"] if name.endswith("dtd-off") else layers[pad_free]
+
+
 def measure(tp: int, ep: int, opts) -> list[dict] | None:
     """On every rank of a world of TP x DP; rank 0 returns the rows."""
     _allocator(opts)
@@ -226,9 +242,13 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
     if tp == 1:
         steps["deepspeed"] = _step_of(_ds_layer(opts, groups, cf, layers[False].router.weight),
                                       x, probe, opts.hidden)
+    else:  # DTD off beside on: the all-to-all carries TP times the bytes (the paper's saving)
+        for pf in (False, True):
+            layers[pf, "off"] = _our_layer(opts, groups, cf, pf, skew, dtd=False)
+            steps[_name(pf, False)] = _step_of(layers[pf, "off"], x, probe, opts.hidden)
     info, shapes = {}, {}
     # one untimed pass each: warm-up, bytes, expert shapes
-    for name in ("padded", "pad-free", "deepspeed"):
+    for name in IMPLS:
         if name not in steps:
             continue
         groups.ledger.reset()
@@ -236,7 +256,7 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
             if name == "deepspeed":
                 steps[name]()
             else:
-                shapes[name] = _expert_shapes(layers[name == "pad-free"], steps[name])
+                shapes[name] = _expert_shapes(_layer_of(layers, name), steps[name])
         info[name] = dict(a2a=(counter.nbytes if name == "deepspeed"
                                else groups.ledger.nbytes("all_to_all", "ep")),
                           ag=groups.ledger.nbytes("all_gather", "tp"),
@@ -244,8 +264,8 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
                           ar=groups.ledger.nbytes("all_reduce", "tp"))
     steps["gemms-padded"] = _gemm_step(layers[False].experts, shapes["padded"], opts.hidden)
     steps["gemms-pad-free"] = _gemm_step(layers[True].experts, shapes["pad-free"], opts.hidden)
-    steps["rest-padded"] = _without_experts(layers[False], steps["padded"])
-    steps["rest-pad-free"] = _without_experts(layers[True], steps["pad-free"])
+    for name in [n for n in IMPLS if n in steps and n != "deepspeed"]:
+        steps["rest-" + name] = _without_experts(_layer_of(layers, name), steps[name])
     with torch.no_grad():
         _, aux = layers[False](x.view(1, -1, opts.hidden))
     dropped = aux.dropped
@@ -264,13 +284,13 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
         return round(statistics.median(r), 3), round(min(r), 3), round(max(r), 3)
 
     out = []
-    for name in ("padded", "pad-free", "deepspeed"):
-        pad_free = name == "pad-free"
+    for name in [n for n in IMPLS if n in steps or n == "deepspeed"]:
+        pad_free = name.startswith("pad-free")
         floor = "gemms-pad-free" if pad_free else "gemms-padded"
-        kind, dims = shapes["pad-free" if pad_free else "padded"]
+        kind, dims = shapes.get(name, shapes["pad-free" if pad_free else "padded"])
         row = dict(impl="deepspeed" if name == "deepspeed" else "ours", tp=tp, ep=ep,
                    dp=groups.dp.size, topk=opts.topk, capacity_factor=cf, pad_free=pad_free,
-                   skew=skew, dtd=tp > 1 and name != "deepspeed",
+                   skew=skew, dtd=tp > 1 and name in ("padded", "pad-free"),
                    tokens_per_rank=opts.tokens, dropped=round(dropped, 4),
                    expert_rows=dims[0] * dims[1] if kind == "padded" else sum(dims),
                    reps=opts.iters)
@@ -291,7 +311,7 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
                    tp_allreduce_bytes_per_rank=info[name]["ar"])
         row["overhead_vs_gemms"] = round(row["overhead_vs_gemms"], 3)
         if name != "deepspeed":
-            rest = "rest-pad-free" if pad_free else "rest-padded"
+            rest = "rest-" + name
             row["ms_router_dispatch_combine"] = round(_summary(times[rest])["median"], 2)
             row["router_dispatch_combine_vs_gemms"] = ratio(rest, floor)[0]
         if "deepspeed" in steps and name != "deepspeed":
@@ -299,7 +319,7 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
              row["ratio_vs_deepspeed_max"]) = ratio(name, "deepspeed")
         if pad_free:
             (row["ratio_vs_padded"], row["ratio_vs_padded_min"],
-             row["ratio_vs_padded_max"]) = ratio(name, "padded")
+             row["ratio_vs_padded_max"]) = ratio(name, _name(False, row["dtd"] or tp == 1))
         out.append(row)
     return out
 
@@ -341,7 +361,8 @@ def table(rows: list[dict]) -> str:
         layout = f"({r['tp']},{r['ep']},{r['dp']})"
         cf = "no-drop" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
         impl = ("deepspeed" if r["impl"] == "deepspeed"
-                else ("ours pad-free" if r["pad_free"] else "ours padded"))
+                else ("ours pad-free" if r["pad_free"] else "ours padded")
+                + ("" if r["dtd"] or r["tp"] == 1 else ", DTD off"))
         if r["ms_fwd_bwd"] is None:
             lines.append(" | ".join([layout, cf, "on" if r["skew"] else "off", impl, "-", "-",
                                      "does not run", "-", "-", "-", "-", "-"]))

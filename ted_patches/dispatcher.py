@@ -168,6 +168,16 @@ def _slice_starts(count: int, slices: int) -> list[int]:
     return [(s * count + slices - 1) // slices for s in range(slices + 1)]
 
 
+def _kept_slots(routing: Routing) -> torch.Tensor:
+    """slot_A with every dropped assignment's slot set to 0. A dropped slot means nothing (the
+    probs policy leaves -1 there, the others a slot past capacity), yet the padding-free plan
+    computes a row for every assignment before masking the dropped ones: each must index in
+    range."""
+    if not routing.may_drop:
+        return routing.slot_A
+    return torch.where(routing.keep_A, routing.slot_A, 0)
+
+
 class Dispatcher:
     def __init__(self, groups: TEDGroups, num_experts: int, topk: int, dtd: bool):
         self.groups, self.num_experts, self.topk = groups, num_experts, topk
@@ -257,7 +267,7 @@ class Dispatcher:
         local = [sum(counts[i][j * El + l] for i in range(EP)) for l in range(El)]
         tight = self._tight(dev, local)
         cmax = max(local + [1])
-        expert_A, slot_A = routing.expert_A, routing.slot_A
+        expert_A, slot_A = routing.expert_A, _kept_slots(routing)
         if S == 1 and EP == 1:  # 2. no communication: build the experts' layout directly
             if tight:
                 rows, row_A = El * cmax, expert_A * cmax + slot_A
@@ -283,10 +293,9 @@ class Dispatcher:
         lo_SE = torch.tensor([[starts[e][s] for e in range(E)] for s in range(S)],
                              device=dev).view(-1)
         off_SE = torch.tensor(off, device=dev, dtype=torch.int64).view(-1)
-        # the slice of each slot (clamped: a dropped assignment's slot may lie past its expert's)
+        # the slice of each slot: slot_A < kept_E[e] (dropped ones read slot 0), so s_A < S
         if S > 1:
-            s_A = ((slot_A * S)
-                   // routing.kept_E.clamp(min=1).index_select(0, expert_A)).clamp(max=S - 1)
+            s_A = (slot_A * S) // routing.kept_E.clamp(min=1).index_select(0, expert_A)
         else:
             s_A = torch.zeros_like(slot_A)
         flat = s_A * E + expert_A

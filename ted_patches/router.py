@@ -39,7 +39,8 @@ class Routing:
     zero weight."""
 
     expert_A: torch.Tensor  # expert (global id) of each assignment
-    # its position in the expert's slots, in [0, kept_E[e]); meaningful where keep_A
+    # its position in the expert's slots, in [0, kept_E[e]); meaningful ONLY where keep_A (a
+    # dropped one holds -1 under the probs policy, a slot past capacity under the others)
     slot_A: torch.Tensor
     keep_A: torch.Tensor  # bool: survived the capacity limit
     weight_A: torch.Tensor  # gate weight (fp32, differentiable), exactly 0 where dropped

@@ -17,7 +17,7 @@ def json_lines(script: str, *args) -> list[dict]:
 
 
 def test_moe_layer_bench_json():
-    rows = json_lines("moe_layer.py", "--layouts", "1,2,2 2,1,1", "--hidden", "32", "--ffn", "64",
+    rows = json_lines("moe_layer.py", "--layouts", "1,2,2 2,2,2", "--hidden", "32", "--ffn", "64",
                       "--tokens", "64", "--iters", "2", "--warmup", "0")
     keys = {"impl", "tp", "ep", "dp", "topk", "capacity_factor", "pad_free", "skew", "ms_fwd_bwd",
             "ms_expert_gemms", "a2a_bytes_per_rank"}
@@ -26,7 +26,7 @@ def test_moe_layer_bench_json():
     # on, and the three implementations (DeepSpeed's does not run with TP > 1: its row says so)
     cases = {(r["tp"], r["ep"], r["capacity_factor"], r["skew"], r["impl"], r["pad_free"])
              for r in rows}
-    assert cases == {(tp, ep, cf, skew, impl, pf) for tp, ep in ((1, 2), (2, 1))
+    assert cases == {(tp, ep, cf, skew, impl, pf) for tp, ep in ((1, 2), (2, 2))
                      for cf in (1.0, 1.25, 2.0, None) for skew in (False, True)
                      for impl, pf in (("ours", False), ("ours", True), ("deepspeed", False))}
     assert all(r["ms_fwd_bwd"] is None for r in rows if r["impl"] == "deepspeed" and r["tp"] > 1)
@@ -46,6 +46,17 @@ def test_moe_layer_bench_json():
             # only kept tokens
             assert 0 < packed["a2a_bytes_per_rank"] <= padded["a2a_bytes_per_rank"]
             assert packed["expert_rows"] <= padded["expert_rows"] and "ratio_vs_deepspeed" in packed
+    # DTD on and off side by side at TP 2: the padded all-to-all carries exactly 1/TP the bytes
+    tp2 = {(r["capacity_factor"], r["skew"], r["pad_free"], r["dtd"]): r for r in rows
+           if r["tp"] == 2 and r["impl"] == "ours"}
+    assert len(tp2) == 4 * 2 * 2 * 2 and all("dtd" in r for r in rows)
+    for cf in (1.0, 1.25, 2.0, None):
+        for skew in (False, True):
+            on, off = tp2[(cf, skew, False, True)], tp2[(cf, skew, False, False)]
+            assert off["a2a_bytes_per_rank"] == 2 * on["a2a_bytes_per_rank"] > 0
+            assert off["ms_fwd_bwd"] > 0 and "ratio_vs_padded" in tp2[(cf, skew, True, False)]
+            free_on, free_off = tp2[(cf, skew, True, True)], tp2[(cf, skew, True, False)]
+            assert 0 < free_on["a2a_bytes_per_rank"] < free_off["a2a_bytes_per_rank"]
     skewed, plain = by[(2, None, True, "ours", False)], by[(2, None, False, "ours", False)]
     # no-drop pads every expert to the skewed one
     assert skewed["expert_rows"] > plain["expert_rows"]

@@ -147,6 +147,14 @@ def test_empty_split_is_skipped_or_refused_instead_of_hanging(corpus, tmp_path):
         signal.signal(signal.SIGALRM, previous)
 
 
+def test_a_split_with_no_share_but_eval_iters_is_one_warning(corpus):
+    """--split 100,0,0 with --eval-iters 2: validation and test are skipped, each said once."""
+    assert check_data([corpus["a"]], "100,0,0", (10, 2, 2)) == [
+        f"--split 100,0,0 gives the {name} split no share: training without {name} evaluation "
+        "(give it a share, e.g. --split 969,30,1, to have one)" for name in ("valid", "test")]
+    assert check_data([corpus["a"]], "100,0,0", (10, 0, 0)) == []  # --eval-iters 0: nothing asked
+
+
 def test_blend_two_prefixes_by_weight(corpus, tmp_path):
     train, valid, _ = build(["1", corpus["a"], "3", corpus["b"]], tmp_path,
                             num_samples=(400, 20, 0))

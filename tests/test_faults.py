@@ -150,6 +150,38 @@ def test_launcher_variables_errors_are_printed_once(capsys, one_process):
     assert status == 2 and "WORLD_SIZE is set but RANK is not" in err and err.count("\n") == 1, err
 
 
+def test_plain_python_with_a_layout_above_1_is_told_to_use_torchrun(capsys, one_process):
+    status, err = load_fails(BASE + ["--mock-data", "--tensor-model-parallel-size", "2",
+                                     "--num-experts", "4", "--expert-model-parallel-size", "2"],
+                             capsys)
+    assert status == 2 and err.startswith("pretrain_gpt_moe.py: error: world size 1 is not "
+                                          "divisible by --tensor-model-parallel-size 2"), err
+    assert "launch the layout's 4 ranks: torchrun --nproc-per-node 4" in err, err
+
+
+def test_a_binary_vocab_file_suggests_the_sentencepiece_tokenizer(tmp_path, capsys, one_process):
+    model = tmp_path / "spm.model"
+    model.write_bytes(b"\n\x80\xff\x01 sentencepiece-like protobuf bytes")
+    status, err = load_fails(BASE + ["--mock-data", "--tokenizer-type", "GPT2BPETokenizer",
+                                     "--vocab-file", str(model), "--merge-file", str(model)],
+                             capsys)
+    assert status == 2 and (f"--vocab-file {model} is not a JSON vocabulary" in err
+                            and "--tokenizer-type SentencePieceTokenizer --tokenizer-model "
+                                f"{model}" in err), err
+
+
+def test_no_cuda_warning_on_a_cpu_run_under_torchrun(tmp_path):
+    """megatron-core asks each rank for CUDA_DEVICE_MAX_CONNECTIONS=1 (CUDA stream order): not on
+    a CPU, where the README's torchrun example runs without the quickstart's warning filters."""
+    env = {k: v for k, v in quiet_env().items()
+           if k not in ("PYTHONWARNINGS", "CUDA_DEVICE_MAX_CONNECTIONS")}
+    done = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", SCRIPT, *TINY,
+                           "--tensor-model-parallel-size", "2", "--train-iters", "2"],
+                          env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "CUDA_DEVICE_MAX_CONNECTIONS" not in done.stderr, done.stderr[-3000:]
+
+
 def test_a_torchrun_launch_with_a_bad_flag_prints_our_line_first_and_once(tmp_path):
     done = subprocess.run(["torchrun", "--standalone", "--nproc-per-node", "2", SCRIPT, *BASE,
                            "--mock-data", "--no-such-flag"], env=quiet_env(), cwd=ROOT,

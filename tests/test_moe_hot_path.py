@@ -20,7 +20,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from harness import run, ted_groups
 from megatron.parallel import comm
-from ted_patches.config import MoEConfig
+from ted_patches.config import DROP_POLICIES, MoEConfig
 from util import MoEOnly, rel_err, tiny_model_config
 
 MBS, SEQ, H = 4, 16, 32
@@ -221,6 +221,34 @@ def test_pad_free_layouts_equal_padded_across_ranks(tp, ep, dp):
     for rank, errs in enumerate(run(tp * dp, layouts_case, tp, ep)):
         bad = {k: v for k, v in errs.items() if v > TOL}
         assert not bad, f"rank {rank}: {bad}"
+
+
+# every drop policy x k at every (TP, EP) in {1, 2}^2 (DTD on, as by default): the probs policy's
+# dropped assignments carry no meaningful slot, which the padding-free plan must not read
+POLICY_MATRIX = [(policy, k) for policy in DROP_POLICIES for k in (1, 2, 3)]
+
+
+def policies_case(layouts) -> dict:
+    """{(tp, ep, policy, k): the worst relative error of padding-free against padded} on this
+    rank, for each (tp, ep) of `layouts` (several layouts share one world)."""
+    out = {}
+    for tp, ep in layouts:
+        groups = ted_groups(tp, ep)
+        x, probe = layer_input(groups.dp.rank)
+        for policy, k in POLICY_MATRIX:
+            cfg = moe_config(topk=k, drop_policy=policy)
+            out[(tp, ep, policy, k)] = max(_compare(tiny_model_config(), cfg, groups, x,
+                                                    probe).values())
+    return out
+
+
+@pytest.mark.parametrize("world,layouts", [(1, [(1, 1)]), (2, [(1, 2), (2, 1)]), (4, [(2, 2)])])
+def test_pad_free_equals_padded_for_every_drop_policy_and_layout(world, layouts):
+    for rank, errs in enumerate(run(world, policies_case, layouts)):
+        assert len(errs) == len(layouts) * len(POLICY_MATRIX)
+        bad = {k: v for k, v in errs.items() if v > TOL}
+        assert not bad, f"rank {rank}: {bad}"
+        print(f"rank {rank}: worst {max(errs.values()):.2e} over {len(errs)} cases")
 
 
 def packed_sends_case(tp: int, ep: int) -> dict:

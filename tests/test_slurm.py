@@ -7,6 +7,7 @@ world sizes it names (no Slurm needed for that)."""
 import json
 import os
 import re
+import signal
 import subprocess
 import sys
 import time
@@ -35,11 +36,12 @@ def slurm(tmp_path_factory):
     cluster.stop()
 
 
-def submit(cluster, tmp_path, **env) -> str:
+def submit(cluster, tmp_path, sbatch_args=(), **env) -> str:
     env = {"TED_ROOT": ROOT, "TED_VENV": sys.prefix, "TED_CONFIG": "tests/slurm_tiny.sh",
            "PYTHONWARNINGS": "ignore", "TED_SAVE": str(tmp_path / "checkpoints"), **env}
-    done = cluster.run("sbatch", "--parsable", *CPU_JOB, "--output", f"{tmp_path}/%x-%j.out",
-                       "--error", f"{tmp_path}/%x-%j.err", SBATCH, env=env, cwd=ROOT)
+    done = cluster.run("sbatch", "--parsable", *CPU_JOB, *sbatch_args, "--output",
+                       f"{tmp_path}/%x-%j.out", "--error", f"{tmp_path}/%x-%j.err", SBATCH,
+                       env=env, cwd=ROOT)
     return done.stdout.strip().split(";")[0]
 
 
@@ -113,6 +115,27 @@ def test_sbatch_torchrun_per_node_variant(slurm, tmp_path):
           "sbatch to COMPLETED")
 
 
+@pytest.mark.slurm
+def test_a_time_limit_warning_during_start_up_checkpoints_and_does_not_loop(slurm, tmp_path):
+    """USR1 at the job's start (its warning time is its whole time limit), a run that would never
+    finish: each run is warned while its ranks start, saves at the first iteration it can, and
+    the job requeues itself TED_MAX_REQUEUES times, not more."""
+    start = time.monotonic()
+    job = submit(slurm, tmp_path, ("--time", "2", "--signal", "B:USR1@120"), TINY_ITERS="100000",
+                 TED_SAVE_INTERVAL="100000", TED_MAX_REQUEUES="1", TED_RESIGNAL_S="2")
+    info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"},
+                            timeout=400)
+    out, err = logs(tmp_path, job)
+    assert (info["JobState"] == "COMPLETED" and info["ExitCode"] == "0:0"
+            and info["Restarts"] == "1"), (info, out, err)
+    stops = [int(i) for i in re.findall(r"> exiting at iteration (\d+): SIGUSR1 received", out)]
+    assert len(stops) == 2 and stops[0] < stops[1] == tracker(tmp_path / "checkpoints"), out
+    assert "checkpoint 0 -> " in err and "requeued 1 times already (TED_MAX_REQUEUES=1)" in err
+    assert "User defined signal" not in err and "Traceback" not in err, err
+    print(f"\n[figure] Slurm job {job}, USR1 at start-up: saved at iterations {stops}, requeued "
+          f"once, then stopped (TED_MAX_REQUEUES=1); {time.monotonic() - start:.1f} s in all")
+
+
 # ---- the example configurations ------------------------------------------------------------------
 STUB_SRUN = """#!{python}
 import json, os, sys
@@ -157,9 +180,11 @@ def gpt2_corpus(tmp_path):
 def test_paper_configurations_parse_at_the_world_sizes_they_name(config, world, tmp_path,
                                                                  gpt2_corpus, monkeypatch):
     argv = composed_argv(tmp_path, f"examples/{config}", world)
-    assert (argv[0] == "--kill-on-bad-exit=1"
-            and argv[1:3] == ["python", "pretrain_gpt_moe.py"]), argv[:4]
-    flags = argv[3:]
+    # each task starts with USR1 ignored until pretrain_gpt_moe.py catches it
+    script = argv.index("pretrain_gpt_moe.py")
+    assert (argv[:3] == ["--kill-on-bad-exit=1", "bash", "-c"] and "trap \"\" USR1" in argv[3]
+            and argv[script - 1] == "python"), argv[:7]
+    flags = argv[script + 1:]
     for name, value in (("RANK", "0"), ("WORLD_SIZE", str(world)), ("MASTER_ADDR", "node001"),
                         ("MASTER_PORT", "14242")):
         monkeypatch.setenv(name, value)
@@ -185,3 +210,56 @@ def test_the_torchrun_variant_starts_one_torchrun_per_node(tmp_path, gpt2_corpus
                              "--rdzv-id", "4242", "pretrain_gpt_moe.py"], torchrun
     assert ("--exit-signal" in torchrun
             and torchrun[torchrun.index("--exit-signal") + 1] == "SIGUSR1")
+
+
+# ---- the requeue decision, with srun and scontrol stubbed ---------------------------------------
+STUB_STEP = """#!{python}
+import os, signal, sys, time
+signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # a rank still importing: USR1 ignored
+open(os.environ["TED_STUB_STARTED"], "w").close()
+time.sleep(1.0)
+got = []
+signal.signal(signal.SIGUSR1, lambda *_: got.append(1))  # its handler is up
+end = time.monotonic() + 20
+while not got and time.monotonic() < end:
+    time.sleep(0.05)
+if got and os.environ.get("TED_STUB_SAVES"):
+    with open(os.path.join(os.environ["TED_SAVE"], "latest_checkpointed_iteration.txt"), "w") as f:
+        f.write(os.environ["TED_STUB_SAVES"])
+sys.exit(0 if got else 3)
+"""
+STUB_REQUEUE = '#!/bin/sh\n[ "$1" = requeue ] && echo "$@" >> "$TED_STUB_REQUEUES"; echo node001\n'
+
+
+@pytest.mark.parametrize("case", ["progress", "no progress", "limit reached"])
+def test_the_script_requeues_only_after_progress_and_at_most_n_times(case, tmp_path):
+    bin_dir, save = tmp_path / "bin", tmp_path / "ckpt"
+    bin_dir.mkdir()
+    save.mkdir()
+    (save / "latest_checkpointed_iteration.txt").write_text("5")
+    for name, text in (("srun", STUB_STEP.format(python=sys.executable)),
+                       ("scontrol", STUB_REQUEUE)):
+        (bin_dir / name).write_text(text)
+        (bin_dir / name).chmod(0o755)
+    started, requeues = tmp_path / "started", tmp_path / "requeues"
+    env = dict(os.environ, PATH=f"{bin_dir}:{os.environ['PATH']}", TED_ROOT=ROOT,
+               TED_VENV=sys.prefix, TED_CONFIG="tests/slurm_tiny.sh", TED_SAVE=str(save),
+               TED_STUB_STARTED=str(started), TED_STUB_REQUEUES=str(requeues),
+               TED_STUB_SAVES={"no progress": ""}.get(case, "9"), TED_RESIGNAL_S="0.3",
+               TED_MAX_REQUEUES="2", SLURM_RESTART_COUNT="2" if case == "limit reached" else "0",
+               SLURM_NTASKS="4", SLURM_NNODES="1", SLURM_JOB_ID="4242",
+               SLURM_JOB_NAME="gpt-moe-ted", SLURM_JOB_NODELIST="node001")
+    script = subprocess.Popen(["bash", SBATCH], env=env, stderr=subprocess.PIPE, text=True)
+    end = time.monotonic() + 30
+    while not started.exists() and time.monotonic() < end:
+        time.sleep(0.02)
+    script.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@120 sends, before the handler
+    err = script.communicate(timeout=60)[1]
+    # the step got USR1 after its handler was up (else it exits 3): the script said it again
+    assert script.returncode == 0, err
+    requeued = requeues.read_text() if requeues.exists() else ""
+    expected = {"progress": "checkpoint 5 -> 9; requeueing",
+                "no progress": "no checkpoint newer than iteration 5: not requeueing",
+                "limit reached": "requeued 2 times already (TED_MAX_REQUEUES=2)"}[case]
+    assert expected in err, err
+    assert requeued == ("requeue 4242\n" if case == "progress" else ""), (requeued, err)

@@ -9,6 +9,10 @@ Each new token re-runs the forward on the whole sequence (no KV cache: simple, a
 these sizes); the sequence stops at the model's --max-position-embeddings, at the end-of-document
 id (unless --ignore-eod) or after --max-new-tokens. The same flags and --seed give the same text.
 Padded vocabulary ids are never sampled: only the tokenizer's ids are candidates.
+
+--transformers DIR (greedy only) also continues the same prompt ids with Hugging Face
+transformers from DIR, a `tools/checkpoint_convert.py export` of the same checkpoint, prints both
+id lists and exits 1 when they differ: the export computes what we compute.
 """
 
 import argparse
@@ -48,13 +52,19 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "checkpoint's evaluation capacity")
     p.add_argument("--fp32", action="store_true",
                    help="compute in float32 whatever the checkpoint's dtype")
+    p.add_argument("--transformers", metavar="DIR",
+                   help="also generate greedily with transformers from DIR (an export of this "
+                        "checkpoint) and check the ids are ours; needs --temperature 0, implies "
+                        "--disable-moe-token-dropping (exports have no expert capacity)")
     args = p.parse_args(argv)
     for ok, message in ((args.max_new_tokens >= 0,
                          f"--max-new-tokens must be >= 0 (got {args.max_new_tokens})"),
                         (args.temperature >= 0,
                          f"--temperature must be >= 0 (got {args.temperature})"),
                         (args.top_k >= 0, f"--top-k must be >= 0 (got {args.top_k})"),
-                        (0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})")):
+                        (0 < args.top_p <= 1, f"--top-p must be in (0, 1] (got {args.top_p})"),
+                        (not args.transformers or args.temperature == 0,
+                         "--transformers compares greedy ids: add --temperature 0")):
         if not ok:
             p.error(message)
     return args
@@ -138,6 +148,36 @@ def load(path: str, groups, *, no_drop: bool = False, fp32: bool = False):
     return load_model(model_cfg, moe_cfg, tensors, groups), tokenizer
 
 
+# ---- the same ids from transformers -------------------------------------------------------------
+def transformers_ids(path: str, prompt_ids: list[int], max_new_tokens: int, eod) -> list[int]:
+    """Greedy ids after `prompt_ids` from the exported model in `path`, cut at `eod` as ours."""
+    if not os.path.isdir(path):
+        raise FileNotFoundError(f"--transformers {path}: no such directory (write it with "
+                                "tools/checkpoint_convert.py export)")
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging
+
+    logging.disable_progress_bar()  # a loading bar per weight file: noise beside two id lists
+    model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    out = model.generate(torch.tensor([prompt_ids]), attention_mask=torch.ones(1, len(prompt_ids),
+                                                                               dtype=torch.long),
+                         max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=None,
+                         pad_token_id=0)
+    new = out[0, len(prompt_ids):].tolist()
+    return new[:new.index(eod)] if eod in new else new
+
+
+def compare_with_transformers(args, ids: list[int], new: list[int], eod) -> None:
+    theirs = transformers_ids(args.transformers, ids, len(new) + (eod is not None), eod)[:len(new)]
+    print(f"ours:         {new}\ntransformers: {theirs}")
+    if theirs != new:
+        diverged = next(i for i, (a, b) in enumerate(zip(new, theirs)) if a != b)
+        print(f"generate.py: error: transformers ({args.transformers}) diverged at new token "
+              f"{diverged}: the export does not compute what the checkpoint does", file=sys.stderr)
+        sys.exit(1)
+    print(f"transformers ({args.transformers}) gives the same {len(new)} greedy ids")
+
+
 def main(argv=None) -> str:
     args = parse_args(argv)
     try:
@@ -145,18 +185,23 @@ def main(argv=None) -> str:
         from megatron.launch.initialize import initialize_distributed
 
         groups, _ = initialize_distributed(Topology(1), backend="gloo")
-        model, tokenizer = load(args.load, groups, no_drop=args.disable_moe_token_dropping,
-                                fp32=args.fp32)
+        no_drop = args.disable_moe_token_dropping or bool(args.transformers)
+        model, tokenizer = load(args.load, groups, no_drop=no_drop, fp32=args.fp32)
         prompt_ids = tokenizer.tokenize(args.prompt)
         start = ([] if prompt_ids
                  else [tokenizer.bos if tokenizer.bos is not None else tokenizer.eod])
         new = generate(model, start + prompt_ids, max_new_tokens=args.max_new_tokens,
                        temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
                        seed=args.seed, eod=None if args.ignore_eod else tokenizer.eod)
+        text = tokenizer.detokenize(prompt_ids + new)
+        if args.transformers:
+            print(text)
+            compare_with_transformers(args, start + prompt_ids, new,
+                                      None if args.ignore_eod else tokenizer.eod)
+            return text
     except (ValueError, KeyError, OSError) as e:
         print(f"generate.py: error: {e.args[0] if isinstance(e, KeyError) else e}", file=sys.stderr)
         sys.exit(2)
-    text = tokenizer.detokenize(prompt_ids + new)
     print(text)
     return text
 

@@ -2,6 +2,7 @@
 
 storage.py       stored tensors on DCP: the parts a rank holds, planners, the safe reader
 files.py         a checkpoint folder: metadata, tracker, atomic publishing, one-process reads/writes
+guards.py        the --save folder's lock, free space, leftovers of killed saves, retention
 rng_state.py     each rank's random streams
 checkpointer.py  saving and loading a training run (optimizer state, buffers, RNG)
 """

@@ -27,7 +27,9 @@ from typing import Optional
 import torch
 from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-from megatron.checkpoint.storage import CheckpointError, Parts, SafeReader, dcp_load, dcp_save
+from megatron.checkpoint.guards import LOCK
+from megatron.checkpoint.storage import (CheckpointError, Parts, SafeReader, dcp_load, dcp_save,
+                                         verify_chunks)
 from megatron.model.config import ModelConfig
 from ted_patches.config import MoEConfig
 
@@ -118,7 +120,7 @@ def find_checkpoint(path: str) -> Optional[str]:
         return None
     tracker = os.path.join(path, TRACKER)
     if os.path.isfile(tracker):
-        text = open(tracker).read().strip()
+        text = _read_tracker(tracker)
         if not text.isdigit():
             raise CheckpointError(f"{tracker} holds {text[:40]!r}, not an iteration number: the "
                                   "file is corrupt")
@@ -127,15 +129,27 @@ def find_checkpoint(path: str) -> Optional[str]:
             raise CheckpointError(f"{tracker} names iteration {text}, but {found} does not exist")
         return found
     entries = os.listdir(path)
-    complete = sorted(e for e in entries
-                      if e.startswith("iter_") and os.path.isfile(os.path.join(path, e, META)))
-    if complete:  # a save that finished but was killed before the tracker was written
+    # a save that finished but was killed before the tracker was written: renamed, so whole
+    # (an iter_N.tmp folder may hold its metadata file before every rank has written)
+    complete = sorted(e for e in entries if e.startswith("iter_") and e[5:].isdigit()
+                      and os.path.isfile(os.path.join(path, e, META)))
+    if complete:
         return os.path.join(path, complete[-1])
-    if all(e.endswith(".tmp") or e.endswith(".old") for e in entries):
-        return None
+    if all(e.endswith((".tmp", ".old")) or e == LOCK for e in entries):
+        return None  # nothing, or only saves killed before they committed: start from scratch
     raise CheckpointError(f"{path} holds files but no checkpoint (no {TRACKER}, no iter_* folder): "
                           "give the --save directory of a run (pretrain_gpt_moe.py --load of an "
                           "empty or new directory starts from scratch)")
+
+
+def _read_tracker(tracker: str) -> str:
+    try:
+        with open(tracker, "rb") as f:
+            return f.read(64).decode("ascii").strip()
+    except (OSError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{tracker} is unreadable ({e}): the file is corrupt; write the "
+                              "iteration to load into it, or delete it to load the newest "
+                              "iter_* folder") from None
 
 
 def read_checkpoint_meta(path: str) -> dict:
@@ -179,6 +193,9 @@ def read_stored_tensors(path: str, prefix: str = "model") -> dict[str, torch.Ten
     in full, in this process (no process group needed)."""
     meta = read_checkpoint_meta(path)
     folder = meta["path"]
+    errors = verify_chunks(folder)
+    if errors:
+        raise CheckpointError(errors[0])
     metadata = SafeReader(folder).read_metadata()
     parts = {}
     for key, md in metadata.state_dict_metadata.items():

@@ -4,6 +4,9 @@
 A stored tensor is the full tensor one process would hold (megatron.model.params, "stored
 tensors"). Each rank writes and reads only rectangles of them (`Parts`: global offset -> a view
 into local memory), so a checkpoint written at one layout is read at any other.
+Checked: every stored chunk's bytes get a CRC-32 at save (`ChecksumWriter`: each rank over the
+chunks it wrote, kept in DCP's own metadata beside each chunk's place), verified before a load
+reads anything (`verify_chunks`); a mismatch names the file and the tensor.
 Safe: DCP's metadata is unpickled by an unpickler that admits only DCP's own metadata classes;
 every other read is JSON or `torch.load(weights_only=True)`; a checkpoint holding anything else
 is refused. Loading never runs code from the checkpoint.
@@ -12,9 +15,11 @@ is refused. Loading never runs code from the checkpoint.
 from __future__ import annotations
 
 import dataclasses
+import errno
 import math
 import os
 import pickle
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -224,14 +229,99 @@ class SafeReader(dcp.FileSystemReader):
         return metadata
 
 
+# ---- checksums of the stored chunks ------------------------------------------------------------
+CRC = "ted_crc32"  # the attribute of DCP's per-chunk _StorageInfo that holds the chunk's CRC-32
+_BLOCK = 16 << 20
+
+
+class ChecksumWriter(dcp.FileSystemWriter):
+    """DCP's file writer, adding to each chunk it wrote the CRC-32 of the chunk's bytes as read
+    back from the file. The write results travel to the coordinator, which pickles them into
+    `.metadata`: the checksums are committed with the metadata, by the same atomic rename."""
+
+    def write_data(self, plan, planner):
+        future = super().write_data(plan, planner)
+        add_checksums(str(self.path), future.wait())
+        return future
+
+
+def add_checksums(folder: str, results) -> None:
+    by_file: dict[str, list] = {}
+    for result in results:
+        by_file.setdefault(str(result.storage_data.relative_path), []).append(result.storage_data)
+    for name, infos in by_file.items():
+        with open(os.path.join(folder, name), "rb") as f:
+            for info in infos:
+                setattr(info, CRC, _crc(f, info.offset, info.length))
+
+
+def _crc(f, offset: int, length: int) -> int:
+    f.seek(offset)
+    crc = 0
+    while length > 0:
+        block = f.read(min(length, _BLOCK))
+        if not block:
+            break  # truncated: the CRC will not match
+        crc, length = zlib.crc32(block, crc), length - len(block)
+    return crc
+
+
+def verify_chunks(folder: str, share: int = 0, shares: int = 1) -> list[str]:
+    """Compare the stored chunks of every `shares`-th file (from the `share`-th, in name order)
+    with the CRC-32s saved in `.metadata`; one line per mismatch (empty: all match). A
+    checkpoint saved before checksums existed has none: nothing to compare."""
+    metadata = SafeReader(folder).read_metadata()
+    by_file: dict[str, list] = {}
+    for index, info in (metadata.storage_data or {}).items():
+        by_file.setdefault(str(info.relative_path), []).append((index, info))
+    errors = []
+    for name in sorted(by_file)[share::shares]:
+        with open(os.path.join(folder, name), "rb") as f:
+            for index, info in by_file[name]:
+                want = getattr(info, CRC, None)
+                if want is not None and _crc(f, info.offset, info.length) != want:
+                    errors.append(
+                        f"{os.path.join(folder, name)}: the bytes of tensor {index.fqn} (chunk at "
+                        f"{tuple(index.offset)}) do not match the checksum written at save: the "
+                        "file is corrupt; nothing was loaded (load an earlier checkpoint: --load "
+                        "DIR/iter_N; --no-verify-checkpoint loads it unchecked)")
+    return errors
+
+
 # ---- save and load -----------------------------------------------------------------------------
+class CheckpointSaveError(CheckpointError):
+    """A save that failed at run time (a write error, a full disk): a fault, exit status 1."""
+
+    exit_status = 1
+
+
+def is_out_of_space(e: BaseException) -> bool:
+    """Whether a save failure comes from a full disk: ENOSPC anywhere in DCP's per-rank
+    failures or their causes (torch.save's zip writer reports a short write as 'unexpected
+    pos', its own words for ENOSPC)."""
+    seen, todo = set(), [e]
+    while todo:
+        x = todo.pop()
+        if x is None or id(x) in seen:
+            continue
+        seen.add(id(x))
+        if isinstance(x, OSError) and x.errno in (errno.ENOSPC, errno.EDQUOT):
+            return True
+        if "unexpected pos" in str(x) or "No space left" in str(x):
+            return True
+        failures = getattr(x, "failures", None) or {}
+        todo += [_unwrap(f) for f in failures.values()]
+        todo += [x.__cause__, x.__context__]
+    return False
+
+
 def dcp_save(parts: dict, folder: str, pg) -> None:
-    writer = dcp.FileSystemWriter(folder, overwrite=False)
+    writer = ChecksumWriter(folder, overwrite=False)
     try:
         dcp.save(parts, storage_writer=writer, planner=SavePlanner(), process_group=pg,
                  no_dist=pg is None)
     except dcp.api.CheckpointException as e:
-        raise CheckpointError(f"saving {folder} failed: {first_failure(e)}") from None
+        raise CheckpointSaveError(f"saving {folder} failed: {first_failure(e)}") from e
 
 
 def dcp_load(parts: dict, folder: str, pg) -> None:
@@ -245,6 +335,13 @@ def dcp_load(parts: dict, folder: str, pg) -> None:
 def first_failure(e) -> str:
     failures = getattr(e, "failures", {}) or {}
     for rank, failure in sorted(failures.items()):
-        inner = getattr(failure, "exc", failure)
-        return f"rank {rank}: {inner}"
+        inner = _unwrap(failure)
+        return f"rank {rank}: {type(inner).__name__}: {inner}"
     return str(e)
+
+
+def _unwrap(failure) -> BaseException:
+    """DCP keeps each rank's failure as (exception, its traceback frames): the exception."""
+    if isinstance(failure, tuple) and failure and isinstance(failure[0], BaseException):
+        return failure[0]
+    return getattr(failure, "exc", failure)

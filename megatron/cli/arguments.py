@@ -317,8 +317,17 @@ def _checkpoint_args(g):
                         "every rank")
     g.add_argument("--exit-signal", dest="signal_name", default="SIGTERM",
                    help="the signal --exit-signal-handler acts on (e.g. SIGUSR1)")
-    g.add_argument("--ckpt-format", choices=["torch_dist"], default="torch_dist",
-                   help="torch.distributed.checkpoint, resumable at any TP/EP/DP (the only format)")
+    g.add_argument("--ckpt-format", choices=["torch_dist", "torch", "fsdp_dtensor"],
+                   default="torch_dist",
+                   help="torch_dist: torch.distributed.checkpoint, resumable at any TP/EP/DP (the "
+                        "only format written; torch is accepted and writes it too)")
+    g.add_argument("--save-retain-interval", type=int, default=None,
+                   help="after each save, delete older checkpoints whose iteration is not a "
+                        "multiple of this (the latest is always kept)")
+    g.add_argument("--no-verify-checkpoint", dest="verify", action="store_false",
+                   help="load without comparing every stored chunk with its checksum")
+    g.add_argument("--verify-integrity", dest="verify", action="store_true",
+                   help="compare every stored chunk with its checksum on load (the default)")
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -331,4 +340,18 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.notices = resolve_peer_args(args, argv, parser)
     except ValueError as e:
         parser.error(str(e))
+    args.notices += _ckpt_format_notice(args, parser)
     return args
+
+
+def _ckpt_format_notice(args, parser) -> list[str]:
+    """Megatron-LM's scripts say --ckpt-format torch: we write torch_dist, which loads at any
+    layout; fsdp_dtensor is Megatron-FSDP's, which has no counterpart here."""
+    if args.ckpt_format == "fsdp_dtensor":
+        parser.error("--ckpt-format fsdp_dtensor is Megatron-FSDP's format, not written here: use "
+                     "--ckpt-format torch_dist (the default; loadable at any TP/EP/DP)")
+    if args.ckpt_format == "torch":
+        args.ckpt_format = "torch_dist"
+        return ["--ckpt-format torch: checkpoints are written as torch_dist "
+                "(torch.distributed.checkpoint, layout-free: loadable at any TP/EP/DP)"]
+    return []

@@ -22,7 +22,7 @@ from megatron.data.config import DataConfig
 from megatron.model.config import ModelConfig, RecomputeConfig
 from megatron.parallel.fields import FieldError
 from megatron.parallel.stages import SCHEDULE_PLACEMENT, StagePlan
-from megatron.parallel.topology import Topology, check_layout
+from megatron.parallel.topology import LayoutError, Topology, check_layout
 from megatron.training.config import Config, TensorBoardConfig, TrainConfig
 from megatron.training.exits import ExitConfig
 from megatron.training.optimizer import OptimizerConfig
@@ -99,10 +99,19 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     model = _model_config(args, tp, vocab_size)
     moe = _moe_config(args, ep)
     # Every size split over TP or EP is known now: a bad layout's suggestions fit all of them.
-    check_layout(world_size, tp, ep, pp=pp,
-                 tp_divides={**model.tp_split_sizes(),
-                             **(moe.tp_split_sizes() if moe else {})},
-                 ep_divides=moe.ep_split_sizes() if moe else {})
+    try:
+        check_layout(world_size, tp, ep, pp=pp,
+                     tp_divides={**model.tp_split_sizes(),
+                                 **(moe.tp_split_sizes() if moe else {})},
+                     ep_divides=moe.ep_split_sizes() if moe else {})
+    except LayoutError as e:
+        if world_size != 1:
+            raise
+        # one process (plain `python pretrain_gpt_moe.py`): the launcher is what is missing
+        raise LayoutError(f"{e.template}; or, as this is one process, launch the layout's "
+                          f"{tp * ep * pp} ranks: torchrun --nproc-per-node {tp * ep * pp} "
+                          "pretrain_gpt_moe.py ... (or srun with that many tasks)",
+                          e.owner) from None
     topology = Topology(world_size, tp, ep, pp)
     stages = _stage_plan(args, model.num_layers)
     train = _train_config(args, topology)
@@ -313,6 +322,8 @@ def _checkpoint_config(args) -> CheckpointConfig:
         raise ConfigError(f"--save-interval must be >= 1 (got {args.save_interval})")
     if args.async_save and not args.save:
         raise ConfigError("--async-save needs --save DIR")
+    if args.save_retain_interval is not None and args.save_retain_interval < 1:
+        raise ConfigError(f"--save-retain-interval must be >= 1 (got {args.save_retain_interval})")
     return fields_from(CheckpointConfig, args)
 
 
@@ -333,6 +344,9 @@ def _data_config(args) -> DataConfig:
     if not args.mock and not args.data_path:
         raise ConfigError("no training data: give --data-path PREFIX [...] (from "
                           "tools/preprocess_data.py) or --mock-data")
+    if args.mock and args.data_path:
+        raise ConfigError("--mock-data and --data-path both given: --mock-data trains on "
+                          "synthetic data and would ignore the files; drop one of them")
     kw = tokenizer_kwargs(args)
     if args.num_workers < 0:
         raise ConfigError(f"--num-workers must be >= 0 (got {args.num_workers})")

@@ -14,10 +14,16 @@ import io
 import os
 import socket
 import sys
+import time
 
 from megatron.launch import faults
 
 EXIT_BAD_INPUT = 2
+# How long a rank that does not print waits before it exits: torchrun (and srun
+# --kill-on-bad-exit) kills every other rank as soon as one exits, and the printing rank could be
+# killed before its line is out. Free under those launchers: the printing rank exits at once and
+# the launcher then ends the waiting ones.
+QUIET_EXIT_DELAY_S = 5.0
 # Which rank prints a pre-flight error (see the module docstring)
 ALL_RANKS, EACH_NODE, THIS_RANK = "all", "node", "rank"
 # The files each tokenizer type reads (the others' flags are ignored, as in Megatron-LM)
@@ -72,6 +78,8 @@ def _fail(error, env, who: str) -> None:
             where = (f" (rank {env.rank} on {socket.gethostname()})" if env.rank >= 0
                      else f" (on {socket.gethostname()})")
         print(f"{faults.PROG}: error{where}: {error}", file=sys.stderr, flush=True)
+    elif env.world_size > 1:
+        time.sleep(QUIET_EXIT_DELAY_S)  # the printing rank leaves first (see QUIET_EXIT_DELAY_S)
     sys.exit(getattr(error, "status", EXIT_BAD_INPUT))
 
 
@@ -156,10 +164,12 @@ def check_checkpoint_flags(config, rank: int) -> None:
     restored."""
     from megatron.checkpoint import (check_compatible, check_schedule, find_checkpoint,
                                      read_checkpoint_meta, read_rng_file)
+    from megatron.checkpoint.guards import check_save_lock
 
     cfg = config.checkpoint
     if cfg.save:
         check_writable_directory("--save", cfg.save)
+        check_save_lock(cfg.save)  # another run writing there: stop before any collective
     if cfg.load and find_checkpoint(cfg.load) is not None:
         meta = read_checkpoint_meta(cfg.load)
         check_compatible(meta, config.model, config.moe, meta["path"])

@@ -330,7 +330,11 @@ def _checked_data(data_path, split, num_samples):
     prefixes, weights = parse_data_path(data_path or [])
     lengths = {prefix: _checked_sequence_lengths(prefix) for prefix in prefixes}
     matrix = _split_matrix(convert_split_vector_to_split_matrix(vector), num_samples)
-    notes = {}
+    # a split --split gives no share while --eval-iters asks for it: skipped, with one warning
+    notes = {name: (f"--split {split} gives the {name} split no share: training without {name} "
+                    "evaluation (give it a share, e.g. --split 969,30,1, to have one)")
+             for name, weight, n in zip(SPLIT_NAMES, vector, num_samples)
+             if name != "train" and weight == 0 and n > 0}
     for prefix, seq_lengths in lengths.items():
         for name, note in _empty_splits(prefix, seq_lengths, matrix, split).items():
             notes.setdefault(name, note)

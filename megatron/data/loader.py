@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import signal
+
 import torch
 
 from megatron.data.datasets import collate
@@ -37,6 +39,17 @@ class MicroBatchSampler(torch.utils.data.Sampler):
                 yield list(range(start, start + self.micro))
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A loader worker's init: SIGTERM and SIGINT are the main process's to act on. torchrun
+    passes them to each rank's whole process group and Ctrl-C reaches the terminal's, so workers
+    get them too; torch's worker handler would die of SIGTERM, Python's raise KeyboardInterrupt,
+    and either kills the rank's next batch ("DataLoader worker ... is killed by signal") before
+    --exit-signal-handler can save. The main process still ends its workers: through the index
+    queue, or their parent check when it dies."""
+    for name in ("SIGTERM", "SIGINT"):
+        signal.signal(getattr(signal, name), signal.SIG_IGN)
+
+
 def batches(dataset, sampler: MicroBatchSampler, num_workers: int, device):
     """Iterate the sampler's steps as lists of micro-batches on `device`, read by `num_workers`
     loader processes (0: in this process)."""
@@ -45,7 +58,8 @@ def batches(dataset, sampler: MicroBatchSampler, num_workers: int, device):
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
                                          num_workers=num_workers,
                                          prefetch_factor=2 if num_workers else None,
-                                         generator=torch.Generator())
+                                         generator=torch.Generator(),
+                                         worker_init_fn=ignore_stop_signals)
     items = iter(loader)
     for _ in range(sampler.steps):
         step = (next(items) for _ in range(sampler.micro_per_step))

@@ -122,6 +122,10 @@ def initialize_distributed(
                          f"{topology.world_size}")
     backend = backend or default_backend()
     device = device_for(backend, env.local_rank)
+    if device.type == "cpu":
+        # megatron-core's TP linears ask for CUDA_DEVICE_MAX_CONNECTIONS=1 (the order of CUDA
+        # streams), once per rank: nothing to order on a CPU. GPU runs keep the warning.
+        warnings.filterwarnings("ignore", message=".*CUDA_DEVICE_MAX_CONNECTIONS.*")
     if not dist.is_initialized():
         _init_world(env, backend, timedelta(minutes=timeout_minutes))
     return init_ted_groups(topology, backend, timeout_minutes), device

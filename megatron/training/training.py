@@ -63,10 +63,10 @@ def _save(checkpointer, iteration: int, consumed: int, run: dict, model, optimiz
           scheduler) -> None:
     start = time.time()
     checkpointer.save(iteration, {**run, "consumed_samples": consumed}, model, optimizer, scheduler)
+    # an async save says "checkpoint saved ... (async, X s)" itself, once committed
     mode = "started (async)" if checkpointer.cfg.async_save else "saved"
     print_rank0(f"> checkpoint {mode} at iteration {iteration} in {checkpointer.cfg.save} "
                 f"({time.time() - start:.2f} s)")
-
 
 
 def run_description(cfg: Config) -> dict:
@@ -169,12 +169,12 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
             if ck.save and (interval or stop or iteration == t.train_iters):
                 _save(checkpointer, iteration, consumed, run, model, optimizer, scheduler)
             if stop:
-                checkpointer.finalize()
+                checkpointer.close()
                 optimizer.wait_params()
                 print_rank0(f"> exiting at iteration {iteration}: {stop}")
                 log.close()
                 return history
-        checkpointer.finalize()
+        checkpointer.close()
         optimizer.wait_params()
     finally:
         exits.close()

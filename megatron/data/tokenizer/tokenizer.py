@@ -105,7 +105,12 @@ def _read_gpt2_vocab(vocab_file: str) -> dict:
     try:
         with open(vocab_file, encoding="utf-8") as f:
             vocab = json.load(f)
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+    except UnicodeDecodeError as err:  # binary: most likely a sentencepiece model
+        raise ValueError(f"--vocab-file {vocab_file} is not a JSON vocabulary (a binary file: "
+                         f"{err.reason} at byte {err.start}); for a sentencepiece model use "
+                         f"--tokenizer-type SentencePieceTokenizer --tokenizer-model "
+                         f"{vocab_file}") from None
+    except (OSError, json.JSONDecodeError) as err:
         raise ValueError(f"--vocab-file {vocab_file} is not a JSON vocabulary: {err}") from err
     if not isinstance(vocab, dict) or not all(isinstance(v, int) for v in vocab.values()):
         raise ValueError(f"--vocab-file {vocab_file} must map tokens to integer ids")
