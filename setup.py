@@ -33,6 +33,7 @@ setup(
                  "transformers==5.24.0",
                  "matplotlib",  # tools/ted_planner.py --plot
                  "psutil",  # the fault tests watch real process trees
+                 "wandb==0.31.0",  # --wandb-project: tests/test_logging_flags.py reads its files
                  "ruff==0.17.6"],  # tests/test_style.py: the repo's linter (ruff.toml)
         "tensorboard": ["tensorboard"],
     },

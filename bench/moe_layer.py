@@ -83,14 +83,15 @@ def _model_config(opts):
                        hidden_dropout=0.0, attention_dropout=0.0)
 
 
-def _our_layer(opts, groups, cf, pad_free: bool, skew: bool, dtd: bool = True):
+def _our_layer(opts, groups, cf, pad_free: bool, skew: bool, dtd: bool = True, **router):
+    """`router`: MoEConfig's router fields (group-limited rows)."""
     from megatron.model.params import init_parameters
     from ted_patches.config import MoEConfig
     from ted_patches.moe_layer import MoELayer
 
     cfg = MoEConfig(num_experts=opts.experts, layers=(0,), topk=opts.topk,
                     capacity_factor=cf or 1.0, eval_capacity_factor=cf or 1.0,
-                    drop_tokens=cf is not None, pad_free=pad_free, dtd=dtd)
+                    drop_tokens=cf is not None, pad_free=pad_free, dtd=dtd, **router)
     holder = torch.nn.Module()
     holder.moe = MoELayer(_model_config(opts), cfg, groups)
     init_parameters(holder, 1234, groups)
@@ -221,7 +222,8 @@ def measure(tp: int, ep: int, opts) -> list[dict] | None:
     rows = []
     for cf in opts.cfs:
         for skew in opts.skews:
-            rows += _measure_case(groups, opts, cf, skew)
+            rows += (_group_limited_case(groups, opts, cf, skew) if opts.group_limited
+                     else _measure_case(groups, opts, cf, skew))
     return rows if dist.get_rank() == 0 else None
 
 
@@ -324,6 +326,63 @@ def _measure_case(groups, opts, cf, skew: bool) -> list[dict]:
     return out
 
 
+def _destinations(layer, x) -> dict:
+    """What one forward's routing sends over EP: the kept (token, expert) assignments (one row
+    each in our all-to-all), the distinct (token, EP rank) pairs among them (what a dispatcher
+    sending a token once per destination rank would carry), and the most EP ranks one token
+    reaches."""
+    with torch.no_grad():
+        routing = layer.router(x.detach())
+    local = layer.cfg.num_experts // layer.groups.ep.size
+    token, rank = routing.token_N, routing.expert_N // local
+    pairs_TR = torch.zeros(routing.num_tokens, layer.groups.ep.size, dtype=torch.bool)
+    pairs_TR[token, rank] = True
+    return dict(assignments=int(token.numel()), pairs=int(pairs_TR.sum()),
+                max_ranks=int(pairs_TR.sum(1).max()))
+
+
+def _group_limited_case(groups, opts, cf, skew: bool) -> list[dict]:
+    """--group-limited g: our layer with the experts in EP groups (--moe-router-num-groups = EP,
+    each group one EP rank's experts) and each token limited to g of them, beside unlimited
+    routing; padded and padding-free, DTD on (and off where TP > 1): the all-to-all's bytes per
+    rank, and what one row per (token, destination rank) would send instead."""
+    tp, ep = groups.tp.size, groups.ep.size
+    x, probe = _inputs(opts, groups, skew)
+    limited = dict(router_num_groups=ep, router_group_topk=opts.group_limited)
+    rows = []
+    variants = [("unlimited", {}, False), (f"group-limited g={opts.group_limited}", limited, False),
+                (f"group-limited g={opts.group_limited}", limited, True)]
+    for routing, router, per_assignment in variants:
+        for pad_free in ((True,) if per_assignment else (False, True)):
+            for dtd in ((True, False) if tp > 1 else (True,)):
+                layer = _our_layer(opts, groups, cf, pad_free, skew, dtd=dtd, **router)
+                if per_assignment:  # the same routing, one row per (token, expert)
+                    layer.dispatcher.per_rank = False
+                step = _step_of(layer, x, probe, opts.hidden)
+                groups.ledger.reset()
+                step()
+                a2a = groups.ledger.nbytes("all_to_all", "ep")
+                sent = _destinations(layer, x)
+                ts = [_timed(step) for _ in range(opts.warmup + opts.iters)][opts.warmup:]
+                rows.append(dict(
+                    impl="ours", routing=routing, tp=tp, ep=ep, dp=groups.dp.size,
+                    # what the padding-free path sends one row for (ted_patches/per_rank.py)
+                    row_per=("(token, EP rank)" if pad_free and layer.dispatcher.per_rank
+                             else "(token, expert)"),
+                    topk=opts.topk, experts=opts.experts, capacity_factor=cf, pad_free=pad_free,
+                    skew=skew, dtd=dtd and tp > 1, tokens_per_rank=opts.tokens,
+                    ms_fwd_bwd=round(_summary(ts)["median"], 2), a2a_bytes_per_rank=a2a,
+                    assignments_sent=sent["assignments"], token_rank_pairs=sent["pairs"],
+                    max_ep_ranks_per_token=sent["max_ranks"],
+                    # per-assignment rows: what one row per (token, rank) would carry
+                    a2a_bytes_per_rank_one_row_per_destination=(
+                        round(a2a * sent["pairs"] / sent["assignments"])
+                        if pad_free and not layer.dispatcher.per_rank and sent["assignments"]
+                        else None),
+                    reps=opts.iters))
+    return rows
+
+
 def profile_tables(opts, rows: int = 25) -> str:
     """torch.profiler tables (self CPU time) of one layer forward + backward at (1,1,1), for each
     implementation and the first capacity factor; the experts' GEMMs are the bmm / mm / addmm
@@ -385,6 +444,22 @@ def table(rows: list[dict]) -> str:
     return "\n".join(lines + [f"note: {n}" for n in notes])
 
 
+def group_table(rows: list[dict]) -> str:
+    head = ("layout (TP,EP,DP)", "cf", "skew", "routing", "path", "one row per", "DTD",
+            "max EP ranks/token", "a2a B/rank", "estimate at one row per (token, rank)",
+            "fwd+bwd ms")
+    lines = [" | ".join(head), " | ".join("-" * len(h) for h in head)]
+    for r in rows:
+        cf = "no-drop" if r["capacity_factor"] is None else f"{r['capacity_factor']:g}"
+        dedup = r["a2a_bytes_per_rank_one_row_per_destination"]
+        lines.append(" | ".join([
+            f"({r['tp']},{r['ep']},{r['dp']})", cf, "on" if r["skew"] else "off", r["routing"],
+            "pad-free" if r["pad_free"] else "padded", r["row_per"], "on" if r["dtd"] else "off",
+            str(r["max_ep_ranks_per_token"]), f"{r['a2a_bytes_per_rank']:,}",
+            "-" if dedup is None else f"{dedup:,}", f"{r['ms_fwd_bwd']:.1f}"]))
+    return "\n".join(lines)
+
+
 def _cf(value: str):
     return None if value.lower() in ("none", "no-drop", "nodrop") else float(value)
 
@@ -408,12 +483,21 @@ def main(argv=None):
                    help="leave glibc's malloc returning freed memory to the kernel "
                         "(pretrain_gpt_moe.py stops that on CPUs: "
                         "megatron.launch.initialize.keep_freed_memory_mapped)")
+    p.add_argument("--group-limited", type=int, default=None, metavar="G",
+                   help="instead of the comparison: unlimited vs group-limited routing (the EP "
+                        "ranks as groups, each token limited to G of them): a2a bytes per rank "
+                        "and what one row per (token, destination rank) would send")
+    p.add_argument("--fine-grained", action="store_true",
+                   help="Megatron-Core's fine-grained MoE point: 64 experts, FFN = hidden / 4, "
+                        "top-8 (overrides --experts, --ffn, --topk)")
     p.add_argument("--json", action="store_true", help="JSON Lines instead of a table")
     p.add_argument("--profile", action="store_true",
                    help="profiler tables at (1,1,1) instead of the timings")
     opts = p.parse_args(argv)
     opts.cfs = [_cf(v) for v in opts.capacity_factors.split()]
     opts.skews = [{"off": False, "on": True}[v] for v in opts.skew.split()]
+    if opts.fine_grained:
+        opts.experts, opts.ffn, opts.topk = 64, opts.hidden // 4, 8
     from bench.moe_layer import measure as measure_on_rank  # importable by name in the workers
 
     cores = os.cpu_count() or 1
@@ -441,7 +525,7 @@ def main(argv=None):
               f"top-{opts.topk} {opts.tokens} tokens/rank, fp32, gloo, {cores} cores; "
               f"{opts.iters} interleaved repetitions (median, min-max); skew: one expert gets "
               f"{SKEW_FACTOR}x its share")
-        print(table(rows))
+        print(group_table(rows) if opts.group_limited else table(rows))
 
 
 if __name__ == "__main__":

@@ -12,6 +12,13 @@ optimizer state) is exact by construction (tests/test_planner.py) and not repeat
 
     python bench/planner_memory.py          # table
     python bench/planner_memory.py --json   # JSON Lines, one object per configuration
+    python bench/planner_memory.py --configs dense-tp2,dense-tp2-sp,dense-tp4,dense-tp4-sp,\
+        tp2-ep1,tp2-sp-ep1,tp4-ep1,tp4-sp-ep1,tp2-sp-etp1-ep2   # sequence parallelism, ETP
+
+With sequence parallelism (`-sp`) the norms' inputs, dropout masks, residuals and the TP
+linears' saved inputs are held at s/TP; `dense-` configurations have no MoE layer
+(--num-experts 1), the others the bench's MoE every other layer; `etp1` puts each expert whole
+on one rank of the experts' own grid (--expert-tensor-parallel-size 1).
 """
 
 from __future__ import annotations
@@ -46,6 +53,17 @@ CONFIGS = {
                              "--disable-moe-cac"),
     "tp2-ep2-recompute-cac": (4, "--tensor-model-parallel-size 2 --expert-model-parallel-size 2 "
                                  "--recompute-granularity full --recompute-method uniform"),
+    # sequence parallelism at TP 2 and 4, dense and MoE; the experts' own grid
+    "dense-tp2": (2, "--num-experts 1 --tensor-model-parallel-size 2"),
+    "dense-tp2-sp": (2, "--num-experts 1 --tensor-model-parallel-size 2 --sequence-parallel"),
+    "dense-tp4": (4, "--num-experts 1 --tensor-model-parallel-size 4"),
+    "dense-tp4-sp": (4, "--num-experts 1 --tensor-model-parallel-size 4 --sequence-parallel"),
+    "tp2-ep1": (2, "--tensor-model-parallel-size 2"),
+    "tp2-sp-ep1": (2, "--tensor-model-parallel-size 2 --sequence-parallel"),
+    "tp4-ep1": (4, "--tensor-model-parallel-size 4"),
+    "tp4-sp-ep1": (4, "--tensor-model-parallel-size 4 --sequence-parallel"),
+    "tp2-sp-etp1-ep2": (2, "--tensor-model-parallel-size 2 --sequence-parallel "
+                           "--expert-tensor-parallel-size 1 --expert-model-parallel-size 2"),
 }
 
 
@@ -78,7 +96,8 @@ def measure(argv: list[str]) -> dict:
     from ted_patches.build import build_model
 
     cfg = build(argv, dist.get_world_size())
-    groups = ted_groups(cfg.topology.tp, cfg.topology.ep)
+    topo = cfg.topology
+    groups = ted_groups(topo.tp, topo.ep, topo.pp, topo.etp, topo.sp)
     device = torch.device("cpu")
     model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed, device=device,
                         recompute=cfg.recompute)

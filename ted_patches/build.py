@@ -27,7 +27,8 @@ def build_model(model: ModelConfig, moe: Optional[MoEConfig], groups: TEDGroups,
         bad = [i for i in moe.layers if not 0 <= i < model.num_layers]
         if bad:
             raise ValueError(f"MoE layer indices {bad} outside the model's {model.num_layers} "
-                             "layers (check expert_interval / layer_freq against num_layers)")
+                             "layers (check expert_interval / moe_layer_freq / "
+                             "first_k_dense_replace against num_layers)")
 
     def mlp(i: int):
         if moe is None or i not in moe.layers:

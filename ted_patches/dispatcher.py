@@ -49,7 +49,8 @@ import numpy as np
 import torch
 
 from megatron.parallel import comm
-from ted_patches.router import Routing
+from ted_patches import per_rank
+from ted_patches.router import Routing, expert_block
 from megatron.parallel.topology import TEDGroups
 
 
@@ -140,6 +141,7 @@ class DispatchPlan:
     slices: int  # S
     slot_per_slice: int  # Cs (padded); Ms_max, the rows of the largest slice (padding-free)
     packed: Optional["PackedPlan"] = None
+    sequence_split: bool = False  # see Dispatcher.dispatch
 
 
 @dataclass(frozen=True)
@@ -157,6 +159,7 @@ class PackedPlan:
     direct: bool  # no all-to-all or TP slicing: the dispatch buffer is the experts' layout itself
     to_experts: Optional[torch.Tensor]  # experts' row -> gathered row (None: identity)
     from_experts: Optional[torch.Tensor]  # gathered row -> experts' row (padding rows read row 0)
+    peers: int  # ETP peers whose received rows the experts compute (1: replicated or ETP 1)
 
     @property
     def experts_shape(self) -> tuple[int, ...]:
@@ -179,9 +182,29 @@ def _kept_slots(routing: Routing) -> torch.Tensor:
 
 
 class Dispatcher:
-    def __init__(self, groups: TEDGroups, num_experts: int, topk: int, dtd: bool):
+    """Who sends which tokens, over which groups (see the module docstring for the data flow):
+
+    - the TP ranks' tokens are the same (no sequence parallelism) and DTD cuts each expert's
+      slots into S = TP slices, one per TP rank (`dtd`); or, without DTD, every TP rank sends
+      them all (`replicated`: only where the experts' TP group is the TP group);
+    - under sequence parallelism each TP rank holds its own tokens (`own=True` padding-free),
+      or, padded, the whole sequence is cut into the DTD slices (`sequence_split=True`);
+    - the all-to-all runs over the experts' EP group, and the experts' TP group (ETP, = TP unless
+      --expert-tensor-parallel-size says otherwise) gathers the rows its members received, since
+      they hold different tokens (ETP != TP: the EP group may span TP ranks)."""
+
+    def __init__(self, groups: TEDGroups, num_experts: int, topk: int, dtd: bool,
+                 per_rank: bool = False):
+        """`per_rank`: the padding-free path sends one row per (token, destination EP rank)
+        (ted_patches/per_rank.py) instead of one per (token, expert)."""
         self.groups, self.num_experts, self.topk = groups, num_experts, topk
-        self.dtd = dtd and groups.tp.size > 1
+        self.per_rank = per_rank
+        split = dtd or groups.sequence_parallel
+        self.dtd = split and groups.tp.size > 1
+        self.replicated = not split and groups.tp.size > 1
+        if self.replicated and groups.etp.ranks != groups.tp.ranks:
+            raise ValueError("without DTD or sequence parallelism the TP ranks send the same "
+                             "tokens: the experts' TP group must be the TP group")
         self.local_experts = num_experts // groups.ep.size
 
     # ---- shared row maps ------------------------------------------------------------------------
@@ -205,21 +228,24 @@ class Dispatcher:
                                   plan.num_tokens)
 
     # ---- padded ---------------------------------------------------------------------------------
-    def dispatch(self, x_TH: torch.Tensor, routing: Routing) -> tuple[torch.Tensor, DispatchPlan]:
+    def dispatch(self, x_TH: torch.Tensor, routing: Routing,
+                 sequence_split: bool = False) -> tuple[torch.Tensor, DispatchPlan]:
+        """`sequence_split`: x_TH is the whole sequence but each TP rank uses its own part of
+        the output (the final gather's backward then sums the ranks' partial gradients)."""
         g, E, H = self.groups, self.num_experts, x_TH.shape[-1]
         S = g.tp.size if self.dtd else 1
         Cs = routing.capacity // S
         slot_A = routing.slot_A
         row_A = ((slot_A // Cs) * E + routing.expert_A) * Cs + slot_A % Cs
         plan = DispatchPlan(**self._maps(routing, row_A, S * E * Cs, routing.may_drop), slices=S,
-                            slot_per_slice=Cs)
+                            slot_per_slice=Cs, sequence_split=sequence_split)
         buffer = self._gather(x_TH, plan)
         mine_ECH = comm.drop(buffer.view(S, E, Cs, H), g.tp) if self.dtd else buffer.view(E, Cs, H)
         recv = comm.all_to_all(mine_ECH, g.ep).view(g.ep.size, self.local_experts, Cs, H)
-        if self.dtd:
-            recv = comm.gather_to_split(recv, g.tp)
+        if self.replicated:  # my ETP (= TP) peers received the same rows
+            recv = comm.copy_to_split(recv, g.etp).unsqueeze(0)
         else:
-            recv = comm.copy_to_split(recv, g.tp).unsqueeze(0)
+            recv = comm.gather_to_split(recv, g.etp)  # [ETP, EP, E_l, Cs, H]
         tokens = recv.permute(2, 0, 1, 3, 4).reshape(self.local_experts, -1, H)
         return tokens, plan
 
@@ -227,15 +253,29 @@ class Dispatcher:
         """partial: the experts' fc2 output before its TP reduction (the fc2 bias included, see
         `fc2_bias`), token order as dispatched ([E_l, N, H] padded, the experts' layout of the
         plan padding-free)."""
+        if isinstance(plan, per_rank.PerRankPlan):
+            return per_rank.combine(self, partial, plan)
         if plan.packed is not None:
             return self._combine_packed(partial, plan)
         g, H = self.groups, partial.shape[-1]
-        y = partial.view(self.local_experts, plan.slices, g.ep.size, plan.slot_per_slice, H)
-        y = y.permute(1, 2, 0, 3, 4)  # [S, EP, E_l, Cs, H]
-        y = comm.reduce_scatter(y, g.tp) if self.dtd else comm.reduce_from_split(y[0], g.tp)
+        G = 1 if self.replicated else g.etp.size
+        y = partial.view(self.local_experts, G, g.ep.size, plan.slot_per_slice, H)
+        y = y.permute(1, 2, 0, 3, 4)  # [ETP, EP, E_l, Cs, H]
+        if self.replicated:
+            y = comm.reduce_from_split(y[0], g.etp)
+        else:
+            y = comm.reduce_scatter(y, g.etp)
         back = comm.all_to_all(y, g.ep)  # [EP owner, E_l, Cs, H] = [E, Cs, H]
-        full = comm.gather_to_replicated(back, g.tp) if self.dtd else back
-        return self._combine_rows(full.reshape(-1, H), plan)
+        return self._combine_rows(self._all_slices(back, plan).reshape(-1, H), plan)
+
+    def _all_slices(self, mine: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+        """DTD: every TP rank's slice of the combined rows [S, ...]. Backward: my slice of the
+        gradient where every TP rank computes it alike (its consumer is replicated), or the sum
+        of the ranks' partial gradients where each uses its own tokens (`sequence_split`)."""
+        if plan.slices == 1:
+            return mine
+        gather = comm.gather_to_split if plan.sequence_split else comm.gather_to_replicated
+        return gather(mine, self.groups.tp)
 
     # ---- padding-free ---------------------------------------------------------------------------
     # The experts run their real rows packed [sum of counts, H] (grouped GEMMs), or, where the
@@ -252,23 +292,40 @@ class Dispatcher:
         return (device.type == "cpu" and total > 0
                 and len(counts) * max(counts) <= self.TIGHT_SLACK * total)
 
-    def dispatch_packed(self, x_TH: torch.Tensor,
-                        routing: Routing) -> tuple[torch.Tensor, list, DispatchPlan]:
+    def dispatch_packed(self, x_TH: torch.Tensor, routing: Routing,
+                        own: bool = False) -> tuple[torch.Tensor, list, DispatchPlan]:
         """Only kept assignments: (the experts' rows, expert-major: [sum of counts, H] packed or
         [E_l, max count, H] tight, see `plan.packed.tight`; rows per local expert; plan). One host
-        synchronization: the kept counts of every EP rank."""
+        synchronization: the kept counts of every rank of the experts' TP x EP block. `own`: the
+        tokens are this rank's alone (sequence parallelism), sent whole (no DTD slices)."""
+        if self.per_rank:
+            return per_rank.dispatch(self, x_TH, routing, own)
         g, E, El, H = self.groups, self.num_experts, self.local_experts, x_TH.shape[-1]
-        S, r, j, EP = ((g.tp.size if self.dtd else 1), (g.tp.rank if self.dtd else 0), g.ep.rank,
-                       g.ep.size)
+        S, r = (g.tp.size, g.tp.rank) if self.dtd and not own else (1, 0)
+        j, EP = g.ep.rank, g.ep.size
         dev = x_TH.device
-        # 1. the count exchange: kept rows per expert on every EP rank (the same on my TP peers'
-        # EP groups: their EP peers hold the same tokens as mine)
-        counts = comm.host_ints(comm.raw_all_gather(routing.kept_E, g.ep))  # [EP][E]
-        local = [sum(counts[i][j * El + l] for i in range(EP)) for l in range(El)]
+        # 1. the count exchange; rs[a][i][l]: rows for my local expert l that EP rank i sends to
+        # my ETP peer a (after the ETP gather I hold every peer's rows; `replicated`: only mine)
+        block = expert_block(g)
+        kept = comm.host_ints(comm.raw_all_gather(routing.kept_E, block))  # [member][E]
+        Q = g.etp.size if block is not g.ep else 1
+        peers = [g.etp.rank] if self.replicated or Q == 1 else list(range(Q))
+
+        def sent(member: int) -> list[int]:
+            """Rows per expert the block's `member` (= etp + Q * ep) sends: its DTD slice."""
+            if S == 1:
+                return kept[member]
+            s = g.topology.coords(block.ranks[member]).tp
+            return [c[s + 1] - c[s] for c in (_slice_starts(n, S) for n in kept[member])]
+
+        rs = [[sent(q + Q * i)[j * El:(j + 1) * El] for i in range(EP)] for q in peers]
+        me = peers.index(g.etp.rank)
+        local = [sum(rs[a][i][l] for a in range(len(peers)) for i in range(EP))
+                 for l in range(El)]
         tight = self._tight(dev, local)
         cmax = max(local + [1])
         expert_A, slot_A = routing.expert_A, _kept_slots(routing)
-        if S == 1 and EP == 1:  # 2. no communication: build the experts' layout directly
+        if S == 1 and EP == 1 and len(peers) == 1:  # 2. no communication: the experts' layout
             if tight:
                 rows, row_A = El * cmax, expert_A * cmax + slot_A
             else:
@@ -277,12 +334,12 @@ class Dispatcher:
                 rows, row_A = sum(local), off_E.index_select(0, expert_A) + slot_A
             packed = PackedPlan(send=[rows], recv=[rows], send_rows=rows, recv_rows=rows,
                                 recv_max=rows, counts=local, tight=tight, direct=True,
-                                to_experts=None, from_experts=None)
+                                to_experts=None, from_experts=None, peers=1)
             plan = DispatchPlan(**self._maps(routing, row_A, rows, routing.may_drop), slices=1,
                                 slot_per_slice=rows, packed=packed)
-            tokens = comm.copy_to_split(self._gather(x_TH, plan), g.tp)
+            tokens = comm.copy_to_split(self._gather(x_TH, plan), g.etp)
             return (tokens.view(El, cmax, H) if tight else tokens), local, plan
-        mine = counts[j]
+        mine = kept[g.etp.rank + Q * j]  # my own kept counts
         starts = [_slice_starts(c, S) for c in mine]  # [E][S + 1]
         share = [[starts[e][s + 1] - starts[e][s] for e in range(E)] for s in range(S)]  # [S][E]
         off = [np.concatenate([[0], np.cumsum(share[s])[:-1]]).tolist() for s in range(S)]
@@ -302,74 +359,73 @@ class Dispatcher:
         row_A = s_A * Ms + off_SE.index_select(0, flat) + slot_A - lo_SE.index_select(0, flat)
         # 3. splits: my slice to each EP rank, and what each EP rank sends me (for my local experts)
         send = [sum(share[r][i * El:(i + 1) * El]) for i in range(EP)]
-        # [EP][E_l][S+1]
-        cuts = [[_slice_starts(counts[i][j * El + l], S) for l in range(El)] for i in range(EP)]
-        rs = [[[cuts[i][l][s + 1] - cuts[i][l][s] for l in range(El)] for i in range(EP)]
-              for s in range(S)]
-        recv_rows = [sum(map(sum, rs[s])) for s in range(S)]
-        # tight: each slice ends in a zero row, for the padding
+        recv_rows = [sum(map(sum, rs[a])) for a in range(len(peers))]
+        # tight: each peer's part ends in a zero row, for the padding
         Mr = max(recv_rows) + (1 if tight else 0)
-        # 4. the experts' rows in the gathered [S, Mr] buffer: (local expert, slice, source, row)
-        segs = []  # (local expert, start in the gathered buffer, length)
-        for s in range(S):
-            pos = s * Mr
+        # 4. the experts' rows in the gathered [peers, Mr] buffer: (local expert, start, length)
+        segs = []
+        for a in range(len(peers)):
+            pos = a * Mr
             for i in range(EP):
                 for l in range(El):
-                    segs.append((l, pos, rs[s][i][l]))
-                    pos += rs[s][i][l]
-        # slice, then source order
+                    segs.append((l, pos, rs[a][i][l]))
+                    pos += rs[a][i][l]
+        # peer, then source order
         by_expert = [[(p, n) for l2, p, n in segs if l2 == l] for l in range(El)]
         pieces = []
+        end = len(peers) * Mr
         for l in range(El):
             pieces += [np.arange(p, p + n) for p, n in by_expert[l]]
-            if tight:  # pad this expert's rows to cmax with the zero row ending the last slice
-                pieces.append(np.full(cmax - local[l], S * Mr - 1))
+            if tight:  # pad this expert's rows to cmax with the zero row ending the last part
+                pieces.append(np.full(cmax - local[l], end - 1))
         to_np = np.concatenate(pieces + [np.zeros(0, np.int64)]).astype(np.int64)
-        from_np = np.zeros(S * Mr, np.int64)
-        real = to_np != S * Mr - 1 if tight else np.ones(len(to_np), bool)
+        from_np = np.zeros(end, np.int64)
+        real = to_np != end - 1 if tight else np.ones(len(to_np), bool)
         from_np[to_np[real]] = np.flatnonzero(real)
-        identity = (not tight and len(to_np) == S * Mr
+        identity = (not tight and len(to_np) == end
                     and bool((to_np == np.arange(len(to_np))).all()))
-        packed = PackedPlan(send=send, recv=[sum(rs[r][i]) for i in range(EP)],
-                            send_rows=slice_rows[r], recv_rows=recv_rows[r], recv_max=Mr,
+        packed = PackedPlan(send=send, recv=[sum(rs[me][i]) for i in range(EP)],
+                            send_rows=slice_rows[r], recv_rows=recv_rows[me], recv_max=Mr,
                             counts=local, tight=tight, direct=False,
                             to_experts=None if identity else torch.from_numpy(to_np).to(dev),
-                            from_experts=None if identity else torch.from_numpy(from_np).to(dev))
+                            from_experts=None if identity else torch.from_numpy(from_np).to(dev),
+                            peers=len(peers))
         plan = DispatchPlan(**self._maps(routing, row_A, S * Ms, routing.may_drop), slices=S,
                             slot_per_slice=Ms, packed=packed)
-        # 5. dispatch: buffer, DTD drop, all-to-all, TP gather, the experts' order
+        # 5. dispatch: buffer, DTD drop, all-to-all, the ETP gather, the experts' order
         buffer = self._gather(x_TH, plan).view(S, Ms, H)
-        mine_MH = comm.drop(buffer, g.tp)[:slice_rows[r]] if self.dtd else buffer[0]
+        mine_MH = comm.drop(buffer, g.tp)[:slice_rows[r]] if S > 1 else buffer[0]
         recv = comm.all_to_all_var(mine_MH, g.ep, packed.send, packed.recv, out_rows=Mr)
-        if self.dtd:
-            recv = comm.gather_to_split(recv, g.tp)
+        if self.replicated:
+            recv = comm.copy_to_split(recv, g.etp)
         else:
-            recv = comm.copy_to_split(recv, g.tp)
+            recv = comm.gather_to_split(recv, g.etp)
         recv = recv.reshape(-1, H)
         tokens = recv.index_select(0, packed.to_experts) if packed.to_experts is not None else recv
         return (tokens.view(El, cmax, H) if tight else tokens), local, plan
 
     def fc2_bias(self, bias_EH: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        """The fc2 bias as the experts add it inside their fc2 GEMM, before fc2's TP reduction
-        (both paths): on TP rank 0 only (zero elsewhere), so the reduction counts it once; its
-        gradient (nonzero on TP rank 0 only) is all-reduced over TP, as the bias is replicated."""
-        if bias_EH is None or self.groups.tp.size == 1:
+        """The fc2 bias as the experts add it inside their fc2 GEMM, before fc2's reduction over
+        the experts' TP group (both paths): on its rank 0 only (zero elsewhere), so the reduction
+        counts it once; its gradient (nonzero there only) is all-reduced over that group, as the
+        bias is replicated."""
+        etp = self.groups.etp
+        if bias_EH is None or etp.size == 1:
             return bias_EH
-        bias_EH = comm.copy_to_split(bias_EH, self.groups.tp)
-        return bias_EH if self.groups.tp.rank == 0 else bias_EH * 0.0
+        bias_EH = comm.copy_to_split(bias_EH, etp)
+        return bias_EH if etp.rank == 0 else bias_EH * 0.0
 
     def _combine_packed(self, partial, plan: DispatchPlan) -> torch.Tensor:
         """partial: the experts' output in their layout (tight or packed)."""
         g, H, p = self.groups, partial.shape[-1], plan.packed
         y = partial.reshape(-1, H)
         if p.direct:
-            return self._combine_rows(comm.reduce_from_split(y, g.tp), plan)
+            return self._combine_rows(comm.reduce_from_split(y, g.etp), plan)
         if p.from_experts is not None:
             y = y.index_select(0, p.from_experts)
-        if self.dtd:
-            y = comm.reduce_scatter(y.view(plan.slices, p.recv_max, H), g.tp)[:p.recv_rows]
+        if self.replicated:
+            y = comm.reduce_from_split(y, g.etp)[:p.recv_rows]
         else:
-            y = comm.reduce_from_split(y, g.tp)[:p.recv_rows]
+            y = comm.reduce_scatter(y.view(p.peers, p.recv_max, H), g.etp)[:p.recv_rows]
         back = comm.all_to_all_var(y, g.ep, p.recv, p.send, out_rows=plan.slot_per_slice)
-        full = comm.gather_to_replicated(back, g.tp) if self.dtd else back
-        return self._combine_rows(full.reshape(-1, H), plan)
+        return self._combine_rows(self._all_slices(back, plan).reshape(-1, H), plan)

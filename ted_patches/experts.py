@@ -1,4 +1,5 @@
-"""This rank's experts as batched GEMMs, each expert split over TP like Megatron's MLP.
+"""This rank's experts as batched GEMMs, each expert split over the experts' TP group (ETP, = TP
+unless --expert-tensor-parallel-size says otherwise) like Megatron's MLP.
 
 Shapes: E_l local experts, N tokens per expert (capacity slots from every EP and TP peer),
 H hidden, F ffn per TP rank (2F for SwiGLU's [gate | up]).
@@ -42,7 +43,7 @@ class GroupedExperts(torch.nn.Module):
                  groups: TEDGroups):
         super().__init__()
         self.cfg = cfg
-        tp = groups.tp.size
+        tp = groups.etp.size
         stride = 2 if cfg.swiglu else 1
         f, h, e = ffn_hidden_size // tp, cfg.hidden_size, num_local_experts
         expert = dict(expert=True)
@@ -136,23 +137,19 @@ class _PackedMLP(torch.autograd.Function):
                 torch.ops.aten.gelu.out(h[o:o + n], out=a[o:o + n])
                 _fc2(a[o:o + n], w2[e], None if b2 is None else b2[e], y[o:o + n])
         if cfg.swiglu:
-            with torch.enable_grad():  # the activation's own small graph, kept for backward
-                h_leaf = h.requires_grad_(True)
-                a = activation(cfg, h_leaf)
+            a = activation(cfg, h)
             for e, o, n in segs:
-                _fc2(a.detach()[o:o + n], w2[e], None if b2 is None else b2[e], y[o:o + n])
-        else:
-            h_leaf = h
-        ctx.save_for_backward(x_MH, w1, w2)
-        ctx.graph, ctx.segs, ctx.has_bias = (h_leaf, a), segs, (b1 is not None, b2 is not None)
+                _fc2(a[o:o + n], w2[e], None if b2 is None else b2[e], y[o:o + n])
+        # h and a through save_for_backward (not ctx attributes): under activation checkpointing
+        # they are dropped after the forward and recomputed, like every other saved tensor
+        ctx.save_for_backward(x_MH, w1, w2, h, a)
+        ctx.segs, ctx.has_bias, ctx.swiglu = segs, (b1 is not None, b2 is not None), cfg.swiglu
         return y
 
     @staticmethod
     def backward(ctx, gy_MH):
-        x, w1, w2 = ctx.saved_tensors
-        h_leaf, a = ctx.graph
+        x, w1, w2, h, a_ = ctx.saved_tensors
         gy = gy_MH.contiguous()
-        a_ = a.detach()
         ga = torch.empty_like(a_)
         # every expert's block is written below
         gw1, gw2 = torch.empty_like(w1), torch.empty_like(w2)
@@ -164,7 +161,7 @@ class _PackedMLP(torch.autograd.Function):
                 for g in (gw1, gw2, gb1, gb2):
                     if g is not None:
                         g[e].zero_()
-        gelu = not a.requires_grad
+        gelu = not ctx.swiglu
         gh = torch.empty_like(a_) if gelu else None
         for e, o, n in ctx.segs:
             torch.mm(gy[o:o + n], w2[e].t(), out=ga[o:o + n])
@@ -172,10 +169,10 @@ class _PackedMLP(torch.autograd.Function):
             if gb2 is not None:
                 torch.sum(gy[o:o + n], dim=0, out=gb2[e])
             if gelu:  # while this expert's slice of the activation gradient is in cache
-                torch.ops.aten.gelu_backward.grad_input(ga[o:o + n], h_leaf[o:o + n],
+                torch.ops.aten.gelu_backward.grad_input(ga[o:o + n], h[o:o + n],
                                                         grad_input=gh[o:o + n])
         if not gelu:
-            (gh,) = torch.autograd.grad(a, h_leaf, ga)
+            gh = _swiglu_backward(h, ga)
         gx = torch.empty_like(x) if ctx.needs_input_grad[0] else None
         xT = x.t().contiguous()
         for e, o, n in ctx.segs:
@@ -185,6 +182,16 @@ class _PackedMLP(torch.autograd.Function):
             if gx is not None:
                 torch.mm(gh[o:o + n], w1[e].t(), out=gx[o:o + n])
         return gx, gw1, gb1, gw2, gb2, None, None
+
+
+def _swiglu_backward(h: torch.Tensor, ga: torch.Tensor) -> torch.Tensor:
+    """The gradient of [gate | up] for a = silu(gate) * up, given a's gradient (by hand: a
+    nested autograd call inside a backward is a graph task of its own, and under activation
+    checkpointing each one recomputes the whole region again)."""
+    gate, up = h.chunk(2, dim=-1)
+    sig = torch.sigmoid(gate)
+    g_gate = ga * up * sig * (1 + gate * (1 - sig))
+    return torch.cat([g_gate, ga * (gate * sig)], dim=-1)
 
 
 def _bmm(x, w, b):

@@ -23,6 +23,7 @@ from ted_patches.config import MoEConfig
 from ted_patches.dispatcher import Dispatcher
 from ted_patches.experts import GroupedExperts
 from ted_patches.router import Router
+from ted_patches.shared_expert import SharedExpert
 from megatron.parallel.topology import TEDGroups
 
 
@@ -72,13 +73,21 @@ class MoELayer(torch.nn.Module):
         self.cfg, self.groups, self.layer = cfg, groups, 0 if layer is None else layer
         ffn = cfg.expert_ffn_hidden_size or model_cfg.ffn_hidden_size
         self.router = Router(model_cfg.hidden_size, cfg, groups, std=model_cfg.init_method_std)
-        self.dispatcher = Dispatcher(groups, cfg.num_experts, cfg.topk, cfg.dtd)
+        # group-limited routing: a token reaches few EP ranks; send it once to each
+        self.dispatcher = Dispatcher(groups, cfg.num_experts, cfg.topk, cfg.dtd,
+                                     per_rank=cfg.router_num_groups is not None)
         self.experts = GroupedExperts(model_cfg, cfg.num_experts // groups.ep.size, ffn, groups)
         if cfg.mlp_type == "residual":  # Megatron-DeepSpeed's residual MoE
             self.dense = MLP(model_cfg, megatron_parallel_config(model_cfg, groups), groups)
             self.mix = torch.nn.Linear(model_cfg.hidden_size, 2)
-            set_spec(self.mix.weight, init="normal", std=model_cfg.init_method_std)
-            set_spec(self.mix.bias, init="zeros")
+            sp = groups.sequence_parallel  # on this rank's tokens only: partial over TP
+            set_spec(self.mix.weight, init="normal", std=model_cfg.init_method_std,
+                     sequence_parallel=sp)
+            set_spec(self.mix.bias, init="zeros", sequence_parallel=sp)
+        self.shared_expert = None  # beside the routed experts, split over TP like the dense MLP
+        if cfg.shared_expert_intermediate_size is not None:
+            self.shared_expert = SharedExpert(model_cfg, cfg.shared_expert_intermediate_size,
+                                              cfg.shared_expert_gate, groups)
         self.forwards = 0  # forward calls (recomputes included), for --check-tp-routing
 
     def pad_free(self, device: torch.device) -> bool:
@@ -87,27 +96,56 @@ class MoELayer(torch.nn.Module):
         return device.type == "cpu" or not self.cfg.drop_tokens
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        x_TH = x.reshape(-1, x.shape[-1])
+        """x: [b, s, h] (or [T, h]); under sequence parallelism this rank's part [b, s/TP, h]:
+        the router decides over the whole sequence (as one process does) and each TP rank sends
+        its own tokens, so the output is this rank's part too."""
+        H = x.shape[-1]
+        x_TH = x.reshape(-1, H)
         pad_free = self.pad_free(x.device)
-        routing = self.router(x_TH, pad_free=pad_free)
+        routing = self.router(x_TH, pad_free=pad_free,
+                              num_sequences=x.shape[0] if x.dim() == 3 else None)
         self._check_tp_routing(routing)
-        # added inside fc2, before its TP reduction
-        bias = self.dispatcher.fc2_bias(self.experts.b2)
+        tp = self.groups.tp
+        if not self.groups.sequence_parallel:
+            y_TH = self._experts(x_TH, routing, pad_free)
+        elif pad_free:  # my tokens, routed as part of the whole
+            y_TH = self._experts(x_TH, routing.restrict(self._my_tokens(x)), pad_free, own=True)
+        else:  # padded: the capacity slices of the whole sequence, as DTD cuts them
+            whole_TH = comm.gather_sequence(x, tp, replicated=True).reshape(-1, H)
+            whole_TH = self._experts(whole_TH, routing, pad_free, sequence_split=True)
+            y_TH = whole_TH.view(x.shape[0], tp.size, -1, H)[:, tp.rank].reshape(-1, H)
+        if self.cfg.mlp_type == "residual":
+            dense, _ = self.dense(x)
+            coef_T2 = self.mix(x_TH).softmax(dim=-1)
+            y_TH = y_TH * coef_T2[:, :1] + dense.reshape(-1, H) * coef_T2[:, 1:]
+        if self.shared_expert is not None:
+            y_TH = y_TH + self.shared_expert(x).reshape(-1, H)
+        return y_TH.view_as(x), self._aux(routing)
+
+    def _experts(self, x_TH, routing, pad_free: bool, *, own: bool = False,
+                 sequence_split: bool = False) -> torch.Tensor:
+        """Dispatch, the local experts, combine (dispatcher.py: `own`, the tokens are this rank's
+        alone; `sequence_split`, they are the whole sequence but this rank uses its part only)."""
+        bias = self.dispatcher.fc2_bias(self.experts.b2)  # added inside fc2, before its reduction
         if pad_free:
-            tokens, counts, plan = self.dispatcher.dispatch_packed(x_TH, routing)
-            if plan.packed.tight:  # nearly equal counts: one bmm over [E_l, max count, H]
+            tokens, counts, plan = self.dispatcher.dispatch_packed(x_TH, routing, own=own)
+            if getattr(plan, "packed", None) is not None and plan.packed.tight:
+                # nearly equal counts: one bmm over [E_l, max count, H]
                 partial = self.experts(tokens, bias)
             else:  # grouped GEMMs over the real rows
                 partial = self.experts.forward_packed(tokens, counts, bias)
         else:
-            tokens, plan = self.dispatcher.dispatch(x_TH, routing)
+            tokens, plan = self.dispatcher.dispatch(x_TH, routing, sequence_split=sequence_split)
             partial = self.experts(tokens, bias)
-        y_TH = self.dispatcher.combine(partial, plan)
-        if self.cfg.mlp_type == "residual":
-            dense_TH, _ = self.dense(x_TH)
-            coef_T2 = self.mix(x_TH).softmax(dim=-1)
-            y_TH = y_TH * coef_T2[:, :1] + dense_TH * coef_T2[:, 1:]
-        return y_TH.view_as(x), self._aux(routing)
+        return self.dispatcher.combine(partial, plan)
+
+    def _my_tokens(self, x: torch.Tensor) -> torch.Tensor:
+        """Indices, in the whole micro-batch's token order (batch-major), of this TP rank's part
+        [b, s/TP] of the sequence."""
+        b, s_local = x.shape[:2]
+        tp = self.groups.tp
+        start = tp.rank * s_local + torch.arange(b, device=x.device)[:, None] * s_local * tp.size
+        return (start + torch.arange(s_local, device=x.device)).reshape(-1)
 
     def _check_tp_routing(self, routing) -> None:
         """--check-tp-routing N: DTD is only correct if the TP ranks route identically (on NCCL a

@@ -18,6 +18,7 @@ path needs no capacity at all.
 from __future__ import annotations
 
 import math
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -75,6 +76,22 @@ class Routing:
     @property
     def weight_N(self) -> torch.Tensor:
         return self.weight_A[self.assign_N]
+
+    def restrict(self, token_T: torch.Tensor) -> "Routing":
+        """The routing of some of the tokens (sequence parallelism: this rank's own), decided as
+        part of the whole: their assignments in choice-major order, each expert's kept ones
+        numbered 0, 1, ... in that order (their slots in this rank's rows) and counted in
+        kept_E. Capacity, losses and counts stay the whole routing's."""
+        T, K, E = self.num_tokens, self.topk, self.counts_E.numel()
+        choice_K = torch.arange(K, device=token_T.device)[:, None] * T
+        idx_A = (choice_K + token_T[None, :]).reshape(-1)
+        expert_A, keep_A = self.expert_A.index_select(0, idx_A), self.keep_A.index_select(0, idx_A)
+        kept_AE = one_hot(expert_A, E) * keep_A[:, None]
+        slot_A = torch.where(keep_A, _positions(kept_AE, expert_A), 0)
+        return dataclasses.replace(self, expert_A=expert_A, slot_A=slot_A, keep_A=keep_A,
+                                   weight_A=self.weight_A.index_select(0, idx_A),
+                                   kept_E=kept_AE.sum(0), capacity=None,
+                                   num_tokens=token_T.numel())
 
     def checksum(self) -> torch.Tensor:
         """An int64 digest of the routing decisions (expert, kept, slot of every assignment) for
@@ -135,6 +152,26 @@ def keep_mask(expert_A: torch.Tensor, prob_A: torch.Tensor, num_experts: int, ca
     return keep_A, slot_A
 
 
+def expert_block(groups: TEDGroups):
+    """The ranks whose buffers must agree in size for the dispatch: the experts' TP x EP block
+    (the EP group where there is no experts' TP)."""
+    return groups.etp_ep if groups.etp_ep is not None else groups.ep
+
+
+def whole_sequence(logits_TE: torch.Tensor, num_sequences: Optional[int],
+                   groups: TEDGroups) -> torch.Tensor:
+    """Sequence parallelism: this rank's logits [b * s/TP, E] -> the whole micro-batch's
+    [b * s, E] in one process's token order (batch-major), so capacity, drop order and the
+    losses are decided over the whole sequence, identically on every TP rank. Backward: this
+    rank's part (the routing downstream is computed alike on every TP rank; each rank's share of
+    the gradient is that of its own tokens)."""
+    if num_sequences is None:
+        raise ValueError("sequence parallelism: the router needs the micro-batch's sequence count")
+    E = logits_TE.shape[-1]
+    local = logits_TE.view(num_sequences, -1, E)
+    return comm.gather_sequence(local, groups.tp, replicated=True).reshape(-1, E)
+
+
 class Router(torch.nn.Module):
     """The linear layer (weight [E, H], replicated over TP), input jitter, capacity and dropping;
     the gate (ted_patches.gates, chosen by config) turns the logits into choices and weights."""
@@ -142,19 +179,26 @@ class Router(torch.nn.Module):
     def __init__(self, hidden_size: int, cfg: MoEConfig, groups: TEDGroups, std: float):
         super().__init__()
         self.cfg, self.groups = cfg, groups
+        # under sequence parallelism it sees this rank's tokens only: partial gradients over TP
         self.weight = set_spec(torch.nn.Parameter(torch.empty(cfg.num_experts, hidden_size)),
-                               init="normal", std=std)
+                               init="normal", std=std, sequence_parallel=groups.sequence_parallel)
         self.gate = build_gate(cfg, groups)
+        self.dtype = {"fp32": torch.float32, "fp64": torch.float64}[cfg.router_dtype]
 
-    def forward(self, x_TH: torch.Tensor, pad_free: bool = False) -> Routing:
-        """pad_free: the padding-free dispatch follows; in no-drop mode it needs no capacity."""
+    def forward(self, x_TH: torch.Tensor, pad_free: bool = False,
+                num_sequences: Optional[int] = None) -> Routing:
+        """pad_free: the padding-free dispatch follows; in no-drop mode it needs no capacity.
+        num_sequences: the micro-batch's sequences (tokens batch-major), for seq_aux_loss."""
         cfg, E, K = self.cfg, self.cfg.num_experts, self.cfg.topk
         T = x_TH.shape[0]
-        # 1. fp32 logits and the gate's scores
-        x = x_TH.float()
+        # 1. fp32 (or fp64: --moe-router-dtype) logits and the gate's scores
+        x = x_TH.to(self.dtype)
         if self.training and cfg.jitter_eps > 0:  # default stream: identical on the TP ranks
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
-        logits_TE = x @ self.weight.float().t()
+        logits_TE = x @ self.weight.to(self.dtype).t()
+        if self.groups.sequence_parallel:  # this rank's part of the sequence: route the whole one
+            logits_TE = whole_sequence(logits_TE, num_sequences, self.groups)
+            T = logits_TE.shape[0]
         scores_TE = self.gate.scores(logits_TE)
         # 2. choices, in choice-major order
         idx_TK = self.gate.choose(logits_TE.detach(), scores_TE.detach(), K)
@@ -179,8 +223,10 @@ class Router(torch.nn.Module):
             tp = self.groups.tp.size
             capacity = -(-capacity // tp) * tp
         # 4. gate weights (0 for the dropped) and the gate's losses
-        weight_A = self.gate.normalize(score_A, keep_A, T, K)
-        aux, z_loss = self.gate.losses(logits_TE, scores_TE, idx_TK, onehot_AE[:T].sum(0), counts_E)
+        weight_A = self.gate.normalize(score_A, keep_A, T, K).float()
+        seqs = {} if num_sequences is None else {"num_sequences": num_sequences}
+        aux, z_loss = (loss.float() for loss in self.gate.losses(
+            logits_TE, scores_TE, idx_TK, onehot_AE[:T].sum(0), counts_E, **seqs))
         return Routing(expert_A=expert_A, slot_A=slot_A, keep_A=keep_A, weight_A=weight_A,
                        kept_E=kept_E, capacity=capacity, aux_loss=aux, z_loss=z_loss,
                        counts_E=counts_E, num_tokens=T, topk=K, may_drop=cfg.drop_tokens)
@@ -196,6 +242,6 @@ class Router(torch.nn.Module):
             return token_capacity(num_tokens, cfg.num_experts, cfg.topk, factor, cfg.min_capacity)
         # padded no-drop: room for the fullest expert of any rank this all-to-all talks to (a shape:
         # the one host synchronization of that mode)
-        largest = comm.all_reduce_(counts_E.max().reshape(1).clone(), self.groups.ep,
+        largest = comm.all_reduce_(counts_E.max().reshape(1).clone(), expert_block(self.groups),
                                    op=dist.ReduceOp.MAX)
         return max(int(largest.item()), 1)

@@ -31,9 +31,12 @@ _WORLDS: dict[tuple[int, int], "World"] = {}
 _GROUPS: dict[tuple[int, int], object] = {}
 
 
-def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1):
-    """The TEDGroups of layout (tp, ep, pp) on this process's world (cached per layout). In the
-    calling process itself this starts a one-rank world: the single-process reference."""
+def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1, etp=None, sp: bool = False):
+    """The TEDGroups of layout (tp, ep, pp, expert TP etp, sequence parallelism sp) on this
+    process's world (cached per layout). In the calling process itself this starts a one-rank
+    world: the single-process reference."""
+    import dataclasses
+
     import torch.distributed as dist
 
     from megatron.launch.initialize import init_ted_groups
@@ -42,11 +45,13 @@ def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1):
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1)
-    key = (tp, ep, pp)
+    key = (tp, ep, pp, etp or tp)
     if key not in _GROUPS:
-        _GROUPS[key] = init_ted_groups(Topology(dist.get_world_size(), tp, ep, pp))
+        _GROUPS[key] = init_ted_groups(Topology(dist.get_world_size(), tp, ep, pp, etp))
     groups = _GROUPS[key]
     groups.ledger.reset()
+    if sp:  # the same groups; the layers communicate differently
+        groups = dataclasses.replace(groups, topology=dataclasses.replace(groups.topology, sp=True))
     return groups
 
 

@@ -62,6 +62,33 @@ def test_moe_layer_bench_json():
     assert skewed["expert_rows"] > plain["expert_rows"]
 
 
+def test_group_limited_rows_send_one_row_per_destination():
+    """Top-4 of 8 experts in one of 2 groups (the EP ranks): a token reaches one EP rank, and the
+    padding-free path sends it there once; the same routing sent per assignment carries ~4x."""
+    rows = json_lines("moe_layer.py", "--layouts", "1,2,2", "--group-limited", "1", "--hidden",
+                      "32", "--ffn", "64", "--tokens", "64", "--topk", "4", "--iters", "1",
+                      "--warmup", "0", "--capacity-factors", "none", "--skew", "off")
+    by = {(r["routing"], r["pad_free"], r["row_per"]): r for r in rows}
+    once = by[("group-limited g=1", True, "(token, EP rank)")]
+    each = by[("group-limited g=1", True, "(token, expert)")]
+    assert once["max_ep_ranks_per_token"] == 1
+    assert 0 < once["a2a_bytes_per_rank"] < 0.4 * each["a2a_bytes_per_rank"]
+    assert by[("unlimited", True, "(token, expert)")]["max_ep_ranks_per_token"] == 2
+
+
+def test_expert_grid_bench_json():
+    rows = json_lines("expert_grid.py", "--hidden", "32", "--seq", "32", "--experts", "8",
+                      "--reps", "1")
+    assert [r["layout"] for r in rows] == ["etp=tp", "etp=tp sp", "etp1 ep=tp", "etp1 ep=tp sp"]
+    keys = {"tp", "etp", "ep", "sp", "ms", "ms_min", "ms_max", "ratio", "a2a_bytes_per_rank"}
+    assert all(keys <= set(r) for r in rows)
+    by = {r["layout"]: r for r in rows}
+    # experts split over TP: no all-to-all at EP 1; with their own grid (EP over the TP ranks),
+    # each rank sends its own tokens and no TP gather or reduce-scatter of expert rows remains
+    assert by["etp=tp"]["a2a_bytes_per_rank"] == 0 < by["etp1 ep=tp"]["a2a_bytes_per_rank"]
+    assert by["etp1 ep=tp sp"]["other_bytes_per_rank"] < by["etp=tp sp"]["other_bytes_per_rank"]
+
+
 def test_optimizations_bench_json():
     rows = json_lines("optimizations.py", "--tp", "1", "--ep", "2", "--dp", "2", "--layers", "2",
                       "--hidden", "32", "--ffn", "64", "--experts", "4", "--vocab", "128",

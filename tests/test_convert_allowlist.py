@@ -20,6 +20,12 @@ ROPE = dict(swiglu=True, normalization="RMSNorm", position_embedding_type="rope"
 # a model each format expresses
 FITS = {"mixtral": (ROPE, dict(num_experts=4, layers=(0, 1), topk=2)),
         "qwen2_moe": (ROPE, dict(num_experts=4, layers=(1,), topk=1)),
+        "qwen3_moe": (dict(ROPE, qk_layernorm=True), dict(num_experts=4, layers=(1,), topk=2)),
+        "glm4_moe": (ROPE, dict(num_experts=4, layers=(1,), topk=2, score_function="sigmoid")),
+        "deepseek_v3": (dict(ROPE, multi_latent_attention=True, q_lora_rank=12, kv_lora_rank=10,
+                             qk_head_dim=6, qk_pos_emb_head_dim=4, v_head_dim=5,
+                             qk_layernorm=True, norm_epsilon=1e-6),
+                        dict(num_experts=4, layers=(1,), topk=2, score_function="sigmoid")),
         "gpt2": ({}, None)}
 
 
@@ -45,7 +51,7 @@ class FutureMoEConfig(MoEConfig):
 
 @dataclasses.dataclass(frozen=True)
 class FutureModelConfig(ModelConfig):
-    qk_layernorm: bool = False
+    future_attention: bool = False
 
 
 def future(cfg, cls, **extra):
@@ -53,8 +59,9 @@ def future(cfg, cls, **extra):
 
 
 def test_the_registry_lists_one_adapter_per_format():
-    assert convert.EXPORT_FORMATS == ("mixtral", "qwen2_moe", "gpt2")
-    assert convert.IMPORT_FORMATS == ("mixtral",)
+    assert convert.EXPORT_FORMATS == ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe",
+                                      "deepseek_v3", "gpt2")
+    assert convert.IMPORT_FORMATS == ("mixtral", "qwen2_moe", "qwen3_moe", "glm4_moe")
     for fmt, adapter in convert.ADAPTERS.items():
         assert adapter.FORMAT == fmt and adapter.EXPRESSES.fmt == fmt
         assert convert.ARCHITECTURES[fmt] == adapter.ARCHITECTURE
@@ -105,9 +112,10 @@ def test_an_undeclared_moe_field_is_refused_by_name(fmt):
 @pytest.mark.parametrize("fmt", convert.EXPORT_FORMATS)
 def test_an_undeclared_model_field_is_refused_by_name(fmt):
     model, moe = fitting(fmt)
-    model = future(model, FutureModelConfig, qk_layernorm=True)
-    with pytest.raises(ConversionError, match=f"cannot export as {fmt}: ModelConfig.qk_layernorm "
-                                              f"= True is not something the {fmt} adapter knows"):
+    model = future(model, FutureModelConfig, future_attention=True)
+    with pytest.raises(ConversionError, match=f"cannot export as {fmt}: ModelConfig."
+                                              f"future_attention = True is not something the "
+                                              f"{fmt} adapter knows"):
         convert.check_exportable(fmt, model, moe)
 
 

@@ -97,7 +97,7 @@ def step_case(flags: str) -> dict:
     t = cfg.train
     mbs = my_microbatches(0, groups, t.global_batch_size // t.micro_batch_size,
                           mbs=t.micro_batch_size, seq=t.seq_length, vocab=cfg.model.vocab_size)
-    counter = CollectiveCounter(groups)
+    counter = CollectiveCounter(named_groups(groups))
     groups.ledger.reset()
     with counter:
         metrics = train_step(model, opt, mbs, groups)
@@ -110,6 +110,13 @@ def step_case(flags: str) -> dict:
               for fg in opt.flat_groups],
         state_bytes=opt.state_bytes(),
     )
+
+
+def named_groups(groups) -> list:
+    """Every group of the layout under the planner's name for it (the experts' TP group and TP x
+    EP block are process groups of their own, also where they hold the TP or EP group's ranks)."""
+    return [g for g in (groups.tp, groups.dp, groups.ep, groups.edp, groups.etp, groups.etp_ep,
+                        groups.world, groups.pp, groups.embedding) if g is not None]
 
 
 def step_cases(names: list[str]) -> dict:
@@ -189,7 +196,8 @@ def test_no_drop_mode_issues_the_planned_calls():
     world, flags = NO_DROP
     cfg = config(flags, world)
     want = {k: calls for k, (calls, _) in _plan_summary(cfg).items()}
-    assert want[("all_reduce", "ep")] == 2 * 2  # 2 MoE layers x 2 micro-batches
+    # 2 MoE layers x 2 micro-batches, over the experts' TP x EP block
+    assert want[("all_reduce", "etp_ep")] == 2 * 2
     for got in run(world, step_case, flags):
         assert {k: calls for k, (calls, _) in got["counter"].items()} == want
 
@@ -254,9 +262,7 @@ def pipeline_step_case(flags: str) -> dict:
     n = t.global_batch_size // t.micro_batch_size
     pipe = Pipeline(model, cfg.stages, groups, n // groups.dp.size, t.micro_batch_size,
                     t.seq_length, torch.device("cpu"))
-    named = [g for g in (groups.tp, groups.dp, groups.ep, groups.edp, groups.world, groups.pp,
-                         groups.embedding) if g is not None]
-    counter = CollectiveCounter(named)
+    counter = CollectiveCounter(named_groups(groups))
     for step in range(2):
         mbs = my_microbatches(step, groups, n, mbs=t.micro_batch_size, seq=t.seq_length,
                               vocab=cfg.model.vocab_size)
@@ -453,8 +459,9 @@ def test_json_has_one_object_per_layout_and_one_recommended(capsys):
     code, out, _ = cli(capsys, *CLI, "--use-distributed-optimizer", "--json")
     assert code == 0
     rows = [json.loads(line) for line in out.splitlines()]
-    # 24 layers: PP in (1, 2, 4, 8); 16 heads and 16 experts: TP, EP up to 16
-    assert {(r["tp"], r["pp"], r["ep"]) for r in rows} == {
+    # 24 layers: PP in (1, 2, 4, 8); 16 heads and 16 experts: TP, EP up to 16 (the classic TED
+    # layouts: the experts split over TP, no SP; tests/test_planner_sp.py checks the others)
+    assert {(r["tp"], r["pp"], r["ep"]) for r in rows if r["etp"] == r["tp"] and not r["sp"]} == {
         (t, p, e) for p in (1, 2, 4, 8) for t in (1, 2, 4, 8, 16) if 64 % (t * p) == 0
         for e in (1, 2, 4, 8, 16) if 64 // (t * p) % e == 0}
     for r in rows:
@@ -483,7 +490,8 @@ def test_the_search_offers_exactly_the_valid_pipeline_layouts(capsys, schedule):
         extra += ["--num-virtual-stages-per-pipeline-rank", "2"]
     code, out, _ = cli(capsys, *CLI, *extra, "--json")
     assert code == 0
-    got = {(r["tp"], r["pp"], r["ep"]): r for r in map(json.loads, out.splitlines())}
+    got = {(r["tp"], r["pp"], r["ep"]): r for r in map(json.loads, out.splitlines())
+           if r["etp"] == r["tp"] and not r["sp"]}  # the classic TED layouts
     want = set()
     for p in range(1, 65):
         for t in (1, 2, 4, 8, 16):

@@ -34,7 +34,8 @@ def pretrain_case(argv: list[str]) -> dict | None:
     """Parse argv like pretrain_gpt_moe.py does and train; rank 0 returns what it printed."""
     args = parse_args(argv)
     groups = ted_groups(args.tensor_model_parallel_size, args.expert_model_parallel_size,
-                        args.pipeline_model_parallel_size)
+                        args.pipeline_model_parallel_size, args.expert_tensor_parallel_size,
+                        args.sequence_parallel)
     tokenizer = build_tokenizer(**tokenizer_kwargs(args))
     cfg = build_config(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     set_seed(cfg.train.seed)

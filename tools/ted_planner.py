@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""TED layout planner: every valid (TP, PP, EP, DP) of a GPT-MoE on a cluster, ranked, with per-GPU
-memory, per-step communication and an estimated step time (megatron/plan/).
+"""TED layout planner: every valid (TP, SP, PP, EP, ETP, DP) of a GPT-MoE on a cluster, ranked, with
+per-GPU memory, per-step communication and an estimated step time (megatron/plan/).
 
 examples:
     python tools/ted_planner.py --preset 6.7b --cluster summit-v100-16gb --gpus 128 \\
@@ -16,13 +16,19 @@ examples:
     python tools/ted_planner.py --preset 1.3b --cluster a100-40gb --gpus 32 \\
         --micro-batch-size 1 --global-batch-size 256 --bf16 --pipeline-schedule interleaved \\
         --num-virtual-stages-per-pipeline-rank 2 --plot plan.png
+    python tools/ted_planner.py --preset 2.7b --cluster h100-80gb --gpus 64 \\
+        --micro-batch-size 2 --global-batch-size 512 --bf16 --tensor-model-parallel-size 4 \\
+        --sequence-parallel --expert-tensor-parallel-size 1 --pipeline-model-parallel-size 1
     python tools/ted_planner.py --paper      # the model's figures for the paper's two claims
 
 The model is given by pretrain_gpt_moe.py's own flags (all of them: what it would train is what
 is planned), or a --preset base with 16 experts every other layer, the flags that follow
 overriding it. --tensor-model-parallel-size / --pipeline-model-parallel-size /
---expert-model-parallel-size, when given, restrict the layouts to those sizes (e.g.
---pipeline-model-parallel-size 1: no pipeline). Without them every PP that divides the layers and
+--expert-model-parallel-size / --expert-tensor-parallel-size, when given, restrict the layouts to
+those sizes (e.g. --pipeline-model-parallel-size 1: no pipeline); --sequence-parallel restricts
+them to sequence parallelism at TP > 1, --no-sequence-parallel to none. Without them every TP,
+every experts' grid (ETP x EP dividing the GPUs of a stage: Megatron-Core's MoE parallel folding,
+ETP = TP the classic TED layout), SP on and off at TP > 1, and every PP that divides the layers and
 the GPUs is tried, with the schedule --pipeline-schedule names (default 1f1b) and its rule on the
 micro-batches per step (global batch / (micro batch x DP): 1f1b needs at least PP, interleaved a
 multiple of PP). --json prints one JSON object per layout; --plot FILE.png draws memory and step
@@ -31,7 +37,11 @@ bars marked with their size). Bad input: one `error:` line, exit status 2.
 
 columns (memory in GiB per GPU: the pipeline rank that needs the most; time in seconds per step):
     TP, PP, EP, DP  tensor-, pipeline-, expert- and data-parallel sizes (GPUs = TP x PP x DP)
-    EDP             expert-data-parallel size, DP / EP: the replicas of each expert
+    SP              sequence parallelism (--sequence-parallel): "y" where the hidden state
+                    outside attention and the MLPs is split over TP
+    ETP             the experts' own TP size (--expert-tensor-parallel-size; default TP)
+    EDP             expert-data-parallel size, GPUs / (PP x ETP x EP): the replicas of each
+                    expert shard
     m               micro-batches per step and DP rank: global batch / (micro batch x DP)
     params, grads   this GPU's parameters and gradients (ZeRO-1 padding included)
     optim           fp32 master weights and Adam moments (sharded over DP / EDP with ZeRO-1)
@@ -64,7 +74,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 # megatron-core warns at import that Transformer Engine / Apex are absent; we do not use them.
 warnings.filterwarnings("ignore", message=".*Transformer Engine and Apex are not installed.*")
 
-from megatron.parallel.topology import valid_layouts  # noqa: E402
 from megatron.cli import arguments  # noqa: E402
 from megatron import plan as planner  # noqa: E402
 from megatron.cli.arguments import ConfigError, build_parser  # noqa: E402
@@ -73,7 +82,8 @@ from megatron.cli.configs import build_config, tokenizer_kwargs  # noqa: E402
 PROG = "ted_planner.py"
 GIB = 2**30
 LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
-                "--expert-model-parallel-size")
+                "--expert-model-parallel-size", "--expert-tensor-parallel-size",
+                "--sequence-parallel")
 
 
 class UsageError(Exception):
@@ -107,6 +117,9 @@ def planner_parser() -> argparse.ArgumentParser:
     p.add_argument("--compute-efficiency", type=float,
                    help="fraction of the peak the GEMMs reach (assumed: 0.5)")
     p.add_argument("--reserved-gib", type=float, help="per GPU for the runtime itself (assumed: 1)")
+    p.add_argument("--no-sequence-parallel", action="store_true",
+                   help="plan only layouts without sequence parallelism (--sequence-parallel: "
+                        "only with it, at TP > 1)")
     p.add_argument("--json", action="store_true", help="one JSON object per layout")
     p.add_argument("--plot", metavar="FILE.png",
                    help="draw memory and step time per layout (matplotlib)")
@@ -126,6 +139,11 @@ def parse(argv: list[str]):
     for flag in LAYOUT_FLAGS:
         if any(a == flag or a.startswith(flag + "=") for a in rest):
             given.add(flag)
+    if opts.no_sequence_parallel:
+        if "--sequence-parallel" in given:
+            raise UsageError("--sequence-parallel and --no-sequence-parallel contradict each "
+                             "other: give one")
+        given.add("--no-sequence-parallel")
     model_argv = (planner.preset_flags(opts.preset) if opts.preset else []) + rest
     args = pretrain_args(model_argv)
     if args.global_batch_size is None and opts.gpus:
@@ -200,10 +218,35 @@ def vocabulary(args) -> int:
         raise UsageError(f"tokenizer: {e}{hint}") from None
 
 
+def _sizes(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def grid_layouts(stage: int, args, given: set[str]):
+    """(TP, SP, ETP, EP) of one pipeline stage's `stage` ranks, the flags given restricting
+    them: TP dividing the stage; the experts' grid ETP x EP dividing it too (expert-DP the
+    rest); SP on and off at TP > 1."""
+    def pick(flag: str, value: int, sizes: list[int]) -> list[int]:
+        return [value] if flag in given else sizes
+
+    sp_choices = ((True,) if "--sequence-parallel" in given else
+                  (False,) if "--no-sequence-parallel" in given else (False, True))
+    for tp in pick("--tensor-model-parallel-size", args.tensor_model_parallel_size,
+                   _sizes(stage)):
+        for etp in pick("--expert-tensor-parallel-size", args.expert_tensor_parallel_size or tp,
+                        _sizes(stage)):
+            for ep in pick("--expert-model-parallel-size", args.expert_model_parallel_size,
+                           _sizes(stage)):
+                if stage % tp or etp < 1 or stage % (etp * ep):
+                    continue
+                for sp in sorted({s and tp > 1 for s in sp_choices}):
+                    yield tp, sp, etp, ep
+
+
 def layout_configs(args, world: int, given: set[str]) -> tuple[list, list[str]]:
     """The Config of every layout build_config accepts (what pretrain_gpt_moe.py would run: PP
-    dividing the layers and the GPUs, the schedule's rule on the micro-batches), and why the
-    others were refused."""
+    dividing the layers and the GPUs, the schedule's rule on the micro-batches, the model's
+    sizes dividing by TP, EP and ETP), and why the others were refused."""
     vocab = vocabulary(args)
     configs, refused = [], []
     for pp in range(1, world + 1):
@@ -211,18 +254,15 @@ def layout_configs(args, world: int, given: set[str]) -> tuple[list, list[str]]:
                           and pp != args.pipeline_model_parallel_size):
             continue
         # build_config refuses what the model's sizes rule out
-        for tp, ep in valid_layouts(world // pp):
-            if "--tensor-model-parallel-size" in given and tp != args.tensor_model_parallel_size:
-                continue
-            if "--expert-model-parallel-size" in given and ep != args.expert_model_parallel_size:
-                continue
+        for tp, sp, etp, ep in grid_layouts(world // pp, args, given):
             layout = argparse.Namespace(**vars(args))
             layout.tensor_model_parallel_size, layout.expert_model_parallel_size = tp, ep
             layout.pipeline_model_parallel_size = pp
+            layout.expert_tensor_parallel_size, layout.sequence_parallel = etp, sp
             try:
                 configs.append(build_config(layout, world, vocab))
             except ConfigError as e:
-                refused.append(f"TP={tp} PP={pp} EP={ep}: {e}")
+                refused.append(f"TP={tp}{' SP' if sp else ''} PP={pp} EP={ep} ETP={etp}: {e}")
     return configs, refused
 
 
@@ -240,7 +280,7 @@ def plan_all(args, cluster: planner.Cluster, given: set[str]) -> list[planner.La
 def ranked(plans: list[planner.LayoutPlan]) -> list[planner.LayoutPlan]:
     """Fitting layouts fastest first, then the others by memory."""
     return sorted(plans, key=lambda p: (not p.fits, p.time.total if p.fits else p.memory.total,
-                                        p.tp, p.pp, p.ep))
+                                        p.tp, p.pp, p.ep, p.etp, p.sp))
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -260,7 +300,8 @@ def table(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, args)
                      "DP rank")
     for note in sorted({n for p in plans for n in p.notes}):
         lines.append(f"note: {note}")
-    head = ("", "TP", "PP", "EP", "DP", "EDP", "m", "params", "grads", "optim", "activ",
+    head = ("", "TP", "SP", "PP", "EP", "ETP", "DP", "EDP", "m", "params", "grads", "optim",
+            "activ",
             "step pk", "total", "fits", "step s", "compute s", "comm s", "bubble s",
             "largest comm (GB/rank/step)")
     rows = [head]
@@ -269,8 +310,8 @@ def table(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, args)
         comm = sorted(((f"{k}/{g}", t.bytes) for (k, g), t in p.comm.items()),
                       key=lambda kv: -kv[1])[:3]
         rows.append((
-            "*" if p is best else "", str(p.tp), str(p.pp), str(p.ep), str(p.dp), str(p.edp),
-            str(p.microbatches),
+            "*" if p is best else "", str(p.tp), "y" if p.sp else "-", str(p.pp), str(p.ep),
+            str(p.etp), str(p.dp), str(p.edp), str(p.microbatches),
             *(f"{v / GIB:.2f}" for v in (m.params, m.grads, m.optimizer, m.activations,
                                          m.step_peak, m.total)),
             "yes" if p.fits else "NO", f"{p.time.total:.3f}", f"{p.time.compute:.3f}",
@@ -300,7 +341,8 @@ def describe(p: planner.LayoutPlan) -> str:
         chunks = f", {p.virtual} stages per rank" if p.virtual > 1 else ""
         pipe = (f" ({p.schedule}{chunks}, {p.microbatches} micro-batches, bubble "
                 f"{100 * p.bubble:.1f}%)")
-    return f"TP={p.tp} PP={p.pp} EP={p.ep} DP={p.dp} (expert-DP {p.edp}){pipe}"
+    sp = " SP" if p.sp else ""
+    return f"TP={p.tp}{sp} PP={p.pp} EP={p.ep} ETP={p.etp} DP={p.dp} (expert-DP {p.edp}){pipe}"
 
 
 def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: str):
@@ -313,7 +355,9 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
     except ImportError:
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     plans = ranked(plans)
-    labels = [f"{p.tp}x{p.pp}x{p.ep}x{p.dp}" + ("*" if p is best else "") for p in plans]
+    labels = [f"{p.tp}{'s' if p.sp else ''}x{p.pp}x{p.ep}x{p.dp}"
+              + (f" e{p.etp}" if p.etp != p.tp else "") + ("*" if p is best else "")
+              for p in plans]
     x = range(len(plans))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(plans) + 2), 7), sharex=True)
     bottom_of = [0.0] * len(plans)
@@ -352,7 +396,7 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
                         fontsize="x-small")
     bottom.set_ylabel("seconds per step")
     bottom.set_xticks(list(x), labels, rotation=60, fontsize="small")
-    bottom.set_xlabel("TP x PP x EP x DP (* recommended)")
+    bottom.set_xlabel("TP x PP x EP x DP (s: SP; eN: expert TP N; * recommended)")
     bottom.legend(fontsize="small")
     fig.tight_layout()
     try:
@@ -378,7 +422,9 @@ def paper(cluster_name: str = "summit-v100-16gb", gpus: int = 128) -> str:
 
     def plans_for(base: str, extra=(), tp=None):
         args = pretrain_args(planner.preset_flags(base) + PAPER_SWITCHES + list(extra))
-        given = {"--pipeline-model-parallel-size"}  # the paper's layouts: no pipeline
+        # the paper's layouts: no pipeline, the experts split over TP, no sequence parallelism
+        given = {"--pipeline-model-parallel-size", "--expert-tensor-parallel-size",
+                 "--no-sequence-parallel"}
         if tp is not None:
             args.tensor_model_parallel_size = tp
             given.add("--tensor-model-parallel-size")

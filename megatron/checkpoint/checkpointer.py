@@ -21,6 +21,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
 from megatron.checkpoint.files import (FORMAT, META, find_checkpoint, iteration_dir, make_latest,
                                        read_checkpoint_meta, write_json)
@@ -30,8 +31,10 @@ from megatron.checkpoint.guards import (check_space, folder_bytes, hold_save_loc
 from megatron.checkpoint.rng_state import (rng_file, save_torch, read_rng_file, rng_state,
                                            set_rng_state)
 from megatron.checkpoint.storage import (CheckpointError, CheckpointSaveError, ChecksumWriter,
-                                         Parts, SavePlanner, Snapshot, add_range, dcp_load,
-                                         dcp_save, first_failure, is_out_of_space, verify_chunks)
+                                         Parts, SafeReader, SavePlanner, Snapshot, add_range,
+                                         dcp_load, dcp_save, first_failure, is_out_of_space,
+                                         verify_chunks)
+from megatron.checkpoint.strictness import resolve
 from megatron.model.params import ParamSpec, checkpoint_pieces, spec_of, state_buffers
 from megatron.parallel.topology import TEDGroups
 
@@ -76,7 +79,7 @@ def buffer_parts(model, groups: TEDGroups) -> tuple[dict, dict]:
 def _writes_replica(spec: ParamSpec, groups: TEDGroups) -> bool:
     """Whether this rank writes its copy: one rank of each set of replicas (TP rank 0 of what TP
     does not split; data-parallel rank 0, over expert-DP for expert state)."""
-    tp_first = spec.tp_dim is not None or groups.tp.rank == 0
+    tp_first = spec.tp_dim is not None or groups.tp_of(spec.expert).rank == 0
     return tp_first and (groups.edp.rank if spec.expert else groups.dp.rank) == 0
 
 
@@ -95,6 +98,7 @@ class CheckpointConfig:
     async_save: bool = False
     verify: bool = True  # compare every stored chunk with its checksum before a load
     save_retain_interval: Optional[int] = None
+    strictness: str = "assume_ok_unexpected"  # --dist-ckpt-strictness (strictness.py)
 
 
 @dataclass(frozen=True)
@@ -258,6 +262,8 @@ class Checkpointer:
         reads, _ = optimizer_parts(model, optimizer, self.groups,
                                    STATES if with_optimizer else ("model",))
         reads.update(buffer_parts(model, self.groups)[0])
+        if cfg.strictness != "assume_ok_unexpected":
+            self._apply_strictness(found, reads, log)
         checked = self._verify(found)
         dcp_load(reads, found, self.pg)
         optimizer.load_master_weights()
@@ -278,6 +284,26 @@ class Checkpointer:
         if cfg.finetune:
             return Resumed()
         return Resumed(meta["iteration"], meta["consumed_samples"])
+
+    def _apply_strictness(self, folder: str, reads: dict, log) -> None:
+        """--dist-ckpt-strictness: compare the tensors every rank asks for with those stored
+        (of the states being read), then raise, list or drop, alike on every rank."""
+        stored = SafeReader(folder).read_metadata().state_dict_metadata
+        states = {key.split(".", 1)[0] for key in reads}
+        stored = {k for k, md in stored.items()
+                  if isinstance(md, TensorStorageMetadata) and k.split(".", 1)[0] in states}
+        asked = [None] * self.groups.world.size
+        dist.all_gather_object(asked, sorted(reads), group=self.pg)
+        everywhere = set().union(*asked)
+        try:
+            skip, lines = resolve(self.cfg.strictness, everywhere - stored,
+                                             stored - everywhere, folder)
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        for line in lines:
+            log(line)
+        for key in skip & set(reads):
+            del reads[key]
 
     def _verify(self, folder: str) -> str:
         """Before reading anything: each rank compares its share of the stored files with their

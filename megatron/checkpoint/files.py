@@ -66,9 +66,17 @@ def configs_from_meta(meta: dict) -> tuple[ModelConfig, Optional[MoEConfig]]:
 SHAPE_FIELDS = {
     "model": ("num_layers", "hidden_size", "num_attention_heads", "vocab_size", "ffn_hidden_size",
               "max_position_embeddings", "position_embedding_type", "normalization", "swiglu",
-              "add_bias_linear", "untie_embeddings_and_output_weights", "num_query_groups"),
-    "moe": ("num_experts", "experts_per_layer", "layers", "mlp_type", "expert_ffn_hidden_size"),
+              "add_bias_linear", "untie_embeddings_and_output_weights", "num_query_groups",
+              "kv_channels", "qk_layernorm", "multi_latent_attention", "q_lora_rank",
+              "kv_lora_rank", "qk_head_dim", "qk_pos_emb_head_dim", "v_head_dim"),
+    "moe": ("num_experts", "experts_per_layer", "layers", "mlp_type", "expert_ffn_hidden_size",
+            "shared_expert_intermediate_size", "shared_expert_gate"),
 }
+# fields added after checkpoints without them were written: their value when absent
+SHAPE_DEFAULTS = {"shared_expert_intermediate_size": None, "shared_expert_gate": False,
+                  "kv_channels": None, "qk_layernorm": False, "multi_latent_attention": False,
+                  "q_lora_rank": None, "kv_lora_rank": 32, "qk_head_dim": 128,
+                  "qk_pos_emb_head_dim": 64, "v_head_dim": 128}
 
 
 def check_compatible(meta: dict, model: ModelConfig, moe: Optional[MoEConfig], where: str) -> None:
@@ -83,7 +91,8 @@ def check_compatible(meta: dict, model: ModelConfig, moe: Optional[MoEConfig], w
         if current[section] is None:
             continue
         for field in fields:
-            saved, now = meta[section].get(field), current[section][field]
+            saved = meta[section].get(field, SHAPE_DEFAULTS.get(field))
+            now = current[section][field]
             if isinstance(now, tuple):
                 now = list(now)
             if saved != now:

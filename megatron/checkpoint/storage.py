@@ -150,7 +150,9 @@ class LoadPlanner(DefaultLoadPlanner):
         for key, parts in self.state_dict.items():
             md = stored.get(key)
             if not isinstance(md, TensorStorageMetadata):
-                raise CheckpointError(f"{self.where}: holds no tensor {key!r} (the model has it)")
+                raise CheckpointError(f"{self.where}: holds no tensor {key!r} (the model has "
+                                      "it; --dist-ckpt-strictness log_unexpected loads the rest "
+                                      "and keeps its initial value)")
             if tuple(md.size) != tuple(parts.shape):
                 raise CheckpointError(f"{self.where}: {key} has shape {tuple(md.size)} in the "
                                       f"checkpoint but {tuple(parts.shape)} in the model")

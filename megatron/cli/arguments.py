@@ -10,11 +10,14 @@ from __future__ import annotations
 import argparse
 import sys
 
+from megatron.cli.logging_flags import (add_checkpoint_switches, add_logging_flags,
+                                        add_runtime_flags)
 from megatron.cli.peer_flags import add_peer_args, resolve_peer_args
 from megatron.cli.schedule import add_schedule_args
 from megatron.parallel.stages import SCHEDULE_PLACEMENT
 from ted_patches.config import (AUX_LOSS_TYPES, DROP_POLICIES, GATE_NORMALIZATIONS, MLP_TYPES,
-                                SCORE_FUNCTIONS)
+                                ROUTER_DTYPES, SCORE_FUNCTIONS)
+from ted_patches.config import parse_layer_freq
 
 
 class ConfigError(ValueError):
@@ -36,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     _data_args(p.add_argument_group("data and tokenizer"))
     _log_args(p.add_argument_group("logging and evaluation"))
     _checkpoint_args(p.add_argument_group("checkpointing (Megatron-LM's flags)"))
+    add_runtime_flags(p.add_argument_group("run time (Megatron-LM's flags)"))
     add_peer_args(p)
     return p
 
@@ -52,6 +56,7 @@ def _model_args(g):
     g.add_argument("--position-embedding-type", choices=["learned_absolute", "rope"],
                    default="learned_absolute", help="learned absolute positions or rotary")
     g.add_argument("--rotary-base", type=float, default=10000.0, help="RoPE base frequency")
+    _attention_args(g)
     g.add_argument("--normalization", choices=["LayerNorm", "RMSNorm"], default="LayerNorm",
                    help="normalization layer")
     g.add_argument("--norm-epsilon", type=float, default=1e-5,
@@ -89,14 +94,60 @@ def _model_args(g):
                         "MoE all-to-alls)")
 
 
+def _attention_args(g):
+    """Attention variants, with Megatron-LM's flags (dest = the ModelConfig field)."""
+    g.add_argument("--kv-channels", type=int, default=None,
+                   help="head dim of q, k, v (default --hidden-size / --num-attention-heads)")
+    g.add_argument("--rotary-percent", type=float, default=1.0,
+                   help="rotary on the first int(head dim x this) dims of each head (partial "
+                        "rotary); the rest carry no position")
+    g.add_argument("--rope-type", choices=["rope", "yarn"], default=None,
+                   help="yarn: YaRN-scaled rotary (default with --multi-latent-attention); rope: "
+                        "plain (default otherwise)")
+    g.add_argument("--rotary-scaling-factor", type=float, default=1.0,
+                   help="YaRN: the context extension factor (1: plain rotary)")
+    g.add_argument("--original-max-position-embeddings", type=int, default=4096,
+                   help="YaRN: the context the frequencies were trained for (Megatron-Core's "
+                        "original_max_position_embeddings)")
+    g.add_argument("--beta-fast", type=float, default=32.0,
+                   help="YaRN: dims turning more often than this over the original context keep "
+                        "their frequency (Megatron-Core's beta_fast)")
+    g.add_argument("--beta-slow", type=float, default=1.0,
+                   help="YaRN: dims turning less often than this are interpolated (beta_slow)")
+    g.add_argument("--mscale", type=float, default=1.0,
+                   help="YaRN: mscale of the cos/sin concentration factor")
+    g.add_argument("--mscale-all-dim", type=float, default=0.0,
+                   help="YaRN: mscale_all_dim (divides the concentration; squared into MLA's "
+                        "softmax scale)")
+    g.add_argument("--qk-layernorm", action="store_true",
+                   help="normalize each head's q and k (--normalization's type) before rotary; "
+                        "with --multi-latent-attention, the q and kv latents")
+    g.add_argument("--multi-latent-attention", action="store_true",
+                   help="multi-latent attention (DeepSeek-V2/V3): low-rank q and kv, a rope key "
+                        "shared by the heads")
+    g.add_argument("--q-lora-rank", type=int, default=None,
+                   help="MLA: rank of the query's latent (default: no query compression)")
+    g.add_argument("--kv-lora-rank", type=int, default=32,
+                   help="MLA: rank of the key/value latent")
+    g.add_argument("--qk-head-dim", type=int, default=128,
+                   help="MLA: per-head q/k dims without position")
+    g.add_argument("--qk-pos-emb-head-dim", type=int, default=64,
+                   help="MLA: per-head q/k rotary dims (the key's shared by all heads)")
+    g.add_argument("--v-head-dim", type=int, default=128, help="MLA: per-head value dims")
+
+
 def _moe_args(g):
     g.add_argument("--num-experts", type=int, nargs="+", default=None,
                    help="experts per MoE layer (none or 1: dense GPT); one count per MoE layer for "
                         "a pyramid (Megatron-DeepSpeed's PR-MoE with --mlp-type residual)")
     g.add_argument("--expert-interval", type=int, default=None,
                    help="MoE in layers N, 2N, ... (1-based, Megatron-DeepSpeed; default 2)")
-    g.add_argument("--moe-layer-freq", type=int, default=None,
-                   help="MoE in layers 0, N, 2N, ... (0-based, Megatron-Core)")
+    g.add_argument("--moe-layer-freq", type=_layer_freq, default=None,
+                   help="MoE in layers 0, N, 2N, ... (0-based, Megatron-Core); or Megatron-Core's "
+                        "list form, one 1 (MoE) or 0 (dense) per layer, e.g. \"([0]*1+[1]*3)*2\"")
+    g.add_argument("--first-k-dense-replace", type=int, default=0, metavar="K",
+                   help="the first K layers dense whatever the MoE pattern (DeepSeek's "
+                        "first_k_dense_replace)")
     g.add_argument("--moe-router-topk", "--topk", dest="topk", type=int, default=1,
                    help="experts per token (default 1, as Megatron-DeepSpeed; Megatron-Core "
                         "defaults to 2)")
@@ -126,7 +177,11 @@ def _moe_args(g):
     g.add_argument("--moe-router-load-balancing-type", dest="aux_loss_type",
                    choices=AUX_LOSS_TYPES, default="deepspeed",
                    help="deepspeed: first choices only; aux_loss: Megatron-Core's switch loss over "
-                        "k choices / k")
+                        "k choices / k; seq_aux_loss: that loss per sequence, averaged "
+                        "(DeepSeek-V2/V3); global_aux_loss: against the loads of the step's "
+                        "micro-batches so far over the data-parallel ranks; sinkhorn: S-BASE's "
+                        "balanced assignment selects (no loss); none")
+    _router_variant_args(g)
     g.add_argument("--moe-aux-loss-coeff", "--moe-loss-coeff", dest="aux_loss_coeff", type=float,
                    default=0.01, help="weight of the load-balancing loss")
     g.add_argument("--moe-z-loss-coeff", dest="z_loss_coeff", type=float, default=0.0,
@@ -150,6 +205,59 @@ def _moe_args(g):
                    help="every N-th forward of each MoE layer (flag alone: every one), check that "
                         "the TP ranks routed identically (one small all-reduce and a host read); "
                         "stops with an error if not (DTD needs identical routing)")
+    g.add_argument("--moe-shared-expert-intermediate-size", dest="shared_expert_intermediate_size",
+                   type=int, default=None,
+                   help="shared experts: a dense MLP of this width (all shared experts together) "
+                        "beside the routed experts of every MoE layer, split over TP like the "
+                        "dense MLP (Megatron-Core)")
+    g.add_argument("--moe-shared-expert-gate", dest="shared_expert_gate", action="store_true",
+                   help="scale the shared expert's output by sigmoid(x . w) per token (Qwen2-MoE's "
+                        "shared_expert_gate)")
+    g.add_argument("--moe-shared-expert-overlap", dest="shared_expert_overlap",
+                   action="store_true",
+                   help="accepted for Megatron-Core scripts; our collectives are synchronous, so "
+                        "there is nothing to overlap with and the numbers are the same")
+    g.add_argument("--moe-use-upcycling", dest="use_upcycling", action="store_true",
+                   help="start from the dense checkpoint in --load: every expert a copy of the "
+                        "dense MLP, the router from --seed (Megatron-Core's granularity 1); "
+                        "a first run only: --save must hold no checkpoint")
+    g.add_argument("--moe-per-layer-logging", dest="per_layer_logging", action="store_true",
+                   help="each MoE layer's aux and z loss, dropped fraction and max/min expert "
+                        "load (over the mean: 1.00 is balanced) in the log line and TensorBoard")
+
+
+def _layer_freq(text: str):
+    try:
+        return parse_layer_freq(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(str(e)) from None
+
+
+def _router_variant_args(g):
+    """Megatron-Core's router flags beyond softmax top-k (ted_patches/gates)."""
+    g.add_argument("--moe-router-pre-softmax", dest="pre_softmax", action="store_true",
+                   help="softmax gate: the weights are the softmax probabilities over all experts, "
+                        "not renormalized over the top-k (the sigmoid gate ignores it, as in "
+                        "Megatron-Core)")
+    g.add_argument("--moe-router-topk-scaling-factor", dest="topk_scaling_factor", type=float,
+                   default=None, help="multiply the gate weights by this (after normalization)")
+    g.add_argument("--moe-router-dtype", dest="router_dtype", choices=ROUTER_DTYPES,
+                   default="fp32", help="logits, scores, selection and gate weights in fp32 "
+                                        "(default) or fp64")
+    g.add_argument("--moe-router-enable-expert-bias", dest="enable_expert_bias",
+                   action="store_true",
+                   help="aux-loss-free balancing (DeepSeek-V3; sigmoid scores): a per-expert bias "
+                        "added to the scores for selection only, moved after each optimizer step "
+                        "by the update rate towards equal loads over the data-parallel world; "
+                        "saved in checkpoints")
+    g.add_argument("--moe-router-bias-update-rate", dest="bias_update_rate", type=float,
+                   default=1e-3, help="the expert bias's step (default 1e-3, DeepSeek-V3's)")
+    g.add_argument("--moe-router-num-groups", dest="router_num_groups", type=int, default=None,
+                   help="group-limited routing: experts in this many equal groups (e.g. the EP "
+                        "size: device-limited routing)")
+    g.add_argument("--moe-router-group-topk", dest="router_group_topk", type=int, default=None,
+                   help="group-limited routing: groups each token may use (each group scored by "
+                        "the sum of its best topk / group-topk scores)")
 
 
 def _parallel_args(g):
@@ -159,10 +267,12 @@ def _parallel_args(g):
                    dest="expert_model_parallel_size", type=int, default=1,
                    help="EP: experts split over this many ranks (divides DP)")
     g.add_argument("--expert-tensor-parallel-size", type=int, default=None,
-                   help="must equal --tensor-model-parallel-size (TED splits experts over TP)")
+                   help="ETP: each expert split over this many ranks, a grid of its own (Megatron-"
+                        "Core's MoE parallel folding: ETP x EP x expert-DP = world / PP; ETP need "
+                        "not divide TP, and the EP group may span TP ranks). Default: TP")
     g.add_argument("--enable-expert-tensor-parallelism", action="store_true",
-                   help="accepted for Megatron-DeepSpeed scripts: experts are always split over TP "
-                        "here")
+                   help="accepted for Megatron-DeepSpeed scripts: experts are split over TP here "
+                        "unless --expert-tensor-parallel-size says otherwise")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
                    help="PP: the layers split into this many pipeline stages (world = TP x PP x "
                         "DP)")
@@ -178,7 +288,12 @@ def _parallel_args(g):
                    help="layers of the first pipeline stage (default: an even split)")
     g.add_argument("--decoder-last-pipeline-num-layers", type=int, default=None,
                    help="layers of the last pipeline stage (default: an even split)")
-    g.add_argument("--sequence-parallel", action="store_true", help="not supported")
+    g.add_argument("--sequence-parallel", action="store_true",
+                   help="Megatron's sequence parallelism: outside attention and the MLPs each TP "
+                        "rank holds 1/TP of the sequence (norms, dropout, residuals); all-gather "
+                        "/ reduce-scatter around the TP linears instead of all-reduces; each TP "
+                        "rank routes and dispatches its own tokens in the MoE layers (no DTD "
+                        "slicing needed). No effect at TP 1")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce each gradient bucket while backward still runs (async collectives)")
     g.add_argument("--overlap-param-gather", action="store_true",
@@ -286,7 +401,10 @@ def _log_args(g):
     g.add_argument("--log-batch-size-to-tensorboard", action="store_true",
                    help="write the global batch size too")
     g.add_argument("--log-memory-to-tensorboard", action="store_true",
-                   help="write memory (peak CUDA allocation, or resident set size on CPU) too")
+                   help="write memory too: Megatron's mem-reserved-bytes, mem-allocated-bytes, "
+                        "mem-max-allocated-bytes (the CUDA allocator's; on CPU the resident set, "
+                        "current and peak)")
+    add_logging_flags(g)
 
 
 def _checkpoint_args(g):
@@ -320,7 +438,10 @@ def _checkpoint_args(g):
     g.add_argument("--ckpt-format", choices=["torch_dist", "torch", "fsdp_dtensor"],
                    default="torch_dist",
                    help="torch_dist: torch.distributed.checkpoint, resumable at any TP/EP/DP (the "
-                        "only format written; torch is accepted and writes it too)")
+                        "only format written). torch (Megatron-LM's legacy format) is accepted "
+                        "with one notice and also writes torch_dist; --load does not read a "
+                        "legacy torch folder: convert it first with tools/checkpoint_convert.py "
+                        "import --from megatron-legacy SRC DST")
     g.add_argument("--save-retain-interval", type=int, default=None,
                    help="after each save, delete older checkpoints whose iteration is not a "
                         "multiple of this (the latest is always kept)")
@@ -328,6 +449,7 @@ def _checkpoint_args(g):
                    help="load without comparing every stored chunk with its checksum")
     g.add_argument("--verify-integrity", dest="verify", action="store_true",
                    help="compare every stored chunk with its checksum on load (the default)")
+    add_checkpoint_switches(g)
 
 
 def parse_args(argv=None) -> argparse.Namespace:

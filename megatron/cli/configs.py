@@ -9,6 +9,8 @@ defaults, a value spread over several flags) is written out below. Library code 
 
 from __future__ import annotations
 
+import math
+
 import dataclasses
 import signal
 from typing import Optional
@@ -26,6 +28,7 @@ from megatron.parallel.topology import LayoutError, Topology, check_layout
 from megatron.training.config import Config, TensorBoardConfig, TrainConfig
 from megatron.training.exits import ExitConfig
 from megatron.training.optimizer import OptimizerConfig
+from megatron.training.options import LogConfig, RuntimeConfig
 from ted_patches.config import MoEConfig, moe_layer_indices
 
 # Megatron-LM's names for a sentencepiece model read through the same tokenizer
@@ -95,24 +98,28 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     _check_unsupported(args)
     _check_batch_sizes(args)
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
-    pp = args.pipeline_model_parallel_size
+    pp, etp = args.pipeline_model_parallel_size, args.expert_tensor_parallel_size or tp
     model = _model_config(args, tp, vocab_size)
     moe = _moe_config(args, ep)
+    _check_sequence_split(args, tp, etp, moe)
     # Every size split over TP or EP is known now: a bad layout's suggestions fit all of them.
     try:
-        check_layout(world_size, tp, ep, pp=pp,
+        expert_ffn = {"{ffn_hidden_size}": model.ffn_hidden_size}
+        check_layout(world_size, tp, ep, pp=pp, etp=etp,
                      tp_divides={**model.tp_split_sizes(),
                                  **(moe.tp_split_sizes() if moe else {})},
-                     ep_divides=moe.ep_split_sizes() if moe else {})
+                     ep_divides=moe.ep_split_sizes() if moe else {},
+                     etp_divides=(moe.etp_split_sizes() or expert_ffn) if moe else {})
     except LayoutError as e:
         if world_size != 1:
             raise
         # one process (plain `python pretrain_gpt_moe.py`): the launcher is what is missing
+        ranks = math.lcm(tp, etp * ep) * pp
         raise LayoutError(f"{e.template}; or, as this is one process, launch the layout's "
-                          f"{tp * ep * pp} ranks: torchrun --nproc-per-node {tp * ep * pp} "
+                          f"{ranks} ranks: torchrun --nproc-per-node {ranks} "
                           "pretrain_gpt_moe.py ... (or srun with that many tasks)",
                           e.owner) from None
-    topology = Topology(world_size, tp, ep, pp)
+    topology = Topology(world_size, tp, ep, pp, etp, sp=args.sequence_parallel)
     stages = _stage_plan(args, model.num_layers)
     train = _train_config(args, topology)
     if stages is not None:
@@ -132,7 +139,8 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     recompute.check(model.num_layers)
     return Config(topology, model, moe, recompute, optim, train, _data_config(args),
                   _checkpoint_config(args), _exit_config(args),
-                  tuple(getattr(args, "notices", ())), stages)
+                  tuple(getattr(args, "notices", ())), stages,
+                  log=fields_from(LogConfig, args), runtime=fields_from(RuntimeConfig, args))
 
 
 def _stage_plan(args, num_layers: int) -> Optional[StagePlan]:
@@ -220,13 +228,21 @@ def _check_batch_sizes(args) -> None:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
 
 
+def _check_sequence_split(args, tp: int, etp: int, moe) -> None:
+    """Sequence parallelism splits the sequence over TP; an expert grid apart from TP needs each
+    TP rank to send its own tokens (DTD's slices or SP's sequence parts)."""
+    if args.sequence_parallel and args.seq_length % tp:
+        raise ConfigError(f"--sequence-parallel splits --seq-length {args.seq_length} over "
+                          f"--tensor-model-parallel-size {tp}: use a multiple of {tp}")
+    if etp < 1:
+        raise ConfigError(f"--expert-tensor-parallel-size must be >= 1 (got {etp})")
+    if moe is not None and etp != tp and tp > 1 and not (moe.dtd or args.sequence_parallel):
+        raise ConfigError(f"--expert-tensor-parallel-size {etp} != --tensor-model-parallel-size "
+                          f"{tp}: the TP ranks must send different tokens to the experts; drop "
+                          "--disable-moe-dtd or add --sequence-parallel")
+
+
 def _check_unsupported(args) -> None:
-    if args.sequence_parallel:
-        raise ConfigError("--sequence-parallel is not supported; drop the flag")
-    if args.expert_tensor_parallel_size not in (None, args.tensor_model_parallel_size):
-        raise ConfigError(f"--expert-tensor-parallel-size {args.expert_tensor_parallel_size} must "
-                          f"equal --tensor-model-parallel-size {args.tensor_model_parallel_size} "
-                          "(TED splits each expert over the TP group); drop the flag")
     if args.overlap_param_gather and not args.use_distributed_optimizer:
         raise ConfigError("--overlap-param-gather needs --use-distributed-optimizer (it overlaps "
                           "ZeRO-1's parameter all-gather)")
@@ -261,17 +277,19 @@ def _moe_config(args, ep: int) -> Optional[MoEConfig]:
         return None
     for flag, value in (("--expert-interval", args.expert_interval),
                         ("--moe-layer-freq", args.moe_layer_freq)):
-        if value is not None and value < 1:
+        if isinstance(value, int) and value < 1:  # --moe-layer-freq may be a 0/1 pattern
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
+    first_k = getattr(args, "first_k_dense_replace", 0)
     if args.expert_interval is None and args.moe_layer_freq is None:
-        layers = moe_layer_indices(args.num_layers, expert_interval=2)
+        layers = moe_layer_indices(args.num_layers, expert_interval=2, first_k_dense=first_k)
     else:
         layers = moe_layer_indices(args.num_layers, expert_interval=args.expert_interval,
-                                   layer_freq=args.moe_layer_freq)
+                                   layer_freq=args.moe_layer_freq, first_k_dense=first_k)
     if not layers:
         raise ConfigError(f"no layer of --num-layers {args.num_layers} gets an MoE block with "
-                          f"--expert-interval {args.expert_interval}: use an interval <= "
-                          "--num-layers")
+                          f"--expert-interval {args.expert_interval} / --moe-layer-freq "
+                          f"{args.moe_layer_freq} / --first-k-dense-replace {first_k}: use an "
+                          "interval <= --num-layers, a pattern with a 1, or fewer dense layers")
     return fields_from(MoEConfig, args, num_experts=counts[0], layers=layers,
                        experts_per_layer=tuple(counts) if len(counts) > 1 else None)
 

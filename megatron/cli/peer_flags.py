@@ -21,7 +21,8 @@ NO_EFFECT = {
     "--no-rope-fusion": "Megatron-LM", "--use-flash-attn": "Megatron-LM",
     "--no-async-tensor-model-parallel-allreduce": "Megatron-LM",
     "--attention-softmax-in-fp32": "Megatron-LM",
-    "--moe-grouped-gemm": "Megatron-LM", "--no-create-attention-mask-in-dataloader": "Megatron-LM",
+    "--moe-grouped-gemm": "Megatron-LM", "--moe-permute-fusion": "Megatron-LM",
+    "--no-create-attention-mask-in-dataloader": "Megatron-LM",
     "--create-moe-param-group":
         "Megatron-DeepSpeed (expert parameters always form their own groups here)",
     "--no-pipeline-parallel": "Megatron-DeepSpeed (there is no pipeline parallelism here)",
@@ -98,6 +99,28 @@ def resolve_peer_args(args, argv: list[str], parser) -> list[str]:
         notices.append("--sequence-parallel has no effect with --tensor-model-parallel-size 1")
     if args.deepspeed or args.deepspeed_config:
         notices += apply_deepspeed_config(args, explicit_flags(parser, argv))
+    return notices + _accepted_switches(args, argv)
+
+
+# Megatron-LM's checkpoint switches whose behaviour is how ours always works
+CHECKPOINT_SWITCHES = ("--use-persistent-ckpt-worker", "--ckpt-fully-parallel-save",
+                       "--no-ckpt-fully-parallel-save", "--ckpt-fully-parallel-load",
+                       "--auto-detect-ckpt-format", "--ckpt-assume-constant-structure")
+
+
+def _accepted_switches(args, argv: list[str]) -> list[str]:
+    """One notice each for Megatron-LM's kernel choice and checkpoint switches given."""
+    given = {a.split("=", 1)[0] for a in argv if a.startswith("--")}
+    notices = []
+    if "--attention-backend" in given:
+        notices.append(f"--attention-backend {args.attention_backend}: attention runs as torch's "
+                       "scaled_dot_product_attention here (no kernel to choose)")
+    switches = [f for f in CHECKPOINT_SWITCHES if f in given]
+    if switches:
+        notices.append(f"{' '.join(switches)}: accepted; checkpoints here are always saved and "
+                       "loaded fully parallel (each rank writes its share once and reads only "
+                       "its parts), --async-save writes from a background thread, and --load is "
+                       "read by its own metadata")
     return notices
 
 

@@ -170,7 +170,11 @@ def check_checkpoint_flags(config, rank: int) -> None:
     if cfg.save:
         check_writable_directory("--save", cfg.save)
         check_save_lock(cfg.save)  # another run writing there: stop before any collective
-    if cfg.load and find_checkpoint(cfg.load) is not None:
+    if config.moe is not None and config.moe.use_upcycling:  # --load holds a dense model
+        from megatron.checkpoint.upcycle import check_upcycling
+
+        check_upcycling(config.model, config.moe, cfg.load, cfg.save)
+    elif cfg.load and find_checkpoint(cfg.load) is not None:
         meta = read_checkpoint_meta(cfg.load)
         check_compatible(meta, config.model, config.moe, meta["path"])
         if meta.get("has_optimizer") and not (cfg.no_load_optim or cfg.finetune):

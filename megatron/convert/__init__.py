@@ -1,12 +1,13 @@
-"""Our stored tensors <-> Hugging Face models (Mixtral, Qwen2-MoE, GPT-2), and the consolidated
-one-process files.
+"""Our stored tensors <-> Hugging Face models (Mixtral, Qwen2-MoE, Qwen3-MoE, GLM-4-MoE,
+GPT-2), and the consolidated one-process files.
 
 Stored tensors are what a checkpoint holds whatever the layout (megatron.model.params): full
 tensors by parameter name, each expert under its global id, SwiGLU's [gate | up] as ".gate" and
 ".up", the vocabulary without padding rows. Export maps them to the Hub's tensor names and a
 config.json that transformers (5.x, and the 4.x Hub layout it converts from) loads with no
-missing or unexpected keys; import maps a Mixtral Hub directory back. Every mapping is a
-permutation, split or transpose, so a round trip is bit-exact.
+missing or unexpected keys; import maps a Mixtral, Qwen2-MoE, Qwen3-MoE or GLM-4-MoE Hub
+directory back. Every mapping is a permutation, split, transpose or exact power-of-two scaling,
+so a round trip is bit-exact.
 
 One adapter per format, each declaring what it can express (its EXPRESSES, allowlist.py): for
 every field of ModelConfig and MoEConfig, any value or the values it can, with the message
@@ -16,7 +17,12 @@ names whatever does not fit:
              gates renormalized over the k choices (top-1 weight 1.0)
   qwen2_moe  like Mixtral, but dense SwiGLU layers may sit between MoE layers (mlp_only_layers)
              and the gates may stay raw probabilities (norm_topk_prob false: DeepSpeed's top-1);
-             its always-present shared expert is written as zeros, contributing exactly 0
+             our shared expert is its shared expert (ungated: a zero gate and down_proj x 2; none:
+             zeros)
+  qwen3_moe  Qwen2-MoE's layout without a shared expert, with per-head QK-norm (--qk-layernorm)
+             and a free head_dim (--kv-channels)
+  glm4_moe   sigmoid router with a selection bias and group-limited routing, an ungated shared
+             expert, dense layers first, partial rotary, optional QK-norm
   gpt2       dense, LayerNorm, learned positions, exact GELU; a model without biases gets zero
              biases (the same function)
 No Hugging Face model has an expert capacity: an exported MoE model computes ours with
@@ -24,8 +30,10 @@ No Hugging Face model has an expert capacity: an exported MoE model computes our
 
 allowlist.py   the declarations' vocabulary (ANY, only, when, Declaration)
 common.py      the error, QKV split / fuse, config.json's common keys
-llama.py       what Mixtral and Qwen2-MoE share (tensor names outside the MoE block, config)
-mixtral.py, qwen2_moe.py, gpt2.py   one adapter per format (mixtral also imports)
+llama.py       what the Llama-style formats share (tensor names outside the MoE block, config,
+               import's checks)
+mixtral.py, qwen2_moe.py, qwen3_moe.py, glm4_moe.py, gpt2.py   one adapter per format (all
+               but gpt2 import)
 hub.py         Hub directories, the tokenizer's files, the consolidated files
 """
 
@@ -35,7 +43,7 @@ from typing import Optional
 
 import torch
 
-from megatron.convert import gpt2, mixtral, qwen2_moe
+from megatron.convert import deepseek_v3, glm4_moe, gpt2, mixtral, qwen2_moe, qwen3_moe
 from megatron.convert.common import (
     HAS_GQA as _HAS_GQA,
     ConversionError,
@@ -59,8 +67,10 @@ from ted_patches.config import MoEConfig
 # An exporter has FORMAT, ARCHITECTURE, EXPRESSES (its Declaration), hub_tensors(tensors, model,
 # moe, dtype) and hub_config(model, moe, dtype); an importer also configs_from_hub(config) and
 # from_hub(model, moe, hf).
-ADAPTERS = {adapter.FORMAT: adapter for adapter in (mixtral, qwen2_moe, gpt2)}
-IMPORTERS = {mixtral.FORMAT: mixtral}
+ADAPTERS = {adapter.FORMAT: adapter
+            for adapter in (mixtral, qwen2_moe, qwen3_moe, glm4_moe, deepseek_v3, gpt2)}
+IMPORTERS = {adapter.FORMAT: adapter
+             for adapter in (mixtral, qwen2_moe, qwen3_moe, glm4_moe)}
 EXPORT_FORMATS = tuple(ADAPTERS)
 IMPORT_FORMATS = tuple(IMPORTERS)
 ARCHITECTURES = {fmt: adapter.ARCHITECTURE for fmt, adapter in ADAPTERS.items()}

@@ -36,6 +36,20 @@ EXPRESSES = Declaration(
         # no biases: zero biases compute the same; rotary_base: no RoPE with learned positions;
         # the dtype is the export's (--dtype); padded rows are never stored
         **any_value("add_bias_linear", "rotary_base", "params_dtype", "padded_vocab_size"),
+        # attention variants: GPT-2's heads are n_embd / n_head wide, its q and k plain
+        "kv_channels": when(lambda d, model, moe: model.head_dim * model.num_attention_heads
+                            == model.hidden_size,
+                            lambda d, model, moe: f"--kv-channels {d}: GPT-2's head dim is "
+                            f"hidden / heads = {model.hidden_size // model.num_attention_heads}"),
+        "qk_layernorm": only(False, message="per-head QK-norm (--qk-layernorm): GPT-2 has none"),
+        "multi_latent_attention": only(False, message="multi-latent attention "
+                                                      "(--multi-latent-attention): GPT-2 has "
+                                                      "q/k/v projections per head"),
+        # rotary settings and MLA's sizes: no rotary with learned positions, MLA refused above
+        **any_value("rotary_percent", "rope_type", "rotary_scaling_factor",
+                    "original_max_position_embeddings", "beta_fast", "beta_slow", "mscale",
+                    "mscale_all_dim", "q_lora_rank", "kv_lora_rank", "qk_head_dim",
+                    "qk_pos_emb_head_dim", "v_head_dim"),
     },
 )
 

@@ -19,3 +19,4 @@ class DataConfig:
     vocab_file: Optional[str]
     merge_file: Optional[str]
     vocab_size: Optional[int]
+    mmap_bin_files: bool = True  # False: --no-mmap-bin-files: file reads, no mmap

@@ -266,6 +266,7 @@ def build_train_valid_test_datasets(
     num_samples: tuple[int, int, int],
     cache_dir: str | None = None,
     eod_mask_loss: bool = False,
+    mmap_bin_files: bool = True,
 ):
     """(train, valid, test) datasets; None for a split with 0 weight in --split or 0 samples,
     and for a valid or test split whose sequences hold no tokens (check_data warns of it).
@@ -300,6 +301,7 @@ def build_train_valid_test_datasets(
         eod_mask_loss=eod_mask_loss,
         create_attention_mask=False,
         num_dataset_builder_threads=1,
+        mmap_bin_files=mmap_bin_files,  # False: megatron-core reads each .bin into memory
     )
     # A split asked for no samples is not built at all: megatron-core would build a full epoch
     # of it (and hang if it is empty, see _empty_splits); nor is a valid/test split without tokens.

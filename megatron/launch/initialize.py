@@ -197,7 +197,7 @@ def init_ted_groups(topology: Topology, backend: str = "gloo",
         tensor_model_parallel_size=topology.tp,
         pipeline_model_parallel_size=topology.pp,
         expert_model_parallel_size=topology.ep,
-        expert_tensor_parallel_size=topology.tp,
+        expert_tensor_parallel_size=topology.etp,
         distributed_timeout_minutes=timeout_minutes,
         create_gloo_process_groups=backend != "gloo",  # gloo already is the main backend
     )

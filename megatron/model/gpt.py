@@ -5,7 +5,6 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 import torch
-import torch.nn.functional as F
 from megatron.core.tensor_parallel import VocabParallelEmbedding
 
 from megatron.model.config import ModelConfig
@@ -13,14 +12,16 @@ from megatron.model.cross_entropy import vocab_parallel_cross_entropy
 from megatron.model.params import init_parameters, set_spec
 from megatron.model.recompute import checkpoint
 from megatron.model.rng import TPRandom
+from megatron.model.rotary import build_rotary
 from megatron.model.transformer import (
-    RotaryEmbedding,
     TransformerLayer,
     _no_init,
     build_norm,
     column_linear,
+    hidden_dropout,
     megatron_parallel_config,
 )
+from megatron.parallel import comm
 from megatron.parallel.topology import TEDGroups
 
 
@@ -76,8 +77,10 @@ class GPTModel(torch.nn.Module):
             self.position_embedding = torch.nn.Embedding(cfg.max_position_embeddings,
                                                          cfg.hidden_size)
             set_spec(self.position_embedding.weight, init="normal", std=std)
+        if cfg.multi_latent_attention:  # MLA always rotates its rope dims (Megatron-Core)
+            self.rotary = build_rotary(cfg, cfg.qk_pos_emb_head_dim)
         elif cfg.position_embedding_type == "rope":
-            self.rotary = RotaryEmbedding(cfg.head_dim, cfg.rotary_base)
+            self.rotary = build_rotary(cfg, cfg.head_dim)
 
         held = set(range(cfg.num_layers)) if layers is None else set(layers)
         self.layers = torch.nn.ModuleList(
@@ -90,7 +93,7 @@ class GPTModel(torch.nn.Module):
         self.checkpoint_stash = None
         self.final_norm = self.output = None
         if post_process:
-            self.final_norm = build_norm(cfg)
+            self.final_norm = build_norm(cfg, groups.sequence_parallel)
             # The output layer shares the embedding weight unless untied (then it has its own).
             self.output = column_linear(mp, groups, cfg.hidden_size, cfg.padded_vocab_size,
                                         std=std, bias=False, weight=not tied, rows=cfg.vocab_size)
@@ -120,10 +123,15 @@ class GPTModel(torch.nn.Module):
         return GPTOutput(self.lm_loss(logits, labels, loss_mask), aux)
 
     def embed(self, tokens, position_ids) -> torch.Tensor:
+        """[b, s, h], or this rank's part of the sequence [b, s/TP, h] under sequence
+        parallelism."""
         x = self.embedding(tokens)
         if self.position_embedding is not None:
             x = x + self.position_embedding(position_ids)
-        return F.dropout(x, self.cfg.hidden_dropout, self.training)
+        sp = self.groups.sequence_parallel
+        if sp:
+            x = comm.scatter_sequence(x, self.groups.tp)
+        return hidden_dropout(x, self.cfg.hidden_dropout, self.training, self.rng, sp)
 
     def rope(self, position_ids):
         """RoPE's cos / sin for these positions (None without RoPE); every stage computes its
@@ -145,7 +153,8 @@ class GPTModel(torch.nn.Module):
         return x, aux
 
     def head(self, x) -> torch.Tensor:
-        """Final norm and output layer: the vocab-split logits [b, s, V/TP], padded ids at -inf."""
+        """Final norm and output layer: the vocab-split logits [b, s, V/TP], padded ids at -inf
+        (under sequence parallelism the output layer gathers the sequence first)."""
         x = self.final_norm(x)
         weight = None if self.cfg.untie_embeddings_and_output_weights else self.embedding.weight
         logits, _ = self.output(x, weight=weight)

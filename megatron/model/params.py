@@ -40,6 +40,10 @@ class ParamSpec:
     # a copy of a parameter another pipeline stage holds (the tied word embedding on the last
     # stage): trained alike, but neither counted in the gradient norm nor written to checkpoints
     pipeline_copy: bool = False
+    # replicated over TP but used on this rank's part of the sequence only (sequence parallelism:
+    # norms, biases added after a reduce-scatter, the router): its gradient is partial on each
+    # TP rank and summed over TP before any other reduction
+    sequence_parallel: bool = False
 
     def __post_init__(self):
         if self.init not in ("normal", "zeros", "ones"):
@@ -126,9 +130,9 @@ def _full_shape(local_shape, tp_dim: Optional[int], tp_size: int) -> list[int]:
 
 @torch.no_grad()
 def init_parameters(model: torch.nn.Module, seed: int, groups: TEDGroups) -> None:
-    tp_rank, tp_size = groups.tp.rank, groups.tp.size
     for name, p in model.named_parameters():
         spec = spec_of(p)
+        tp_rank, tp_size = groups.tp_of(spec.expert).rank, groups.tp_of(spec.expert).size
         if spec.expert:
             tp_dim = None if spec.tp_dim is None else spec.tp_dim - 1
             shape = _full_shape(p.shape[1:], tp_dim, tp_size)
@@ -148,9 +152,9 @@ def init_parameters(model: torch.nn.Module, seed: int, groups: TEDGroups) -> Non
 def gather_full(tensor: torch.Tensor, spec: ParamSpec, groups: TEDGroups) -> torch.Tensor:
     """The full tensor (all TP shards, all experts) of a parameter or of its gradient. Collective
     over TP and EP: every rank of those groups must call it."""
-    t = tensor.detach()
-    if spec.tp_dim is not None and groups.tp.size > 1:
-        t = unshard(list(comm.raw_all_gather(t, groups.tp).unbind(0)), spec.tp_dim, spec.tp_stride)
+    t, tp = tensor.detach(), groups.tp_of(spec.expert)
+    if spec.tp_dim is not None and tp.size > 1:
+        t = unshard(list(comm.raw_all_gather(t, tp).unbind(0)), spec.tp_dim, spec.tp_stride)
     if spec.expert and groups.ep.size > 1:
         t = comm.raw_all_gather(t, groups.ep).flatten(0, 1)
     return t
@@ -194,10 +198,10 @@ def checkpoint_pieces(name: str, local_shape, spec: ParamSpec, groups: TEDGroups
         inner, tp_dim = tuple(local_shape[1:]), None if spec.tp_dim is None else spec.tp_dim - 1
     else:
         units, inner, tp_dim = [(name, None)], tuple(local_shape), spec.tp_dim
-    pieces = []
+    pieces, tp = [], groups.tp_of(spec.expert)
     for key, expert in units:
         for part_key, start, size, offset, shape in _tp_parts(key, inner, tp_dim, spec,
-                                                              groups.tp.rank, groups.tp.size):
+                                                              tp.rank, tp.size):
             if expert is not None:
                 start, size = (expert, *start), (1, *size)
             pieces.append(Piece(part_key, shape, start, size, offset, expert is not None))
@@ -226,7 +230,7 @@ def _tp_parts(key, inner, tp_dim, spec: ParamSpec, tp_rank: int, tp_size: int):
 
 def stored_tensors(model: torch.nn.Module, groups: TEDGroups) -> dict[str, torch.Tensor]:
     """{stored name: tensor} of a one-process model (TP = EP = 1): views, no copies."""
-    if groups.tp.size > 1 or groups.ep.size > 1:
+    if groups.tp.size > 1 or groups.ep.size > 1 or groups.etp.size > 1:
         raise ValueError("stored_tensors needs a one-process layout; checkpoints of any layout are "
                          "read with megatron.checkpoint")
     return {piece.key: piece.local_view(t.detach()) for name, t, spec in model_state(model)

@@ -8,9 +8,34 @@ outputs instead of communicating again.
 
 from __future__ import annotations
 
+import torch
 import torch.utils.checkpoint
 
 from megatron.model.rng import TPRandom
+
+
+class _RecomputeHere(torch.autograd.Function):
+    """The region's last operation, with a saved tensor: the first thing the region's backward
+    unpacks, so its recompute starts at once on every rank, before any other backward node of
+    the region runs. (Left to itself, non-reentrant checkpointing recomputes when a node first
+    needs a saved tensor; which node that is depends on the rank's data, e.g. its experts' rows,
+    and a recompute that communicates at different moments on two ranks deadlocks them.)"""
+
+    @staticmethod
+    def forward(ctx, x):
+        ctx.save_for_backward(x.new_empty(0))
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, grad):
+        ctx.saved_tensors  # noqa: B018 (the unpack starts the recompute)
+        return grad
+
+
+def _recompute_here(out):
+    if isinstance(out, tuple):
+        return (_recompute_here(out[0]),) + out[1:]
+    return _RecomputeHere.apply(out) if out.requires_grad else out
 
 
 def checkpoint(fn, *args, rng: TPRandom, stash=None):
@@ -27,9 +52,9 @@ def checkpoint(fn, *args, rng: TPRandom, stash=None):
             rng.load_state_dict(start_state)
         try:
             if stash is None:
-                return fn(*inner)
+                return _recompute_here(fn(*inner))
             with stash.active(replay):
-                return fn(*inner)
+                return _recompute_here(fn(*inner))
         finally:
             if replay:
                 rng.load_state_dict(outer)

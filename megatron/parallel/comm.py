@@ -114,6 +114,18 @@ class CommStash:
         return self.outputs[i]
 
 
+@contextlib.contextmanager
+def unstashed():
+    """Collectives issued inside run again in a recompute rather than being kept by an active
+    CAC stash: the sequence-parallel gathers around the TP linears, whose whole-sequence outputs
+    are what sequence parallelism avoids holding."""
+    token = _ACTIVE_STASH.set(None)
+    try:
+        yield
+    finally:
+        _ACTIVE_STASH.reset(token)
+
+
 def _describe(key: tuple) -> str:
     kind, group, shape, dtype = key
     return f"{kind} over {group} -> {list(shape)} {str(dtype).replace('torch.', '')}"
@@ -278,6 +290,40 @@ copy_to_split = _collective("copy_to_split", "identity into a region split over 
                             _all_reduce_copy)
 reduce_from_split = _collective("reduce_from_split", "all-reduce of partial outputs; backward: "
                                 "identity.", _all_reduce_copy, _identity)
+
+
+# ---- sequence parallelism: activations [b, s, ...] split over TP by sequence position ---------
+def gather_sequence(x: torch.Tensor, group: Group, replicated: bool = False) -> torch.Tensor:
+    """[b, s/n, ...] -> [b, s, ...]: every rank's part of the sequence, in rank order. Backward:
+    reduce-scatter (the consumer is split over the group, as TP linears are: each rank's gradient
+    is partial), or, with `replicated`, this rank's part (the consumer computes the same on every
+    rank, so every rank holds the same full gradient)."""
+    if group.size == 1:
+        return x
+    parts = (gather_to_replicated if replicated else gather_to_split)(x.contiguous(), group)
+    return parts.transpose(0, 1).reshape(x.shape[0], -1, *x.shape[2:])
+
+
+def reduce_scatter_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[b, s, ...] partial sums -> summed, this rank's part [b, s/n, ...]; backward: all-gather."""
+    if group.size == 1:
+        return x
+    return reduce_scatter(_by_rank(x, group.size).contiguous(), group)
+
+
+def scatter_sequence(x: torch.Tensor, group: Group) -> torch.Tensor:
+    """[b, s, ...] replicated -> this rank's part [b, s/n, ...]; backward: all-gather."""
+    if group.size == 1:
+        return x
+    return drop(_by_rank(x, group.size), group).contiguous()
+
+
+def _by_rank(x: torch.Tensor, n: int) -> torch.Tensor:
+    """[b, s, ...] -> [n, b, s/n, ...] (a view)."""
+    b, s = x.shape[:2]
+    if s % n:
+        raise ValueError(f"sequence length {s} is not divisible by the {n} ranks splitting it")
+    return x.reshape(b, n, s // n, *x.shape[2:]).transpose(0, 1)
 
 
 class _AllToAllVar(torch.autograd.Function):

@@ -1,10 +1,13 @@
 """The TED rank layout and the explicit process-group object handed to every layer.
 
-Layout (megatron-core's order "tp-cp-ep-dp-pp" with expert TP = TP):
-    rank = tp + TP * dp                  dense view
-    dp   = ep + EP * edp                 the DP group is split into EP groups
-so the EP group holds ranks with the SAME TP rank (all-to-all moves whole TP shards), and the
-expert-DP group holds the ranks that own the same experts and the same TP shard.
+Layout (megatron-core's orders "tp-cp-ep-dp-pp" and, for the experts, "tp-ep-dp-pp" with its own
+expert TP size ETP: Megatron-Core's "MoE parallel folding"). Within one pipeline stage:
+    local = tp + TP * dp                         dense view: attention, norms, dense MLPs
+    local = etp + ETP * (ep + EP * edp)          expert view: the experts' grid
+With ETP = TP (the default) dp = ep + EP * edp: the EP group holds ranks with the SAME TP rank
+(all-to-all moves whole TP shards) and the expert-DP group the ranks that own the same experts and
+the same TP shard. With ETP != TP the EP group may span attention TP ranks (ETP 1 at TP 2: the two
+TP ranks hold different experts, each whole).
 
 `Topology` is pure arithmetic (testable without processes). `TEDGroups` wraps the process
 groups that megatron-core's parallel_state built; layers receive it explicitly and never read
@@ -40,8 +43,9 @@ def valid_layouts(world_size: int, tp_divides: Mapping[str, int] = {},
     ]
 
 
-def check_layout(world_size: int, tp: int, ep: int, *, pp: int = 1,
-                 tp_divides: Mapping[str, int] = {}, ep_divides: Mapping[str, int] = {}) -> None:
+def check_layout(world_size: int, tp: int, ep: int, *, pp: int = 1, etp: Optional[int] = None,
+                 tp_divides: Mapping[str, int] = {}, ep_divides: Mapping[str, int] = {},
+                 etp_divides: Mapping[str, int] = {}) -> None:
     """Raise a LayoutError naming the first flag that breaks the layout. The suggestion offers
     only sizes that are valid for the whole layout: TP sizes that work with this EP, EP sizes
     that work with this TP (the one place every layout suggestion is made). With pipeline
@@ -55,6 +59,8 @@ def check_layout(world_size: int, tp: int, ep: int, *, pp: int = 1,
         hint = f"use one of {valid}" if valid else "no size fits the other flags: change them"
         raise LayoutError(f"{problem}; {hint}")
 
+    if etp is None or etp == tp:  # the experts share the dense TP group
+        tp_divides, etp_divides = {**tp_divides, **etp_divides}, {}
     if world_size % pp:
         fail(f"world size {world_size} is not divisible by --pipeline-model-parallel-size {pp}",
              [p for p in range(1, world_size + 1)
@@ -70,6 +76,9 @@ def check_layout(world_size: int, tp: int, ep: int, *, pp: int = 1,
         if value % tp:
             fail(f"{flag} {value} is not divisible by --tensor-model-parallel-size {tp}", tp_valid)
     dp = stage // tp
+    if etp is not None and etp != tp:  # the experts' own grid: EP need not divide DP
+        _check_expert_grid(world, stage, tp, ep, etp, ep_divides, etp_divides)
+        return
     if dp % ep:
         where = f"world {world_size}" if pp == 1 else f"world {world_size} / PP {pp}"
         fail(f"data-parallel size {dp} (= {where} / TP {tp}) is not divisible by "
@@ -79,39 +88,84 @@ def check_layout(world_size: int, tp: int, ep: int, *, pp: int = 1,
             fail(f"{flag} {value} is not divisible by --expert-model-parallel-size {ep}", ep_valid)
 
 
+def _check_expert_grid(world: str, stage: int, tp: int, ep: int, etp: int,
+                       ep_divides: Mapping[str, int], etp_divides: Mapping[str, int]) -> None:
+    """The experts' own grid (ETP x EP x expert-DP = the ranks of a stage), as Megatron-Core
+    allows it: ETP need not divide TP."""
+    def fits(e: int) -> bool:
+        return (e >= 1 and stage % (e * ep) == 0
+                and all(v % e == 0 for v in etp_divides.values()))
+
+    valid = [e for e in range(1, stage + 1) if fits(e)]
+    hint = f"use one of {valid}" if valid else "no size fits the other flags: change them"
+    for flag, value in ep_divides.items():
+        if value % ep:
+            ep_valid = [e for e in range(1, stage + 1)
+                        if stage % (etp * e) == 0 and all(v % e == 0 for v in ep_divides.values())]
+            raise LayoutError(f"{flag} {value} is not divisible by --expert-model-parallel-size "
+                              f"{ep}; use one of {ep_valid}")
+    if etp < 1 or stage % (etp * ep):
+        raise LayoutError(f"{world} is not divisible by --expert-tensor-parallel-size {etp} x "
+                          f"--expert-model-parallel-size {ep}; {hint}")
+    for flag, value in etp_divides.items():
+        if value % etp:
+            raise LayoutError(f"{flag} {value} is not divisible by --expert-tensor-parallel-size "
+                              f"{etp}; {hint}")
+
+
 @dataclass(frozen=True)
 class Topology:
     world_size: int
     tp: int = 1
     ep: int = 1
     pp: int = 1
+    etp: Optional[int] = None  # the experts' TP size (None: = tp)
+    sp: bool = False  # sequence parallelism (Megatron's --sequence-parallel; no effect at TP 1)
 
     def __post_init__(self):
-        check_layout(self.world_size, self.tp, self.ep, pp=self.pp)
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
+        check_layout(self.world_size, self.tp, self.ep, pp=self.pp, etp=self.etp)
 
     @property
     def dp(self) -> int:
         return self.world_size // (self.tp * self.pp)
 
     @property
+    def stage_size(self) -> int:
+        return self.world_size // self.pp
+
+    @property
     def edp(self) -> int:
         """Expert-data-parallel size: replicas of each expert shard."""
-        return self.dp // self.ep
+        return self.stage_size // (self.etp * self.ep)
+
+    @property
+    def folded(self) -> bool:
+        """The experts' grid differs from the dense one (ETP != TP)."""
+        return self.etp != self.tp
 
     # -- rank <-> coordinates ------------------------------------------------------------
     def coords(self, rank: int) -> "Coords":
         if not 0 <= rank < self.world_size:
             raise ValueError(f"rank {rank} outside world of {self.world_size}")
         tp, dp, pp = rank % self.tp, rank // self.tp % self.dp, rank // (self.tp * self.dp)
-        return Coords(tp=tp, dp=dp, ep=dp % self.ep, edp=dp // self.ep, pp=pp)
+        local = rank % self.stage_size
+        return Coords(tp=tp, dp=dp, ep=local // self.etp % self.ep,
+                      edp=local // (self.etp * self.ep), pp=pp, etp=local % self.etp)
 
     def rank(self, tp: int = 0, dp: Optional[int] = None, ep: int = 0, edp: int = 0,
              pp: int = 0) -> int:
         """Rank of the given coordinates; `dp` or the pair (`ep`, `edp`) names the data-parallel
-        slot (megatron-core's order: TP fastest, then DP with EP inside it, then PP)."""
+        slot (megatron-core's order: TP fastest, then DP with EP inside it, then PP). The pair
+        form is the expert grid's with etp = tp (see `expert_rank`)."""
         if dp is None:
-            dp = ep + self.ep * edp
+            return self.expert_rank(etp=tp, ep=ep, edp=edp, pp=pp)
         return tp + self.tp * (dp + self.dp * pp)
+
+    def expert_rank(self, etp: int = 0, ep: int = 0, edp: int = 0, pp: int = 0) -> int:
+        """Rank of the given coordinates in the experts' grid (ETP fastest, then EP, expert-DP)."""
+        return etp + self.etp * (ep + self.ep * (edp + self.edp * pp))
 
     # -- group tables (lists of rank lists, each ordered by rank in group) ------------------
     def tp_groups(self) -> list[list[int]]:
@@ -123,12 +177,21 @@ class Topology:
                 for p in range(self.pp) for t in range(self.tp)]
 
     def ep_groups(self) -> list[list[int]]:
-        return [[self.rank(tp=t, ep=e, edp=x, pp=p) for e in range(self.ep)]
-                for p in range(self.pp) for x in range(self.edp) for t in range(self.tp)]
+        return [[self.expert_rank(t, e, x, p) for e in range(self.ep)]
+                for p in range(self.pp) for x in range(self.edp) for t in range(self.etp)]
 
     def edp_groups(self) -> list[list[int]]:
-        return [[self.rank(tp=t, ep=e, edp=x, pp=p) for x in range(self.edp)]
-                for p in range(self.pp) for e in range(self.ep) for t in range(self.tp)]
+        return [[self.expert_rank(t, e, x, p) for x in range(self.edp)]
+                for p in range(self.pp) for e in range(self.ep) for t in range(self.etp)]
+
+    def etp_groups(self) -> list[list[int]]:
+        return [[self.expert_rank(t, e, x, p) for t in range(self.etp)]
+                for p in range(self.pp) for x in range(self.edp) for e in range(self.ep)]
+
+    def etp_ep_groups(self) -> list[list[int]]:
+        """The experts' TP x EP block (megatron-core's expert tensor-and-model-parallel group)."""
+        return [[self.expert_rank(t, e, x, p) for e in range(self.ep) for t in range(self.etp)]
+                for p in range(self.pp) for x in range(self.edp)]
 
     def pp_groups(self) -> list[list[int]]:
         return [[self.rank(tp=t, dp=d, pp=p) for p in range(self.pp)]
@@ -141,7 +204,9 @@ class Topology:
 
     def describe(self) -> str:
         pp = f" PP={self.pp}" if self.pp > 1 else ""
-        return (f"TP={self.tp}{pp} EP={self.ep} DP={self.dp} expert-DP={self.edp} "
+        etp = f" expert-TP={self.etp}" if self.folded else ""
+        sp = " SP" if self.sp and self.tp > 1 else ""
+        return (f"TP={self.tp}{sp}{pp} EP={self.ep}{etp} DP={self.dp} expert-DP={self.edp} "
                 f"(world {self.world_size})")
 
 
@@ -152,6 +217,7 @@ class Coords:
     ep: int
     edp: int
     pp: int = 0
+    etp: int = 0
 
 
 @dataclass(frozen=True)
@@ -184,10 +250,26 @@ class TEDGroups:
     world: Group
     pp: Optional[Group] = None  # the pipeline (None: a layout without one, e.g. a unit test's)
     embedding: Optional[Group] = None  # first and last pipeline stage (tied embedding copies)
+    etp: Optional[Group] = None  # the experts' TP group (None: the same as tp)
+    etp_ep: Optional[Group] = None  # the experts' TP x EP block (None: ep when ETP = TP = 1)
+
+    def __post_init__(self):
+        if self.etp is None:
+            object.__setattr__(self, "etp", self.tp)
 
     @property
     def ledger(self):
         return self.tp.ledger
+
+    def tp_of(self, expert: bool) -> Group:
+        """The TP group a parameter is split over: the experts' for expert parameters."""
+        return self.etp if expert else self.tp
+
+    @property
+    def sequence_parallel(self) -> bool:
+        """Activations outside attention and the MLPs are split over TP by sequence position (so
+        each TP rank also routes its own tokens in the MoE layers)."""
+        return self.topology.sp and self.tp.size > 1
 
 
 def groups_from_parallel_state(topology: Topology, ledger=None) -> TEDGroups:
@@ -205,6 +287,8 @@ def groups_from_parallel_state(topology: Topology, ledger=None) -> TEDGroups:
         "ep": (ps.get_expert_model_parallel_group(), topology.ep_groups()),
         "edp": (ps.get_expert_data_parallel_group(), topology.edp_groups()),
         "pp": (ps.get_pipeline_model_parallel_group(), topology.pp_groups()),
+        "etp": (ps.get_expert_tensor_parallel_group(), topology.etp_groups()),
+        "etp_ep": (ps.get_expert_tensor_and_model_parallel_group(), topology.etp_ep_groups()),
     }
     if any(rank in g for g in topology.embedding_groups()):  # first or last pipeline stage
         wanted["embedding"] = (ps.get_embedding_group(), topology.embedding_groups())

@@ -1,5 +1,7 @@
 """The TED layout planner's model: per-GPU memory, per-step communication and step time of one
-(TP, PP, EP, DP) layout, computed from the same `Config` that pretrain_gpt_moe.py trains.
+(TP, SP, PP, EP, ETP, DP) layout, computed from the same `Config` that pretrain_gpt_moe.py trains:
+sequence parallelism (--sequence-parallel) and the experts' own grid (--expert-tensor-parallel-size,
+ETP x EP x expert-DP = the ranks of a stage) as the code runs them.
 
 Three parts, each a statement about this code base rather than about transformers in general:
 
@@ -19,8 +21,10 @@ pipeline's bubble. Callers
 use the package as one namespace: `from megatron import plan as planner`, then `planner.X`.
 
 pipeline.py       what each pipeline rank holds, in-flight micro-batches, bubble_fraction
-params.py         ParamEntry, param_table, FlatSpec, flat_groups, parameter/gradient/state bytes
-shapes.py         one micro-batch's shapes (T, C), micro-batches, the padded dispatch
+params.py         ParamEntry, param_table, FlatSpec, flat_groups, parameter/gradient/state bytes,
+                  sequence_parallel
+shapes.py         one micro-batch's shapes (T, C), micro-batches, the padded dispatch, the
+                  capacity slices over TP and the rows the experts compute
 comm.py           Traffic, comm_per_step, per_microbatch: the collectives of one step
 memory.py         Memory, memory_per_gpu, stage_memory, step_peak, activation_peak, ...
 time.py           flops_per_rank, Cluster and its presets, Link, p2p_link, collective_seconds,
@@ -57,6 +61,7 @@ from megatron.plan.params import (
     param_table,
     qkv_size,
     query_groups,
+    sequence_parallel,
     total_parameters,
 )
 from megatron.plan.pipeline import (
@@ -67,7 +72,14 @@ from megatron.plan.pipeline import (
     rank_layers,
     stages_of,
 )
-from megatron.plan.shapes import micro_shapes, num_microbatches, pads, with_padded_dispatch
+from megatron.plan.shapes import (
+    expert_rows,
+    micro_shapes,
+    num_microbatches,
+    pads,
+    slices,
+    with_padded_dispatch,
+)
 from megatron.plan.time import (
     DEFAULT_ASSUMPTIONS,
     GIB,
@@ -90,8 +102,9 @@ __all__ = [
     # params.py
     "ParamEntry", "param_table", "query_groups", "qkv_size", "experts_in", "total_parameters",
     "FlatSpec", "flat_groups", "param_bytes", "grad_bytes", "optimizer_state_bytes",
+    "sequence_parallel",
     # shapes.py
-    "with_padded_dispatch", "pads", "micro_shapes", "num_microbatches",
+    "with_padded_dispatch", "pads", "micro_shapes", "num_microbatches", "slices", "expert_rows",
     # comm.py
     "KINDS", "GROUPS", "Traffic", "comm_per_step", "per_microbatch",
     # memory.py

@@ -2,22 +2,40 @@
 per (kind, group), bytes counted as the send buffer (megatron/parallel/counter.py's convention).
 The tests check both against real CPU/gloo training steps, exactly.
 
-Shapes as in megatron/plan/shapes.py."""
+Shapes as in megatron/plan/shapes.py. Groups as megatron/parallel/topology.py builds them: tp,
+dp, ep (the experts' grid's), edp (the experts' grid's), etp (the experts' TP group: its own
+process group even where it holds the TP group's ranks), etp_ep (the experts' TP x EP block: the
+padded no-drop capacity's all-reduce), world, pp, embedding.
+
+Sequence parallelism (t = TP, each TP rank holding [b, s/t, h] between blocks): a column-parallel
+linear all-gathers the sequence (forward, and again in backward for its weight gradient) and
+reduce-scatters its input gradient; a row-parallel one reduce-scatters its output (backward: an
+all-gather); those gathers run again in a recompute even with CAC (megatron.parallel.comm's
+`unstashed`). The MoE layer gathers the router's logits and, padded, the whole sequence (CAC
+keeps both), and its DTD slices' last gather sums the ranks' partial gradients in backward."""
 
 from __future__ import annotations
 
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron.parallel.topology import Topology
 from megatron.plan import pipeline
-from megatron.plan.params import _FP32, experts_in, flat_groups, grad_bytes, param_bytes
+from megatron.plan.params import (
+    _FP32,
+    experts_in,
+    flat_groups,
+    grad_bytes,
+    param_bytes,
+    sequence_parallel,
+)
 from megatron.plan.shapes import _layer_kinds, micro_shapes, num_microbatches
 from megatron.training.config import Config
 
 KINDS = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter", "send", "recv")
-GROUPS = ("tp", "dp", "ep", "edp", "world", "pp", "embedding")
+GROUPS = ("tp", "dp", "ep", "edp", "etp", "etp_ep", "world", "pp", "embedding")
 
 
 # ---- communication -------------------------------------------------------------------------------
@@ -33,6 +51,7 @@ class _Tally:
 
     def __init__(self, topo: Topology):
         self.sizes = {"tp": topo.tp, "dp": topo.dp, "ep": topo.ep, "edp": topo.edp,
+                      "etp": topo.etp, "etp_ep": topo.etp * topo.ep,
                       "world": topo.world_size, "pp": topo.pp,
                       "embedding": 2 if topo.pp > 1 else 1}
         self.calls: Counter = Counter()
@@ -67,9 +86,11 @@ def comm_per_step(cfg: Config, pp_rank: int = 0) -> dict[tuple[str, str], Traffi
     return total.result()
 
 
+@functools.lru_cache(maxsize=1024)
 def step_parts(cfg: Config, pp_rank: int = 0) -> tuple["_Tally", "_Tally"]:
     """(one micro-batch's collectives, the rest of the step's): the part a pipeline schedule
-    runs per micro-batch and the part after it."""
+    runs per micro-batch and the part after it (cached per frozen Config: callers only read
+    them)."""
     rest = _optimizer_comm(cfg, pp_rank)
     rest.add("all_reduce", "dp", 2 * 8)  # reduce_losses: [lm, aux] in float64
     rest.add("all_reduce", "pp", 2 * 8)  # reduce_over_stages: the same, over the pipeline
@@ -82,46 +103,50 @@ def per_microbatch(cfg: Config, pp_rank: int = 0) -> dict[tuple[str, str], Traff
 
 
 def _microbatch_comm(cfg: Config, pp_rank: int) -> _Tally:
-    m = cfg.model
+    m, t = cfg.model, cfg.topology.tp
     T, _ = micro_shapes(cfg)
     act = T * m.hidden_size * param_bytes(cfg)  # one [T, H] activation
+    sp = sequence_parallel(cfg)
+    part = act // t if sp else act  # the hidden state between blocks: [b, s/t, h] under SP
     tally = _Tally(cfg.topology)
-    # megatron-core: the vocab-parallel embedding's reduction (forward); the output layer's input
-    # gradient (backward); the cross-entropy's max, target logit and sum-exp over TP, in fp32.
+    # megatron-core: the vocab-parallel embedding's reduction (forward; under SP then this rank's
+    # part: backward, an all-gather); the output layer's input gradient (backward; under SP our
+    # gathering linear); the cross-entropy's max, target logit and sum-exp over TP, in fp32.
     if pipeline.holds_first(cfg, pp_rank):
         tally.add("all_reduce", "tp", act)
+        if sp:
+            tally.add("all_gather", "tp", part)
     if pipeline.holds_last(cfg, pp_rank):
-        tally.add("all_reduce", "tp", act)
+        head = _LayerComm(_Tally(cfg.topology), _Tally(cfg.topology), _Tally(cfg.topology))
+        _column(head, sp, act, part)
+        tally.merge(head.forward)
+        tally.merge(head.backward)
         tally.add("all_reduce", "tp", T * _FP32, 3)
     # between stages on other ranks: forward the hidden state and the position ids (int64), back
     # the hidden state's gradient
     for st in pipeline.stages_of(cfg, pp_rank):
         if st.recv_prev:
-            tally.add("recv", "pp", act)
+            tally.add("recv", "pp", part)
             tally.add("recv", "pp", T * 8)
-            tally.add("send", "pp", act)
+            tally.add("send", "pp", part)
         if st.send_next:
-            tally.add("send", "pp", act)
+            tally.add("send", "pp", part)
             tally.add("send", "pp", T * 8)
-            tally.add("recv", "pp", act)
+            tally.add("recv", "pp", part)
     chunks = pipeline.checkpoint_chunks(cfg, pp_rank)
     recomputed = {i for c in chunks for i in c}
-    last_in_chunk = {c[-1] for c in chunks}
     cac = cfg.recompute.cac and cfg.moe is not None and any(i in cfg.moe.layers for i in recomputed)
     kinds = _layer_kinds(cfg)
     for i in pipeline.rank_layers(cfg, pp_rank):
-        kind = kinds[i]
-        layer = _layer_comm(cfg, i, kind, act)
-        for part in (layer.forward, layer.tail, layer.ours, layer.backward):
-            tally.merge(part)
+        layer = _layer_comm(cfg, i, kinds[i], act, part)
+        for piece in (layer.forward, layer.ours, layer.backward):
+            tally.merge(piece)
         if i in recomputed:
-            # The recompute replays the layer's forward collectives: megatron-core's always, ours
-            # unless CAC serves them from the stash. torch's checkpoint stops recomputing once the
-            # last tensor backward needs exists: without dropout (whose mask is saved last), a
-            # chunk ending in a dense MLP stops after fc2's matmul, before its all-reduce.
+            # The recompute replays the whole region's forward (megatron/model/recompute.py
+            # starts it with the region's last operation, so it runs to the end): megatron-core's
+            # collectives and the sequence-parallel gathers always, ours unless CAC serves them
+            # from the stash.
             tally.merge(layer.forward)
-            if not (i in last_in_chunk and kind == "dense" and m.hidden_dropout == 0):
-                tally.merge(layer.tail)
             if not cac:
                 tally.merge(layer.ours)
     return tally
@@ -129,64 +154,111 @@ def _microbatch_comm(cfg: Config, pp_rank: int) -> _Tally:
 
 @dataclass
 class _LayerComm:
-    """One layer's collectives: `forward` (megatron-core's, but for `tail`: the dense fc2's
-    all-reduce, the layer's last collective), `ours` (the forward ones through
-    megatron.parallel.comm: what a CAC stash serves) and `backward`."""
+    """One layer's collectives: `forward` (megatron-core's, and the sequence-parallel linears'
+    gathers and reduce-scatters: what every recompute issues again), `ours` (the other forward
+    ones through megatron.parallel.comm: what a CAC stash serves) and `backward`."""
 
     forward: _Tally
-    tail: _Tally
     ours: _Tally
     backward: _Tally
 
 
-def _layer_comm(cfg: Config, index: int, kind: str, act: int) -> _LayerComm:
-    topo = cfg.topology
-    layer = _LayerComm(_Tally(topo), _Tally(topo), _Tally(topo), _Tally(topo))
-    # attention: QKV column-parallel (its input gradient all-reduced), projection row-parallel
-    layer.backward.add("all_reduce", "tp", act)
-    layer.forward.add("all_reduce", "tp", act)
-    if kind == "dense":  # fc1 column-parallel (backward), fc2 row-parallel (forward)
-        layer.backward.add("all_reduce", "tp", act)
-        layer.tail.add("all_reduce", "tp", act)
-    else:
-        if cfg.moe.mlp_type == "residual":  # the dense MLP beside the experts
-            layer.backward.add("all_reduce", "tp", act)
-            layer.forward.add("all_reduce", "tp", act)
-        _moe_comm(cfg, experts_in(cfg, index), layer.ours, layer.backward)
+def _column(layer: _LayerComm, sp: bool, act: int, part: int, grad: Optional[int] = None) -> None:
+    """A column-parallel linear on [T, H]: its input gradient all-reduced in backward (`grad`
+    bytes, default [T, H]); under SP (transformer.py's _GatherLinear) the sequence all-gathered
+    forward and again backward, the input gradient reduce-scattered."""
+    if not sp:
+        layer.backward.add("all_reduce", "tp", act if grad is None else grad)
+        return
+    layer.forward.add("all_gather", "tp", part)
+    layer.backward.add("all_gather", "tp", part)
+    layer.backward.add("reduce_scatter", "tp", act)
+
+
+def _row(layer: _LayerComm, sp: bool, act: int, part: int) -> None:
+    """A row-parallel linear's [T, H] output: all-reduced, or under SP reduce-scattered
+    (backward: an all-gather)."""
+    if not sp:
+        layer.forward.add("all_reduce", "tp", act)
+        return
+    layer.forward.add("reduce_scatter", "tp", act)
+    layer.backward.add("all_gather", "tp", part)
+
+
+def _mlp(layer: _LayerComm, sp: bool, act: int, part: int) -> None:
+    _column(layer, sp, act, part)
+    _row(layer, sp, act, part)
+
+
+def _layer_comm(cfg: Config, index: int, kind: str, act: int, part: int) -> _LayerComm:
+    topo, m = cfg.topology, cfg.model
+    sp = sequence_parallel(cfg)
+    layer = _LayerComm(_Tally(topo), _Tally(topo), _Tally(topo))
+    if m.multi_latent_attention:
+        # MLA: under SP the whole sequence gathered for the replicated down projections (kept
+        # by CAC); the latents into the heads' region (copy_to_split: backward all-reduce)
+        z = (m.q_lora_rank or m.hidden_size) + m.kv_lora_rank + m.qk_pos_emb_head_dim
+        if sp:
+            layer.ours.add("all_gather", "tp", part)
+        layer.backward.add("all_reduce", "tp", act // m.hidden_size * z)
+    else:  # QKV column-parallel
+        _column(layer, sp, act, part)
+    if m.qk_layernorm and not m.multi_latent_attention:
+        # per-head q/k norms: each weight's (and bias') partial gradient summed over TP
+        norms = 4 if m.normalization == "LayerNorm" else 2
+        layer.backward.add("all_reduce", "tp", m.head_dim * param_bytes(cfg), norms)
+    _row(layer, sp, act, part)  # the projection
+    if kind == "dense":
+        _mlp(layer, sp, act, part)
+        return layer
+    moe = cfg.moe
+    if moe.mlp_type == "residual":  # the dense MLP beside the experts
+        _mlp(layer, sp, act, part)
+    if getattr(moe, "shared_expert_intermediate_size", None):  # a dense MLP beside them too
+        _mlp(layer, sp, act, part)
+    _moe_comm(cfg, experts_in(cfg, index), layer.ours, layer.backward)
     return layer
 
 
 def _moe_comm(cfg: Config, experts: int, fwd: _Tally, bwd: _Tally) -> None:
-    """ted_patches/dispatcher.py's collectives (docs/architecture.md, "One MoE layer")."""
+    """ted_patches/router.py's and dispatcher.py's collectives, padded (docs/architecture.md,
+    "One MoE layer"), with the experts' own grid: DTD or SP slices over TP (S of them), the
+    all-to-all over the experts' EP group, the gather / reduce-scatter around the experts over
+    their TP group (ETP), or, without slices, every TP rank's identical buffer (`replicated`)."""
     topo, moe, e = cfg.topology, cfg.moe, param_bytes(cfg)
-    t = topo.tp
-    _, C = micro_shapes(cfg, experts)
-    buffer = experts * C * cfg.model.hidden_size * e  # [E, C, H]: the whole capacity buffer
-    mine = []  # this layer's forward collectives that go through megatron/parallel/comm.py
-    if not moe.drop_tokens:  # the router: all-reduce MAX of the largest count (int64) over EP
-        mine.append(("all_reduce", "ep", 8))
-    if t > 1 and moe.dtd:
-        # drop -> a2a -> gather_to_split -> experts -> reduce_scatter -> a2a -> gather_to_replicated
-        mine += [("all_to_all", "ep", buffer // t), ("all_gather", "tp", buffer // t),
-                 ("reduce_scatter", "tp", buffer), ("all_to_all", "ep", buffer // t),
-                 ("all_gather", "tp", buffer // t)]
-        # backward: all-gather (drop), a2a, reduce-scatter (gather_to_split), all-gather
-        # (reduce_scatter), a2a
-        bwd.add("all_gather", "tp", buffer // t, 2)
-        bwd.add("all_to_all", "ep", buffer // t, 2)
-        bwd.add("reduce_scatter", "tp", buffer)
-    else:
-        # without DTD every TP rank sends the whole buffer: copy_to_split (backward: all-reduce)
-        # and reduce_from_split (forward: all-reduce) over TP
-        mine += [("all_to_all", "ep", buffer), ("all_reduce", "tp", buffer),
-                 ("all_to_all", "ep", buffer)]
-        bwd.add("all_to_all", "ep", buffer, 2)
-        bwd.add("all_reduce", "tp", buffer)
-    # the fc2 bias gradient (Dispatcher.fc2_bias: copy_to_split)
-    if t > 1 and cfg.model.add_bias_linear:
-        bwd.add("all_reduce", "tp", experts // topo.ep * cfg.model.hidden_size * e)
-    for kind, group, nbytes in mine:
-        fwd.add(kind, group, nbytes)
+    t, et, sp = topo.tp, topo.etp, sequence_parallel(cfg)
+    T, C = micro_shapes(cfg, experts)
+    H = cfg.model.hidden_size
+    S = t if (moe.dtd or sp) and t > 1 else 1
+    replicated = S == 1 and t > 1
+    piece = experts * C * H * e // S  # [E, C/S, H]: one slice of the capacity buffer
+    if sp:  # the router's logits [T, E] and, padded, the layer's input, the whole sequence
+        fwd.add("all_gather", "tp", T // t * experts * _ROUTER_BYTES[moe.router_dtype])
+        fwd.add("all_gather", "tp", T // t * H * e)
+    if not moe.drop_tokens:  # the router: all-reduce MAX of the largest count (int64)
+        fwd.add("all_reduce", "etp_ep", 8)
+    if S > 1:  # the DTD drop: keep my slice (backward: all-gather)
+        bwd.add("all_gather", "tp", piece)
+    fwd.add("all_to_all", "ep", piece, 2)  # there and back
+    bwd.add("all_to_all", "ep", piece, 2)
+    if replicated:  # copy_to_split (backward: all-reduce), reduce_from_split (forward)
+        bwd.add("all_reduce", "etp", piece)
+        fwd.add("all_reduce", "etp", piece)
+    else:  # gather_to_split (backward: reduce-scatter), reduce_scatter (backward: all-gather)
+        fwd.add("all_gather", "etp", piece)
+        bwd.add("reduce_scatter", "etp", et * piece)
+        fwd.add("reduce_scatter", "etp", et * piece)
+        bwd.add("all_gather", "etp", piece)
+    if S > 1:  # every TP rank's slice back: SP sums the ranks' partial gradients (reduce-scatter)
+        fwd.add("all_gather", "tp", piece)
+        if sp:
+            bwd.add("reduce_scatter", "tp", S * piece)
+    # the fc2 bias gradient (Dispatcher.fc2_bias: copy_to_split over the experts' TP group)
+    if cfg.model.add_bias_linear:
+        bwd.add("all_reduce", "etp", experts // topo.ep * H * e)
+
+
+_ROUTER_BYTES = {"fp32": 4, "fp64": 8}
 
 
 def _optimizer_comm(cfg: Config, pp_rank: int = 0) -> _Tally:
@@ -199,6 +271,8 @@ def _optimizer_comm(cfg: Config, pp_rank: int = 0) -> _Tally:
                   * m.hidden_size * g)
     fgs = flat_groups(cfg, pp_rank)
     for fg in fgs:
+        if fg.tp_sum:  # sequence parallelism: the partial gradients summed over TP first
+            tally.add("all_reduce", "tp", fg.padded * g)
         if fg.shards > 1:
             tally.add("reduce_scatter", fg.group, fg.padded * g)
         else:

@@ -1,4 +1,4 @@
-"""The layout search: one (TP, PP, EP, DP) layout's plan (memory, communication, step time,
+"""The layout search: one (TP, SP, PP, EP, ETP, DP) layout's plan (memory, communication, step time,
 whether it fits), the recommendation among layouts, and the GPT-3-style model presets. With a
 pipeline the memory is the pipeline rank that needs the most (`memory.pp_rank`), the
 communication and time the rank that finishes its step last (`time.pp_rank`)."""
@@ -10,7 +10,7 @@ from typing import Optional
 
 from megatron.plan.comm import Traffic, comm_per_step
 from megatron.plan.memory import Memory, memory_per_gpu
-from megatron.plan.params import total_parameters
+from megatron.plan.params import sequence_parallel, total_parameters
 from megatron.plan import pipeline
 from megatron.plan.shapes import num_microbatches, pads
 from megatron.plan.time import Cluster, StepTime, step_time
@@ -35,10 +35,17 @@ class LayoutPlan:
     virtual: int = 1  # stages (model chunks) per pipeline rank
     microbatches: int = 1  # per step and data-parallel rank
     bubble: float = 0.0  # the schedule's idle share of the step (megatron/plan/pipeline.py)
+    etp: int = 0  # the experts' TP size (0: = tp)
+    sp: bool = False  # sequence parallelism (at TP > 1)
+
+    def __post_init__(self):
+        if not self.etp:
+            object.__setattr__(self, "etp", self.tp)
 
     def as_json(self, recommended: bool) -> dict:
         return dict(
-            tp=self.tp, pp=self.pp, ep=self.ep, dp=self.dp, edp=self.edp, fits=self.fits,
+            tp=self.tp, sp=self.sp, pp=self.pp, ep=self.ep, etp=self.etp, dp=self.dp,
+            edp=self.edp, fits=self.fits,
             schedule=self.schedule, virtual_stages=self.virtual, microbatches=self.microbatches,
             bubble_fraction=self.bubble, memory_pp_rank=self.memory.pp_rank,
             time_pp_rank=self.time.pp_rank, bubble_seconds=self.time.bubble,
@@ -76,13 +83,15 @@ def plan_layout(cfg: Config, cluster: Cluster) -> LayoutPlan:
                       memory.total <= cluster.memory_bytes, total_parameters(cfg), notes,
                       pp=topo.pp, schedule=stages.schedule if stages else "",
                       virtual=stages.virtual if stages else 1, microbatches=m,
-                      bubble=pipeline.bubble_fraction(cfg, m))
+                      bubble=pipeline.bubble_fraction(cfg, m), etp=topo.etp,
+                      sp=sequence_parallel(cfg))
 
 
 def recommend(plans: list[LayoutPlan]) -> Optional[LayoutPlan]:
-    """The fastest layout that fits (ties: less TP, then less PP, then less EP)."""
+    """The fastest layout that fits (ties: less TP, then less PP, then less EP, less ETP, no SP)."""
     fitting = [p for p in plans if p.fits]
-    return min(fitting, key=lambda p: (p.time.total, p.tp, p.pp, p.ep)) if fitting else None
+    return (min(fitting, key=lambda p: (p.time.total, p.tp, p.pp, p.ep, p.etp, p.sp))
+            if fitting else None)
 
 
 # ---- model presets -------------------------------------------------------------------------------

@@ -3,15 +3,26 @@ the activations and the optimizer step's temporaries: what autograd keeps for ba
 code (attention as a flash kernel, no s x s matrix), plus the largest transient of the forward,
 the backward and the optimizer step; bench/planner_memory.py measures how close that comes on CPU.
 
+Sequence parallelism: between blocks each TP rank holds its part of the sequence, `P` = T / TP
+tokens (`_held`): the norms' inputs and statistics, the dropout masks, the residual stream, the
+TP linears' saved inputs (a gathering linear keeps only its part and gathers again in backward),
+the last layer's output, a checkpointed chunk's input and the pipeline's hand-offs cost 1/TP;
+attention, the MLPs' hidden activations, the router's scores and the MoE dispatch stay whole-
+sequence. The gathers and reduce-scatters add whole-sequence transients (the gathered input, the
+row-parallel output and its copy by rank). The experts compute `shapes.expert_rows` rows with
+F split over their own TP group (ETP).
+
 Shapes as in megatron/plan/shapes.py."""
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron.plan.params import (
     _FP32,
+    sequence_parallel,
     experts_in,
     flat_groups,
     grad_bytes,
@@ -21,7 +32,13 @@ from megatron.plan.params import (
     query_groups,
 )
 from megatron.plan import pipeline
-from megatron.plan.shapes import _layer_kinds, micro_shapes, num_microbatches
+from megatron.plan.shapes import (
+    _layer_kinds,
+    expert_rows,
+    micro_shapes,
+    num_microbatches,
+    slices,
+)
 from megatron.training.config import Config
 from megatron.training.optimizer import _SCAN_CHUNK
 
@@ -108,15 +125,25 @@ def _act(cfg: Config) -> int:
     return param_bytes(cfg)
 
 
+def _held(cfg: Config, T: int) -> int:
+    """Tokens of the hidden state this rank holds between blocks: T, or its part of the
+    sequence T / TP under sequence parallelism."""
+    return T // cfg.topology.tp if sequence_parallel(cfg) else T
+
+
 def _attention_block(cfg: Config, T: int) -> _Block:
     """Input norm, QKV, attention core, projection, residual, post-attention norm's input."""
     m, t, e = cfg.model, cfg.topology.tp, _act(cfg)
-    H, hs, heads = m.hidden_size, m.hidden_size // t, m.num_attention_heads // t
+    if getattr(m, "multi_latent_attention", False):
+        return _mla_block(cfg, T)
+    H, heads = m.hidden_size, m.num_attention_heads // t
+    hs = heads * m.head_dim  # this rank's attention output width (H / t without --kv-channels)
     kv = query_groups(m) * m.head_dim // t  # one of k, v per token
     qkv = qkv_size(m) // t
-    stats = (2 if m.normalization == "LayerNorm" else 1) * T * _FP32
-    saved = T * H * e + stats  # the layer input, kept by the input norm
-    saved += T * H * e  # the norm's output, kept by QKV
+    P, sp = _held(cfg, T), sequence_parallel(cfg)
+    stats = (2 if m.normalization == "LayerNorm" else 1) * P * _FP32
+    saved = P * H * e + stats  # the layer input, kept by the input norm
+    saved += P * H * e  # the norm's output, kept by QKV (under SP its part, gathered again)
     # QKV's output, kept by the attention kernel through its q, k, v views (with grouped queries
     # q is gathered out of the groups: a copy)
     saved += T * qkv * e + (T * hs * e if m.num_attention_heads > query_groups(m) else 0)
@@ -128,12 +155,46 @@ def _attention_block(cfg: Config, T: int) -> _Block:
     # the projection keeps the kernel's output folded back to [T, H/t]: a view, as flash kernels
     # lay their output out [b, s, heads, d]
     if m.hidden_dropout > 0:
-        saved += T * H  # the dropout mask (bool)
-    saved += T * H * e + stats  # the residual stream after attention, kept by the second norm
+        saved += P * H  # the dropout mask (bool)
+    saved += P * H * e + stats  # the residual stream after attention, kept by the second norm
     # backward: the kernel's q, k, v gradients and their [T, QKV/t] concatenation, and QKV's
     # weight gradient before it is added into the flat buffer
     bwd = 2 * T * qkv * e + qkv * H * e
-    return _Block(saved, fwd_transient=T * qkv * e, bwd_transient=bwd)
+    fwd = T * qkv * e
+    if sp:  # the projection's output beside its copy by rank for the reduce-scatter; QKV's
+        # backward: the gathered input, the input gradient, its copy by rank and the
+        # reduce-scatter's output
+        fwd = max(fwd, 2 * T * H * e)
+        bwd = max(bwd, T * qkv * e + (3 * T + P) * H * e + qkv * H * e)
+    return _Block(saved, fwd_transient=fwd, bwd_transient=bwd)
+
+
+def _mla_block(cfg: Config, T: int) -> _Block:
+    """megatron/model/mla.py's tensors kept for backward (an estimate of the same kind as the
+    standard block's): the input and its norm, the latents and their norms, the latents'
+    concatenation entering the heads' region, the up projections' outputs, rotated copies,
+    the kernel's query and key, its output and log-sum-exp, the residual."""
+    m, t, e = cfg.model, cfg.topology.tp, _act(cfg)
+    H, heads = m.hidden_size, m.num_attention_heads // t
+    q_dim, pe = m.qk_head_dim + m.qk_pos_emb_head_dim, m.qk_pos_emb_head_dim
+    latents = (m.q_lora_rank or 0) + m.kv_lora_rank + pe
+    z = (m.q_lora_rank or H) + m.kv_lora_rank + pe
+    P = _held(cfg, T)
+    stats = (2 if m.normalization == "LayerNorm" else 1) * P * _FP32
+    saved = 2 * (P * H * e + stats)  # the layer input and the residual after attention
+    # norm output (under SP gathered: the whole sequence, kept by the down projections),
+    # latents, their concatenation
+    saved += T * H * e + T * latents * e + T * z * e
+    up = heads * (q_dim + m.qk_head_dim + m.v_head_dim)  # q and kv up projections' outputs
+    saved += T * up * e + T * (heads + 1) * pe * 2 * _FP32  # rotated q and k rope dims (fp32)
+    core = 2 * T * heads * q_dim * e + T * heads * m.v_head_dim * e + T * heads * _FP32
+    if cfg.recompute.granularity != "selective":
+        saved += core
+    if m.hidden_dropout > 0:
+        saved += P * H
+    weights = (H * latents + (m.q_lora_rank or H) * heads * q_dim
+               + m.kv_lora_rank * heads * (m.qk_head_dim + m.v_head_dim))
+    return _Block(saved, fwd_transient=T * up * e, bwd_transient=2 * T * up * e + weights * e)
 
 
 def _mlp_saved(rows: int, f: int, swiglu: bool, e: int) -> int:
@@ -142,82 +203,119 @@ def _mlp_saved(rows: int, f: int, swiglu: bool, e: int) -> int:
     return rows * f * e * (4 if swiglu else 2)
 
 
-def _mlp_transient(rows: int, f: int, H: int, swiglu: bool, e: int, weights: int = 1) -> int:
+def _mlp_transient(rows: int, f: int, H: int, swiglu: bool, e: int, weights: int = 1,
+                   gather: bool = False) -> int:
     """The MLP backward's worst moment above its saved tensors (`weights` matrices per linear:
     the local experts), step by step as autograd frees what each step consumed: fc2 (the output
     gradient, the activation's gradient, fc2's weight gradient before the flat buffer takes it),
     the activation (its input's gradient; its output is freed), fc1 (the input's gradient and
-    fc1's weight gradient; the activation's input and output are freed)."""
+    fc1's weight gradient; the activation's input and output are freed; `gather`: under sequence
+    parallelism also the gathered input and the input gradient's copy by rank)."""
     stride = 2 if swiglu else 1
     fc2 = rows * (H + f) + weights * f * H
     act = rows * stride * f
-    fc1 = rows * H + weights * stride * f * H - rows * f
+    fc1 = rows * H + weights * stride * f * H - rows * f + (2 * rows * H if gather else 0)
     return max(fc2, act, fc1) * e
 
 
 def _dense_mlp_block(cfg: Config, T: int) -> _Block:
     m, t, e = cfg.model, cfg.topology.tp, _act(cfg)
-    f = m.ffn_hidden_size // t
-    saved = T * m.hidden_size * e + _mlp_saved(T, f, m.swiglu, e)  # fc1 keeps its input
+    f, H = m.ffn_hidden_size // t, m.hidden_size
+    P, sp = _held(cfg, T), sequence_parallel(cfg)
+    saved = P * H * e + _mlp_saved(T, f, m.swiglu, e)  # fc1 keeps its input (SP: its part)
     if m.hidden_dropout > 0:
-        saved += T * m.hidden_size
-    return _Block(saved, fwd_transient=T * m.hidden_size * e,
-                  bwd_transient=_mlp_transient(T, f, m.hidden_size, m.swiglu, e))
+        saved += P * H
+    # fc2's output (SP: and its copy by rank for the reduce-scatter)
+    return _Block(saved, fwd_transient=(2 if sp else 1) * T * H * e,
+                  bwd_transient=_mlp_transient(T, f, H, m.swiglu, e, gather=sp))
 
 
 def _moe_block(cfg: Config, T: int, layer: int) -> _Block:
     m, moe, topo, e = cfg.model, cfg.moe, cfg.topology, _act(cfg)
     H, E = m.hidden_size, experts_in(cfg, layer)
     _, C = micro_shapes(cfg, E)
-    rows = E * C
-    fe = (moe.expert_ffn_hidden_size or m.ffn_hidden_size) // topo.tp
-    # router: its fp32 input (the norm's output itself in fp32, a copy in half precision), the
-    # probabilities [T, E] in fp32, and the logits too when the z-loss is on
-    saved = T * H * _FP32 + (1 + (moe.z_loss_coeff != 0)) * T * E * _FP32
+    rows = expert_rows(cfg, E, C)
+    fe = (moe.expert_ffn_hidden_size or m.ffn_hidden_size) // topo.etp
+    P, sp = _held(cfg, T), sequence_parallel(cfg)
+    # router: its fp32 input (the norm's output itself in fp32, a copy in half precision; under
+    # SP its part), the probabilities [T, E] in fp32 (under SP from the gathered logits), and
+    # the logits too when the z-loss is on
+    saved = P * H * _FP32 + (1 + (moe.z_loss_coeff != 0)) * T * E * _FP32
     # the experts' input rows, fc1 and act
     saved += rows * H * e + _mlp_saved(rows, fe, m.swiglu, e)
     # combine: the row each assignment read, its gate weight
     saved += moe.topk * T * (H * e + _FP32)
     if moe.mlp_type == "residual":
-        saved += _dense_mlp_block(cfg, T).saved - (T * H * e if e == _FP32 else 0)
-        saved += 2 * T * H * e  # the two mixed outputs, kept by the mixing products
+        saved += _dense_mlp_block(cfg, T).saved - (P * H * e if e == _FP32 else 0)
+        saved += 2 * P * H * e  # the two mixed outputs, kept by the mixing products
     if m.hidden_dropout > 0:
-        saved += T * H
+        saved += P * H
     local = E // topo.ep
-    # forward: the capacity buffer and the gathered rows alongside the experts' input; the fc2
-    # output and its contiguous copy for the reduce-scatter. Backward: the experts' MLP.
-    fwd = 2 * rows * H * e
+    # forward: the capacity buffer [E, C, H] and the gathered rows alongside the experts' input
+    # (under SP padded, also the whole sequence gathered for the dispatch); the fc2 output and
+    # its contiguous copy for the reduce-scatter. Backward: the experts' MLP.
+    fwd = E * C * H * e + rows * H * e + (T * H * e if sp else 0)
     bwd = _mlp_transient(rows, fe, H, m.swiglu, e, weights=local)
+    shared = getattr(moe, "shared_expert_intermediate_size", None)
+    if shared:  # ted_patches/shared_expert.py: a dense MLP on all T tokens beside the experts
+        fs = shared // topo.tp
+        # fc1 keeps the layer input (the router's own in fp32, one more copy in half precision),
+        # fc1's output and the activation's; gated: the MLP output and the sigmoid, kept by
+        # their product (under SP: this rank's part)
+        saved += (P * H * e if e != _FP32 else 0) + _mlp_saved(T, fs, m.swiglu, e)
+        saved += (P * H * e + P * e) if moe.shared_expert_gate else 0
+        bwd = max(bwd, _mlp_transient(T, fs, H, m.swiglu, e, gather=sp))
     return _Block(saved, fwd_transient=fwd, bwd_transient=bwd)
 
 
 def cac_stash_bytes(cfg: Config, layer: int) -> int:
     """What CAC keeps of MoE layer `layer` from the forward to the recompute: the outputs of its
-    forward collectives (comm.CommStash)."""
-    m, moe, t, e = cfg.model, cfg.moe, cfg.topology.tp, _act(cfg)
+    forward collectives (comm.CommStash): the two all-to-alls', the experts' TP gather and
+    reduce-scatter (or, every TP rank sending alike, the all-reduce), the TP gather of every
+    rank's slice; under SP the gathered logits and the gathered sequence."""
+    m, moe, topo, e = cfg.model, cfg.moe, cfg.topology, _act(cfg)
     E = experts_in(cfg, layer)
-    _, C = micro_shapes(cfg, E)
-    buffer = E * C * m.hidden_size * e
-    if t > 1 and moe.dtd:  # two a2a outputs and the reduce-scatter's (1/t), two TP gathers (whole)
-        return 3 * buffer // t + 2 * buffer
-    if t > 1:  # two a2a outputs and the all-reduced expert output
-        return 3 * buffer
-    return 2 * buffer
+    T, C = micro_shapes(cfg, E)
+    S, et = slices(cfg), topo.etp
+    piece = E * C * m.hidden_size * e // S  # one slice of the capacity buffer
+    out = 2 * piece
+    if S == 1 and topo.tp > 1:  # reduce_from_split's all-reduced output
+        out += piece
+    elif et > 1:
+        out += et * piece + piece
+    if S > 1:
+        out += S * piece
+    if sequence_parallel(cfg):
+        out += T * E * (8 if moe.router_dtype == "fp64" else _FP32) + T * m.hidden_size * e
+    return out
+
+
+def _layer_stash(cfg: Config, layer: int, kind: str, T: int) -> int:
+    """What CAC keeps of one layer: an MoE layer's (cac_stash_bytes) and, under SP, multi-latent
+    attention's gathered sequence (the one sequence gather a CAC stash keeps)."""
+    out = cac_stash_bytes(cfg, layer) if kind == "moe" else 0
+    if getattr(cfg.model, "multi_latent_attention", False) and sequence_parallel(cfg):
+        out += T * cfg.model.hidden_size * _act(cfg)
+    return out
 
 
 def _head_block(cfg: Config, T: int) -> tuple[int, int, int]:
     """(saved, loss transient, backward transient) of the final norm, output layer and loss."""
     m, t, e = cfg.model, cfg.topology.tp, _act(cfg)
     H, V = m.hidden_size, m.padded_vocab_size // t
-    # the last layer's output and the final norm's (and its stats)
-    saved = 2 * T * H * e + 2 * T * _FP32
+    P = _held(cfg, T)
+    # the last layer's output and the final norm's (and its stats); under SP their parts
+    saved = 2 * P * H * e + 2 * P * _FP32
     saved += T * V * _FP32  # the fp32 softmax the cross-entropy keeps
     # the logits beside their copy: the padding-masked clone (on the rank holding padded rows:
     # the worst rank is the one that counts) or, in half precision, the fp32 upcast
     copies = (m.padded_vocab_size > m.vocab_size) + (e != _FP32)
     loss = T * V * e * copies
     weight_grad = V * H * e
-    bwd = (T * H * e + (T * V * e if e != _FP32 else 0)
+    # the input gradient (under SP: beside the gathered input and the gradient's copy by rank,
+    # and the reduce-scatter's output, this rank's part)
+    grad_in = (3 * T + P) * H * e if sequence_parallel(cfg) else T * H * e
+    bwd = (grad_in + (T * V * e if e != _FP32 else 0)
            + (weight_grad if m.untie_embeddings_and_output_weights else 0))
     return saved, loss, bwd
 
@@ -253,14 +351,16 @@ def _kept(cfg: Config, pp_rank: int, stage=None) -> int:
 
 
 def _candidates(cfg: Config, pp_rank: int, stage) -> dict[str, int]:
-    return _walk(cfg, pp_rank, stage)[0]
+    return dict(_walk(cfg, pp_rank, stage)[0])
 
 
+@functools.lru_cache(maxsize=1024)  # asked for twice per stage; Configs are frozen
 def _walk(cfg: Config, pp_rank: int, stage) -> tuple[dict[str, int], int]:
     """(the peak's candidate moments of one micro-batch through `stage`, the bytes it keeps from
     its forward to its backward)."""
     m = cfg.model
     T, _ = micro_shapes(cfg)
+    P = _held(cfg, T)  # the hidden state's tokens on this rank (its part under SP)
     e = _act(cfg)
     kinds = _layer_kinds(cfg)
     layers = list(stage.layers)
@@ -286,13 +386,13 @@ def _walk(cfg: Config, pp_rank: int, stage) -> tuple[dict[str, int], int]:
         if i not in chunk_of:
             kept[i] = b.saved
             continue
-        stash = cac_stash_bytes(cfg, i) if cac and kinds[i] == "moe" else 0
-        kept[i] = (T * m.hidden_size * e if chunk_of[i][0] == i else 0) + stash
+        stash = _layer_stash(cfg, i, kinds[i], T) if cac else 0
+        kept[i] = (P * m.hidden_size * e if chunk_of[i][0] == i else 0) + stash
     # the first stage: the token ids; a later one: the position ids it received (its input
     # hidden state is the first layer's saved input); a stage before the last: its output,
     # which the schedule keeps for the backward
     base = _embedding_saved(T) if stage.first else T * 8
-    out = 0 if stage.last else T * m.hidden_size * e
+    out = 0 if stage.last else P * m.hidden_size * e
     candidates = {}
     held = base
     for i in layers:  # forward: what is held so far, plus this layer's working set
@@ -307,7 +407,7 @@ def _walk(cfg: Config, pp_rank: int, stage) -> tuple[dict[str, int], int]:
     # backward, from the last layer: what the layers below still hold, this layer's saved tensors
     # (a chunk's recompute materializes all of its layers' at once), its gradients; before the
     # last stage, the output and the gradient received for it
-    incoming = 0 if stage.last else 2 * T * m.hidden_size * e
+    incoming = 0 if stage.last else 2 * P * m.hidden_size * e
     for n in reversed(range(len(layers))):
         i = layers[n]
         below = sum(kept[j] for j in layers[:n])

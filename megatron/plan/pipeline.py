@@ -26,6 +26,7 @@ The bubble (`bubble_fraction`), the share of the step a rank idles:
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 
 from megatron.parallel.stages import SCHEDULE_PLACEMENT, StagePlan
@@ -62,12 +63,17 @@ def _plan(cfg: Config) -> StagePlan:
 
 def stages_of(cfg: Config, pp_rank: int = 0) -> list[Stage]:
     """The stages pipeline rank `pp_rank` runs, in its chunk order."""
+    return list(_stages_of(cfg, pp_rank))
+
+
+@functools.lru_cache(maxsize=4096)  # asked for many times per layout; Configs are frozen
+def _stages_of(cfg: Config, pp_rank: int) -> tuple[Stage, ...]:
     plan = _plan(cfg)
     S, P = plan.num_stages, plan.pp
     owner = {s: r for r in range(P) for s in plan.stages_of(r)}
-    return [Stage(s, tuple(plan.stage_layers(s)), s == 0, s == S - 1,
-                  s > 0 and owner[s - 1] != pp_rank, s < S - 1 and owner[s + 1] != pp_rank)
-            for s in plan.stages_of(pp_rank)]
+    return tuple(Stage(s, tuple(plan.stage_layers(s)), s == 0, s == S - 1,
+                       s > 0 and owner[s - 1] != pp_rank, s < S - 1 and owner[s + 1] != pp_rank)
+                 for s in plan.stages_of(pp_rank))
 
 
 def rank_layers(cfg: Config, pp_rank: int = 0) -> list[int]:

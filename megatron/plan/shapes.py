@@ -44,6 +44,25 @@ def micro_shapes(cfg: Config, experts: int = 0) -> tuple[int, int]:
     return T, -(-raw // t) * t
 
 
+def slices(cfg: Config) -> int:
+    """S: the slices each expert's capacity is cut into over TP (DTD, or sequence parallelism
+    where each TP rank sends its own part of the sequence; ted_patches/dispatcher.py); 1 where
+    every TP rank sends the whole buffer."""
+    moe, t = cfg.moe, cfg.topology.tp
+    sp = bool(getattr(cfg.topology, "sp", False))
+    return t if moe is not None and (moe.dtd or sp) and t > 1 else 1
+
+
+def expert_rows(cfg: Config, experts: int, capacity: int) -> int:
+    """Rows this rank's experts compute in one MoE layer: E_l experts x (ETP x EP x C / S) rows
+    (their ETP peers' slices gathered), or, without slices at TP > 1, E_l x EP x C (every TP
+    rank received the same rows)."""
+    S, topo = slices(cfg), cfg.topology
+    if S == 1 and topo.tp > 1:
+        return experts * capacity
+    return experts * capacity * topo.etp // S
+
+
 def num_microbatches(cfg: Config) -> int:
     return cfg.train.num_microbatches(cfg.topology.dp)
 

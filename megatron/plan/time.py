@@ -9,6 +9,7 @@ Shapes as in megatron/plan/shapes.py."""
 from __future__ import annotations
 
 import dataclasses
+import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
@@ -16,12 +17,20 @@ from typing import Optional
 from megatron.parallel.topology import Topology
 from megatron.plan import pipeline
 from megatron.plan.comm import Traffic, comm_per_step, step_parts
-from megatron.plan.params import experts_in, qkv_size
-from megatron.plan.shapes import _layer_kinds, micro_shapes, num_microbatches
+from megatron.plan.params import experts_in, sequence_parallel
+from megatron.plan.shapes import _layer_kinds, expert_rows, micro_shapes, num_microbatches
 from megatron.training.config import Config
 
 
 # ---- compute -------------------------------------------------------------------------------------
+def replicated_attention_flops(m) -> int:
+    """Forward FLOPs per token every TP rank computes in full: multi-latent attention's down
+    projections (megatron/model/mla.py); none in standard attention."""
+    if not getattr(m, "multi_latent_attention", False):
+        return 0
+    return 2 * m.hidden_size * ((m.q_lora_rank or 0) + m.kv_lora_rank + m.qk_pos_emb_head_dim)
+
+
 def flops_per_rank(cfg: Config, pp_rank: int = 0) -> float:
     """FLOPs one rank of pipeline rank `pp_rank` computes in one step (its layers, and the output
     layer on the last stage): forward x 3 (backward twice the forward), plus the recomputed
@@ -31,8 +40,10 @@ def flops_per_rank(cfg: Config, pp_rank: int = 0) -> float:
     T, _ = micro_shapes(cfg)
     H, s = m.hidden_size, cfg.train.seq_length
     gemm = 6 if m.swiglu else 4  # 2 FLOPs per multiply-add, 2 matrices (3 for SwiGLU)
-    # QKV, projection, scores + context
-    attn = T * (2 * H * qkv_size(m) + 2 * H * H + 4 * s * H) / t
+    # projections (MLA's down projections replicated on the TP ranks), scores + context
+    proj, core = m.attention_flops(s)
+    replicated = replicated_attention_flops(m)
+    attn = T * ((proj - replicated + core) / t + replicated)
     dense = T * gemm * H * m.ffn_hidden_size / t
     fwd = {}
     kinds = _layer_kinds(cfg)
@@ -43,16 +54,22 @@ def flops_per_rank(cfg: Config, pp_rank: int = 0) -> float:
             moe, E = cfg.moe, experts_in(cfg, i)
             _, C = micro_shapes(cfg, E)
             fe = moe.expert_ffn_hidden_size or m.ffn_hidden_size
-            layer += 2 * T * H * E + E * C * gemm * H * fe / t
+            # the router on this rank's tokens (its part of the sequence under SP); the experts
+            # on their rows, F split over the experts' TP group
+            router = 2 * T * H * E / (t if sequence_parallel(cfg) else 1)
+            layer += router + expert_rows(cfg, E, C) * gemm * H * fe / topo.etp
             if moe.mlp_type == "residual":
                 layer += dense
+            shared = getattr(moe, "shared_expert_intermediate_size", None)
+            if shared:  # ted_patches/shared_expert.py: a dense MLP of width `shared`
+                layer += T * gemm * H * shared / t
         else:
             layer += dense
         fwd[i] = layer
     head = 2 * T * H * m.padded_vocab_size / t if pipeline.holds_last(cfg, pp_rank) else 0
     recomputed = sum(fwd[i] for c in pipeline.checkpoint_chunks(cfg, pp_rank) for i in c)
     if cfg.recompute.granularity == "selective":
-        recomputed = len(layers) * T * 4 * s * H / t
+        recomputed = len(layers) * T * core / t
     per_micro = 3 * (sum(fwd.values()) + head) + recomputed
     return per_micro * num_microbatches(cfg)
 
@@ -132,13 +149,19 @@ class Link:
 
 
 def group_links(topo: Topology, cluster: Cluster) -> dict[str, Link]:
+    return dict(_group_links(topo, cluster))
+
+
+@functools.lru_cache(maxsize=1024)  # one per layout of a search; both arguments are frozen
+def _group_links(topo: Topology, cluster: Cluster) -> dict[str, Link]:
     """Links of each group kind, from the rank tables: rank r lives on node r // gpus_per_node.
     A group inside one node runs at the intra-node figures. One spanning nodes runs its ring at
     the share of the node's injection left to it (the node carries one ring crossing per group of
     this kind with members on it); its all-to-all sends each off-node peer's share through the
     node's injection, shared by all the node's ranks."""
     tables = {"tp": topo.tp_groups(), "dp": topo.dp_groups(), "ep": topo.ep_groups(),
-              "edp": topo.edp_groups(), "world": [list(range(topo.world_size))],
+              "edp": topo.edp_groups(), "etp": topo.etp_groups(),
+              "etp_ep": topo.etp_ep_groups(), "world": [list(range(topo.world_size))],
               "pp": topo.pp_groups(), "embedding": topo.embedding_groups()}
     gpn = cluster.gpus_per_node
     out = {}

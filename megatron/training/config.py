@@ -14,6 +14,7 @@ from megatron.parallel.topology import Topology
 from megatron.training.exits import ExitConfig
 from megatron.training.lr_schedule import ScheduleConfig
 from megatron.training.optimizer import OptimizerConfig
+from megatron.training.options import LogConfig, RuntimeConfig
 from ted_patches.config import MoEConfig
 
 
@@ -71,3 +72,5 @@ class Config:
     # the peers' flags that were mapped or have no effect: printed once
     notices: tuple[str, ...] = ()
     stages: Optional[StagePlan] = None  # the pipeline's stages (None: no pipeline parallelism)
+    log: LogConfig = LogConfig()  # what is logged beyond the iteration line
+    runtime: RuntimeConfig = RuntimeConfig()  # --deterministic-mode, --manual-gc

@@ -17,6 +17,7 @@ import torch
 
 from megatron.parallel import comm
 from megatron.parallel.topology import TEDGroups
+from megatron.training.moe_stats import StepLayerStats, per_layer_logging
 from megatron.training.optimizer import NonFiniteError, Optimizer
 from megatron.training.pipeline import reduce_over_stages
 from ted_patches.moe_layer import StepMeasurements, after_optimizer_step
@@ -31,6 +32,8 @@ class StepMetrics:
     loss_scale: float
     timers: dict = field(default_factory=dict)  # seconds (host clock): forward-backward, optimizer
     bubble: Optional[float] = None  # pipeline: the step's share this rank spent waiting
+    # --moe-per-layer-logging: {MoE layer: {statistic: value}} (megatron.training.moe_stats)
+    moe_layers: dict = field(default_factory=dict)
 
 
 @dataclass
@@ -41,8 +44,10 @@ class StepSums:
     # MoE layer index -> assignments per expert before dropping, summed over the micro-batches
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)
     bubble: Optional[float] = None  # pipeline: the step's share this rank spent waiting
+    layer_stats: StepLayerStats = field(default_factory=StepLayerStats)  # per MoE layer
 
     def add(self, out) -> None:
+        self.layer_stats.add(out.aux)
         self.losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double()
         for aux in out.aux:
             counts = self.expert_counts.get(aux.layer)
@@ -95,8 +100,9 @@ def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TE
     result = optimizer.step()
     after_optimizer_step(model, StepMeasurements(sums.expert_counts, result.skipped))
     timers = {"forward-backward": middle - start, "optimizer": time.perf_counter() - middle}
+    layers = sums.layer_stats.reduce(groups) if per_layer_logging(model) else {}
     return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale,
-                       timers, sums.bubble)
+                       timers, sums.bubble, layers)
 
 
 def reduce_losses(values: torch.Tensor, groups: TEDGroups) -> list[float]:

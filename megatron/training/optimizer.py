@@ -127,11 +127,14 @@ class FlatGroup:
     master weights and Adam moments for those only."""
 
     def __init__(self, params: list, group: Group, *, shard: bool, decay: bool, tp_split: bool,
-                 grad_dtype: torch.dtype, dp_size: int, pipeline_copy: bool = False):
+                 grad_dtype: torch.dtype, dp_size: int, pipeline_copy: bool = False,
+                 expert: bool = False, tp_sum: Optional[Group] = None):
         self.params, self.group, self.decay, self.tp_split, self.shard = (params, group, decay,
                                                                           tp_split, shard)
         self.pipeline_copy = pipeline_copy  # copies of another stage's parameters (tied embedding)
-        self.dp_size = dp_size
+        self.dp_size, self.expert = dp_size, expert
+        # sequence parallelism: gradients partial per TP rank, summed over TP first
+        self.tp_sum = tp_sum if tp_sum is not None and tp_sum.size > 1 else None
         nshards = group.size if shard else 1
         numel = sum(p.numel() for p in params)
         padded = -(-numel // nshards) * nshards
@@ -168,6 +171,8 @@ class FlatGroup:
     def start_reduce(self) -> None:
         """The first half of reduce_grads: the division and the collective, started."""
         n = self.group.size
+        if self.tp_sum is not None:
+            comm.all_reduce_(self.grad_buf, self.tp_sum)
         if self.dp_size > 1:
             self.grad_buf.div_(self.dp_size)
         self.pending = None
@@ -188,7 +193,7 @@ class FlatGroup:
     def counts_in_norm(self, groups: TEDGroups) -> bool:
         """Whether this rank's shard is the one copy that enters the global norm (and that a
         checkpoint stores)."""
-        if self.pipeline_copy or (not self.tp_split and groups.tp.rank != 0):
+        if self.pipeline_copy or (not self.tp_split and groups.tp_of(self.expert).rank != 0):
             return False
         return self.shard or self.group.rank == 0
 
@@ -245,10 +250,12 @@ class Optimizer:
         for p in model.parameters():
             if p.requires_grad:
                 spec = spec_of(p)
-                key = (spec.expert, spec.decay, spec.tp_dim is not None, spec.pipeline_copy)
+                partial = spec.sequence_parallel and groups.sequence_parallel
+                key = (spec.expert, spec.decay, spec.tp_dim is not None, spec.pipeline_copy,
+                       partial)
                 keyed.setdefault(key, []).append(p)
         self.flat_groups = []
-        for (expert, decay, tp_split, copy), params in keyed.items():
+        for (expert, decay, tp_split, copy, partial), params in keyed.items():
             grad_dtype = torch.float32 if cfg.accumulate_grads_in_fp32 else params[0].dtype
             group = groups.edp if expert else groups.dp
             for bucket in _buckets(params, cfg.bucket_size):
@@ -256,7 +263,8 @@ class Optimizer:
                                                   shard=cfg.use_distributed_optimizer,
                                                   decay=decay, tp_split=tp_split,
                                                   grad_dtype=grad_dtype, dp_size=groups.dp.size,
-                                                  pipeline_copy=copy))
+                                                  pipeline_copy=copy, expert=expert,
+                                                  tp_sum=groups.tp if partial else None))
         # Parameters held by two pipeline stages (the tied word embedding on the first and the
         # last): their gradients are summed over the embedding group before any other reduction.
         shared = getattr(model, "pipeline_shared", lambda: [])()

@@ -96,20 +96,27 @@ class _Shapes:
     def __init__(self, gpt, micro_batch_size: int, seq_length: int):
         cfg = gpt.cfg
         self.bs = (micro_batch_size, seq_length)
+        # the hidden state under sequence parallelism: this rank's part of the sequence
+        tp = gpt.groups.tp.size if gpt.groups.sequence_parallel else 1
+        self.hidden_bs = (micro_batch_size, seq_length // tp)
         self.dtype, self.hidden = cfg.params_dtype, cfg.hidden_size
         self.vocab = cfg.padded_vocab_size // gpt.groups.tp.size
 
-    def _float(self, *shape):
-        return torch.empty(*self.bs, *shape, dtype=self.dtype, device="meta", requires_grad=True)
+    def _float(self, *shape, bs=None):
+        return torch.empty(*(bs or self.bs), *shape, dtype=self.dtype, device="meta",
+                           requires_grad=True)
+
+    def _hidden(self):
+        return self._float(self.hidden, bs=self.hidden_bs)
 
     def _ids(self):
         return torch.empty(*self.bs, dtype=torch.int64, device="meta")
 
     def inputs(self, chunk: StageChunk) -> tuple:
-        return (self._ids() if chunk.first else self._float(self.hidden), self._ids())
+        return (self._ids() if chunk.first else self._hidden(), self._ids())
 
     def outputs(self, chunk: StageChunk) -> tuple:
-        return (self._float(self.vocab),) if chunk.last else (self._float(self.hidden), self._ids())
+        return (self._float(self.vocab),) if chunk.last else (self._hidden(), self._ids())
 
 
 class Pipeline:

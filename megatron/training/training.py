@@ -10,6 +10,7 @@ from typing import Optional
 import torch
 
 from megatron.checkpoint import Checkpointer, Resumed, config_dict, read_checkpoint_meta
+from megatron.checkpoint.upcycle import check_upcycling, upcycle
 from megatron.data.datasets import build_train_valid_test_datasets
 from megatron.data.loader import MicroBatchSampler, batches
 from megatron.parallel import comm
@@ -19,6 +20,8 @@ from megatron.training.config import Config
 from megatron.training.exits import ExitControl
 from megatron.training.forward_backward import train_step
 from megatron.training.log import TrainLog, print_rank0
+from megatron.training.monitor import (ManualGC, Timers, apply_runtime, open_wandb, step_extras,
+                                       time_model)
 from megatron.training.optimizer import NonFiniteError, Optimizer
 from megatron.training.pipeline import Pipeline, reduce_over_stages
 from ted_patches.build import build_model
@@ -102,20 +105,30 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     """Train for --train-iters (resuming from --load), evaluating every --eval-interval and saving
     every --save-interval and at the end; returns the loss history of the iterations run here."""
     t, ck = cfg.train, cfg.checkpoint
+    if groups.topology != cfg.topology:  # the groups were built for another layout
+        raise ValueError(f"process groups of {groups.topology.describe()} for a run configured as "
+                         f"{cfg.topology.describe()}")
     for notice in cfg.notices:
         print_rank0(f"> notice: {notice}")
+    apply_runtime(cfg.runtime, cfg.log, device, print_rank0)
     model = build_model(cfg.model, cfg.moe, groups, seed=t.seed, device=device,
                         recompute=cfg.recompute, stages=cfg.stages)
     pipeline = None
     if cfg.stages is not None:
         pipeline = Pipeline(model, cfg.stages, groups, t.num_microbatches(groups.dp.size),
                             t.micro_batch_size, t.seq_length, device)
+    upcycled_from = None
+    if cfg.moe is not None and cfg.moe.use_upcycling:  # --moe-use-upcycling: from a dense model
+        upcycled_from = check_upcycling(cfg.model, cfg.moe, ck.load, ck.save)
+        kept = upcycle(model, cfg.moe, upcycled_from, groups)
+        print_rank0(f"> upcycled {upcycled_from}: every expert a copy of its layer's dense MLP, "
+                    f"{kept} router tensors from --seed")
     optimizer = Optimizer(model, groups, cfg.optim)
     scheduler = build_scheduler(optimizer, cfg)
     checkpointer = Checkpointer(ck, groups)
     run = run_description(cfg)
     resumed = Resumed()
-    if ck.load:
+    if ck.load and not upcycled_from:  # upcycled: the dense weights are already the model's
         resumed = checkpointer.load(model, optimizer, scheduler, print_rank0)
         if resumed.iteration:
             warn_on_changes(read_checkpoint_meta(ck.load), run, print_rank0)
@@ -123,6 +136,7 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
         data_path=cfg.data.data_path, split=cfg.data.split, mock=cfg.data.mock,
         seq_length=t.seq_length, seed=t.seed, tokenizer=tokenizer, num_samples=t.num_samples(),
         cache_dir=cfg.data.cache_dir, eod_mask_loss=cfg.data.eod_mask_loss,
+        mmap_bin_files=cfg.data.mmap_bin_files,
     )
     stages = ""
     if cfg.stages is not None:
@@ -132,7 +146,13 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     print_rank0(f"> {cfg.topology.describe()}; {sum(p.numel() for p in model.parameters()):,} "
                 f"parameters on rank 0; {t.num_microbatches(groups.dp.size)} micro-batches of "
                 f"{t.micro_batch_size} per step and DP rank{stages}")
-    log = TrainLog(cfg, enabled=groups.world.rank == 0)
+    timers = Timers(cfg.log.timing_log_level, cfg.log.timing_log_option, groups.world)
+    optimizer.reduce_gradients = timers.wrap("all-grads-sync", optimizer.reduce_gradients)
+    time_model(timers, pipeline.chunks if pipeline is not None else [model])
+    rank0 = groups.world.rank == 0
+    log = TrainLog(cfg, enabled=rank0, timers=timers,
+                   wandb=open_wandb(cfg.log, ck.save, run, print_rank0) if rank0 else None)
+    manual_gc = ManualGC(cfg.runtime)
     history = {"lm_loss": [], "valid": [], "test": None}
     eval_round = resumed.iteration // t.eval_interval  # validation batches already used
     consumed = resumed.consumed_samples
@@ -142,8 +162,10 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
         train_batches = batches(train_ds, sampler, cfg.data.num_workers, device)
         for iteration in range(resumed.iteration + 1, t.train_iters + 1):
             started = time.perf_counter()
+            with timers.time("batch-generator"):
+                microbatches = next(train_batches)
             try:
-                metrics = train_step(model, optimizer, next(train_batches), groups, pipeline)
+                metrics = train_step(model, optimizer, microbatches, groups, pipeline)
             except NonFiniteError as e:
                 last = checkpointer.latest or "none (no checkpoint was saved or loaded)"
                 raise NonFiniteError(f"iteration {iteration}: {e}; training stopped before the "
@@ -156,11 +178,15 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
             if not metrics.skipped:
                 scheduler.step(t.schedule.per_iteration)
             history["lm_loss"].append(metrics.lm_loss)
+            extra = step_extras(cfg.log, optimizer, groups, metrics, timers)
             log.step(iteration, metrics, lr, consumed,
-                     {**metrics.timers, "iteration": time.perf_counter() - started})
+                     {**metrics.timers, "iteration": time.perf_counter() - started}, extra)
+            manual_gc.after_iteration(iteration)
             if valid_ds is not None and t.eval_iters and iteration % t.eval_interval == 0:
+                manual_gc.around_evaluation()
                 loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device,
                                 pipeline)
+                manual_gc.around_evaluation()
                 eval_round += 1
                 history["valid"].append((iteration, loss))
                 log.evaluation(iteration, "validation", loss)
@@ -178,6 +204,7 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
         optimizer.wait_params()
     finally:
         exits.close()
+        manual_gc.close()
     if valid_ds is not None and t.eval_iters and t.train_iters % t.eval_interval:
         loss = evaluate(model, valid_ds, eval_round * t.eval_iters, cfg, groups, device,
                         pipeline)

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import torch
 
+from megatron.parallel import comm
 from megatron.parallel.fields import FieldError
 from megatron.parallel.topology import TEDGroups
 from ted_patches.config import MoEConfig
@@ -28,6 +29,7 @@ class Gate(torch.nn.Module):
     def __init__(self, cfg: MoEConfig, groups: TEDGroups):
         super().__init__()
         self.cfg, self.groups = cfg, groups
+        self.step_load = None  # global_aux_loss: [sum of loads, micro-batches] of this step
 
     def scores(self, logits_TE: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
@@ -41,18 +43,39 @@ class Gate(torch.nn.Module):
 
     def losses(self, logits_TE, scores_TE, idx_TK, first_E,
                counts_E) -> tuple[torch.Tensor, torch.Tensor]:
-        """(aux, z): unweighted; first_E counts first choices, counts_E all K choices."""
+        """(aux, z): unweighted; first_E counts first choices, counts_E all K choices. A gate
+        with a per-sequence loss also takes `num_sequences` (the router passes it when known:
+        tokens are batch-major, sequence b holding tokens b*S .. b*S + S - 1)."""
         raise NotImplementedError
 
     def after_step(self, counts_E: torch.Tensor, skipped: bool) -> None:
         """Every rank, after each optimizer step, with this rank's tokens per expert over the whole
-        step (all micro-batches, before dropping). Nothing by default."""
+        step (all micro-batches, before dropping). The base gate starts global_aux_loss's
+        running load afresh."""
+        self.step_load = None
+
+    def global_load(self, counts_E: torch.Tensor) -> torch.Tensor:
+        """global_aux_loss (Megatron-Core's): this micro-batch's per-expert loads summed over the
+        data-parallel group (one all-reduce), averaged with the step's earlier micro-batches.
+        A forward in training adds to the running sum; a recompute (inside backward) or an
+        evaluation reads it without adding."""
+        load_E = comm.all_reduce_(counts_E.to(torch.float64).clone(), self.groups.dp)
+        if not self.training or torch._C._current_graph_task_id() != -1:
+            return load_E if self.step_load is None else self.step_load[0] / self.step_load[1]
+        total, n = self.step_load or (0, 0)
+        self.step_load = (load_E + total, n + 1)
+        return self.step_load[0] / self.step_load[1]
 
 
 def build_gate(cfg: MoEConfig, groups: TEDGroups) -> Gate:
+    """The score function's gate; Sinkhorn balancing is a gate of its own (it selects)."""
+    from ted_patches.gates.sigmoid import SigmoidGate
+    from ted_patches.gates.sinkhorn import SinkhornGate
     from ted_patches.gates.softmax import SoftmaxGate
 
-    gates = {"softmax": SoftmaxGate}
+    gates = {"softmax": SoftmaxGate, "sigmoid": SigmoidGate}
+    if cfg.score_function == "softmax" and cfg.aux_loss_type == "sinkhorn":
+        return SinkhornGate(cfg, groups)
     if cfg.score_function not in gates:
         raise FieldError(f"{{score_function}} {cfg.score_function!r}: use one of {sorted(gates)}",
                          "MoEConfig")

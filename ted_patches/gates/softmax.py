@@ -1,12 +1,14 @@
 """The softmax gate of GShard / Switch / DeepSpeed / Megatron-Core: softmax scores, top-k in the
-reference's order, weights renormalized as configured, DeepSpeed's or Megatron-Core's aux loss,
-and the z-loss. Shapes: T tokens, E experts, K top-k, A = K * T assignments (choice-major)."""
+reference's order (or group-limited), weights renormalized as configured (Megatron-Core's
+pre-softmax: not at all) and scaled, DeepSpeed's or Megatron-Core's load-balancing losses, and
+the z-loss. Shapes: T tokens, E experts, K top-k, A = K * T assignments (choice-major)."""
 
 from __future__ import annotations
 
 import torch
 
 from ted_patches.gates import Gate
+from ted_patches.gates.common import balancing_loss, normalize, scaled, select, z_loss
 
 
 def top_k(logits_TE: torch.Tensor, probs_TE: torch.Tensor, k: int) -> torch.Tensor:
@@ -25,21 +27,22 @@ class SoftmaxGate(Gate):
         return logits_TE.softmax(dim=-1)
 
     def choose(self, logits_TE: torch.Tensor, scores_TE: torch.Tensor, k: int) -> torch.Tensor:
-        return top_k(logits_TE, scores_TE, k)
+        if self.cfg.router_num_groups is None:
+            return top_k(logits_TE, scores_TE, k)
+        # Megatron-Core scores the groups on the probabilities with --moe-router-pre-softmax and
+        # on the logits otherwise (the same experts inside a group, not the same groups)
+        return select(scores_TE if self._mode() == "none" else logits_TE, k, self.cfg)
+
+    def _mode(self) -> str:
+        return "none" if self.cfg.pre_softmax else self.cfg.gate_normalization
 
     def normalize(self, prob_A: torch.Tensor, keep_A: torch.Tensor, T: int, K: int) -> torch.Tensor:
-        mode = self.cfg.gate_normalization
-        if mode == "none" or (mode == "surviving" and K == 1):
-            return prob_A * keep_A
-        if mode == "topk":  # over the K choices, before dropping
-            return (prob_A.view(K, T) / prob_A.view(K, T).sum(0)).reshape(-1) * keep_A
-        kept_KT = (prob_A * keep_A).view(K, T)
-        denom_T = kept_KT.sum(0).clamp(min=torch.finfo(prob_A.dtype).eps)
-        return (kept_KT / denom_T).reshape(-1)
+        return scaled(normalize(prob_A, keep_A, T, K, self._mode()), self.cfg)
 
-    def losses(self, logits_TE, probs_TE, idx_TK, first_E, counts_E):
+    def losses(self, logits_TE, probs_TE, idx_TK, first_E, counts_E, num_sequences=None):
         first_prob_T = probs_TE.gather(1, idx_TK[:, :1]).squeeze(1)
-        return (self._aux_loss(probs_TE, first_E, counts_E),
+        return (balancing_loss(self.cfg, probs_TE, idx_TK, counts_E, num_sequences,
+                               self.global_load, self.groups.dp.size),
                 self._z_loss(logits_TE, first_prob_T, idx_TK[:, :1]))
 
     def _z_loss(self, logits_TE, first_prob_T, first_T1) -> torch.Tensor:
@@ -47,21 +50,8 @@ class SoftmaxGate(Gate):
         logsumexp = logit - log(prob) at the first choice (the largest probability, >= 1/E, so the
         log is well conditioned; within 1e-7 of logsumexp), two ops on [T] instead of five on
         [T, E], the largest part of the router's forward on CPUs."""
-        if self.cfg.z_loss_coeff != 0:
-            return torch.logsumexp(logits_TE, -1).square().mean()
+        if self.cfg.z_loss_coeff != 0 or self.cfg.router_num_groups is not None:
+            return z_loss(logits_TE, self.cfg.z_loss_coeff)
         with torch.no_grad():
             lse_T = logits_TE.gather(1, first_T1).squeeze(1) - first_prob_T.log()
             return lse_T.square().mean()
-
-    def _aux_loss(self, probs_TE, first_E, counts_E) -> torch.Tensor:
-        T, E = probs_TE.shape
-        K, kind = self.cfg.topk, self.cfg.aux_loss_type
-        if kind == "none":
-            return probs_TE.new_zeros(())
-        with torch.set_grad_enabled(torch.is_grad_enabled() and self.cfg.aux_loss_coeff != 0):
-            me_E = probs_TE.mean(0)
-            if kind == "deepspeed" and K <= 2:  # DeepSpeed's top-1/top-2 gates: first choices only
-                ce_E = first_E.to(probs_TE.dtype) / T
-            else:  # Megatron-Core's switch loss, and DeepSpeed's k >= 3 gate:
-                ce_E = counts_E.to(probs_TE.dtype) / (T * K)  # all K choices, divided by K
-            return E * (me_E * ce_E).sum()
