@@ -157,9 +157,12 @@ class MoEConfig:
             checks += [
                 (G >= 1 and all(n % G == 0 for n in counts),
                  f"{{router_num_groups}} {G} must divide {{num_experts}} {counts}"),
-                (1 <= g <= min(G, k),
+                # g > k scores every group 0 (its top k // g = 0 experts): Megatron-Core accepts
+                # it, and it is well defined only when every group is kept (no limit)
+                (1 <= g <= G and (g <= k or g == G),
                  f"{{router_group_topk}} {g} must be between 1 and min({{router_num_groups}} "
-                 f"{G}, {{topk}} {k}) (each group is scored by its top topk/group_topk experts)"),
+                 f"{G}, {{topk}} {k}), or equal {{router_num_groups}} (no limit) (each group is "
+                 "scored by its top topk/group_topk experts)"),
                 (all(g * (n // max(G, 1)) >= k for n in counts),
                  f"{{router_group_topk}} {g} groups of {{num_experts}}/{{router_num_groups}} "
                  f"experts hold fewer than {{topk}} {k} experts"),

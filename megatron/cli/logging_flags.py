@@ -106,3 +106,6 @@ def add_checkpoint_switches(g) -> None:
                         "folder in another format is named as such")
     g.add_argument("--ckpt-assume-constant-structure", action="store_true",
                    help="accepted: no effect here (each save plans its own writes)")
+    g.add_argument("--dist-ckpt-optim-fully-reshardable", action="store_true",
+                   help="accepted (always so here): optimizer state is stored as full tensors by "
+                        "parameter name, loadable at any layout")

@@ -56,6 +56,24 @@ def add_peer_args(p) -> None:
                    help="no learned absolute position embedding (with rope: no effect; otherwise "
                         "no positions)")
     m.add_argument("--transformer-impl", default="local", help="local only (no Transformer Engine)")
+    m.add_argument("--context-parallel-size", type=int, default=1,
+                   help="1 only: context parallelism is not built yet (--sequence-parallel "
+                        "divides the activations outside attention by TP)")
+    m.add_argument("--fp8-format", default=None,
+                   help="refused: FP8 training needs Transformer Engine, which is not used here "
+                        "(train in --bf16)")
+    m.add_argument("--fp8-recipe", default=None, help="refused, with --fp8-format")
+    m.add_argument("--cross-entropy-fusion-impl", default="native",
+                   help="accepted, no effect: the cross-entropy is megatron-core's vocab-parallel "
+                        "one, unfused")
+    m.add_argument("--recompute-modules", nargs="*", default=None,
+                   help="with --recompute-granularity selective: recompute here covers the "
+                        "attention core (core_attn) only; the other modules are named in a "
+                        "notice and kept")
+    m.add_argument("--fine-grained-activation-offloading", action="store_true",
+                   help="accepted, no effect: activations stay where they are computed")
+    m.add_argument("--offload-modules", nargs="*", default=None,
+                   help="accepted with --fine-grained-activation-offloading, no effect")
     n = p.add_argument_group("accepted with no effect here (CUDA fusions, other frameworks)")
     for flag, family in NO_EFFECT.items():
         n.add_argument(flag, action="store_true", help=f"{family}: accepted, no effect")
@@ -81,6 +99,18 @@ def resolve_peer_args(args, argv: list[str], parser) -> list[str]:
         raise ValueError(f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: only "
                          "alltoall (TED's expert-parallel all-to-all with DTD) is built; drop the "
                          "flag")
+    if args.context_parallel_size != 1:
+        raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context "
+                         "parallelism is not built yet; use --context-parallel-size 1 (and "
+                         "--sequence-parallel to divide the activations by TP)")
+    if args.fp8_format is not None or args.fp8_recipe is not None:
+        raise ValueError("--fp8-format / --fp8-recipe: FP8 training needs Transformer Engine, "
+                         "which is not used here; drop them and train in --bf16")
+    notices += _recipe_switches(args)
+    if getattr(args, "multi_latent_attention", False) and args.kv_channels is not None:
+        args.kv_channels = None  # as Megatron-Core: MLA's head dims are its own
+        notices.append("--kv-channels has no effect with --multi-latent-attention (its head dims "
+                       "are --qk-head-dim, --qk-pos-emb-head-dim and --v-head-dim)")
     if args.transformer_impl != "local":
         notices.append(f"--transformer-impl {args.transformer_impl}: Transformer Engine is not "
                        "used; local layers")
@@ -102,10 +132,32 @@ def resolve_peer_args(args, argv: list[str], parser) -> list[str]:
     return notices + _accepted_switches(args, argv)
 
 
+def _recipe_switches(args) -> list[str]:
+    """Megatron-Core recipes' kernel and memory switches: what each means here, one notice each."""
+    notices = []
+    if args.cross_entropy_fusion_impl != "native":
+        notices.append(f"--cross-entropy-fusion-impl {args.cross_entropy_fusion_impl}: no effect "
+                       "(megatron-core's vocab-parallel cross-entropy, unfused)")
+    modules = [m.strip("[],") for m in (args.recompute_modules or [])]
+    modules = [m for m in modules if m]
+    others = [m for m in modules if m != "core_attn"]
+    if modules and args.recompute_granularity != "selective":
+        raise ValueError("--recompute-modules needs --recompute-granularity selective")
+    if others:
+        notices.append(f"--recompute-modules {' '.join(modules)}: selective recompute here "
+                       "covers the attention core (core_attn) only; "
+                       f"{', '.join(others)} keep their activations")
+    if args.fine_grained_activation_offloading or args.offload_modules:
+        notices.append("--fine-grained-activation-offloading / --offload-modules: no effect "
+                       "(activations are not offloaded here)")
+    return notices
+
+
 # Megatron-LM's checkpoint switches whose behaviour is how ours always works
 CHECKPOINT_SWITCHES = ("--use-persistent-ckpt-worker", "--ckpt-fully-parallel-save",
                        "--no-ckpt-fully-parallel-save", "--ckpt-fully-parallel-load",
-                       "--auto-detect-ckpt-format", "--ckpt-assume-constant-structure")
+                       "--auto-detect-ckpt-format", "--ckpt-assume-constant-structure",
+                       "--dist-ckpt-optim-fully-reshardable")
 
 
 def _accepted_switches(args, argv: list[str]) -> list[str]:
