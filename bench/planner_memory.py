@@ -201,6 +201,10 @@ def main(argv=None):
         print(table(rows))
         print("ZeRO-1's step peak on CPU adds gloo's own buffer: its all-gather into a tensor "
               "allocates the gathered size (NCCL's, the one planned, works in place)")
+        if any("-sp" in r["config"] for r in rows):
+            print("-sp rows: gloo's reduce-scatter also works on a copy of its whole input (a "
+                  "[b, s, h] beside the output layer's input gradient, the peak); NCCL's, "
+                  "planned, does not")
 
 
 if __name__ == "__main__":

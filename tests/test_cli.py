@@ -18,6 +18,9 @@ BASE = ("--num-layers 2 --hidden-size 64 --num-attention-heads 4 --seq-length 16
 def fails(argv, world, capsys, rank=0, monkeypatch=None) -> str:
     monkeypatch.setenv("WORLD_SIZE", str(world))
     monkeypatch.setenv("RANK", str(rank))
+    # a quiet rank's wait (so that under torchrun the printing rank leaves first) is real-launch
+    # behaviour, checked with torchrun in test_preemption.py; in-process it only costs 5 s a case
+    monkeypatch.setattr("megatron.cli.preflight.QUIET_EXIT_DELAY_S", 0.0)
     with pytest.raises(SystemExit) as exit_info:
         pretrain_gpt_moe.load_config(BASE + argv)
     assert exit_info.value.code == 2

@@ -72,7 +72,10 @@ class CollectiveCounter(TorchDispatchMode, CommLedger):
     def __init__(self, groups: TEDGroups | Iterable[Group]):
         super().__init__()
         if isinstance(groups, TEDGroups):
-            groups = (groups.tp, groups.dp, groups.ep, groups.edp, groups.world)
+            optional = (groups.etp, groups.etp_ep, groups.pp, groups.embedding)
+            # the experts' TP group is a process group of its own even where ETP = TP
+            groups = (groups.tp, groups.dp, groups.ep, groups.edp, groups.world) + tuple(
+                g for g in optional if g is not None and g.pg is not groups.tp.pg)
         self._by_pg: dict[int, str] = {}
         self._by_c10d_name: dict[str, str] = {}
         self._pgs = []  # keeps the identities in _by_pg alive

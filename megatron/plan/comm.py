@@ -16,13 +16,13 @@ keeps both), and its DTD slices' last gather sums the ranks' partial gradients i
 
 from __future__ import annotations
 
-import functools
 from collections import Counter
 from dataclasses import dataclass
 from typing import Optional
 
 from megatron.parallel.topology import Topology
 from megatron.plan import pipeline
+from megatron.plan.cache import per_config
 from megatron.plan.params import (
     _FP32,
     experts_in,
@@ -86,7 +86,7 @@ def comm_per_step(cfg: Config, pp_rank: int = 0) -> dict[tuple[str, str], Traffi
     return total.result()
 
 
-@functools.lru_cache(maxsize=1024)
+@per_config
 def step_parts(cfg: Config, pp_rank: int = 0) -> tuple["_Tally", "_Tally"]:
     """(one micro-batch's collectives, the rest of the step's): the part a pipeline schedule
     runs per micro-batch and the part after it (cached per frozen Config: callers only read
@@ -137,8 +137,12 @@ def _microbatch_comm(cfg: Config, pp_rank: int) -> _Tally:
     recomputed = {i for c in chunks for i in c}
     cac = cfg.recompute.cac and cfg.moe is not None and any(i in cfg.moe.layers for i in recomputed)
     kinds = _layer_kinds(cfg)
+    alike: dict = {}  # layers of one kind (and expert count) issue the same collectives
     for i in pipeline.rank_layers(cfg, pp_rank):
-        layer = _layer_comm(cfg, i, kinds[i], act, part)
+        key = (kinds[i], experts_in(cfg, i) if kinds[i] == "moe" else 0)
+        if key not in alike:
+            alike[key] = _layer_comm(cfg, i, kinds[i], act, part)
+        layer = alike[key]
         for piece in (layer.forward, layer.ours, layer.backward):
             tally.merge(piece)
         if i in recomputed:

@@ -16,7 +16,6 @@ Shapes as in megatron/plan/shapes.py."""
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Optional
 
@@ -32,6 +31,7 @@ from megatron.plan.params import (
     query_groups,
 )
 from megatron.plan import pipeline
+from megatron.plan.cache import per_config
 from megatron.plan.shapes import (
     _layer_kinds,
     expert_rows,
@@ -354,7 +354,7 @@ def _candidates(cfg: Config, pp_rank: int, stage) -> dict[str, int]:
     return dict(_walk(cfg, pp_rank, stage)[0])
 
 
-@functools.lru_cache(maxsize=1024)  # asked for twice per stage; Configs are frozen
+@per_config
 def _walk(cfg: Config, pp_rank: int, stage) -> tuple[dict[str, int], int]:
     """(the peak's candidate moments of one micro-batch through `stage`, the bytes it keeps from
     its forward to its backward)."""
@@ -364,12 +364,16 @@ def _walk(cfg: Config, pp_rank: int, stage) -> tuple[dict[str, int], int]:
     e = _act(cfg)
     kinds = _layer_kinds(cfg)
     layers = list(stage.layers)
-    blocks = {}
+    blocks, alike = {}, {}  # layers of one kind (and expert count) are alike: one block each
     for i in layers:
-        mlp = _moe_block(cfg, T, i) if kinds[i] == "moe" else _dense_mlp_block(cfg, T)
-        attn = _attention_block(cfg, T)
-        blocks[i] = _Block(attn.saved + mlp.saved, max(attn.fwd_transient, mlp.fwd_transient),
-                           max(attn.bwd_transient, mlp.bwd_transient))
+        key = (kinds[i], experts_in(cfg, i) if kinds[i] == "moe" else 0)
+        if key not in alike:
+            mlp = _moe_block(cfg, T, i) if kinds[i] == "moe" else _dense_mlp_block(cfg, T)
+            attn = _attention_block(cfg, T)
+            alike[key] = _Block(attn.saved + mlp.saved,
+                                max(attn.fwd_transient, mlp.fwd_transient),
+                                max(attn.bwd_transient, mlp.bwd_transient))
+        blocks[i] = alike[key]
     # a tied embedding's gradient from the output layer waits for the lookup's, at the very end
     # (only where one rank holds both: a last stage's copy takes its gradient at once)
     tied_here = (not m.untie_embeddings_and_output_weights and stage.last

@@ -6,7 +6,6 @@ gradients and optimizer state that follow."""
 from __future__ import annotations
 
 import dataclasses
-import functools
 from dataclasses import dataclass
 
 import torch
@@ -14,6 +13,7 @@ import torch
 from megatron.model.config import ModelConfig
 from megatron.parallel.topology import Topology
 from megatron.plan import pipeline
+from megatron.plan.cache import per_config
 from megatron.training.config import Config
 from ted_patches.config import MoEConfig
 
@@ -44,9 +44,9 @@ def param_table(cfg: Config, pp_rank: int = 0) -> list[ParamEntry]:
     return list(_param_table(cfg, pp_rank))
 
 
-# A search plans hundreds of layouts, each asking for its tables several times: Configs are
-# frozen (hashable), so each table is built once.
-@functools.lru_cache(maxsize=1024)
+# A search plans hundreds of layouts, each asking for its tables several times: each is built
+# once per Config (megatron/plan/cache.py).
+@per_config
 def _param_table(cfg: Config, pp_rank: int) -> tuple[ParamEntry, ...]:
     first, last = pipeline.holds_first(cfg, pp_rank), pipeline.holds_last(cfg, pp_rank)
     return tuple(_table(cfg, pipeline.rank_layers(cfg, pp_rank), first, last,
@@ -186,7 +186,7 @@ def _moe(m: ModelConfig, moe: MoEConfig, experts: int, topo: Topology, name: str
     return out
 
 
-@functools.lru_cache(maxsize=1024)
+@per_config
 def total_parameters(cfg: Config) -> int:
     """Parameters of the whole model (each counted once over the world: every pipeline stage, no
     copies), padded vocabulary rows included."""
@@ -226,7 +226,7 @@ def flat_groups(cfg: Config, pp_rank: int = 0) -> list[FlatSpec]:
     return list(_flat_groups(cfg, pp_rank))
 
 
-@functools.lru_cache(maxsize=1024)
+@per_config
 def _flat_groups(cfg: Config, pp_rank: int) -> tuple[FlatSpec, ...]:
     keyed: dict[tuple, int] = {}
     for p in _param_table(cfg, pp_rank):
@@ -243,7 +243,7 @@ def _flat_groups(cfg: Config, pp_rank: int) -> tuple[FlatSpec, ...]:
 
 
 def _bytes(dtype: torch.dtype) -> int:
-    return torch.empty((), dtype=dtype).element_size()
+    return dtype.itemsize
 
 
 def param_bytes(cfg: Config) -> int:

@@ -26,10 +26,10 @@ The bubble (`bubble_fraction`), the share of the step a rank idles:
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 
 from megatron.parallel.stages import SCHEDULE_PLACEMENT, StagePlan
+from megatron.plan.cache import per_config
 from megatron.training.config import Config
 
 
@@ -66,7 +66,7 @@ def stages_of(cfg: Config, pp_rank: int = 0) -> list[Stage]:
     return list(_stages_of(cfg, pp_rank))
 
 
-@functools.lru_cache(maxsize=4096)  # asked for many times per layout; Configs are frozen
+@per_config
 def _stages_of(cfg: Config, pp_rank: int) -> tuple[Stage, ...]:
     plan = _plan(cfg)
     S, P = plan.num_stages, plan.pp
