@@ -38,8 +38,9 @@ if os.environ.get("PEER_CHECKPOINT_SIZE") == "quickstart":  # examples/quickstar
     SEQ, VOCAB_IDS, PADDED, HIDDEN, HEADS, FFN, EXPERTS = 128, 3999, 4096, 128, 4, 352, 8
 
 
-def tokens() -> torch.Tensor:
-    return torch.randint(0, VOCAB_IDS + 1, (2, SEQ), generator=torch.Generator().manual_seed(9))
+def tokens(seed: int = 9) -> torch.Tensor:
+    return torch.randint(0, VOCAB_IDS + 1, (2, SEQ),
+                         generator=torch.Generator().manual_seed(seed))
 
 
 def perturb(module: torch.nn.Module, seed: int, std: float = 0.2) -> None:
@@ -149,7 +150,7 @@ DS_ARGS = dict(num_layers=4, hidden_size=HIDDEN, num_attention_heads=HEADS, ffn_
                bias_gelu_fusion=False, openai_gelu=False, untie_embeddings_and_output_weights=False,
                apply_residual_connection_post_layernorm=False, fp16=False, bf16=False,
                params_dtype=torch.float32, global_batch_size=4, micro_batch_size=2,
-               consumed_train_samples=4, lr=1e-3, train_iters=100)
+               consumed_train_samples=8, lr=1e-3, train_iters=100)
 
 
 def write_deepspeed(out: str) -> None:
@@ -175,24 +176,80 @@ def write_deepspeed(out: str) -> None:
     _globalize_experts(model, ep_rank=dist.get_rank())
     config = {"train_micro_batch_size_per_gpu": 2, "gradient_accumulation_steps": 1,
               "steps_per_print": 10**6, "zero_optimization": {"stage": 0}}
+    optimizer, scheduler = _megatron_ds_optimizer(model)
     with contextlib.redirect_stdout(sys.stderr):
-        engine, _, _, _ = deepspeed.initialize(
-            model=model, config=config,
-            optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3))
+        engine, _, _, _ = deepspeed.initialize(model=model, config=config, optimizer=optimizer,
+                                               lr_scheduler=scheduler)
         data = tokens()
-        logits, aux = engine(data)
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, PADDED),
-                                                 data[:, 1:].reshape(-1)) + 0.01 * aux
-        engine.backward(loss)
-        engine.step()
+        for step in range(2):
+            engine.train()
+            logits, aux = engine(data if step == 0 else tokens(seed=10))
+            engine.backward(_ds_loss(logits, aux, data if step == 0 else tokens(seed=10)))
+            engine.step(lr_kwargs={"increment": args.global_batch_size})
         engine.eval()
         with torch.no_grad():
             logits, _ = engine(data)
         engine.save_checkpoint(os.path.join(out, "ckpt"),
-                               client_state={"args": args, "iteration": 1,
+                               client_state={"args": args, "iteration": 2,
                                              "checkpoint_version": 3.0})
+        _next_step(engine, model, out, lambda x: _ds_loss(*engine(x), x),
+                   {"increment": args.global_batch_size})
     if dist.get_rank() == 0:
         torch.save({"tokens": data, "logits": logits}, os.path.join(out, "reference.pt"))
+
+
+def _ds_loss(logits, aux, data):
+    return torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, PADDED),
+                                             data[:, 1:].reshape(-1)) + 0.01 * aux
+
+
+def _megatron_ds_optimizer(model):
+    """AdamW over Megatron-DeepSpeed's param groups (weight decay on matrices; biases and norms
+    without: wd_mult 0), split by DeepSpeed's own MoE helper, under megatron-core's
+    OptimizerParamScheduler as Megatron-DS drives it (steps in samples)."""
+    from deepspeed.moe.utils import split_params_into_different_moe_groups_for_optimizer
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        (no_decay if name.endswith(".bias") or p.dim() == 1 else decay).append(p)
+    groups = [{"name": "wd", "params": decay, "wd_mult": 1.0, "lr_mult": 1.0},
+              {"name": "no_wd", "params": no_decay, "wd_mult": 0.0, "lr_mult": 1.0}]
+    optimizer = torch.optim.AdamW(split_params_into_different_moe_groups_for_optimizer(groups),
+                                  lr=1e-3, weight_decay=0.01)
+    return optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE_KW)
+
+
+def _next_step(engine, model, out, loss_of, step_kwargs) -> None:
+    """After the save: one more step on other tokens; each rank writes the gradients its
+    optimizer stepped with (after DeepSpeed's clipping: taken in a step pre-hook) and the
+    parameters after the step (experts by global id), for the test to step our import with the
+    same gradients and compare."""
+    import torch.distributed as dist
+
+    engine.train()
+    grads = {}
+    hook = engine.optimizer.register_step_pre_hook(lambda *_: grads.update(
+        {_global_name(n): p.grad.detach().clone() for n, p in model.named_parameters()}))
+    engine.backward(loss_of(tokens(seed=11)))
+    engine.step(lr_kwargs=step_kwargs)
+    hook.remove()
+    after = {_global_name(n): p.detach().clone() for n, p in model.named_parameters()}
+    torch.save({"grads": grads, "after": after},
+               os.path.join(out, f"next_step_rank{dist.get_rank()}.pt"))
+
+
+def _global_name(name: str) -> str:
+    import re
+
+    import torch.distributed as dist
+
+    m = re.search(r"deepspeed_experts\.(\d+)\.", name)
+    if not m:
+        return name
+    local = EXPERTS // 2
+    return name.replace(m.group(0),
+                        f"deepspeed_experts.{dist.get_rank() * local + int(m.group(1))}.")
 
 
 def _globalize_experts(model, ep_rank: int) -> None:
@@ -273,6 +330,10 @@ MCORE_ARGS = dict(num_layers=4, hidden_size=HIDDEN, num_attention_heads=HEADS,
                   moe_expert_capacity_factor=None, moe_router_load_balancing_type="aux_loss",
                   moe_token_dispatcher_type="allgather", fp16=False, bf16=False,
                   global_batch_size=8, consumed_train_samples=40, ckpt_format="torch_dist")
+# Megatron's schedule as megatron-core's OptimizerParamScheduler takes it (steps in samples)
+SCHEDULE_KW = dict(init_lr=0.0, max_lr=1e-3, min_lr=1e-4, lr_warmup_steps=4, lr_decay_steps=400,
+                   lr_decay_style="cosine", start_wd=0.01, end_wd=0.01, wd_incr_steps=400,
+                   wd_incr_style="constant")
 SCHEDULER = {"max_lr": 1e-3, "lr_warmup_steps": 8, "num_steps": 40, "lr_decay_style": "cosine",
              "lr_decay_steps": 800, "min_lr": 1e-4, "start_wd": 0.01, "end_wd": 0.01,
              "wd_incr_style": "constant", "wd_incr_steps": 800}
@@ -337,21 +398,59 @@ def write_legacy(out: str) -> None:
                               untie_embeddings_and_output_weights=False,
                               tensor_model_parallel_size=2, pipeline_model_parallel_size=1,
                               expert_model_parallel_size=1, ckpt_format_="torch")
+    optimizer, scheduler = _megatron_optimizer(model)
+    for seed in (12, 13):  # two steps: moments with a history
+        _mcore_step(model, optimizer, scheduler, tokens(seed=seed))
     rank = dist.get_rank()
     folder = os.path.join(out, "ckpt", "iter_0000007", f"mp_rank_{rank:02d}")
     os.makedirs(folder, exist_ok=True)
+    # Megatron-LM's FP32Optimizer.state_dict() is its torch optimizer's
     torch.save({"args": args, "checkpoint_version": 3.0, "iteration": 7,
                 "model": model.state_dict_for_save_checkpoint(),
-                "opt_param_scheduler": SCHEDULER,
+                "optimizer": optimizer.state_dict(),
+                "opt_param_scheduler": scheduler.state_dict(),
                 "rng_state": [{"random_rng_state": torch.random.get_rng_state()}]},
                os.path.join(folder, "model_optim_rng.pt"))
     data = tokens()
     logits = _mcore_logits(model, data)
+    grads = _mcore_step(model, optimizer, scheduler, tokens(seed=11))
+    torch.save({"grads": grads, "after": {n: p.detach().clone()
+                                          for n, p in model.named_parameters()}},
+               os.path.join(out, f"next_step_rank{rank}.pt"))
     if rank == 0:
         with open(os.path.join(out, "ckpt", "latest_checkpointed_iteration.txt"), "w") as f:
             f.write("7")
         torch.save({"tokens": data, "logits": logits}, os.path.join(out, "reference.pt"))
     dist.barrier()
+
+
+def _megatron_optimizer(model):
+    """torch AdamW over megatron-core's own param groups (`_get_param_groups`: biases and 1-D
+    parameters without weight decay), stepped by its OptimizerParamScheduler: what Megatron-LM's
+    FP32Optimizer holds."""
+    from megatron.core.optimizer import OptimizerConfig, _get_param_groups
+    from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+    config = OptimizerConfig(optimizer="adam", lr=1e-3, min_lr=1e-4, weight_decay=0.01)
+    optimizer = torch.optim.AdamW(_get_param_groups([model], config, None), lr=1e-3,
+                                  weight_decay=0.01)
+    return optimizer, OptimizerParamScheduler(optimizer, **SCHEDULE_KW)
+
+
+def _mcore_step(model, optimizer, scheduler, data) -> dict:
+    """One training step on the lm loss; returns the gradients it stepped with. In eval mode:
+    megatron-core refuses MoE training at TP > 1 without sequence parallelism (whose buffers
+    are CUDA-only), and eval mode only leaves the aux loss out (no dropout, dropless)."""
+    model.eval()
+    pos = torch.arange(SEQ).expand_as(data)
+    mask = torch.triu(torch.ones(1, 1, SEQ, SEQ, dtype=torch.bool), 1)
+    labels = torch.roll(data, -1, dims=1)
+    optimizer.zero_grad()
+    model(data, pos, attention_mask=mask, labels=labels).mean().backward()
+    grads = {n: p.grad.detach().clone() for n, p in model.named_parameters()}
+    optimizer.step()
+    scheduler.step(increment=MCORE_ARGS["global_batch_size"])
+    return grads
 
 
 def _perturb_tp(model) -> None:

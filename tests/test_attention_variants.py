@@ -364,9 +364,6 @@ BAD_FLAGS = [
     ("--rotary-percent 1.5", "--rotary-percent must be in (0, 1] (got 1.5)"),
     ("--multi-latent-attention --group-query-attention --num-query-groups 2",
      "--multi-latent-attention has no query groups"),
-    ("--multi-latent-attention --kv-channels 8",
-     "--kv-channels with --multi-latent-attention: the head dims are --qk-head-dim, "
-     "--qk-pos-emb-head-dim and --v-head-dim"),
     ("--multi-latent-attention --qk-pos-emb-head-dim 5",
      "--qk-pos-emb-head-dim 5 must be even"),
     ("--multi-latent-attention --q-lora-rank 0", "--q-lora-rank must be >= 1 (got 0)"),
@@ -386,6 +383,19 @@ def test_bad_attention_flags_name_the_flag_before_any_collective(flags, message)
     with pytest.raises(ConfigError) as err:
         build_config(args, 1, 121)  # one process, no process group: nothing communicated
     assert message in str(err.value)
+
+
+def test_kv_channels_with_mla_is_a_notice_as_in_megatron_core():
+    """Megatron-Core's DeepSeek proxies pass --kv-channels beside MLA, which ignores it."""
+    from megatron.cli.arguments import parse_args
+    from megatron.cli.configs import build_config
+    from test_training import MODEL
+
+    args = parse_args(MODEL + MLA_FLAGS + ["--kv-channels", "8"])
+    cfg = build_config(args, 1, 121)
+    assert cfg.model.kv_channels is None
+    assert any("--kv-channels has no effect with --multi-latent-attention" in n
+               for n in cfg.notices)
 
 
 def test_an_mla_checkpoint_saved_at_tp2_resumes_at_tp1(tmp_path):

@@ -41,6 +41,8 @@ SOURCE_LAYOUT = {"deepspeed": "TP 1, PP 1, EP 2", "mcore": "TP 1, PP 1, EP 2",
 @pytest.fixture(scope="module")
 def peer_dir(tmp_path_factory) -> str:
     pytest.importorskip("deepspeed", reason="deepspeed (the [test] extra) writes one source")
+    if os.environ.get("TED_PEER_CHECKPOINTS"):  # a folder peer_checkpoints.py wrote (reruns)
+        return os.environ["TED_PEER_CHECKPOINTS"]
     out = str(tmp_path_factory.mktemp("peers"))
     done = subprocess.run([sys.executable, os.path.join(HERE, "peer_checkpoints.py"), out],
                           capture_output=True, text=True, timeout=900)
@@ -87,11 +89,12 @@ def test_import_gives_the_source_models_logits(kind, peer_dir, imported):
     reference = torch.load(os.path.join(peer_dir, kind, "reference.pt"))
     assert_close(our_logits(folder, reference["tokens"]), reference, f"{kind} import")
     assert f"saved at {SOURCE_LAYOUT[kind]}" in message
-    assert "carried: weights yes; optimizer no" in message and "RNG no" in message
+    carried = "yes (Adam moments, step 2)" if kind in STEPPED else "no"
+    assert f"carried: weights yes; optimizer {carried}" in message and "RNG no" in message
 
 
 def test_import_carries_iteration_consumed_samples_and_layout(imported):
-    expected = {"deepspeed": (1, 4), "mcore": (5, 40), "legacy": (7, 40)}
+    expected = {"deepspeed": (2, 8), "mcore": (5, 40), "legacy": (7, 40)}
     for kind, (folder, _) in imported.items():
         meta = read_checkpoint_meta(folder)
         assert (meta["iteration"], meta["consumed_samples"]) == expected[kind], kind
@@ -124,7 +127,8 @@ def _flags(folder: str, iters: int) -> list[str]:
             "--log-interval 1 --eval-interval 100 --eval-iters 1 --num-workers 0 "
             f"--micro-batch-size 2 --global-batch-size 4 --train-iters {iters} "
             f"--num-experts {moe.num_experts} --moe-router-topk {moe.topk} "
-            f"--moe-aux-loss-coeff {moe.aux_loss_coeff} --load {folder}").split()
+            f"--moe-aux-loss-coeff {moe.aux_loss_coeff} --load {folder} "
+            "--use-checkpoint-opt_param-scheduler").split()
     argv += ["--moe-layer-freq", "[" + ",".join(str(int(i in moe.layers))
                                                 for i in range(m.num_layers)) + "]"]
     argv += ["--swiglu"] if m.swiglu else []
@@ -224,7 +228,7 @@ def test_a_wrong_from_names_the_formats(tmp_path, capsys):
 def test_a_missing_rank_file_is_named(tmp_path, capsys, peer_dir):
     ds = tmp_path / "ds"
     shutil.copytree(os.path.join(peer_dir, "deepspeed", "ckpt"), ds)
-    gone = ds / "global_step1" / "layer_1_expert_3_mp_rank_00_model_states.pt"
+    gone = ds / "global_step2" / "layer_1_expert_3_mp_rank_00_model_states.pt"
     gone.unlink()
     err = _fails(capsys, "import", "--from", "megatron-deepspeed", ds, tmp_path / "d1")
     assert str(gone) in err and "missing" in err
@@ -257,7 +261,7 @@ def test_an_incompatible_model_names_the_field(tmp_path, capsys, peer_dir):
     assert "args.moe_router_score_function = 'sigmoid'" in err
     ds = tmp_path / "ds"
     shutil.copytree(os.path.join(peer_dir, "deepspeed", "ckpt"), ds)
-    _edit_args(ds / "global_step1" / "mp_rank_00_model_states.pt", ffn_hidden_size=48)
+    _edit_args(ds / "global_step2" / "mp_rank_00_model_states.pt", ffn_hidden_size=48)
     err = _fails(capsys, "import", "--from", "megatron-deepspeed", ds, tmp_path / "d2")
     assert "layers.0.mlp.fc1.weight has shape (64, 32), the args imply (48, 32)" in err
     legacy = tmp_path / "legacy"
@@ -292,8 +296,128 @@ def test_import_usage_errors(tmp_path, capsys):
 def test_a_tanh_gelu_source_is_imported_with_a_warning(tmp_path, capsys, peer_dir):
     ds = tmp_path / "ds"
     shutil.copytree(os.path.join(peer_dir, "deepspeed", "ckpt"), ds)
-    _edit_args(ds / "global_step1" / "mp_rank_00_model_states.pt", bias_gelu_fusion=True)
+    _edit_args(ds / "global_step2" / "mp_rank_00_model_states.pt", bias_gelu_fusion=True)
     code, out, err = run_main(capsys, checkpoint_convert.main, "import", "--from",
                               "megatron-deepspeed", ds, tmp_path / "d")
     assert code == 0 and "wrote" in out
     assert "warning: args.bias_gelu_fusion = True" in err and "tanh" in err
+
+
+# ---- Adam's moments and the schedule: one more step in our code = the source library's --------
+# peer_checkpoints.py steps the source once more after its save (DeepSpeed: engine.step;
+# Megatron-LM: its torch AdamW under megatron-core's OptimizerParamScheduler) and keeps the
+# gradients it stepped with and the weights after. Our import, loaded by the Checkpointer as
+# pretrain_gpt_moe.py --load does (moments, step count, scheduler), steps with those gradients.
+STEPPED = {"deepspeed": 4, "legacy": 8}  # scheduler steps (samples) per iteration at the source
+
+
+def _source_stored(peer_dir: str, kind: str, which: str, model_cfg) -> dict:
+    """The source's `which` ("grads" / "after") of both ranks as our stored tensors."""
+    from megatron.convert import mcore, megatron_legacy, safe_pickle
+    from megatron.convert.peer_common import canonical, legacy_to_stored
+
+    per_rank = [torch.load(os.path.join(peer_dir, kind, f"next_step_rank{r}.pt"))[which]
+                for r in (0, 1)]
+    if kind == "deepspeed":  # EP 2: each rank's experts, rank 0's copy of the rest
+        full = {canonical(k): v for sd in reversed(per_rank) for k, v in sd.items()}
+        return legacy_to_stored(full, model_cfg)
+    rank0 = os.path.join(peer_dir, kind, "ckpt", "iter_0000007", "mp_rank_00",
+                         "model_optim_rng.pt")
+    args = safe_pickle.load(rank0, "rank file")["args"]
+    return mcore.to_stored(megatron_legacy._stage([per_rank], args, 0), model_cfg)
+
+
+def step_import(folder: str, grads: dict, per_iteration: int, tp: int, ep: int, zero: bool,
+                fresh: bool, out: str):
+    """Load the import (optimizer and scheduler unless `fresh`), step once with the source's
+    gradients at layout (tp, ep), save; rank 0 returns the stored weights after the step."""
+    import torch.distributed as dist
+
+    from megatron.checkpoint import CheckpointConfig, Checkpointer
+    from megatron.training.lr_schedule import ScheduleConfig, build_scheduler
+    from megatron.training.optimizer import Optimizer, OptimizerConfig
+
+    import dataclasses
+
+    from megatron.model.params import spec_of
+
+    model_cfg, moe_cfg = configs_from_meta(read_checkpoint_meta(folder))
+    rows = 8 * tp  # the vocabulary padded for this TP (as --make-vocab-size-divisible-by 8)
+    model_cfg = dataclasses.replace(model_cfg,
+                                    padded_vocab_size=-(-model_cfg.vocab_size // rows) * rows)
+    groups = ted_groups(tp, ep)
+    model = build_model(model_cfg, moe_cfg, groups, seed=0)
+    optimizer = Optimizer(model, groups, OptimizerConfig(
+        lr=1e-3, min_lr=1e-4, weight_decay=0.01, clip_grad=0.0, adam_eps=1e-8,
+        use_distributed_optimizer=zero))
+    schedule = ScheduleConfig("samples", per_iteration, warmup_steps=4, decay_steps=400,
+                              train_iters=400 // per_iteration, decay_style="cosine")
+    scheduler = build_scheduler(optimizer, schedule, 1e-3, 1e-4, 0.01)
+    Checkpointer(CheckpointConfig(load=folder, no_load_optim=fresh), groups).load(
+        model, optimizer, scheduler, lambda line: None)
+    source = build_model(model_cfg, moe_cfg, groups, seed=1)
+    load_stored_tensors(source, grads, groups)
+    # Our reduction takes an expert's local gradient as the sum over its EP peers' tokens and
+    # divides by DP (optimizer.py, step 1): each rank holding the whole gradient gives it
+    # DP / expert-DP times over
+    for p, g in zip(model.parameters(), source.parameters()):
+        p.grad = g.detach() * (groups.dp.size / groups.edp.size if spec_of(p).expert else 1.0)
+    optimizer.collect_gradients()
+    optimizer.reduce_gradients()
+    optimizer.step()
+    saver = Checkpointer(CheckpointConfig(save=out), groups)
+    saver.save(1, {"consumed_samples": 0}, model, optimizer, scheduler)
+    saver.close()
+    return read_stored_tensors(out) if dist.get_rank() == 0 else None
+
+
+@pytest.mark.parametrize("kind, world, tp, ep, zero", [
+    ("deepspeed", 1, 1, 1, False), ("deepspeed", 2, 1, 2, True),
+    ("legacy", 1, 1, 1, False), ("legacy", 2, 2, 1, False)])
+def test_one_more_step_equals_the_source_librarys_step(kind, world, tp, ep, zero, peer_dir,
+                                                       imported, tmp_path):
+    folder, message = imported[kind]
+    assert "optimizer yes (Adam moments, step 2)" in message and "lr scheduler" in message
+    model_cfg = configs_from_meta(read_checkpoint_meta(folder))[0]
+    grads = _source_stored(peer_dir, kind, "grads", model_cfg)
+    want = _source_stored(peer_dir, kind, "after", model_cfg)
+    before = read_stored_tensors(folder)
+    got = run(world, step_import, folder, grads, STEPPED[kind], tp, ep, zero, False,
+              str(tmp_path / "ours"))[0]
+    fresh = run(world, step_import, folder, grads, STEPPED[kind], tp, ep, zero, True,
+                str(tmp_path / "fresh"))[0]
+    assert set(got) == set(want)
+    diff = max((got[k] - want[k]).abs().max().item() for k in want)
+    moved = max((want[k] - before[k]).abs().max().item() for k in want)
+    off = max((fresh[k] - want[k]).abs().max().item() for k in want)
+    print(f"{kind} at world {world} (TP {tp}, EP {ep}, ZeRO {zero}): max |ours - source| "
+          f"{diff:.1e} after an update of up to {moved:.1e}; fresh optimizer: {off:.1e}")
+    assert moved > 1e-4, "the source's step moved nothing: the comparison means nothing"
+    assert diff <= 1e-6, f"{kind}: weights after one more step differ by {diff:.2e}"
+    assert off > 100 * 1e-6, "a fresh optimizer gave the same step: moments were not compared"
+
+
+# ---- pretrain_gpt_moe.py --load of a peer's folder: what it is and the command, before training --
+@pytest.mark.parametrize("kind, inside", [("deepspeed", ""), ("deepspeed", "global_step2"),
+                                          ("mcore", ""), ("mcore", "iter_0000005"),
+                                          ("legacy", ""), ("legacy", "iter_0000007")])
+def test_loading_a_peer_folder_names_its_format_and_the_conversion(kind, inside, peer_dir,
+                                                                   imported, capsys,
+                                                                   monkeypatch):
+    import pretrain_gpt_moe
+
+    folder = os.path.join(peer_dir, kind, "ckpt", inside) if inside else os.path.join(
+        peer_dir, kind, "ckpt")
+    monkeypatch.setenv("WORLD_SIZE", "1")
+    monkeypatch.setenv("RANK", "0")
+    with pytest.raises(SystemExit) as e:
+        pretrain_gpt_moe.load_config(_flags(imported[kind][0], 3) + ["--load", folder])
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and err.count("\n") == 1, err
+    assert f"--load {folder} holds" in err and "not one of ours" in err
+    assert (f"`python tools/checkpoint_convert.py import --from {FROM[kind]} {folder} DST`"
+            in err)
+    # and the command it names works
+    dst = os.path.join(str(imported[kind][0]) + "_again_" + (inside or "top"))
+    message = checkpoint_convert.main(["import", "--from", FROM[kind], folder, dst])
+    assert message.startswith(f"wrote {dst}")

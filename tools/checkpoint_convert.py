@@ -27,7 +27,12 @@ import --format writes a model-only checkpoint that pretrain_gpt_moe.py --load a
 --save folder or a global_stepN folder), a Megatron-Core torch_dist one or a Megatron-LM legacy
 torch one (SRC: the --save folder or an iter_N folder) at any TP / PP / EP it was saved at, and
 writes a checkpoint of ours to DST that loads at any layout; it prints which of weights /
-optimizer / schedule / RNG it carried. Pickled files are read with torch's weights-only loader
+optimizer / schedule / RNG it carried. Adam's moments are carried where the source keeps a plain
+torch optimizer's state (DeepSpeed without ZeRO; Megatron-LM torch with the non-distributed
+optimizer), the lr scheduler's state wherever it has one: `pretrain_gpt_moe.py --load DST`
+resumes with both (with flags of another schedule: --use-checkpoint-opt_param-scheduler or
+--override-opt_param-scheduler); --no-load-optim starts a fresh optimizer and schedule.
+Pickled files are read with torch's weights-only loader
 and an explicit allow-list (megatron/convert/safe_pickle.py): a file that would run code is
 refused by name. The tokenizer is the one the run's args name (override with the flags).
 Bad input: one `error:` line and exit status 2.
@@ -250,7 +255,13 @@ def import_peer(args) -> str:
             "imported_from": {"format": fmt, "path": os.path.abspath(args.src),
                               "tp": imported.source_tp, "pp": imported.source_pp,
                               "ep": imported.source_ep, "scheduler": run["scheduler"]}}
-    path = write_model_checkpoint(args.dst, imported.tensors, meta, iteration=run["iteration"])
+    if imported.moments or run["scheduler"]:  # resumable with the optimizer and the schedule
+        from megatron.convert.peer_optim import write_checkpoint
+
+        path = write_checkpoint(args.dst, imported, meta)
+    else:
+        path = write_model_checkpoint(args.dst, imported.tensors, meta,
+                                      iteration=run["iteration"])
     for note in imported.notes:
         print(f"checkpoint_convert.py: warning: {note}", file=sys.stderr)
     carried = "; ".join(f"{k} {v}" for k, v in imported.carried.items())

@@ -270,8 +270,9 @@ class Checkpointer:
         if with_optimizer:
             optimizer.step_count = meta["optimizer_step"]
             optimizer.scaler.load_state_dict(meta["loss_scaler"])
-            try:
-                scheduler.load_state_dict(meta["scheduler"])
+            try:  # an import from a peer that saved no schedule has none (convert/peer_optim)
+                if meta.get("scheduler") is not None:
+                    scheduler.load_state_dict(meta["scheduler"])
             except AssertionError as e:
                 # megatron-core's own check (check_schedule runs it earlier)
                 raise CheckpointError(f"{found}: {e}; pass --override-opt_param-scheduler or "

@@ -120,7 +120,11 @@ def fsync_dir(path: str) -> None:
 def find_checkpoint(path: str) -> Optional[str]:
     """The iteration folder to load from `path` (a --save folder, or one iter_N folder itself);
     None when `path` does not exist or holds no checkpoint (nothing, or only unfinished .tmp saves).
-    Raises CheckpointError when it holds files but no valid checkpoint."""
+    Raises CheckpointError when it holds files but no valid checkpoint, or a peer's checkpoint
+    (naming its format and the conversion command)."""
+    peer = peer_checkpoint(path)
+    if peer is not None:
+        raise CheckpointError(peer)
     if os.path.isfile(os.path.join(path, META)) or os.path.isfile(os.path.join(path, ".metadata")):
         return path
     if not os.path.isdir(path):
@@ -149,6 +153,54 @@ def find_checkpoint(path: str) -> Optional[str]:
     raise CheckpointError(f"{path} holds files but no checkpoint (no {TRACKER}, no iter_* folder): "
                           "give the --save directory of a run (pretrain_gpt_moe.py --load of an "
                           "empty or new directory starts from scratch)")
+
+
+# ---- the peers' checkpoint folders: what they are and how to convert them ----------------------
+_PEERS = {"megatron-legacy": "a Megatron-LM legacy torch checkpoint (--ckpt-format torch: "
+                             "iter_N/mp_rank_*/model_optim_rng.pt)",
+          "mcore": "a Megatron-Core torch_dist checkpoint (dist_checkpointing: iter_N/.metadata, "
+                   "common.pt)",
+          "megatron-deepspeed": "a DeepSpeed / Megatron-DeepSpeed checkpoint (latest, "
+                                "global_stepN/mp_rank_*_model_states.pt)"}
+
+
+def peer_checkpoint(path: str) -> Optional[str]:
+    """One line naming the peer format of the checkpoint at `path` (a --save folder or one
+    iteration folder) and the command that converts it; None when it is not a peer's."""
+    fmt = _peer_format(path)
+    if fmt is None:
+        return None
+    return (f"--load {path} holds {_PEERS[fmt]}, not one of ours: convert it with `python "
+            f"tools/checkpoint_convert.py import --from {fmt} {path} DST`, then --load DST")
+
+
+def _peer_format(path: str) -> Optional[str]:
+    if not os.path.isdir(path) or os.path.isfile(os.path.join(path, META)):
+        return None
+    folders = [path]
+    for tracker, name in ((TRACKER, lambda t: "release" if t == "release" else
+                           f"iter_{int(t):07d}" if t.isdigit() else None),
+                          ("latest", lambda t: t or None)):  # DeepSpeed's tag file
+        try:
+            with open(os.path.join(path, tracker), "rb") as f:
+                folder = name(f.read(256).decode("utf-8").strip())
+        except (OSError, UnicodeDecodeError):
+            continue
+        if folder and "/" not in folder:
+            folders.append(os.path.join(path, folder))
+    for folder in folders:
+        if not os.path.isdir(folder) or os.path.isfile(os.path.join(folder, META)):
+            continue
+        entries = os.listdir(folder)
+        if "mp_rank_00_model_states.pt" in entries:
+            return "megatron-deepspeed"
+        if ".metadata" in entries and ("common.pt" in entries or "metadata.json" in entries):
+            return "mcore"
+        if any(e.startswith("mp_rank_") and os.path.isfile(os.path.join(folder, e,
+                                                                        "model_optim_rng.pt"))
+               for e in entries):
+            return "megatron-legacy"
+    return None
 
 
 def _read_tracker(tracker: str) -> str:

@@ -168,29 +168,23 @@ def configs_from_hub(config: dict) -> tuple[ModelConfig, MoEConfig]:
 
 def from_hub(model: ModelConfig, moe: MoEConfig,
              hf: dict[str, torch.Tensor]) -> tuple[ModelConfig, MoEConfig, dict]:
-    model = llama.weights_dtype(model, hf)
-    llama.check_tensors(FORMAT, hub_tensors(llama.NameOnly(model), model, moe, None), hf,
-                        lambda name: _shape(name, model, moe))
+    model = llama.checked_hub(FORMAT, hub_tensors, model, moe, hf, _shape)
     if all(not hf[f"model.layers.{i}.mlp.{n}"].any() for i in moe.layers for n in _SHARED):
         moe = dataclasses.replace(moe, shared_expert_intermediate_size=None)  # export's zeros
-    out = llama.to_stored(hf, model)
-    for i in range(model.num_layers):
-        ours, theirs = f"layers.{i}.mlp.", f"model.layers.{i}.mlp."
-        if i not in moe.layers:
-            out.update(llama.dense_to_stored(hf, ours, theirs))
-            continue
-        out.update(llama.experts_to_stored(hf, ours, theirs, moe.num_experts, _NAMES))
-        out[ours + "router.gate.expert_bias"] = hf[theirs + "gate.e_score_correction_bias"]
+
+    def bias_and_shared(ours: str, theirs: str) -> dict:
+        out = {ours + "router.gate.expert_bias": hf[theirs + "gate.e_score_correction_bias"]}
         if moe.shared_expert_intermediate_size is not None:
             gate, up, down = (hf[theirs + n] for n in _SHARED)
             out.update({ours + "shared_expert.fc1.weight.gate": gate,
                         ours + "shared_expert.fc1.weight.up": up,
                         ours + "shared_expert.fc2.weight": down})
-    return model, moe, out
+        return out
+
+    return model, moe, llama.moe_hub_to_stored(hf, model, moe, _NAMES, bias_and_shared)
 
 
 def _shape(name: str, model: ModelConfig, moe: MoEConfig) -> tuple[int, ...]:
-    h = model.hidden_size
     f = model.ffn_hidden_size
     if ".experts." in name:
         f = _expert_ffn(model, moe)
@@ -198,10 +192,4 @@ def _shape(name: str, model: ModelConfig, moe: MoEConfig) -> tuple[int, ...]:
         f = moe.shared_expert_intermediate_size or _expert_ffn(model, moe)
     if name.endswith("e_score_correction_bias"):
         return (moe.num_experts,)
-    if name.endswith("mlp.gate.weight"):
-        return moe.num_experts, h
-    if name.endswith(("gate_proj.weight", "up_proj.weight")):
-        return f, h
-    if name.endswith("down_proj.weight"):
-        return h, f
-    return llama.shape(name, model)
+    return llama.moe_shape(name, model, moe, f)

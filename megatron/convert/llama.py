@@ -342,3 +342,64 @@ def _few(names: list[str], n: int = 4) -> str:
         return "none"
     more = f" and {len(names) - n} more" if len(names) > n else ""
     return ", ".join(names[:n]) + more
+
+
+def qwen_moe_layers(config: dict, num_layers: int, advice: str = "") -> tuple[int, ...]:
+    """The MoE layers of a Qwen-MoE config.json: every decoder_sparse_step-th layer but the
+    mlp_only_layers (none without experts); a ConversionError when there is none."""
+    step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
+    layers = tuple(i for i in range(num_layers)
+                   if i not in dense and config["num_experts"] > 0 and (i + 1) % step == 0)
+    if not layers:
+        raise ConversionError("config.json: no MoE layer (num_experts, mlp_only_layers, "
+                              f"decoder_sparse_step){advice}")
+    return layers
+
+
+def qwen_moe_kwargs(config: dict) -> dict:
+    """MoEConfig fields a Qwen-MoE config.json gives (dropless top-k; the switch aux loss)."""
+    return dict(num_experts=config["num_experts"], topk=config["num_experts_per_tok"],
+                drop_tokens=False,
+                gate_normalization="topk" if config.get("norm_topk_prob") else "none",
+                aux_loss_type="aux_loss", aux_loss_coeff=config.get("router_aux_loss_coef", 0.0),
+                expert_ffn_hidden_size=config["moe_intermediate_size"])
+
+
+def checked_hub(fmt: str, hub_tensors, model: ModelConfig, moe: MoEConfig, hf: dict,
+                shape) -> ModelConfig:
+    """`model` in the Hub weights' dtype, once the Hub tensors are exactly those export writes
+    (names by `hub_tensors`, shapes by `shape(name, model, moe)`)."""
+    model = weights_dtype(model, hf)
+    check_tensors(fmt, hub_tensors(NameOnly(model), model, moe, None), hf,
+                  lambda name: shape(name, model, moe))
+    return model
+
+
+def moe_hub_to_stored(hf: dict, model: ModelConfig, moe: MoEConfig, names: tuple,
+                      moe_layer=None) -> dict:
+    """Our stored tensors of a Hub MoE model: what every Llama-style format shares, each dense
+    layer's MLP, each MoE layer's experts (Hub linears `names`) and what `moe_layer(ours,
+    theirs)` adds in it (a router bias, a shared expert)."""
+    out = to_stored(hf, model)
+    for i in range(model.num_layers):
+        ours, theirs = f"layers.{i}.mlp.", f"model.layers.{i}.mlp."
+        if i not in moe.layers:
+            out.update(dense_to_stored(hf, ours, theirs))
+            continue
+        out.update(experts_to_stored(hf, ours, theirs, moe.num_experts, names))
+        if moe_layer is not None:
+            out.update(moe_layer(ours, theirs))
+    return out
+
+
+def moe_shape(name: str, model: ModelConfig, moe: MoEConfig, ffn: int) -> tuple[int, ...]:
+    """The shape of a Llama-style MoE model's Hub tensor ([out, in]); `ffn`: the width of the
+    MLP `name` is in (dense, expert or shared expert)."""
+    h = model.hidden_size
+    if name.endswith("mlp.gate.weight"):
+        return moe.num_experts, h
+    if name.endswith(("gate_proj.weight", "up_proj.weight")):
+        return ffn, h
+    if name.endswith("down_proj.weight"):
+        return h, ffn
+    return shape(name, model)

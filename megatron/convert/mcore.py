@@ -29,11 +29,12 @@ from typing import Optional
 
 import torch
 
-from megatron.convert import megatron_args, safe_pickle
+from megatron.convert import megatron_args, peer_optim, safe_pickle
 from megatron.convert.allowlist import Declaration, any_value, only, when
 from megatron.convert.common import ConversionError
-from megatron.convert.peer_common import (COLUMN, REPLICATED, ROW, SWIGLU_COLUMN, Imported,
-                                          check_tensors, tokenizer_kwargs, vocab_of)
+from megatron.convert.peer_common import (COLUMN, REPLICATED, ROW, Imported, Names,
+                                          check_tensors, tokenizer_kwargs, tracked_folder,
+                                          vocab_of)
 from megatron.model.config import ModelConfig
 from ted_patches.config import MoEConfig
 
@@ -124,13 +125,14 @@ _LAYER_MODULES = {
     "mlp.linear_fc2": ("mlp.fc2", ROW),
     "mlp.router": ("mlp.router", REPLICATED),
 }
-_LAYER = re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_EXPERT = re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)$")
 _ENDS = {"embedding.word_embeddings.weight": ("embedding.weight", COLUMN),
          "embedding.position_embeddings.weight": ("position_embedding.weight", REPLICATED),
          "decoder.final_layernorm.weight": ("final_norm.weight", REPLICATED),
          "decoder.final_layernorm.bias": ("final_norm.bias", REPLICATED),
          "output_layer.weight": ("output.weight", COLUMN)}
+NAMES = Names(_ENDS, _LAYER_MODULES, re.compile(r"^decoder\.layers\.(\d+)\.(.+)\.(weight|bias)$"),
+              re.compile(r"^mlp\.experts\.local_experts\.(\d+)\.(linear_fc1|linear_fc2)$"),
+              "linear_fc1", "not a GPTModel tensor")
 
 
 def canonical(name: str) -> str:
@@ -142,64 +144,21 @@ def canonical(name: str) -> str:
 
 def split_of(name: str, swiglu: bool) -> str:
     """How a canonical state-dict name is split over TP (experts split as the dense MLP)."""
-    if name in _ENDS:
-        return _ENDS[name][1]
-    m = _LAYER.match(name)
-    if not m:
-        return REPLICATED
-    module, param = m.group(2), m.group(3)
-    e = _EXPERT.match(module)
-    kind = ({"linear_fc1": COLUMN, "linear_fc2": ROW}[e.group(2)] if e
-            else _LAYER_MODULES.get(module, (None, REPLICATED))[1])
-    if kind == ROW and param == "bias":
-        return REPLICATED
-    if kind == COLUMN and swiglu and module.endswith("linear_fc1"):
-        return SWIGLU_COLUMN
-    return kind
+    return NAMES.split(name, swiglu)
 
 
 def to_stored(full: dict, model: ModelConfig, layer_offset: int = 0) -> dict:
     """Our stored tensors of canonical Megatron-Core names (full tensors; SwiGLU fc1 weights and
     biases as (gate, up) pairs). Raises ConversionError naming a tensor it does not know."""
-    out, vocab = {}, model.vocab_size
-    for name, t in full.items():
-        if name in _ENDS:
-            ours = _ENDS[name][0]
-            out[ours] = t[:vocab] if ours in ("embedding.weight", "output.weight") else t
-            continue
-        m = _LAYER.match(name)
-        if not m:
-            raise ConversionError(f"unknown tensor {name!r} (not a GPTModel tensor)")
-        prefix = f"layers.{int(m.group(1)) + layer_offset}."
-        module, param = m.group(2), m.group(3)
-        e = _EXPERT.match(module)
-        if e:
-            ours = {("linear_fc1", "weight"): "w1", ("linear_fc1", "bias"): "b1",
-                    ("linear_fc2", "weight"): "w2", ("linear_fc2", "bias"): "b2"}[
-                (e.group(2), param)]
-            flip = (lambda x: x.t().contiguous()) if param == "weight" else (lambda x: x)
-            _put(out, f"{prefix}mlp.experts.{e.group(1)}.{ours}",
-                 tuple(map(flip, t)) if isinstance(t, tuple) else flip(t))
-        elif module in _LAYER_MODULES:
-            _put(out, f"{prefix}{_LAYER_MODULES[module][0]}.{param}", t)
-        else:
-            raise ConversionError(f"unknown tensor {name!r} (module {module!r})")
-    return out
-
-
-def _put(out: dict, name: str, t) -> None:
-    if isinstance(t, tuple):
-        out[name + ".gate"], out[name + ".up"] = t
-    else:
-        out[name] = t
+    return NAMES.to_stored(full, model, layer_offset)
 
 
 def moe_layers(full: dict) -> dict[int, int]:
     """MoE layer -> experts, from canonical names."""
     found: dict[int, set] = {}
     for name in full:
-        m = _LAYER.match(name)
-        e = m and _EXPERT.match(m.group(2))
+        m = NAMES.layer.match(name)
+        e = m and NAMES.expert.match(m.group(2))
         if e:
             found.setdefault(int(m.group(1)), set()).add(int(e.group(1)))
     return {layer: len(ids) for layer, ids in found.items()}
@@ -226,13 +185,8 @@ def iteration_folder(src: str) -> str:
     tracker)."""
     if os.path.isfile(os.path.join(src, ".metadata")):
         return src
-    tracker = os.path.join(src, TRACKER)
-    if not os.path.isfile(tracker):
-        raise FileNotFoundError(f"{src}: no Megatron-Core checkpoint (no {TRACKER} and no "
-                                ".metadata)")
-    with open(tracker) as f:
-        text = f.read().strip()
-    folder = os.path.join(src, "release" if text == "release" else f"iter_{int(text):07d}")
+    folder = tracked_folder(src, TRACKER, f"{src}: no Megatron-Core checkpoint (no {TRACKER} "
+                            "and no .metadata)")
     if not os.path.isfile(os.path.join(folder, ".metadata")):
         raise FileNotFoundError(f"{folder}/.metadata is missing (the tracker names it)")
     return folder
@@ -339,7 +293,8 @@ def read(src: str, tokenizer_overrides: dict) -> Imported:
     scheduler = common.get("opt_param_scheduler")
     run = megatron_args.run_state(args, iteration, scheduler)
     carried = {"weights": "yes", "optimizer": _optimizer_note(raw),
-               "schedule": _schedule_note(run), "RNG": "no (per-rank streams of another layout)"}
+               "schedule": peer_optim.schedule_note(run),
+               "RNG": "no (per-rank streams of another layout)"}
     return Imported(model, moe, tensors, run, tok, carried,
                     source_tp=megatron_args.get(args, "tensor_model_parallel_size", 1),
                     source_pp=megatron_args.get(args, "pipeline_model_parallel_size", 1),
@@ -349,16 +304,11 @@ def read(src: str, tokenizer_overrides: dict) -> Imported:
 
 def _optimizer_note(raw: dict) -> str:
     if any(k.startswith("optimizer.") for k in raw):
-        return "no (its moments are not converted: continue with a fresh optimizer)"
-    return "no (none in the checkpoint)"
-
-
-def _schedule_note(run: dict) -> str:
-    what = f"iteration {run['iteration']} and consumed samples {run['consumed_samples']}"
-    if run["scheduler"]:
-        what += (" (the lr scheduler's state is recorded under imported_from, not restored: "
-                 "the flags' schedule restarts)")
-    return what
+        return peer_optim.optimizer_note(
+            "torch_dist optimizer state is not converted: Megatron-LM's distributed optimizer "
+            "stores it as flat per-bucket ranges of its DP layout (dp_reshardable), which do not "
+            "name parameters")
+    return peer_optim.optimizer_note(None)
 
 
 # ---- export: our stored tensors -> a torch_dist checkpoint megatron-core loads -----------------

@@ -19,11 +19,11 @@ from __future__ import annotations
 import os
 import re
 
-from megatron.convert import mcore, megatron_args, safe_pickle
+from megatron.convert import mcore, megatron_args, peer_optim, safe_pickle
 from megatron.convert.common import ConversionError
 from megatron.convert.peer_common import (Imported, canonical as legacy_name, check_tensors,
                                           flatten, legacy_split, legacy_to_stored, merge_all,
-                                          tokenizer_kwargs, vocab_of)
+                                          tokenizer_kwargs, tracked_folder, vocab_of)
 
 FORMAT = "megatron-legacy"
 TRACKER = "latest_checkpointed_iteration.txt"
@@ -34,15 +34,8 @@ def iteration_folder(src: str) -> str:
     if os.path.isdir(os.path.join(src, "mp_rank_00")) or any(
             e.startswith("mp_rank_") for e in _listdir(src)):
         return src
-    tracker = os.path.join(src, TRACKER)
-    if not os.path.isfile(tracker):
-        raise FileNotFoundError(f"{src}: no Megatron-LM torch checkpoint (no {TRACKER} and no "
-                                "mp_rank_* folders)")
-    with open(tracker) as f:
-        text = f.read().strip()
-    if text != "release" and not text.isdigit():
-        raise ConversionError(f"{tracker} holds {text[:40]!r}, not an iteration")
-    return os.path.join(src, "release" if text == "release" else f"iter_{int(text):07d}")
+    return tracked_folder(src, TRACKER, f"{src}: no Megatron-LM torch checkpoint (no {TRACKER} "
+                          "and no mp_rank_* folders)")
 
 
 def _listdir(path: str) -> list[str]:
@@ -100,7 +93,7 @@ def read(src: str, tokenizer_overrides: dict) -> Imported:
                               "configuration")
     tp, pp, ep = _sizes(args)
     layers_per_stage = args.num_layers // pp
-    full, optimizer_seen = {}, "optimizer" in first
+    full, optimizer_seen, stages = {}, "optimizer" in first, []
     for stage in range(pp):
         per_ep = []
         for e in range(ep):
@@ -109,11 +102,52 @@ def read(src: str, tokenizer_overrides: dict) -> Imported:
                 path = rank_file(folder, t, stage, e, pp, ep)
                 ckpt = first if path == first_path else safe_pickle.load(path, "rank file")
                 optimizer_seen = optimizer_seen or "optimizer" in ckpt
-                shards.append(_model_state(ckpt, path))
+                shards.append((_model_state(ckpt, path), ckpt.get("optimizer"), path))
             per_ep.append(shards)
-        full.update(_stage(per_ep, args, stage * layers_per_stage))
-    return _imported(full, args, first, folder, tokenizer_overrides, (tp, pp, ep),
-                     optimizer_seen)
+        stages.append(per_ep)
+        full.update(_stage([[sd for sd, _, _ in s] for s in per_ep], args,
+                           stage * layers_per_stage))
+    imported = _imported(full, args, first, folder, tokenizer_overrides, (tp, pp, ep))
+    if optimizer_seen:
+        _add_moments(imported, stages, args, layers_per_stage, _is_mcore(full))
+    return imported
+
+
+def _add_moments(imported: Imported, stages: list, args, layers_per_stage: int,
+                 mcore_names: bool) -> None:
+    """Adam's moments of the plain (non-distributed) optimizer in each rank's file, tied to the
+    rank's parameter names (peer_optim.py) and merged like the weights; otherwise the
+    'optimizer' note says why not."""
+    try:
+        per_rank = [[[_rank_moments(sd, opt, path) for sd, opt, path in s] for s in per_ep]
+                    for per_ep in stages]
+    except peer_optim.NotMapped as e:
+        imported.carried["optimizer"] = peer_optim.optimizer_note(str(e))
+        return
+    flat = [m for per_ep in per_rank for s in per_ep for m in s]
+    steps = {m[2] for m in flat}
+    if len(steps) > 1:
+        imported.carried["optimizer"] = peer_optim.optimizer_note(
+            f"model-parallel ranks took different numbers of steps {sorted(steps)}")
+        return
+    to_stored = mcore.to_stored if mcore_names else legacy_to_stored
+    for i, key in enumerate(("exp_avg", "exp_avg_sq")):
+        merged = {}
+        for stage, per_ep in enumerate(per_rank):
+            merged.update(_stage([[m[i] for m in s] for s in per_ep], args,
+                                 stage * layers_per_stage))
+        imported.moments[key] = to_stored(merged, imported.model)
+    imported.optimizer_step, imported.loss_scaler = steps.pop(), flat[0][3]
+    imported.carried["optimizer"] = peer_optim.optimizer_note(imported.moments,
+                                                              imported.optimizer_step)
+
+
+def _rank_moments(sd: dict, optimizer, path: str):
+    if optimizer is None:
+        raise peer_optim.NotMapped(f"{path} holds no optimizer state")
+    avg, avg_sq, step = peer_optim.moments(optimizer, [(n, tuple(t.shape))
+                                                       for n, t in sd.items()], path)
+    return avg, avg_sq, step, peer_optim.loss_scaler(optimizer)
 
 
 def _first_file(folder: str) -> str:
@@ -173,8 +207,7 @@ def _global(name: str, offset: int, ep_rank: int, counts: dict[int, int]):
     return name
 
 
-def _imported(full: dict, args, first: dict, folder: str, overrides: dict, sizes,
-              optimizer_seen: bool) -> Imported:
+def _imported(full: dict, args, first: dict, folder: str, overrides: dict, sizes) -> Imported:
     padded_name = ("embedding.word_embeddings.weight")
     if padded_name not in full:
         raise ConversionError(f"{folder}: no embedding.word_embeddings.weight in the first "
@@ -193,10 +226,8 @@ def _imported(full: dict, args, first: dict, folder: str, overrides: dict, sizes
     iteration = first.get("iteration", 0)
     scheduler = first.get("opt_param_scheduler") or first.get("lr_scheduler")
     run = megatron_args.run_state(args, 0 if iteration == "release" else iteration, scheduler)
-    carried = {"weights": "yes",
-               "optimizer": ("no (its moments are not converted: continue with a fresh "
-                             "optimizer)") if optimizer_seen else "no (none in the checkpoint)",
-               "schedule": mcore._schedule_note(run),
+    carried = {"weights": "yes", "optimizer": peer_optim.optimizer_note(None),
+               "schedule": peer_optim.schedule_note(run),
                "RNG": "no (per-rank streams of another layout)"}
     tp, pp, ep = sizes
     return Imported(model, moe, tensors, run, tok, carried, tp, pp, ep,

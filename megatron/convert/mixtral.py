@@ -90,9 +90,7 @@ def from_hub(model: ModelConfig, moe: MoEConfig,
              hf: dict[str, torch.Tensor]) -> tuple[ModelConfig, MoEConfig, dict]:
     """(model config, MoE config, stored tensors) of the Hub tensors of the model whose configs
     `configs_from_hub` read. Raises ConversionError naming missing or unexpected tensors."""
-    model = llama.weights_dtype(model, hf)
-    llama.check_tensors(FORMAT, hub_tensors(llama.NameOnly(model), model, moe, None), hf,
-                        lambda name: _shape(name, model, moe))
+    model = llama.checked_hub(FORMAT, hub_tensors, model, moe, hf, _shape)
     return model, moe, _to_stored(hf, model, moe)
 
 

@@ -9,6 +9,7 @@ weights on dim 1, the rest replicated (rank 0's copy). Experts are stored per gl
 
 from __future__ import annotations
 
+import os
 import re
 from dataclasses import dataclass, field
 from typing import Optional
@@ -38,6 +39,11 @@ class Imported:
     source_pp: int = 1
     source_ep: int = 1
     notes: list = field(default_factory=list)  # inexact but accepted (printed as warnings)
+    # Adam's moments as stored tensors ({"exp_avg": {name: t}, "exp_avg_sq": ...}; empty: none),
+    # the step they were taken at and the loss scaler's state (peer_optim.py)
+    moments: dict = field(default_factory=dict)
+    optimizer_step: int = 0
+    loss_scaler: Optional[dict] = None
 
 
 def flatten(state: dict, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -78,6 +84,19 @@ def merge_all(per_rank: list[dict], split_of) -> dict:
     return {name: merge([sd[name] for sd in per_rank], split_of(name)) for name in names}
 
 
+def tracked_folder(src: str, tracker: str, missing: str) -> str:
+    """The iteration folder (iter_N or release) Megatron-LM's tracker file in `src` names;
+    FileNotFoundError(`missing`) without one."""
+    path = os.path.join(src, tracker)
+    if not os.path.isfile(path):
+        raise FileNotFoundError(missing)
+    with open(path) as f:
+        text = f.read().strip()
+    if text != "release" and not text.isdigit():
+        raise ConversionError(f"{path} holds {text[:40]!r}, not an iteration")
+    return os.path.join(src, "release" if text == "release" else f"iter_{int(text):07d}")
+
+
 # ---- Megatron's legacy GPT names (language_model.*), as Megatron-LM and Megatron-DS store them --
 _ALIASES = [(re.compile(r"^language_model\."), ""), (re.compile(r"^transformer\."), "encoder."),
             (re.compile(r"\.attention\."), ".self_attention.")]
@@ -93,14 +112,83 @@ _LAYER_MODULES = {
     "mlp.coefficient": ("mlp.mix", REPLICATED),
     "mlp.deepspeed_moe.gate.wg": ("mlp.router", REPLICATED),
 }
-_LAYER = re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$")
-_EXPERT = re.compile(r"^mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."
-                     r"(dense_h_to_4h|dense_4h_to_h)$")
 _ENDS = {"embedding.word_embeddings.weight": ("embedding.weight", COLUMN),
          "embedding.position_embeddings.weight": ("position_embedding.weight", REPLICATED),
          "encoder.final_layernorm.weight": ("final_norm.weight", REPLICATED),
          "encoder.final_layernorm.bias": ("final_norm.bias", REPLICATED),
          "output_layer.weight": ("output.weight", COLUMN)}
+
+
+@dataclass(frozen=True)
+class Names:
+    """One family of Megatron's GPT state-dict names (canonical: global layer numbers, experts
+    by global id): how each is split over TP and which of our stored tensors it is."""
+
+    ends: dict  # name outside the layers -> (our name, split)
+    modules: dict  # module within a layer -> (our module, split)
+    layer: re.Pattern  # groups: layer, module, weight | bias
+    expert: re.Pattern  # on the module: groups expert id, linear
+    fc1: str  # the first linear's name (column-parallel; SwiGLU's [gate; up])
+    unknown: str  # what a name it does not know is not (messages)
+    skip: frozenset = frozenset()  # names with nothing to store
+
+    def split(self, name: str, swiglu: bool, expert_tp: bool = True) -> str:
+        """How a (canonical) name is split over TP."""
+        if name in self.ends:
+            return self.ends[name][1]
+        m = self.layer.match(name)
+        if not m:
+            return REPLICATED
+        module, param = m.group(2), m.group(3)
+        e = self.expert.match(module)
+        if e:
+            if not expert_tp:
+                return REPLICATED
+            kind = COLUMN if e.group(2) == self.fc1 else ROW
+        else:
+            kind = self.modules.get(module, (None, REPLICATED))[1]
+        if kind == ROW and param == "bias":
+            return REPLICATED  # added after the reduction
+        if kind == COLUMN and swiglu and module.endswith(self.fc1):
+            return SWIGLU_COLUMN
+        return kind
+
+    def to_stored(self, full: dict, model: ModelConfig, layer_offset: int = 0) -> dict:
+        """Our stored tensors of merged names (TP merged; SwiGLU fc1 as (gate, up) pairs).
+        Raises ConversionError naming a tensor it does not know."""
+        out, vocab = {}, model.vocab_size
+        for name, t in full.items():
+            if name in self.skip:
+                continue
+            if name in self.ends:
+                ours = self.ends[name][0]
+                out[ours] = t[:vocab] if ours in ("embedding.weight", "output.weight") else t
+                continue
+            m = self.layer.match(name)
+            if not m:
+                raise ConversionError(f"unknown tensor {name!r} ({self.unknown})")
+            prefix = f"layers.{int(m.group(1)) + layer_offset}."
+            module, param = m.group(2), m.group(3)
+            e = self.expert.match(module)
+            if e:
+                ours = ("w" if param == "weight" else "b") + ("1" if e.group(2) == self.fc1
+                                                              else "2")
+                flip = (lambda x: x.t().contiguous()) if param == "weight" else (lambda x: x)
+                _put(out, f"{prefix}mlp.experts.{e.group(1)}.{ours}",
+                     tuple(map(flip, t)) if isinstance(t, tuple) else flip(t))
+            elif module in self.modules:
+                _put(out, f"{prefix}{self.modules[module][0]}.{param}", t)
+            else:
+                raise ConversionError(f"unknown tensor {name!r} (module {module!r})")
+        return out
+
+
+LEGACY = Names(_ENDS, _LAYER_MODULES,
+               re.compile(r"^encoder\.layers\.(\d+)\.(.+)\.(weight|bias)$"),
+               re.compile(r"^mlp\.deepspeed_moe\.experts\.deepspeed_experts\.(\d+)\."
+                          r"(dense_h_to_4h|dense_4h_to_h)$"),
+               "dense_h_to_4h", "not a GPT module Megatron writes",
+               frozenset({"word_embeddings_for_head.weight"}))  # the last stage's tied copy
 
 
 def canonical(name: str) -> str:
@@ -111,50 +199,12 @@ def canonical(name: str) -> str:
 
 def legacy_split(name: str, swiglu: bool, expert_tp: bool) -> str:
     """How a (canonical) legacy name is split over TP."""
-    if name in _ENDS:
-        return _ENDS[name][1]
-    m = _LAYER.match(name)
-    if not m:
-        return REPLICATED
-    module, param = m.group(2), m.group(3)
-    e = _EXPERT.match(module)
-    if e:
-        if not expert_tp:
-            return REPLICATED
-        kind = COLUMN if e.group(2) == "dense_h_to_4h" else ROW
-    else:
-        kind = _LAYER_MODULES.get(module, (None, REPLICATED))[1]
-    if kind == ROW and param == "bias":
-        return REPLICATED  # added after the reduction
-    if kind == COLUMN and swiglu and module.endswith("dense_h_to_4h"):
-        return SWIGLU_COLUMN
-    return kind
+    return LEGACY.split(name, swiglu, expert_tp)
 
 
 def legacy_to_stored(full: dict, model: ModelConfig, layer_offset: int = 0) -> dict:
-    """Our stored tensors of merged legacy names (canonical, TP merged; SwiGLU fc1 as pairs).
-    Raises ConversionError naming a tensor it does not know."""
-    out, vocab = {}, model.vocab_size
-    for name, t in full.items():
-        if name == "word_embeddings_for_head.weight":  # the last stage's tied copy
-            continue
-        if name in _ENDS:
-            ours = _ENDS[name][0]
-            out[ours] = t[:vocab] if ours in ("embedding.weight", "output.weight") else t
-            continue
-        m = _LAYER.match(name)
-        if not m:
-            raise ConversionError(f"unknown tensor {name!r} (not a GPT module Megatron writes)")
-        layer, module, param = int(m.group(1)) + layer_offset, m.group(2), m.group(3)
-        prefix = f"layers.{layer}."
-        e = _EXPERT.match(module)
-        if e:
-            out.update(_expert(prefix + f"mlp.experts.{e.group(1)}.", e.group(2), param, t))
-        elif module in _LAYER_MODULES:
-            _put(out, prefix + _LAYER_MODULES[module][0] + "." + param, t)
-        else:
-            raise ConversionError(f"unknown tensor {name!r} (module {module!r})")
-    return out
+    """Our stored tensors of merged legacy names (canonical, TP merged; SwiGLU fc1 as pairs)."""
+    return LEGACY.to_stored(full, model, layer_offset)
 
 
 def _put(out: dict, name: str, t) -> None:
@@ -162,16 +212,6 @@ def _put(out: dict, name: str, t) -> None:
         out[name + ".gate"], out[name + ".up"] = t
     else:
         out[name] = t
-
-
-def _expert(prefix: str, linear: str, param: str, t) -> dict:
-    """An expert's nn.Linear ([out, in]) -> our [in, out] w1 / w2, biases b1 / b2."""
-    ours = {("dense_h_to_4h", "weight"): "w1", ("dense_h_to_4h", "bias"): "b1",
-            ("dense_4h_to_h", "weight"): "w2", ("dense_4h_to_h", "bias"): "b2"}[(linear, param)]
-    out: dict = {}
-    flip = (lambda x: x.t().contiguous()) if param == "weight" else (lambda x: x)
-    _put(out, prefix + ours, tuple(map(flip, t)) if isinstance(t, tuple) else flip(t))
-    return out
 
 
 # ---- the stored tensors a model of these configs has ------------------------------------------

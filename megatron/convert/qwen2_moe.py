@@ -102,18 +102,9 @@ def configs_from_hub(config: dict) -> tuple[ModelConfig, MoEConfig]:
         raise ConversionError("config.json: qkv_bias true (or absent, which means true): biases "
                               "in the attention projections are not supported")
     model = llama.model_from_hub(config, ffn_hidden_size=config["intermediate_size"])
-    step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
-    layers = tuple(i for i in range(model.num_layers)
-                   if i not in dense and config["num_experts"] > 0 and (i + 1) % step == 0)
-    if not layers:
-        raise ConversionError("config.json: no MoE layer (num_experts, mlp_only_layers, "
-                              "decoder_sparse_step): import a dense model as another format")
-    moe = MoEConfig(num_experts=config["num_experts"], layers=layers,
-                    topk=config["num_experts_per_tok"], drop_tokens=False,
-                    gate_normalization="topk" if config.get("norm_topk_prob") else "none",
-                    aux_loss_type="aux_loss",
-                    aux_loss_coeff=config.get("router_aux_loss_coef", 0.0),
-                    expert_ffn_hidden_size=config["moe_intermediate_size"],
+    layers = llama.qwen_moe_layers(config, model.num_layers,
+                                   ": import a dense model as another format")
+    moe = MoEConfig(layers=layers, **llama.qwen_moe_kwargs(config),
                     shared_expert_intermediate_size=config["shared_expert_intermediate_size"],
                     shared_expert_gate=True)
     return model, moe
@@ -123,27 +114,22 @@ def from_hub(model: ModelConfig, moe: MoEConfig,
              hf: dict[str, torch.Tensor]) -> tuple[ModelConfig, MoEConfig, dict]:
     """(model config, MoE config, stored tensors) of the Hub tensors of the model whose configs
     `configs_from_hub` read. Raises ConversionError naming missing or unexpected tensors."""
-    model = llama.weights_dtype(model, hf)
-    llama.check_tensors(FORMAT, hub_tensors(llama.NameOnly(model), model, moe, None), hf,
-                        lambda name: _shape(name, model, moe))
+    model = llama.checked_hub(FORMAT, hub_tensors, model, moe, hf, _shape)
     moe = _shared_kind(moe, hf)
-    out = llama.to_stored(hf, model)
-    for i in range(model.num_layers):
-        ours, theirs = f"layers.{i}.mlp.", f"model.layers.{i}.mlp."
-        if i not in moe.layers:
-            out.update(llama.dense_to_stored(hf, ours, theirs))
-            continue
-        out.update(llama.experts_to_stored(hf, ours, theirs, moe.num_experts,
-                                           ("gate_proj", "up_proj", "down_proj")))
-        if moe.shared_expert_intermediate_size is not None:
-            gate, up, down, gate_w = (hf[theirs + n] for n in SHARED)
-            out.update({ours + "shared_expert.fc1.weight.gate": gate,
-                        ours + "shared_expert.fc1.weight.up": up,
-                        ours + "shared_expert.fc2.weight": (down if moe.shared_expert_gate
-                                                            else down / 2)})
-            if moe.shared_expert_gate:
-                out[ours + "shared_expert.gate.weight"] = gate_w
-    return model, moe, out
+
+    def shared(ours: str, theirs: str) -> dict:
+        if moe.shared_expert_intermediate_size is None:
+            return {}
+        gate, up, down, gate_w = (hf[theirs + n] for n in SHARED)
+        out = {ours + "shared_expert.fc1.weight.gate": gate,
+               ours + "shared_expert.fc1.weight.up": up,
+               ours + "shared_expert.fc2.weight": down if moe.shared_expert_gate else down / 2}
+        if moe.shared_expert_gate:
+            out[ours + "shared_expert.gate.weight"] = gate_w
+        return out
+
+    return model, moe, llama.moe_hub_to_stored(hf, model, moe,
+                                               ("gate_proj", "up_proj", "down_proj"), shared)
 
 
 def _shared_kind(moe: MoEConfig, hf: dict) -> MoEConfig:
@@ -162,17 +148,10 @@ def _shared_kind(moe: MoEConfig, hf: dict) -> MoEConfig:
 
 def _shape(name: str, model: ModelConfig, moe: MoEConfig) -> tuple[int, ...]:
     """The shape config.json implies for a Qwen2-MoE Hub tensor ([out, in])."""
-    h = model.hidden_size
     f = (model.ffn_hidden_size if ".experts." not in name
          else moe.expert_ffn_hidden_size or model.ffn_hidden_size)
     if ".shared_expert." in name:
         f = moe.shared_expert_intermediate_size
-    if name.endswith("mlp.gate.weight"):
-        return moe.num_experts, h
     if name.endswith("shared_expert_gate.weight"):
-        return 1, h
-    if name.endswith(("gate_proj.weight", "up_proj.weight")):
-        return f, h
-    if name.endswith("down_proj.weight"):
-        return h, f
-    return llama.shape(name, model)
+        return 1, model.hidden_size
+    return llama.moe_shape(name, model, moe, f)

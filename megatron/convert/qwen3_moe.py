@@ -70,44 +70,18 @@ def configs_from_hub(config: dict) -> tuple[ModelConfig, MoEConfig]:
                               "projections are not supported")
     model = llama.model_from_hub(config, ffn_hidden_size=config["intermediate_size"],
                                  qk_layernorm=True, head_dim=True)
-    step, dense = config.get("decoder_sparse_step", 1), set(config.get("mlp_only_layers") or ())
-    layers = tuple(i for i in range(model.num_layers)
-                   if i not in dense and config["num_experts"] > 0 and (i + 1) % step == 0)
-    if not layers:
-        raise ConversionError("config.json: no MoE layer (num_experts, mlp_only_layers, "
-                              "decoder_sparse_step)")
-    moe = MoEConfig(num_experts=config["num_experts"], layers=layers,
-                    topk=config["num_experts_per_tok"], drop_tokens=False,
-                    gate_normalization="topk" if config.get("norm_topk_prob") else "none",
-                    aux_loss_type="aux_loss",
-                    aux_loss_coeff=config.get("router_aux_loss_coef", 0.0),
-                    expert_ffn_hidden_size=config["moe_intermediate_size"])
+    moe = MoEConfig(layers=llama.qwen_moe_layers(config, model.num_layers),
+                    **llama.qwen_moe_kwargs(config))
     return model, moe
 
 
 def from_hub(model: ModelConfig, moe: MoEConfig,
              hf: dict[str, torch.Tensor]) -> tuple[ModelConfig, MoEConfig, dict]:
-    model = llama.weights_dtype(model, hf)
-    llama.check_tensors(FORMAT, hub_tensors(llama.NameOnly(model), model, moe, None), hf,
-                        lambda name: _shape(name, model, moe))
-    out = llama.to_stored(hf, model)
-    for i in range(model.num_layers):
-        ours, theirs = f"layers.{i}.mlp.", f"model.layers.{i}.mlp."
-        if i in moe.layers:
-            out.update(llama.experts_to_stored(hf, ours, theirs, moe.num_experts, _NAMES))
-        else:
-            out.update(llama.dense_to_stored(hf, ours, theirs))
-    return model, moe, out
+    model = llama.checked_hub(FORMAT, hub_tensors, model, moe, hf, _shape)
+    return model, moe, llama.moe_hub_to_stored(hf, model, moe, _NAMES)
 
 
 def _shape(name: str, model: ModelConfig, moe: MoEConfig) -> tuple[int, ...]:
-    h = model.hidden_size
     f = (moe.expert_ffn_hidden_size or model.ffn_hidden_size if ".experts." in name
          else model.ffn_hidden_size)
-    if name.endswith("mlp.gate.weight"):
-        return moe.num_experts, h
-    if name.endswith(("gate_proj.weight", "up_proj.weight")):
-        return f, h
-    if name.endswith("down_proj.weight"):
-        return h, f
-    return llama.shape(name, model)
+    return llama.moe_shape(name, model, moe, f)
