@@ -28,14 +28,17 @@ SHRUNK = {"--hidden-size": "32", "--num-attention-heads": "4", "--seq-length": "
 # paths and data: a mock corpus, this test's folders
 DROPPED = {"--data-path", "--vocab-file", "--merge-file", "--split", "--data-cache-path"}
 
-ETP1_EP4 = """--num-layers 12 --hidden-size 512 --num-attention-heads 8 --log-params-norm
+# the flags both GPT-3 MoE recipes below start with
+GPT3_MOE = """--num-layers 12 --hidden-size 512 --num-attention-heads 8 --log-params-norm
 --log-num-zeros-in-grad --log-validation-ppl-to-tensorboard --log-timers-to-tensorboard
 --tensorboard-dir TB --micro-batch-size 4 --global-batch-size 32 --seq-length 1024
 --max-position-embeddings 1024 --train-iters 50 --timing-log-level 0 --lr-decay-iters 320000
 --save CKPT --load CKPT --data-path DATA --vocab-file V --merge-file M --split 949,50,1
 --distributed-backend nccl --lr 0.00015 --lr-decay-style cosine --min-lr 1.0e-5 --weight-decay 1e-2
 --clip-grad 1.0 --lr-warmup-fraction .01 --log-interval 1 --save-interval 10000
---eval-interval 1000 --eval-iters 10 --transformer-impl transformer_engine
+--eval-interval 1000 --eval-iters 10
+"""
+ETP1_EP4 = GPT3_MOE + """--transformer-impl transformer_engine
 --tensor-model-parallel-size 2 --pipeline-model-parallel-size 1 --expert-model-parallel-size 4
 --expert-tensor-parallel-size 1 --disable-bias-linear --sequence-parallel --num-experts 8
 --moe-router-load-balancing-type aux_loss --moe-router-topk 2 --moe-aux-loss-coeff 1e-2
@@ -44,14 +47,7 @@ ETP1_EP4 = """--num-layers 12 --hidden-size 512 --num-attention-heads 8 --log-pa
 --dist-ckpt-optim-fully-reshardable --dist-ckpt-strictness log_all --data-cache-path C --bf16
 --attention-backend unfused --no-bias-gelu-fusion --log-memory-to-tensorboard"""
 
-TP4_PP2_ETP2 = """--num-layers 12 --hidden-size 512 --num-attention-heads 8 --log-params-norm
---log-num-zeros-in-grad --log-validation-ppl-to-tensorboard --log-timers-to-tensorboard
---tensorboard-dir TB --micro-batch-size 4 --global-batch-size 32 --seq-length 1024
---max-position-embeddings 1024 --train-iters 50 --timing-log-level 0 --lr-decay-iters 320000
---save CKPT --load CKPT --data-path DATA --vocab-file V --merge-file M --split 949,50,1
---distributed-backend nccl --lr 0.00015 --lr-decay-style cosine --min-lr 1.0e-5 --weight-decay 1e-2
---clip-grad 1.0 --lr-warmup-fraction .01 --log-interval 1 --save-interval 10000
---eval-interval 1000 --eval-iters 10 --transformer-impl local --tensor-model-parallel-size 4
+TP4_PP2_ETP2 = GPT3_MOE + """--transformer-impl local --tensor-model-parallel-size 4
 --pipeline-model-parallel-size 2 --expert-model-parallel-size 2 --expert-tensor-parallel-size 2
 --sequence-parallel --num-experts 4 --moe-router-load-balancing-type sinkhorn --moe-router-topk 1
 --deterministic-mode --no-gradient-accumulation-fusion --use-mcore-models --ckpt-format torch_dist

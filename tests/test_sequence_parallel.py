@@ -122,14 +122,20 @@ def full_matrix() -> list[tuple]:
 
 
 def sampled() -> list[tuple]:
-    """A fixed subset: every layout of worlds 2 and 4, and of world 8 those that differ in kind
-    (EP spanning TP ranks, ETP above TP, both SP settings)."""
+    """A fixed subset: every layout of world 2, every other one of world 4 (the options cycle, so
+    each kind still meets several), and of world 8 four that differ in kind (EP spanning TP ranks,
+    ETP above TP, both SP settings)."""
     if os.environ.get("TED_FULL_MATRIX"):
         return full_matrix()
-    keep = {(2, 4, 1, True), (4, 2, 1, True), (1, 4, 2, False), (2, 2, 4, True),
-            (4, 1, 2, False), (2, 4, 2, True)}
-    return [c for c in full_matrix()
-            if c[0] * c[4] <= 4 or (c[0], c[1], c[2], c[3]) in keep]
+    keep = {(2, 4, 1, True), (1, 4, 2, False), (2, 2, 4, True), (4, 1, 2, False)}
+    out, fours = [], 0
+    for c in full_matrix():
+        world = c[0] * c[4]
+        if world == 4:
+            fours += 1
+        if world == 2 or (world == 4 and fours % 2) or (c[0], c[1], c[2], c[3]) in keep:
+            out.append(c)
+    return out
 
 
 def _name(case) -> str:
@@ -153,10 +159,8 @@ def test_sequence_parallel_with_a_pipeline_equals_one_process(tp, ep, etp, pp, d
 
 
 @pytest.mark.parametrize("tp,ep,etp,sp,dp,kw", [
-    (1, 2, 1, False, 2, {"drop": True}),
     (2, 2, 2, False, 2, {"drop": False}),  # DTD slices of each destination's rows
     (2, 2, 1, True, 1, {"drop": True, "recompute": True}),
-    (2, 4, 1, True, 2, {"drop": False, "swiglu": True}),
 ])
 def test_group_limited_routing_sent_once_per_rank_equals_one_process(tp, ep, etp, sp, dp, kw):
     """Two groups of two experts, one group per token: each token's two experts share an EP
