@@ -166,7 +166,7 @@ class PackedPlan:
         return (len(self.counts), max(self.counts + [0])) if self.tight else (sum(self.counts),)
 
 
-def _slice_starts(count: int, slices: int) -> list[int]:
+def slice_starts(count: int, slices: int) -> list[int]:
     """Balanced cut of `count` rows into `slices`: slice s starts at ceil(s * count / slices)."""
     return [(s * count + slices - 1) // slices for s in range(slices + 1)]
 
@@ -192,6 +192,8 @@ class Dispatcher:
     - the all-to-all runs over the experts' EP group, and the experts' TP group (ETP, = TP unless
       --expert-tensor-parallel-size says otherwise) gathers the rows its members received, since
       they hold different tokens (ETP != TP: the EP group may span TP ranks)."""
+
+    slice_starts = staticmethod(slice_starts)  # for ted_patches/per_rank.py
 
     def __init__(self, groups: TEDGroups, num_experts: int, topk: int, dtd: bool,
                  per_rank: bool = False):
@@ -242,10 +244,7 @@ class Dispatcher:
         buffer = self._gather(x_TH, plan)
         mine_ECH = comm.drop(buffer.view(S, E, Cs, H), g.tp) if self.dtd else buffer.view(E, Cs, H)
         recv = comm.all_to_all(mine_ECH, g.ep).view(g.ep.size, self.local_experts, Cs, H)
-        if self.replicated:  # my ETP (= TP) peers received the same rows
-            recv = comm.copy_to_split(recv, g.etp).unsqueeze(0)
-        else:
-            recv = comm.gather_to_split(recv, g.etp)  # [ETP, EP, E_l, Cs, H]
+        recv = self._gather_peers(recv)  # [ETP, EP, E_l, Cs, H]
         tokens = recv.permute(2, 0, 1, 3, 4).reshape(self.local_experts, -1, H)
         return tokens, plan
 
@@ -260,15 +259,25 @@ class Dispatcher:
         g, H = self.groups, partial.shape[-1]
         G = 1 if self.replicated else g.etp.size
         y = partial.view(self.local_experts, G, g.ep.size, plan.slot_per_slice, H)
-        y = y.permute(1, 2, 0, 3, 4)  # [ETP, EP, E_l, Cs, H]
-        if self.replicated:
-            y = comm.reduce_from_split(y[0], g.etp)
-        else:
-            y = comm.reduce_scatter(y, g.etp)
+        y = self._reduce_peers(y.permute(1, 2, 0, 3, 4))  # [ETP, EP, E_l, Cs, H] -> mine
         back = comm.all_to_all(y, g.ep)  # [EP owner, E_l, Cs, H] = [E, Cs, H]
         return self._combine_rows(self._all_slices(back, plan).reshape(-1, H), plan)
 
-    def _all_slices(self, mine: torch.Tensor, plan: DispatchPlan) -> torch.Tensor:
+    def _gather_peers(self, recv: torch.Tensor) -> torch.Tensor:
+        """The rows my ETP peers received, gathered [peers, ...] (backward: reduce-scatter);
+        `replicated`: my own, copied into the ETP region as [1, ...] (backward: all-reduce)."""
+        if self.replicated:  # my ETP (= TP) peers received the same rows
+            return comm.copy_to_split(recv, self.groups.etp).unsqueeze(0)
+        return comm.gather_to_split(recv, self.groups.etp)
+
+    def _reduce_peers(self, y: torch.Tensor) -> torch.Tensor:
+        """[peers, ...] partial outputs of the experts' TP shards -> my entry, summed (the
+        inverse of `_gather_peers`)."""
+        if self.replicated:
+            return comm.reduce_from_split(y[0], self.groups.etp)
+        return comm.reduce_scatter(y, self.groups.etp)
+
+    def _all_slices(self, mine: torch.Tensor, plan) -> torch.Tensor:
         """DTD: every TP rank's slice of the combined rows [S, ...]. Backward: my slice of the
         gradient where every TP rank computes it alike (its consumer is replicated), or the sum
         of the ranks' partial gradients where each uses its own tokens (`sequence_split`)."""
@@ -316,7 +325,7 @@ class Dispatcher:
             if S == 1:
                 return kept[member]
             s = g.topology.coords(block.ranks[member]).tp
-            return [c[s + 1] - c[s] for c in (_slice_starts(n, S) for n in kept[member])]
+            return [c[s + 1] - c[s] for c in (slice_starts(n, S) for n in kept[member])]
 
         rs = [[sent(q + Q * i)[j * El:(j + 1) * El] for i in range(EP)] for q in peers]
         me = peers.index(g.etp.rank)
@@ -340,7 +349,7 @@ class Dispatcher:
             tokens = comm.copy_to_split(self._gather(x_TH, plan), g.etp)
             return (tokens.view(El, cmax, H) if tight else tokens), local, plan
         mine = kept[g.etp.rank + Q * j]  # my own kept counts
-        starts = [_slice_starts(c, S) for c in mine]  # [E][S + 1]
+        starts = [slice_starts(c, S) for c in mine]  # [E][S + 1]
         share = [[starts[e][s + 1] - starts[e][s] for e in range(E)] for s in range(S)]  # [S][E]
         off = [np.concatenate([[0], np.cumsum(share[s])[:-1]]).tolist() for s in range(S)]
         slice_rows = [sum(share[s]) for s in range(S)]
@@ -396,11 +405,7 @@ class Dispatcher:
         buffer = self._gather(x_TH, plan).view(S, Ms, H)
         mine_MH = comm.drop(buffer, g.tp)[:slice_rows[r]] if S > 1 else buffer[0]
         recv = comm.all_to_all_var(mine_MH, g.ep, packed.send, packed.recv, out_rows=Mr)
-        if self.replicated:
-            recv = comm.copy_to_split(recv, g.etp)
-        else:
-            recv = comm.gather_to_split(recv, g.etp)
-        recv = recv.reshape(-1, H)
+        recv = self._gather_peers(recv).reshape(-1, H)
         tokens = recv.index_select(0, packed.to_experts) if packed.to_experts is not None else recv
         return (tokens.view(El, cmax, H) if tight else tokens), local, plan
 
@@ -423,9 +428,6 @@ class Dispatcher:
             return self._combine_rows(comm.reduce_from_split(y, g.etp), plan)
         if p.from_experts is not None:
             y = y.index_select(0, p.from_experts)
-        if self.replicated:
-            y = comm.reduce_from_split(y, g.etp)[:p.recv_rows]
-        else:
-            y = comm.reduce_scatter(y.view(p.peers, p.recv_max, H), g.etp)[:p.recv_rows]
+        y = self._reduce_peers(y.view(p.peers, p.recv_max, H))[:p.recv_rows]
         back = comm.all_to_all_var(y, g.ep, p.recv, p.send, out_rows=plan.slot_per_slice)
         return self._combine_rows(self._all_slices(back, plan).reshape(-1, H), plan)

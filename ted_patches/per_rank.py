@@ -45,7 +45,7 @@ class PerRankPlan:
     slice_rows: int  # Ms
     received: int  # peers * Mr: the gathered rows
     topk: int
-    replicated: bool
+    sequence_split: bool = False  # the padding-free path sends a rank's own tokens: never
 
 
 def dispatch(d, x_TH: torch.Tensor, routing: Routing, own: bool):
@@ -66,21 +66,19 @@ def dispatch(d, x_TH: torch.Tensor, routing: Routing, own: bool):
     Q = g.etp.size if block is not g.ep else 1
     peers = [g.etp.rank] if d.replicated or Q == 1 else list(range(Q))
 
-    def cut(n: int) -> list[int]:
-        return [(s * n + S - 1) // S for s in range(S + 1)]
-
     def sent(member: int, dest: int) -> int:
         """Rows the block's `member` sends to EP rank `dest`: its DTD slice of them."""
         n = n_all[member][dest]
         if S == 1:
             return n
         s = g.topology.coords(block.ranks[member]).tp
-        c = cut(n)
+        c = d.slice_starts(n, S)
         return c[s + 1] - c[s]
 
     mine = n_all[g.etp.rank + Q * j]
     R = sum(mine)
-    share = [[cut(mine[e])[s + 1] - cut(mine[e])[s] for e in range(EP)] for s in range(S)]
+    cuts = [d.slice_starts(n, S) for n in mine]  # [EP][S + 1]
+    share = [[cuts[e][s + 1] - cuts[e][s] for e in range(EP)] for s in range(S)]
     slice_rows = [sum(share[s]) for s in range(S)]
     Ms = max(slice_rows + [1])
     rs = [[sent(q + Q * i, j) for i in range(EP)] for q in peers]  # [peer][source]
@@ -95,7 +93,7 @@ def dispatch(d, x_TH: torch.Tensor, routing: Routing, own: bool):
     i_R = torch.arange(R, device=dev) - first.index_select(0, d_R)
     n_R = torch.tensor(mine, device=dev, dtype=torch.int64).index_select(0, d_R)
     s_R = (i_R * S) // n_R.clamp(min=1)
-    lo_SD = torch.tensor([[cut(mine[e])[s] for e in range(EP)] for s in range(S)], device=dev)
+    lo_SD = torch.tensor([[cuts[e][s] for e in range(EP)] for s in range(S)], device=dev)
     off_SD = torch.tensor([np.concatenate([[0], np.cumsum(share[s])[:-1]]).tolist()
                            for s in range(S)], device=dev, dtype=torch.int64)
     flat = s_R * EP + d_R
@@ -124,11 +122,9 @@ def dispatch(d, x_TH: torch.Tensor, routing: Routing, own: bool):
     x_recv = comm.all_to_all_var(x_mine, g.ep, send, recv, out_rows=Mr)
     w_recv = comm.all_to_all_var(w_mine, g.ep, send, recv, out_rows=Mr)
     e_recv = comm.raw_all_to_all_var(e_mine, g.ep, send, recv, out_rows=Mr)
-    if d.replicated:
-        x_recv, w_recv = comm.copy_to_split(x_recv, g.etp), comm.copy_to_split(w_recv, g.etp)
-    elif len(peers) > 1:
-        x_recv = comm.gather_to_split(x_recv, g.etp).reshape(-1, H)
-        w_recv = comm.gather_to_split(w_recv, g.etp).reshape(-1, K)
+    x_recv = d._gather_peers(x_recv).reshape(-1, H)
+    w_recv = d._gather_peers(w_recv).reshape(-1, K)
+    if not d.replicated:
         e_recv = comm.raw_all_gather(e_recv, g.etp).reshape(-1, K)
     # 4. the (row, choice) pairs of my experts, expert-major (one more host read: their counts)
     e_flat = e_recv.reshape(-1) - 1
@@ -142,8 +138,7 @@ def dispatch(d, x_TH: torch.Tensor, routing: Routing, own: bool):
     plan = PerRankPlan(pos_R=pos_R, row_TD=row_TD.view(T, EP), order_J=order_J,
                        weight_J=w_recv.reshape(-1).index_select(0, order_J), send=send,
                        recv=recv, peers=len(peers), recv_rows=recv_rows[me], recv_max=Mr,
-                       slices=S, slice_rows=Ms, received=x_recv.shape[0], topk=K,
-                       replicated=d.replicated)
+                       slices=S, slice_rows=Ms, received=x_recv.shape[0], topk=K)
     return tokens, counts, plan
 
 
@@ -153,17 +148,9 @@ def combine(d, partial_JH: torch.Tensor, plan: PerRankPlan) -> torch.Tensor:
     weighted = partial_JH * plan.weight_J.to(partial_JH.dtype)[:, None]
     slots = weighted.new_zeros(plan.received * K, H).index_copy(0, plan.order_J, weighted)
     rows = slots.view(plan.received, K, H).sum(1)  # each row's choices, in choice order
-    if plan.replicated:
-        rows = comm.reduce_from_split(rows, g.etp)[:plan.recv_rows]
-    elif plan.peers > 1:
-        rows = comm.reduce_scatter(rows.view(plan.peers, plan.recv_max, H),
-                                   g.etp)[:plan.recv_rows]
-    else:
-        rows = rows[:plan.recv_rows]
+    rows = d._reduce_peers(rows.view(plan.peers, plan.recv_max, H))[:plan.recv_rows]
     back = comm.all_to_all_var(rows, g.ep, plan.recv, plan.send, out_rows=plan.slice_rows)
-    if plan.slices > 1:
-        back = comm.gather_to_replicated(back, g.tp).reshape(-1, H)
-    unique = back.index_select(0, plan.pos_R)
+    unique = d._all_slices(back, plan).reshape(-1, H).index_select(0, plan.pos_R)
     table = torch.cat([unique, unique.new_zeros(1, H)])
     T, EP = plan.row_TD.shape
     return table.index_select(0, plan.row_TD.reshape(-1)).view(T, EP, H).sum(1)
