@@ -22,7 +22,7 @@ from megatron.parallel import comm
 from ted_patches.config import MoEConfig
 from ted_patches.dispatcher import Dispatcher
 from ted_patches.experts import GroupedExperts
-from ted_patches.router import Router
+from ted_patches.router import Router, my_tokens, sequence_split
 from ted_patches.shared_expert import SharedExpert
 from megatron.parallel.topology import TEDGroups
 
@@ -93,23 +93,29 @@ class MoELayer(torch.nn.Module):
     def pad_free(self, device: torch.device) -> bool:
         if self.cfg.pad_free is not None:
             return self.cfg.pad_free
-        return device.type == "cpu" or not self.cfg.drop_tokens
+        return device.type == "cpu" or not self.cfg.drop_tokens or self.groups.cp.size > 1
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, MoEAux]:
-        """x: [b, s, h] (or [T, h]); under sequence parallelism this rank's part [b, s/TP, h]:
-        the router decides over the whole sequence (as one process does) and each TP rank sends
-        its own tokens, so the output is this rank's part too."""
+        """x: [b, s, h] (or [T, h]); under sequence or context parallelism this rank's part
+        [b, s/TP, h] or [b, s/CP, h] (megatron.parallel.context): the router decides over the
+        whole sequence (as one process does) and each rank sends its own tokens, so the output is
+        this rank's part too."""
         H = x.shape[-1]
         x_TH = x.reshape(-1, H)
         pad_free = self.pad_free(x.device)
         routing = self.router(x_TH, pad_free=pad_free,
                               num_sequences=x.shape[0] if x.dim() == 3 else None)
         self._check_tp_routing(routing)
-        tp = self.groups.tp
-        if not self.groups.sequence_parallel:
+        tp, sp = self.groups.tp, self.groups.sequence_parallel
+        if not sequence_split(self.groups):
             y_TH = self._experts(x_TH, routing, pad_free)
-        elif pad_free:  # my tokens, routed as part of the whole
-            y_TH = self._experts(x_TH, routing.restrict(self._my_tokens(x)), pad_free, own=True)
+        elif pad_free:  # my tokens, routed as part of the whole (CP without SP: the TP ranks
+            # share them, cut by DTD as without any split)
+            mine = my_tokens(x.shape[0], x.shape[1], self.groups, x.device)
+            y_TH = self._experts(x_TH, routing.restrict(mine), pad_free, own=sp)
+        elif self.groups.cp.size > 1:
+            raise ValueError("context parallelism: the MoE layer sends each rank's own tokens "
+                             "padding-free (--no-moe-pad-free is not supported with it)")
         else:  # padded: the capacity slices of the whole sequence, as DTD cuts them
             whole_TH = comm.gather_sequence(x, tp, replicated=True).reshape(-1, H)
             whole_TH = self._experts(whole_TH, routing, pad_free, sequence_split=True)
@@ -138,14 +144,6 @@ class MoELayer(torch.nn.Module):
             tokens, plan = self.dispatcher.dispatch(x_TH, routing, sequence_split=sequence_split)
             partial = self.experts(tokens, bias)
         return self.dispatcher.combine(partial, plan)
-
-    def _my_tokens(self, x: torch.Tensor) -> torch.Tensor:
-        """Indices, in the whole micro-batch's token order (batch-major), of this TP rank's part
-        [b, s/TP] of the sequence."""
-        b, s_local = x.shape[:2]
-        tp = self.groups.tp
-        start = tp.rank * s_local + torch.arange(b, device=x.device)[:, None] * s_local * tp.size
-        return (start + torch.arange(s_local, device=x.device)).reshape(-1)
 
     def _check_tp_routing(self, routing) -> None:
         """--check-tp-routing N: DTD is only correct if the TP ranks route identically (on NCCL a

@@ -28,6 +28,7 @@ import torch.distributed as dist
 
 from megatron.model.params import set_spec
 from megatron.parallel import comm
+from megatron.parallel.context import gather_context, positions
 from ted_patches.config import MoEConfig
 from ted_patches.gates import build_gate
 from megatron.parallel.topology import TEDGroups
@@ -160,16 +161,36 @@ def expert_block(groups: TEDGroups):
 
 def whole_sequence(logits_TE: torch.Tensor, num_sequences: Optional[int],
                    groups: TEDGroups) -> torch.Tensor:
-    """Sequence parallelism: this rank's logits [b * s/TP, E] -> the whole micro-batch's
-    [b * s, E] in one process's token order (batch-major), so capacity, drop order and the
-    losses are decided over the whole sequence, identically on every TP rank. Backward: this
-    rank's part (the routing downstream is computed alike on every TP rank; each rank's share of
-    the gradient is that of its own tokens)."""
+    """Sequence parallelism and / or context parallelism: this rank's logits [b * s_local, E] ->
+    the whole micro-batch's [b * s, E] in one process's token order (batch-major), so capacity,
+    drop order and the losses are decided over the whole sequence, identically on every rank that
+    splits it. Backward: this rank's part (the routing downstream is computed alike on every such
+    rank; each rank's share of the gradient is that of its own tokens)."""
     if num_sequences is None:
-        raise ValueError("sequence parallelism: the router needs the micro-batch's sequence count")
+        raise ValueError("a split sequence: the router needs the micro-batch's sequence count")
     E = logits_TE.shape[-1]
     local = logits_TE.view(num_sequences, -1, E)
-    return comm.gather_sequence(local, groups.tp, replicated=True).reshape(-1, E)
+    if groups.sequence_parallel:  # the TP parts of this CP rank's part
+        local = comm.gather_sequence(local, groups.tp, replicated=True)
+    return gather_context(local, groups.cp, replicated=True).reshape(-1, E)
+
+
+def sequence_split(groups: TEDGroups) -> bool:
+    """Whether a rank holds only part of each sequence (SP at TP > 1, or CP > 1)."""
+    return groups.sequence_parallel or groups.cp.size > 1
+
+
+def my_tokens(num_sequences: int, local_length: int, groups: TEDGroups,
+              device=None) -> torch.Tensor:
+    """Indices, in the whole micro-batch's token order (batch-major), of this rank's tokens
+    [b, s_local] (its CP chunks; under SP its TP part of them)."""
+    sp = groups.tp.size if groups.sequence_parallel else 1
+    cp_local = local_length * sp  # this CP rank's tokens per sequence
+    pos = positions(cp_local, groups.cp, device)
+    if sp > 1:
+        pos = pos[groups.tp.rank * local_length:(groups.tp.rank + 1) * local_length]
+    s = cp_local * groups.cp.size
+    return (torch.arange(num_sequences, device=device)[:, None] * s + pos).reshape(-1)
 
 
 class Router(torch.nn.Module):
@@ -196,7 +217,7 @@ class Router(torch.nn.Module):
         if self.training and cfg.jitter_eps > 0:  # default stream: identical on the TP ranks
             x = x * torch.empty_like(x).uniform_(1.0 - cfg.jitter_eps, 1.0 + cfg.jitter_eps)
         logits_TE = x @ self.weight.to(self.dtype).t()
-        if self.groups.sequence_parallel:  # this rank's part of the sequence: route the whole one
+        if sequence_split(self.groups):  # this rank's part of the sequence: route the whole one
             logits_TE = whole_sequence(logits_TE, num_sequences, self.groups)
             T = logits_TE.shape[0]
         scores_TE = self.gate.scores(logits_TE)

@@ -31,10 +31,10 @@ _WORLDS: dict[tuple[int, int], "World"] = {}
 _GROUPS: dict[tuple[int, int], object] = {}
 
 
-def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1, etp=None, sp: bool = False):
-    """The TEDGroups of layout (tp, ep, pp, expert TP etp, sequence parallelism sp) on this
-    process's world (cached per layout). In the calling process itself this starts a one-rank
-    world: the single-process reference."""
+def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1, etp=None, sp: bool = False, cp: int = 1):
+    """The TEDGroups of layout (tp, ep, pp, expert TP etp, sequence parallelism sp, context
+    parallelism cp) on this process's world (cached per layout). In the calling process itself
+    this starts a one-rank world: the single-process reference."""
     import dataclasses
 
     import torch.distributed as dist
@@ -45,9 +45,9 @@ def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1, etp=None, sp: bool = False
     if not dist.is_initialized():
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1)
-    key = (tp, ep, pp, etp or tp)
+    key = (tp, ep, pp, etp or tp, cp)
     if key not in _GROUPS:
-        _GROUPS[key] = init_ted_groups(Topology(dist.get_world_size(), tp, ep, pp, etp))
+        _GROUPS[key] = init_ted_groups(Topology(dist.get_world_size(), tp, ep, pp, etp, cp=cp))
     groups = _GROUPS[key]
     groups.ledger.reset()
     if sp:  # the same groups; the layers communicate differently

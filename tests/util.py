@@ -68,8 +68,11 @@ def synthetic_microbatch(index: int, mbs: int, seq: int, vocab: int, seed: int =
 def my_microbatches(step: int, groups, micro_per_step: int, **kw) -> list[dict]:
     """This DP rank's micro-batches of a step: of each block of DP micro-batches, DP rank r takes
     the r-th (Megatron's sampler); accumulation walks the blocks in order."""
+    from megatron.data.loader import context_part
+
     dp, r = groups.dp.size, groups.dp.rank
-    return [synthetic_microbatch(step * micro_per_step + i * dp + r, **kw)
+    return [context_part(synthetic_microbatch(step * micro_per_step + i * dp + r, **kw),
+                         getattr(groups, "cp", None))
             for i in range(micro_per_step // dp)]
 
 

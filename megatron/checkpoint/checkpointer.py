@@ -78,9 +78,9 @@ def buffer_parts(model, groups: TEDGroups) -> tuple[dict, dict]:
 
 def _writes_replica(spec: ParamSpec, groups: TEDGroups) -> bool:
     """Whether this rank writes its copy: one rank of each set of replicas (TP rank 0 of what TP
-    does not split; data-parallel rank 0, over expert-DP for expert state)."""
+    does not split; data- and context-parallel rank 0, over expert-DP for expert state)."""
     tp_first = spec.tp_dim is not None or groups.tp_of(spec.expert).rank == 0
-    return tp_first and (groups.edp.rank if spec.expert else groups.dp.rank) == 0
+    return tp_first and (groups.edp.rank if spec.expert else groups.dp_cp.rank) == 0
 
 
 def _state_buffer(fg, state: str) -> torch.Tensor:

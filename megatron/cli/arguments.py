@@ -274,8 +274,8 @@ def _parallel_args(g):
                    help="accepted for Megatron-DeepSpeed scripts: experts are split over TP here "
                         "unless --expert-tensor-parallel-size says otherwise")
     g.add_argument("--pipeline-model-parallel-size", type=int, default=1,
-                   help="PP: the layers split into this many pipeline stages (world = TP x PP x "
-                        "DP)")
+                   help="PP: the layers split into this many pipeline stages (world = TP x CP x "
+                        "PP x DP)")
     g.add_argument("--pipeline-schedule", choices=sorted(SCHEDULE_PLACEMENT), default=None,
                    help="1f1b (default), interleaved (default with virtual stages), gpipe, or "
                         "the zero-bubble zbv / dualpipev (two stages per rank in a V), all run by "
@@ -294,6 +294,12 @@ def _parallel_args(g):
                         "/ reduce-scatter around the TP linears instead of all-reduces; each TP "
                         "rank routes and dispatches its own tokens in the MoE layers (no DTD "
                         "slicing needed). No effect at TP 1")
+    g.add_argument("--context-parallel-size", type=int, default=1,
+                   help="CP: each sequence split over this many ranks in 2 x CP chunks (rank r "
+                        "holds chunks r and 2CP-1-r, Megatron's causal load balance); attention "
+                        "all-gathers keys and values over CP, the MoE router decides over the "
+                        "whole sequence and each rank sends its own tokens (world = TP x CP x PP "
+                        "x DP; the experts' EP x expert-DP spans DP x CP)")
     g.add_argument("--overlap-grad-reduce", action="store_true",
                    help="reduce each gradient bucket while backward still runs (async collectives)")
     g.add_argument("--overlap-param-gather", action="store_true",

@@ -99,13 +99,14 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
     _check_batch_sizes(args)
     tp, ep = args.tensor_model_parallel_size, args.expert_model_parallel_size
     pp, etp = args.pipeline_model_parallel_size, args.expert_tensor_parallel_size or tp
+    cp = args.context_parallel_size
     model = _model_config(args, tp, vocab_size)
     moe = _moe_config(args, ep)
-    _check_sequence_split(args, tp, etp, moe)
+    _check_sequence_split(args, tp, etp, cp, moe)
     # Every size split over TP or EP is known now: a bad layout's suggestions fit all of them.
     try:
         expert_ffn = {"{ffn_hidden_size}": model.ffn_hidden_size}
-        check_layout(world_size, tp, ep, pp=pp, etp=etp,
+        check_layout(world_size, tp, ep, pp=pp, etp=etp, cp=cp,
                      tp_divides={**model.tp_split_sizes(),
                                  **(moe.tp_split_sizes() if moe else {})},
                      ep_divides=moe.ep_split_sizes() if moe else {},
@@ -114,12 +115,12 @@ def _build(args, world_size: int, vocab_size: int) -> Config:
         if world_size != 1:
             raise
         # one process (plain `python pretrain_gpt_moe.py`): the launcher is what is missing
-        ranks = math.lcm(tp, etp * ep) * pp
+        ranks = math.lcm(tp * cp, etp * ep) * pp
         raise LayoutError(f"{e.template}; or, as this is one process, launch the layout's "
                           f"{ranks} ranks: torchrun --nproc-per-node {ranks} "
                           "pretrain_gpt_moe.py ... (or srun with that many tasks)",
                           e.owner) from None
-    topology = Topology(world_size, tp, ep, pp, etp, sp=args.sequence_parallel)
+    topology = Topology(world_size, tp, ep, pp, etp, sp=args.sequence_parallel, cp=cp)
     stages = _stage_plan(args, model.num_layers)
     train = _train_config(args, topology)
     if stages is not None:
@@ -228,12 +229,23 @@ def _check_batch_sizes(args) -> None:
             raise ConfigError(f"{flag} must be >= 1 (got {value})")
 
 
-def _check_sequence_split(args, tp: int, etp: int, moe) -> None:
-    """Sequence parallelism splits the sequence over TP; an expert grid apart from TP needs each
-    TP rank to send its own tokens (DTD's slices or SP's sequence parts)."""
-    if args.sequence_parallel and args.seq_length % tp:
-        raise ConfigError(f"--sequence-parallel splits --seq-length {args.seq_length} over "
-                          f"--tensor-model-parallel-size {tp}: use a multiple of {tp}")
+def _check_sequence_split(args, tp: int, etp: int, cp: int, moe) -> None:
+    """Context parallelism cuts the sequence into 2 x CP chunks, sequence parallelism each CP
+    rank's part over TP; an expert grid apart from TP needs each TP rank to send its own tokens
+    (DTD's slices or SP's sequence parts)."""
+    if cp < 1:
+        raise ConfigError(f"--context-parallel-size must be >= 1 (got {cp})")
+    if args.seq_length % (2 * cp):
+        raise ConfigError(f"--context-parallel-size {cp} cuts --seq-length {args.seq_length} into "
+                          f"2 x {cp} chunks: use a multiple of {2 * cp}")
+    if args.sequence_parallel and (args.seq_length // cp) % tp:
+        per = "" if cp == 1 else f" / --context-parallel-size {cp}"
+        multiple = tp if cp == 1 else math.lcm(2 * cp, tp * cp)
+        raise ConfigError(f"--sequence-parallel splits --seq-length {args.seq_length}{per} over "
+                          f"--tensor-model-parallel-size {tp}: use a multiple of {multiple}")
+    if cp > 1 and moe is not None and moe.pad_free is False:
+        raise ConfigError(f"--context-parallel-size {cp}: each rank sends its own tokens to the "
+                          "experts padding-free; drop --no-moe-pad-free")
     if etp < 1:
         raise ConfigError(f"--expert-tensor-parallel-size must be >= 1 (got {etp})")
     if moe is not None and etp != tp and tp > 1 and not (moe.dtd or args.sequence_parallel):

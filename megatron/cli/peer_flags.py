@@ -56,9 +56,6 @@ def add_peer_args(p) -> None:
                    help="no learned absolute position embedding (with rope: no effect; otherwise "
                         "no positions)")
     m.add_argument("--transformer-impl", default="local", help="local only (no Transformer Engine)")
-    m.add_argument("--context-parallel-size", type=int, default=1,
-                   help="1 only: context parallelism is not built yet (--sequence-parallel "
-                        "divides the activations outside attention by TP)")
     m.add_argument("--fp8-format", default=None,
                    help="refused: FP8 training needs Transformer Engine, which is not used here "
                         "(train in --bf16)")
@@ -99,10 +96,6 @@ def resolve_peer_args(args, argv: list[str], parser) -> list[str]:
         raise ValueError(f"--moe-token-dispatcher-type {args.moe_token_dispatcher_type}: only "
                          "alltoall (TED's expert-parallel all-to-all with DTD) is built; drop the "
                          "flag")
-    if args.context_parallel_size != 1:
-        raise ValueError(f"--context-parallel-size {args.context_parallel_size}: context "
-                         "parallelism is not built yet; use --context-parallel-size 1 (and "
-                         "--sequence-parallel to divide the activations by TP)")
     if args.fp8_format is not None or args.fp8_recipe is not None:
         raise ValueError("--fp8-format / --fp8-recipe: FP8 training needs Transformer Engine, "
                          "which is not used here; drop them and train in --bf16")

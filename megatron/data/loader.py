@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import signal
+from typing import Optional
 
 import torch
 
 from megatron.data.datasets import collate
+from megatron.parallel.context import split_sequence
+from megatron.parallel.topology import Group
 
 BATCH_KEYS = ("tokens", "labels", "loss_mask", "position_ids")
 
@@ -50,9 +53,11 @@ def ignore_stop_signals(worker_id: int) -> None:
         signal.signal(getattr(signal, name), signal.SIG_IGN)
 
 
-def batches(dataset, sampler: MicroBatchSampler, num_workers: int, device):
+def batches(dataset, sampler: MicroBatchSampler, num_workers: int, device,
+            context: Optional[Group] = None):
     """Iterate the sampler's steps as lists of micro-batches on `device`, read by `num_workers`
-    loader processes (0: in this process)."""
+    loader processes (0: in this process). `context`: the context-parallel group; each rank
+    keeps its two chunks of every sequence (megatron.parallel.context)."""
     # A generator of its own: a loader draws its workers' base seed from it, and drawing from the
     # default one would shift dropout and jitter (a resumed run would then differ).
     loader = torch.utils.data.DataLoader(dataset, batch_sampler=sampler, collate_fn=collate,
@@ -63,4 +68,13 @@ def batches(dataset, sampler: MicroBatchSampler, num_workers: int, device):
     items = iter(loader)
     for _ in range(sampler.steps):
         step = (next(items) for _ in range(sampler.micro_per_step))
-        yield [{k: batch[k].to(device) for k in BATCH_KEYS} for batch in step]
+        yield [context_part({k: batch[k].to(device) for k in BATCH_KEYS}, context)
+               for batch in step]
+
+
+def context_part(batch: dict, context: Optional[Group]) -> dict:
+    """This context-parallel rank's part of a micro-batch: its two chunks of each [b, s] tensor
+    (the position ids keep the tokens' global positions)."""
+    if context is None or context.size == 1:
+        return batch
+    return {k: split_sequence(v, context) for k, v in batch.items()}

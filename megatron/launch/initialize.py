@@ -196,6 +196,7 @@ def init_ted_groups(topology: Topology, backend: str = "gloo",
     parallel_state.initialize_model_parallel(
         tensor_model_parallel_size=topology.tp,
         pipeline_model_parallel_size=topology.pp,
+        context_parallel_size=topology.cp,
         expert_model_parallel_size=topology.ep,
         expert_tensor_parallel_size=topology.etp,
         distributed_timeout_minutes=timeout_minutes,

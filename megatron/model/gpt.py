@@ -164,10 +164,15 @@ class GPTModel(torch.nn.Module):
         return logits
 
     def lm_loss(self, logits, labels, loss_mask=None) -> torch.Tensor:
-        """Mean cross-entropy over the unmasked tokens."""
+        """Mean cross-entropy over the unmasked tokens. Under context parallelism this rank's
+        share: the sum over its tokens divided by the whole sequence's count (the shares add up
+        over CP to the mean; each rank's gradient is that of its own tokens)."""
         losses = vocab_parallel_cross_entropy(logits.float(), labels, self.groups.tp)
         mask = torch.ones_like(losses) if loss_mask is None else loss_mask.float()
-        return (losses * mask).sum() / mask.sum().clamp(min=1.0)
+        count = mask.sum()
+        if self.groups.cp.size > 1:
+            count = comm.all_reduce_(count.detach().clone(), self.groups.cp)
+        return (losses * mask).sum() / count.clamp(min=1.0)
 
     def _run_layers(self, x, rope, start: int, end: int):
         aux = []

@@ -38,6 +38,7 @@ from megatron.model.rng import TPRandom
 from megatron.model.rotary import apply_rotary, yarn_mscale
 from megatron.model.transformer import output_std, row_linear
 from megatron.parallel import comm
+from megatron.parallel.context import causal_attention
 from megatron.parallel.topology import TEDGroups
 
 
@@ -74,7 +75,7 @@ class _Linear(torch.nn.Module):
 class MLASelfAttention(torch.nn.Module):
     def __init__(self, cfg: ModelConfig, mp, groups: TEDGroups, rng: TPRandom):
         super().__init__()
-        self.cfg, self.rng, self.tp = cfg, rng, groups.tp
+        self.cfg, self.rng, self.tp, self.cp = cfg, rng, groups.tp, groups.cp
         self.sequence_parallel = getattr(groups, "sequence_parallel", False)
         self.recompute_core = False  # selective recompute: checkpoint the attention core only
         t, H, std = groups.tp.size, cfg.hidden_size, cfg.init_method_std
@@ -133,8 +134,6 @@ class MLASelfAttention(torch.nn.Module):
     def _core(self, q, k, v):
         p = self.cfg.attention_dropout if self.training else 0.0
         if p == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True,
-                                                  scale=self.softmax_scale)
+            return causal_attention(q, k, v, self.cp, scale=self.softmax_scale)
         with self.rng.fork():  # dropout on this rank's heads: a per-TP-rank stream
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                                  scale=self.softmax_scale)
+            return causal_attention(q, k, v, self.cp, dropout=p, scale=self.softmax_scale)

@@ -31,6 +31,7 @@ from megatron.model.recompute import checkpoint
 from megatron.model.rotary import RotaryEmbedding, apply_rotary  # noqa: F401 (moved there)
 from megatron.model.rng import TPRandom
 from megatron.parallel import comm
+from megatron.parallel.context import causal_attention
 from megatron.parallel.topology import TEDGroups
 
 
@@ -192,7 +193,7 @@ class SelfAttention(torch.nn.Module):
 
     def __init__(self, cfg: ModelConfig, mp, groups: TEDGroups, rng: TPRandom):
         super().__init__()
-        self.cfg, self.rng = cfg, rng
+        self.cfg, self.rng, self.cp = cfg, rng, groups.cp
         self.recompute_core = False  # selective recompute: checkpoint the attention core only
         self.groups = cfg.num_query_groups // groups.tp.size
         self.per_group = cfg.num_attention_heads // cfg.num_query_groups
@@ -226,13 +227,13 @@ class SelfAttention(torch.nn.Module):
         return out
 
     def _core(self, q, k, v):
+        """Causal attention (over context parallelism: keys and values gathered over CP)."""
         p = self.cfg.attention_dropout if self.training else 0.0
         gqa = self.per_group > 1  # query head i reads key/value group i // per_group
         if p == 0:
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=gqa)
+            return causal_attention(q, k, v, self.cp, enable_gqa=gqa)
         with self.rng.fork():  # dropout on this rank's heads: a per-TP-rank stream
-            return F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True,
-                                                  enable_gqa=gqa)
+            return causal_attention(q, k, v, self.cp, dropout=p, enable_gqa=gqa)
 
 
 class MLP(torch.nn.Module):

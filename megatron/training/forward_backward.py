@@ -106,6 +106,16 @@ def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TE
 
 
 def reduce_losses(values: torch.Tensor, groups: TEDGroups) -> list[float]:
-    """Mean over the DP group (every DP rank ran the same number of micro-batches)."""
+    """[lm, aux]: the LM loss summed over CP (each context-parallel rank holds its share; the aux
+    losses are the whole sequence's on each), then the mean over the DP group (every DP rank ran
+    the same number of micro-batches)."""
+    context_sum(values[:1], groups)
     comm.all_reduce_(values, groups.dp)
     return (values / groups.dp.size).tolist()
+
+
+def context_sum(lm: torch.Tensor, groups: TEDGroups) -> torch.Tensor:
+    """The LM loss of whole sequences from the context-parallel ranks' shares (in place)."""
+    if groups.cp.size > 1:
+        lm.copy_(comm.all_reduce_(lm.clone(), groups.cp))
+    return lm

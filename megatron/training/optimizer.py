@@ -4,11 +4,12 @@ Parameters are packed into flat buffers ("flat groups"), one per (reduction grou
 TP-split): the model's parameters become views into `param_buf`, their gradients accumulate
 into `grad_buf` (p.main_grad views) through a post-accumulate hook. A step is:
 
-  1. reduce grads over the group (DP, or expert-DP for experts): all-reduce, or reduce-scatter
-     into this rank's shard with ZeRO-1, and divide by the DP size. Every gradient is the mean
-     over the DP ranks' micro-batches: an expert's gradient already sums the losses of all its
-     EP peers (their tokens came to it through the all-to-all), so summing over expert-DP and
-     dividing by expert-DP alone would scale it by EP.
+  1. reduce grads over the group (DP x CP, or expert-DP for experts): all-reduce, or reduce-
+     scatter into this rank's shard with ZeRO-1, and divide by the DP size. Every gradient is the
+     mean over the DP ranks' micro-batches: an expert's gradient already sums the losses of all
+     its EP peers (their tokens came to it through the all-to-all), so summing over expert-DP and
+     dividing by expert-DP alone would scale it by EP; context-parallel ranks each hold the
+     gradient of their own part of the sequences, so their sum is the whole one.
   2. fp16 only: overflow check over the world; skip the step and back off the scale on overflow
   3. global grad norm (each element counted once over the world) and the clip coefficient
   4. for each tile of at most `tile_size` elements of this rank's shard: upcast the grads,
@@ -257,7 +258,9 @@ class Optimizer:
         self.flat_groups = []
         for (expert, decay, tp_split, copy, partial), params in keyed.items():
             grad_dtype = torch.float32 if cfg.accumulate_grads_in_fp32 else params[0].dtype
-            group = groups.edp if expert else groups.dp
+            # dense: every replica of the shard (DP x CP: context-parallel ranks hold partial
+            # gradients of their own tokens, summed); the mean is over DP alone
+            group = groups.edp if expert else groups.dp_cp
             for bucket in _buckets(params, cfg.bucket_size):
                 self.flat_groups.append(FlatGroup(bucket, group,
                                                   shard=cfg.use_distributed_optimizer,

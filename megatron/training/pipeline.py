@@ -94,6 +94,8 @@ class _Shapes:
     learn the shapes (which would run an extra micro-batch, collectives and all)."""
 
     def __init__(self, gpt, micro_batch_size: int, seq_length: int):
+        """`seq_length`: of this rank's part of each sequence (s / CP under context
+        parallelism)."""
         cfg = gpt.cfg
         self.bs = (micro_batch_size, seq_length)
         # the hidden state under sequence parallelism: this rank's part of the sequence

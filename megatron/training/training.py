@@ -18,7 +18,7 @@ from megatron.parallel.topology import TEDGroups
 from megatron.training import lr_schedule
 from megatron.training.config import Config
 from megatron.training.exits import ExitControl
-from megatron.training.forward_backward import train_step
+from megatron.training.forward_backward import context_sum, train_step
 from megatron.training.log import TrainLog, print_rank0
 from megatron.training.monitor import (ManualGC, Timers, apply_runtime, open_wandb, step_extras,
                                        time_model)
@@ -43,7 +43,7 @@ def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, de
     t = cfg.train
     for mbs in batches(dataset,
                        _sampler(first_step * t.global_batch_size, t.eval_iters, cfg, groups),
-                       cfg.data.num_workers, device):
+                       cfg.data.num_workers, device, groups.cp):
         if pipeline is None:
             lm += sum(model(**mb).lm_loss.double() for mb in mbs)
         else:  # the losses come out of the last stage
@@ -51,6 +51,7 @@ def evaluate(model, dataset, first_step: int, cfg: Config, groups: TEDGroups, de
         count += len(mbs)
     model.train()
     total = torch.stack([reduce_over_stages(lm, groups), lm.new_tensor(count)])
+    context_sum(total[:1], groups)
     comm.all_reduce_(total, groups.dp)
     return (total[0] / total[1]).item()
 
@@ -116,7 +117,7 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     pipeline = None
     if cfg.stages is not None:
         pipeline = Pipeline(model, cfg.stages, groups, t.num_microbatches(groups.dp.size),
-                            t.micro_batch_size, t.seq_length, device)
+                            t.micro_batch_size, t.seq_length // groups.cp.size, device)
     upcycled_from = None
     if cfg.moe is not None and cfg.moe.use_upcycling:  # --moe-use-upcycling: from a dense model
         upcycled_from = check_upcycling(cfg.model, cfg.moe, ck.load, ck.save)
@@ -159,7 +160,7 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     exits = ExitControl(cfg.exit, groups, device)
     try:  # the signal goes back to its previous handler however training ends (a raise included)
         sampler = _sampler(consumed, t.train_iters - resumed.iteration, cfg, groups)
-        train_batches = batches(train_ds, sampler, cfg.data.num_workers, device)
+        train_batches = batches(train_ds, sampler, cfg.data.num_workers, device, groups.cp)
         for iteration in range(resumed.iteration + 1, t.train_iters + 1):
             started = time.perf_counter()
             with timers.time("batch-generator"):

@@ -1,0 +1,183 @@
+"""Context parallelism (--context-parallel-size): every layout equals one process; the chunking,
+the attention over gathered keys and values and the whole-sequence routing each checked against
+an independent reference; a checkpoint moves between CP and no CP; bad combinations refused.
+
+A layout is (TP, SP, CP, ETP, EP, DP[, PP]); the one-process run is the same model, data (a loss
+mask with holes, so the token count each CP rank holds differs) and steps. Options cycle over the
+layouts: drop / no-drop, recompute with communication-aware checkpointing, ZeRO-1, SwiGLU,
+grouped-query and multi-latent attention, group-limited routing, a shared expert.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+
+import pytest
+import torch
+
+from harness import run, ted_groups
+from util import PARAM_FLOOR, assert_close_dicts, tiny_model_config
+
+SEQ, MBS = 16, 2
+
+
+def microbatch(index: int, vocab: int) -> dict:
+    """Micro-batch `index` of a fixed token stream; the loss mask drops every token whose id is
+    a multiple of 5 (about a fifth, unevenly over the sequence)."""
+    gen = torch.Generator().manual_seed(1_000 + index)
+    data = torch.randint(0, vocab, (MBS, SEQ + 1), generator=gen)
+    tokens = data[:, :-1].contiguous()
+    return {"tokens": tokens, "labels": data[:, 1:].contiguous(),
+            "position_ids": torch.arange(SEQ).expand(MBS, SEQ).contiguous(),
+            "loss_mask": (tokens % 5 != 0).float()}
+
+
+def model_config(**kw):
+    extra = {}
+    if kw.get("gqa"):
+        extra = dict(num_query_groups=2)
+    if kw.get("mla"):
+        extra = dict(multi_latent_attention=True, q_lora_rank=16, kv_lora_rank=8,
+                     qk_head_dim=8, qk_pos_emb_head_dim=4, v_head_dim=8, qk_layernorm=True,
+                     position_embedding_type="rope")
+    if kw.get("rope") and not kw.get("mla"):
+        extra["position_embedding_type"] = "rope"
+    return tiny_model_config(num_layers=4, swiglu=kw.get("swiglu", False),
+                             add_bias_linear=kw.get("bias", True), **extra)
+
+
+def layout_case(tp: int, ep: int, etp, sp: bool, cp: int, pp: int = 1, steps: int = 2,
+                micro: int = 4, **kw) -> dict:
+    """`steps` optimizer steps of a 4-layer GPT-MoE (4 experts, top-2, MoE in layers 1 and 3):
+    the losses, the first step's reduced gradients and the parameters after, in full."""
+    from megatron.data.loader import context_part
+    from megatron.model.config import RecomputeConfig
+    from megatron.model.params import gather_full, spec_of
+    from megatron.parallel.stages import StagePlan
+    from megatron.training.forward_backward import train_step
+    from megatron.training.optimizer import Optimizer, OptimizerConfig
+    from megatron.training.pipeline import Pipeline
+    from ted_patches.build import build_model
+    from ted_patches.config import MoEConfig
+
+    groups = ted_groups(tp, ep, pp, etp, sp, cp)
+    mcfg = model_config(**kw)
+    moe = MoEConfig(num_experts=4, layers=(1, 3), topk=2, drop_tokens=kw.get("drop", True),
+                    capacity_factor=1.0, min_capacity=2, aux_loss_coeff=0.1, z_loss_coeff=0.01,
+                    dtd=kw.get("dtd", True), expert_ffn_hidden_size=32,
+                    shared_expert_intermediate_size=kw.get("shared"),
+                    router_num_groups=2 if kw.get("limited") else None,
+                    router_group_topk=1 if kw.get("limited") else None,
+                    aux_loss_type=kw.get("balance", "deepspeed"))
+    recompute = RecomputeConfig("full", "uniform", 1) if kw.get("recompute") else None
+    plan = StagePlan(4, pp, 1, None, None, "1f1b") if pp > 1 else None
+    model = build_model(mcfg, moe, groups, seed=5, recompute=recompute, stages=plan)
+    zero1 = kw.get("zero1", False)
+    opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=1.0,
+                                                   use_distributed_optimizer=zero1))
+    pipe = None
+    if pp > 1:
+        pipe = Pipeline(model, plan, groups, micro // groups.dp.size, MBS, SEQ // cp,
+                        torch.device("cpu"))
+
+    def full(grads: bool) -> dict:
+        return {name: gather_full(p.main_grad if grads else p, spec_of(p), groups).clone()
+                for name, p in model.named_parameters() if not spec_of(p).pipeline_copy}
+
+    out = {"loss": [], "aux": [], "norm": [], "grads": None}
+    step = opt.step
+
+    def snapshot_then_step():
+        if out["grads"] is None and not zero1:
+            out["grads"] = full(grads=True)
+        return step()
+
+    opt.step = snapshot_then_step
+    dp, r = groups.dp.size, groups.dp.rank
+    for i in range(steps):
+        batch = [context_part(microbatch(i * micro + j * dp + r, mcfg.vocab_size), groups.cp)
+                 for j in range(micro // dp)]
+        metrics = train_step(model, opt, batch, groups, pipe)
+        for key, value in (("loss", metrics.lm_loss), ("aux", metrics.aux_loss),
+                           ("norm", metrics.grad_norm)):
+            out[key].append(value)
+    out["final"] = full(grads=False)
+    return out
+
+
+MODEL_KEYS = ("drop", "swiglu", "bias", "gqa", "mla", "rope", "shared", "limited", "balance")
+
+
+@functools.cache
+def one_process(micro: int, **model) -> dict:
+    return layout_case(1, 1, None, False, 1, micro=micro, **model)
+
+
+def merged(ranks: list[dict], key: str) -> dict:
+    out = {}
+    for r in ranks:
+        out.update(r[key] or {})
+    return out
+
+
+def check_equal(tp, ep, etp, sp, cp, dp, pp=1, **kw) -> None:
+    kw.setdefault("micro", max(4, dp))
+    ref = one_process(kw["micro"], **{k: v for k, v in kw.items() if k in MODEL_KEYS})
+    ranks = run(tp * cp * dp * pp, layout_case, tp, ep, etp, sp, cp, pp, **kw)
+    for key in ("loss", "aux", "norm"):
+        for a, b in zip(ranks[0][key], ref[key]):
+            assert abs(a - b) <= 1e-5 * abs(b), f"{key}: {ranks[0][key]} != {ref[key]}"
+    if not kw.get("zero1"):
+        assert_close_dicts(merged(ranks, "grads"), ref["grads"], 1e-5, "gradient")
+    assert_close_dicts(merged(ranks, "final"), ref["final"], 5e-5, "parameter", PARAM_FLOOR)
+
+
+OPTIONS = [  # cycled over the matrix: each layout kind meets several
+    {"drop": True},
+    {"drop": False, "recompute": True, "rope": True},
+    {"drop": True, "zero1": True, "gqa": True},
+    {"drop": False, "swiglu": True, "rope": True},
+    {"drop": True, "recompute": True, "mla": True},
+    {"drop": False, "limited": True, "shared": 32},
+]
+
+
+def full_matrix() -> list[tuple]:
+    """Every (TP, SP, CP, ETP, EP, DP) of world 2, 4 and 8 with CP > 1 the tiny model allows
+    (TP divides its 4 heads, ETP its expert FFN, EP its 4 experts)."""
+    out = []
+    for world in (2, 4, 8):
+        for cp in (2, 4, 8):
+            for tp in (1, 2, 4):
+                if world % (cp * tp) or SEQ % (2 * cp):
+                    continue
+                for etp in sorted({tp, 1}):
+                    for ep in (1, 2, 4):
+                        if world % (etp * ep) or (etp == tp and (world // tp) % ep):
+                            continue
+                        for sp in ((False, True) if tp > 1 else (False,)):
+                            if sp and (SEQ // cp) % tp:
+                                continue
+                            n = len(out)
+                            while OPTIONS[n % len(OPTIONS)].get("gqa") and tp > 2:
+                                n += 1  # two query groups do not split over TP 4
+                            opts = OPTIONS[n % len(OPTIONS)]
+                            out.append((tp, ep, etp, sp, cp, world // (tp * cp), opts))
+    return out
+
+
+def sampled() -> list[tuple]:
+    """Every layout of world 2 and 4; of world 8 a few that differ in kind (CP 8; CP 4 with EP
+    over CP ranks; TP 2 SP CP 2 with the experts' own grid)."""
+    if os.environ.get("TED_FULL_MATRIX"):
+        return full_matrix()
+    keep = {(1, 4, 1, False, 8), (1, 4, 1, False, 4), (2, 2, 1, True, 2), (2, 4, 2, False, 2)}
+    return [c for c in full_matrix() if c[0] * c[4] * c[5] <= 4 or c[:5] in keep]
+
+
+@pytest.mark.parametrize("tp,ep,etp,sp,cp,dp,opts", sampled(),
+                         ids=lambda v: str(v) if not isinstance(v, dict) else
+                         "-".join(k for k, x in v.items() if x))
+def test_layout_equals_one_process(tp, ep, etp, sp, cp, dp, opts):
+    check_equal(tp, ep, etp, sp, cp, dp, **opts)
