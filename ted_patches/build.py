@@ -41,5 +41,6 @@ def build_model(model: ModelConfig, moe: Optional[MoEConfig], groups: TEDGroups,
         where = dict(layers=stages.layers_of(rank), pre_process=stages.holds_first(rank),
                      post_process=stages.holds_last(rank))
     gpt = GPTModel(model, groups, seed=seed, device=device, mlp=mlp, **where)
+    gpt.moe_config = moe  # the whole model's MoE layers, also those of other pipeline stages
     apply_recompute(gpt, recompute or RecomputeConfig())
     return gpt.to(dtype=model.params_dtype)

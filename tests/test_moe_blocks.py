@@ -483,3 +483,34 @@ def test_per_layer_statistics_in_the_log_line_and_tensorboard():
                              "load min": 1.0}}))
     assert tags["moe/aux_loss_layer_3"] == 1.0 and tags["moe/load_max_layer_3"] == 1.0
     assert len(tags) == 5
+
+
+def pipeline_layer_stats_case(pp: int) -> dict:
+    """A GPT-MoE with an MoE layer on each of `pp` stages, one train step with
+    --moe-per-layer-logging: the reduced per-layer statistics this rank holds."""
+    from megatron.parallel.stages import StagePlan
+    from megatron.training.forward_backward import train_step
+    from megatron.training.pipeline import Pipeline
+    from util import my_microbatches
+
+    groups = ted_groups(1, 1, pp)
+    cfg = tiny_model_config()
+    moe = MoEConfig(num_experts=4, layers=(0, 1), topk=2, capacity_factor=0.5,
+                    z_loss_coeff=0.01, per_layer_logging=True)
+    plan = StagePlan(2, pp, 1, None, None, "1f1b") if pp > 1 else None
+    model = build_model(cfg, moe, groups, seed=3, stages=plan)
+    opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3))
+    pipe = (Pipeline(model, plan, groups, 4, 2, SEQ, torch.device("cpu")) if pp > 1 else None)
+    mbs = my_microbatches(0, groups, 4, mbs=2, seq=SEQ, vocab=cfg.vocab_size)
+    return train_step(model, opt, mbs, groups, pipe).moe_layers
+
+
+def test_per_layer_statistics_reach_every_rank_under_a_pipeline():
+    """Each stage measures its own MoE layer; every rank logs both, as one process does."""
+    want = pipeline_layer_stats_case(1)
+    assert sorted(want) == [0, 1]
+    for got in run(2, pipeline_layer_stats_case, 2):
+        assert sorted(got) == [0, 1]
+        for layer in (0, 1):
+            for k, v in want[layer].items():
+                assert abs(got[layer][k] - v) <= 1e-6 * max(1.0, abs(v)), (layer, k, got, want)

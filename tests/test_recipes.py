@@ -138,9 +138,19 @@ def test_the_deepseek_v3_proxy_recipe(tmp_path):
         assert fragment in printed, fragment
 
 
+def test_the_deepseek_v3_proxy_recipe_with_context_parallelism(tmp_path):
+    """Its layout with --context-parallel-size 2 (Megatron-LM's CP recipes' size): MLA over the
+    gathered keys, the sigmoid / bias / group routing and seq_aux_loss over whole sequences."""
+    argv = shrunk(DEEPSEEK_PROXY.replace("--context-parallel-size 1",
+                                         "--context-parallel-size 2 --cp-comm-type p2p"),
+                  tmp_path)
+    printed = trains(4, argv)  # EP 2 over the two CP ranks of each stage
+    assert "TP=1 CP=2 PP=2 EP=2 DP=1 expert-DP=1" in printed, printed[-2000:]
+    assert "--cp-comm-type p2p: keys and values are all-gathered" in printed
+
+
 @pytest.mark.parametrize("flags,message", [
     (DEEPSEEK_PROXY_REFUSED, "FP8 training needs Transformer Engine"),
-    ("--context-parallel-size 2", "context parallelism is not built yet"),
 ])
 def test_what_the_recipes_carry_that_is_still_refused(flags, message, tmp_path, capsys):
     from megatron.cli.arguments import parse_args

@@ -35,7 +35,7 @@ def pretrain_case(argv: list[str]) -> dict | None:
     args = parse_args(argv)
     groups = ted_groups(args.tensor_model_parallel_size, args.expert_model_parallel_size,
                         args.pipeline_model_parallel_size, args.expert_tensor_parallel_size,
-                        args.sequence_parallel)
+                        args.sequence_parallel, args.context_parallel_size)
     tokenizer = build_tokenizer(**tokenizer_kwargs(args))
     cfg = build_config(args, torch.distributed.get_world_size(), tokenizer.vocab_size)
     set_seed(cfg.train.seed)

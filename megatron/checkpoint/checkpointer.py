@@ -345,5 +345,5 @@ def _checkpoint_group():
 
 def _layout(groups: TEDGroups) -> dict:
     t = groups.topology
-    return {"world": t.world_size, "tp": t.tp, "ep": t.ep, "dp": t.dp, "pp": t.pp,
-            "name": t.describe()}
+    return {"world": t.world_size, "tp": t.tp, "ep": t.ep, "dp": t.dp, "pp": t.pp, "cp": t.cp,
+            "etp": t.etp, "sp": t.sp, "name": t.describe()}

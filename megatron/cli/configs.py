@@ -235,7 +235,7 @@ def _check_sequence_split(args, tp: int, etp: int, cp: int, moe) -> None:
     (DTD's slices or SP's sequence parts)."""
     if cp < 1:
         raise ConfigError(f"--context-parallel-size must be >= 1 (got {cp})")
-    if args.seq_length % (2 * cp):
+    if cp > 1 and args.seq_length % (2 * cp):
         raise ConfigError(f"--context-parallel-size {cp} cuts --seq-length {args.seq_length} into "
                           f"2 x {cp} chunks: use a multiple of {2 * cp}")
     if args.sequence_parallel and (args.seq_length // cp) % tp:

@@ -56,6 +56,11 @@ def add_peer_args(p) -> None:
                    help="no learned absolute position embedding (with rope: no effect; otherwise "
                         "no positions)")
     m.add_argument("--transformer-impl", default="local", help="local only (no Transformer Engine)")
+    m.add_argument("--cp-comm-type", nargs="+", default=None,
+                   choices=["p2p", "a2a", "allgather", "a2a+p2p"],
+                   help="accepted: with --context-parallel-size > 1 keys and values are all-"
+                        "gathered over CP here (allgather); the other types compute the same "
+                        "attention, so they are a notice")
     m.add_argument("--fp8-format", default=None,
                    help="refused: FP8 training needs Transformer Engine, which is not used here "
                         "(train in --bf16)")
@@ -140,6 +145,10 @@ def _recipe_switches(args) -> list[str]:
         notices.append(f"--recompute-modules {' '.join(modules)}: selective recompute here "
                        "covers the attention core (core_attn) only; "
                        f"{', '.join(others)} keep their activations")
+    kinds = sorted(set(args.cp_comm_type or []) - {"allgather"})
+    if kinds:
+        notices.append(f"--cp-comm-type {' '.join(kinds)}: keys and values are all-gathered over "
+                       "the context-parallel group here (allgather); the attention is the same")
     if args.fine_grained_activation_offloading or args.offload_modules:
         notices.append("--fine-grained-activation-offloading / --offload-modules: no effect "
                        "(activations are not offloaded here)")

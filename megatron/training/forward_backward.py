@@ -17,7 +17,7 @@ import torch
 
 from megatron.parallel import comm
 from megatron.parallel.topology import TEDGroups
-from megatron.training.moe_stats import StepLayerStats, per_layer_logging
+from megatron.training.moe_stats import StepLayerStats, moe_layer_experts, per_layer_logging
 from megatron.training.optimizer import NonFiniteError, Optimizer
 from megatron.training.pipeline import reduce_over_stages
 from ted_patches.moe_layer import StepMeasurements, after_optimizer_step
@@ -44,10 +44,12 @@ class StepSums:
     # MoE layer index -> assignments per expert before dropping, summed over the micro-batches
     expert_counts: dict[int, torch.Tensor] = field(default_factory=dict)
     bubble: Optional[float] = None  # pipeline: the step's share this rank spent waiting
-    layer_stats: StepLayerStats = field(default_factory=StepLayerStats)  # per MoE layer
+    # per MoE layer, summed only with --moe-per-layer-logging (None: not asked for)
+    layer_stats: Optional[StepLayerStats] = None
 
     def add(self, out) -> None:
-        self.layer_stats.add(out.aux)
+        if self.layer_stats is not None:
+            self.layer_stats.add(out.aux)
         self.losses += torch.stack([out.lm_loss.detach(), out.aux_loss.detach()]).double()
         for aux in out.aux:
             counts = self.expert_counts.get(aux.layer)
@@ -60,7 +62,8 @@ def forward_backward(model, microbatches: list[dict], loss_scale: float,
     """Accumulate gradients of the mean loss over `microbatches`; returns their sums.
     `before_last()` runs before the last micro-batch (the optimizer's overlapped reduction)."""
     n = len(microbatches)
-    sums = StepSums(torch.zeros(2, dtype=torch.float64, device=microbatches[0]["tokens"].device))
+    sums = StepSums(torch.zeros(2, dtype=torch.float64, device=microbatches[0]["tokens"].device),
+                    layer_stats=StepLayerStats() if per_layer_logging(model) else None)
     for i, mb in enumerate(microbatches):
         if before_last is not None and i == n - 1:
             before_last()
@@ -78,7 +81,14 @@ def pipeline_forward_backward(pipeline, optimizer: Optimizer, microbatches: list
         optimizer.expect_gradients(len(microbatches))
     lm, aux, counts = pipeline.run(microbatches, optimizer.scaler.scale, train=True)
     optimizer.collect_gradients()
-    return StepSums(reduce_over_stages(torch.stack([lm, aux]), groups), counts, pipeline.bubble)
+    stats = None
+    if per_layer_logging(pipeline.gpt):  # this rank's stages' MoE layers, every micro-batch
+        stats = StepLayerStats()
+        for chunk in pipeline.chunks:
+            for aux_list in chunk.aux:
+                stats.add(aux_list)
+    return StepSums(reduce_over_stages(torch.stack([lm, aux]), groups), counts, pipeline.bubble,
+                    stats)
 
 
 def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TEDGroups,
@@ -100,7 +110,9 @@ def train_step(model, optimizer: Optimizer, microbatches: list[dict], groups: TE
     result = optimizer.step()
     after_optimizer_step(model, StepMeasurements(sums.expert_counts, result.skipped))
     timers = {"forward-backward": middle - start, "optimizer": time.perf_counter() - middle}
-    layers = sums.layer_stats.reduce(groups) if per_layer_logging(model) else {}
+    layers = {}
+    if sums.layer_stats is not None:
+        layers = sums.layer_stats.reduce(groups, moe_layer_experts(model), sums.losses.device)
     return StepMetrics(losses[0], losses[1], result.grad_norm, result.skipped, result.loss_scale,
                        timers, sums.bubble, layers)
 

@@ -4,9 +4,10 @@ fraction of its token assignments dropped by the capacity, and the max / min exp
 tokens routed to the busiest / idlest expert over the mean, so 1.00 is perfectly balanced;
 before dropping), summed over the step on every DP rank.
 
-`StepLayerStats` sums a rank's micro-batches (device tensors, no host synchronization);
-`reduce` packs every layer into one float64 tensor and all-reduces it over DP once per step
-(only when the flag is on); `LayerLog` averages the reduced values over --log-interval for the
+`StepLayerStats` sums a rank's micro-batches (device tensors, no host synchronization; only
+when the flag is on); `reduce` packs every MoE layer of the model into one float64 tensor (zeros
+for the layers another pipeline stage holds) and all-reduces it over DP, then over the pipeline,
+once per step, so every rank holds every layer's statistics; `LayerLog` averages the reduced values over --log-interval for the
 log line and hands TensorBoard one scalar per layer and statistic.
 """
 
@@ -25,8 +26,19 @@ STATS = ("aux loss", "z loss", "dropped", "load max", "load min")
 
 
 def per_layer_logging(model: torch.nn.Module) -> bool:
-    """Whether a held MoE layer asks for per-layer statistics (MoEConfig.per_layer_logging)."""
+    """Whether the model's MoE layers ask for per-layer statistics (MoEConfig.per_layer_logging;
+    the same answer on every pipeline stage, including one that holds no MoE layer)."""
+    if hasattr(model, "moe_config"):  # built by ted_patches.build
+        return model.moe_config is not None and model.moe_config.per_layer_logging
     return any(m.cfg.per_layer_logging for m in model.modules() if isinstance(m, MoELayer))
+
+
+def moe_layer_experts(model: torch.nn.Module) -> dict[int, int]:
+    """{MoE layer: its expert count} of the whole model (every pipeline stage's)."""
+    moe = getattr(model, "moe_config", None)
+    if moe is not None:
+        return {i: moe.experts_in(i) for i in moe.layers}
+    return {m.layer: m.cfg.num_experts for m in model.modules() if isinstance(m, MoELayer)}
 
 
 class StepLayerStats:
@@ -46,17 +58,24 @@ class StepLayerStats:
             self.sums[a.layer] = self.sums.get(a.layer, 0) + row
             self.counts[a.layer] = self.counts.get(a.layer, 0) + a.counts_E.double()
 
-    def reduce(self, groups: TEDGroups) -> dict[int, dict[str, float]]:
-        """Every rank (one all-reduce over DP): {layer: {statistic: value}} of the whole step."""
-        layers = sorted(self.sums)
+    def reduce(self, groups: TEDGroups, experts: dict[int, int],
+               device) -> dict[int, dict[str, float]]:
+        """Every rank (one all-reduce over DP, one over the pipeline): {layer: {statistic: value}}
+        of the whole step, for every MoE layer of `experts` ({layer: expert count}, the whole
+        model's)."""
+        layers = sorted(experts)
         if not layers:
             return {}
-        packed = torch.cat([torch.cat([self.sums[i], self.counts[i]]) for i in layers])
+        packed = torch.cat([torch.cat([self.sums[i], self.counts[i]]) if i in self.sums
+                            else torch.zeros(5 + experts[i], dtype=torch.float64, device=device)
+                            for i in layers])
         comm.all_reduce_(packed, groups.dp)
+        if groups.pp is not None and groups.pp.size > 1:
+            comm.all_reduce_(packed, groups.pp)
         out, start = {}, 0
         for i in layers:
             row = packed[start:start + 5].tolist()
-            counts = packed[start + 5:start + 5 + self.counts[i].numel()]
+            counts = packed[start + 5:start + 5 + experts[i]]
             start += 5 + counts.numel()
             mean = counts.mean().clamp(min=1e-30)
             out[i] = {"aux loss": row[0] / row[4], "z loss": row[1] / row[4],
