@@ -18,7 +18,6 @@ Bytes are what this rank sends in one forward + backward, per kind of collective
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import statistics
 import sys
@@ -32,6 +31,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from bench.interleave import interleaved, report, spread  # noqa: E402
 from harness import ted_groups, world as local_world  # noqa: E402
 
 
@@ -86,33 +86,18 @@ def measure(opts) -> list[dict] | None:
         return took, sent
 
     names = list(cases)
-    for name in names:  # warm-up
-        step(name)
-    times = {n: [] for n in names}
-    sent = {}
-    for rep in range(opts.reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
-            took, sent[name] = step(name)
-            times[name].append(took * 1e3)
+    times, sent = interleaved(names, step, opts.reps)
     if dist.get_rank() != 0:
         return None
     tokens = {n: opts.micro_batch * opts.seq // layouts[n] for n in names}
     per_k = {n: [t / tokens[n] * 1e3 for t in times[n]] for n in names}
-    rows = []
-    for name in names:
-        ratios = [a / b for a, b in zip(per_k[name], per_k["dp"])]
-        rows.append({
-            "layout": name, "world": world, "cp": layouts[name], "ep": world,
-            "dp": world // layouts[name], "seq": opts.seq, "micro_batch": opts.micro_batch,
-            "hidden": opts.hidden, "layers": opts.layers, "experts": opts.experts,
-            "topk": opts.topk, "tokens_per_rank": tokens[name],
-            "ms": statistics.median(times[name]), "ms_min": min(times[name]),
-            "ms_max": max(times[name]), "ms_per_1k_tokens": statistics.median(per_k[name]),
-            "ratio": statistics.median(ratios), "ratio_min": min(ratios),
-            "ratio_max": max(ratios), "bytes_per_rank": sent[name],
-        })
-    return rows
+    return [{"layout": name, "world": world, "cp": layouts[name], "ep": world,
+             "dp": world // layouts[name], "seq": opts.seq, "micro_batch": opts.micro_batch,
+             "hidden": opts.hidden, "layers": opts.layers, "experts": opts.experts,
+             "topk": opts.topk, "tokens_per_rank": tokens[name], **spread(times[name]),
+             "ms_per_1k_tokens": statistics.median(per_k[name]),
+             **{k: v for k, v in spread(per_k[name], per_k["dp"]).items() if "ratio" in k},
+             "bytes_per_rank": sent[name]} for name in names]
 
 
 def table(rows: list[dict]) -> str:
@@ -146,14 +131,9 @@ def main(argv=None):
     if opts.seq % (2 * opts.world):
         p.error(f"--seq {opts.seq} must be a multiple of 2 x --world {opts.world}")
     rows = local_world(opts.world, threads=opts.threads).run(measure, opts, timeout=3600)[0]
-    if opts.json:
-        for r in rows:
-            print(json.dumps(r), flush=True)
-    else:
-        print(f"GPT-MoE forward + backward: {opts.layers} layers, H={opts.hidden}, "
-              f"E={opts.experts} top-{opts.topk}, seq {opts.seq}, micro-batch {opts.micro_batch}, "
-              f"{opts.reps} interleaved repetitions on a gloo world of {opts.world}")
-        print(table(rows))
+    report(rows, opts.json, f"GPT-MoE forward + backward: {opts.layers} layers, H={opts.hidden}, "
+           f"E={opts.experts} top-{opts.topk}, seq {opts.seq}, micro-batch {opts.micro_batch}, "
+           f"{opts.reps} interleaved repetitions on a gloo world of {opts.world}", table)
 
 
 if __name__ == "__main__":

@@ -17,9 +17,7 @@ this rank sends in one forward + backward, from the comm ledger.
 from __future__ import annotations
 
 import argparse
-import json
 import os
-import statistics
 import sys
 import time
 import warnings
@@ -31,6 +29,7 @@ warnings.filterwarnings("ignore")
 import torch  # noqa: E402
 import torch.distributed as dist  # noqa: E402
 
+from bench.interleave import interleaved, report, spread  # noqa: E402
 from harness import ted_groups, world as local_world  # noqa: E402
 
 # name -> (EP, ETP, SP) at TP = the world size
@@ -74,7 +73,7 @@ def measure(opts) -> list[dict] | None:
         layer, groups = _layer(opts, tp, ep, etp, sp)
         cases[name] = (layer, groups, _input(opts, groups, sp))
 
-    def step(name) -> tuple[float, int, int]:
+    def step(name) -> tuple[float, tuple[int, int]]:
         layer, groups, x = cases[name]
         groups.ledger.reset()
         dist.barrier()
@@ -84,33 +83,21 @@ def measure(opts) -> list[dict] | None:
         dist.barrier()
         took = time.perf_counter() - start
         ledger = groups.ledger
-        return took, ledger.nbytes("all_to_all"), ledger.nbytes() - ledger.nbytes("all_to_all")
+        return took, (ledger.nbytes("all_to_all"), ledger.nbytes() - ledger.nbytes("all_to_all"))
 
     names = list(cases)
-    for name in names:  # warm-up
-        step(name)
-    times = {n: [] for n in names}
-    sent = {}
-    for rep in range(opts.reps):
-        order = names[rep % len(names):] + names[:rep % len(names)]
-        for name in order:
-            took, a2a, other = step(name)
-            times[name].append(took * 1e3)
-            sent[name] = (a2a, other)
+    times, sent = interleaved(names, step, opts.reps)
     if dist.get_rank() != 0:
         return None
     base = names[0]
     rows = []
     for name in names:
-        ratios = [a / b for a, b in zip(times[name], times[base])]
         ep, etp, sp = LAYOUTS[name]
         rows.append({
             "layout": name, "tp": tp, "etp": etp or tp, "ep": ep or tp, "sp": sp,
             "experts": opts.experts, "topk": opts.topk, "expert_ffn": opts.hidden // 2,
             "hidden": opts.hidden, "tokens": opts.micro_batch * opts.seq,
-            "ms": statistics.median(times[name]), "ms_min": min(times[name]),
-            "ms_max": max(times[name]), "ratio": statistics.median(ratios),
-            "ratio_min": min(ratios), "ratio_max": max(ratios),
+            **spread(times[name], times[base]),
             "a2a_bytes_per_rank": sent[name][0], "other_bytes_per_rank": sent[name][1],
         })
     return rows
@@ -148,14 +135,9 @@ def main(argv=None):
     if opts.seq % opts.world:
         p.error(f"--seq {opts.seq} must be a multiple of --world {opts.world} (the SP rows)")
     rows = local_world(opts.world, threads=opts.threads).run(measure, opts, timeout=3600)[0]
-    if opts.json:
-        for r in rows:
-            print(json.dumps(r), flush=True)
-    else:
-        print(f"MoE layer: E={opts.experts} top-{opts.topk} H={opts.hidden} expert FFN="
-              f"{opts.hidden // 2} T={opts.micro_batch * opts.seq} per rank, forward + backward, "
-              f"{opts.reps} interleaved repetitions on a gloo world of {opts.world}")
-        print(table(rows))
+    report(rows, opts.json, f"MoE layer: E={opts.experts} top-{opts.topk} H={opts.hidden} expert "
+           f"FFN={opts.hidden // 2} T={opts.micro_batch * opts.seq} per rank, forward + backward, "
+           f"{opts.reps} interleaved repetitions on a gloo world of {opts.world}", table)
 
 
 if __name__ == "__main__":

@@ -14,11 +14,16 @@ optimizer state) is exact by construction (tests/test_planner.py) and not repeat
     python bench/planner_memory.py --json   # JSON Lines, one object per configuration
     python bench/planner_memory.py --configs dense-tp2,dense-tp2-sp,dense-tp4,dense-tp4-sp,\
         tp2-ep1,tp2-sp-ep1,tp4-ep1,tp4-sp-ep1,tp2-sp-etp1-ep2   # sequence parallelism, ETP
+    python bench/planner_memory.py --configs dense-cp2,cp2-ep1,cp2-ep2,dense-tp2-sp-cp2,\
+        tp2-sp-cp2-ep2   # context parallelism
 
 With sequence parallelism (`-sp`) the norms' inputs, dropout masks, residuals and the TP
 linears' saved inputs are held at s/TP; `dense-` configurations have no MoE layer
 (--num-experts 1), the others the bench's MoE every other layer; `etp1` puts each expert whole
-on one rank of the experts' own grid (--expert-tensor-parallel-size 1).
+on one rank of the experts' own grid (--expert-tensor-parallel-size 1). With context parallelism
+(`cp2`) each rank holds its two chunks of every sequence (s/CP), attention the keys and values
+gathered over CP, and the experts each rank's own kept tokens (padding-free; the planner assumes
+balanced routing, the measured run routes as it routes).
 """
 
 from __future__ import annotations
@@ -64,6 +69,14 @@ CONFIGS = {
     "tp4-sp-ep1": (4, "--tensor-model-parallel-size 4 --sequence-parallel"),
     "tp2-sp-etp1-ep2": (2, "--tensor-model-parallel-size 2 --sequence-parallel "
                            "--expert-tensor-parallel-size 1 --expert-model-parallel-size 2"),
+    # context parallelism: dense and MoE at CP 2, and CP 2 with TP 2 under SP
+    "dense-cp2": (2, "--num-experts 1 --context-parallel-size 2"),
+    "cp2-ep1": (2, "--context-parallel-size 2"),
+    "cp2-ep2": (2, "--context-parallel-size 2 --expert-model-parallel-size 2"),
+    "dense-tp2-sp-cp2": (4, "--num-experts 1 --tensor-model-parallel-size 2 --sequence-parallel "
+                            "--context-parallel-size 2"),
+    "tp2-sp-cp2-ep2": (4, "--tensor-model-parallel-size 2 --sequence-parallel "
+                          "--context-parallel-size 2 --expert-model-parallel-size 2"),
 }
 
 
@@ -91,13 +104,14 @@ def build(argv: list[str], world: int):
 def measure(argv: list[str]) -> dict:
     from bench.optimizations import memory, reset_peak
     from harness import ted_groups
+    from megatron.data.loader import context_part
     from megatron.training.optimizer import Optimizer
     from megatron.training.forward_backward import forward_backward
     from ted_patches.build import build_model
 
     cfg = build(argv, dist.get_world_size())
     topo = cfg.topology
-    groups = ted_groups(topo.tp, topo.ep, topo.pp, topo.etp, topo.sp)
+    groups = ted_groups(topo.tp, topo.ep, topo.pp, topo.etp, topo.sp, topo.cp)
     device = torch.device("cpu")
     model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed, device=device,
                         recompute=cfg.recompute)
@@ -106,8 +120,9 @@ def measure(argv: list[str]) -> dict:
     gen = torch.Generator().manual_seed(groups.dp.rank)
     data = torch.randint(0, cfg.model.vocab_size, (t.micro_batch_size, t.seq_length + 1),
                          generator=gen)
-    batch = [dict(tokens=data[:, :-1], labels=data[:, 1:],
-                  position_ids=torch.arange(t.seq_length).expand(t.micro_batch_size, -1))]
+    batch = [context_part(dict(tokens=data[:, :-1], labels=data[:, 1:],
+                               position_ids=torch.arange(t.seq_length).expand(
+                                   t.micro_batch_size, -1)), groups.cp)]
 
     def phase(fn) -> int:
         gc.collect()

@@ -89,6 +89,19 @@ def test_expert_grid_bench_json():
     assert by["etp1 ep=tp sp"]["other_bytes_per_rank"] < by["etp=tp sp"]["other_bytes_per_rank"]
 
 
+def test_context_parallel_bench_json():
+    rows = json_lines("context_parallel.py", "--seq", "32", "--hidden", "32", "--heads", "4",
+                      "--vocab", "64", "--reps", "1")
+    assert [r["layout"] for r in rows] == ["dp", "cp"]
+    keys = {"cp", "dp", "tokens_per_rank", "ms", "ms_per_1k_tokens", "ratio", "bytes_per_rank"}
+    assert all(keys <= set(r) for r in rows)
+    dp, cp = rows
+    assert (dp["tokens_per_rank"], cp["tokens_per_rank"]) == (32, 16)
+    # keys and values gathered over CP forward, their gradients reduce-scattered backward
+    assert cp["bytes_per_rank"]["all_gather cp"] > 0 < cp["bytes_per_rank"]["reduce_scatter cp"]
+    assert not any(" cp" in k for k in dp["bytes_per_rank"])
+
+
 def test_optimizations_bench_json():
     rows = json_lines("optimizations.py", "--tp", "1", "--ep", "2", "--dp", "2", "--layers", "2",
                       "--hidden", "32", "--ffn", "64", "--experts", "4", "--vocab", "128",

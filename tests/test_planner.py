@@ -114,9 +114,11 @@ def step_case(flags: str) -> dict:
 
 def named_groups(groups) -> list:
     """Every group of the layout under the planner's name for it (the experts' TP group and TP x
-    EP block are process groups of their own, also where they hold the TP or EP group's ranks)."""
+    EP block are process groups of their own, also where they hold the TP or EP group's ranks;
+    so is DP x CP, where the dense gradients are reduced, also at CP 1)."""
     return [g for g in (groups.tp, groups.dp, groups.ep, groups.edp, groups.etp, groups.etp_ep,
-                        groups.world, groups.pp, groups.embedding) if g is not None]
+                        groups.world, groups.pp, groups.embedding, groups.cp, groups.dp_cp)
+            if g is not None and g.pg is not None]
 
 
 def step_cases(names: list[str]) -> dict:
@@ -467,7 +469,7 @@ def test_json_has_one_object_per_layout_and_one_recommended(capsys):
     for r in rows:
         assert {"tp", "pp", "ep", "dp", "fits", "memory_bytes", "comm_bytes", "step_seconds",
                 "bubble_seconds", "microbatches", "recommended"} <= set(r)
-        assert r["tp"] * r["pp"] * r["dp"] == 64 and isinstance(r["fits"], bool)
+        assert r["tp"] * r["cp"] * r["pp"] * r["dp"] == 64 and isinstance(r["fits"], bool)
         assert ({"params", "grads", "optimizer", "activations", "step_peak"}
                 <= set(r["memory_bytes"]))
         for key in r["comm_bytes"]:
@@ -491,7 +493,7 @@ def test_the_search_offers_exactly_the_valid_pipeline_layouts(capsys, schedule):
     code, out, _ = cli(capsys, *CLI, *extra, "--json")
     assert code == 0
     got = {(r["tp"], r["pp"], r["ep"]): r for r in map(json.loads, out.splitlines())
-           if r["etp"] == r["tp"] and not r["sp"]}  # the classic TED layouts
+           if r["etp"] == r["tp"] and not r["sp"] and r["cp"] == 1}  # the classic TED layouts
     want = set()
     for p in range(1, 65):
         for t in (1, 2, 4, 8, 16):

@@ -12,6 +12,11 @@ from megatron.model import ModelConfig
 from megatron.model.params import gather_full, init_parameters, spec_of
 
 
+# CI runs a fixed sample of the widest layout matrices (each sampled case still compared against
+# one process; every option and layout kind still represented); TED_FULL_MATRIX=1 runs all of them.
+FULL_MATRIX = bool(os.environ.get("TED_FULL_MATRIX"))
+
+
 def tiny_model_config(**kw) -> ModelConfig:
     """The small GPT the multi-process tests share (2 layers, hidden 32, 4 heads, seq 16)."""
     base = dict(num_layers=2, hidden_size=32, num_attention_heads=4, ffn_hidden_size=64,
@@ -131,11 +136,54 @@ def gpt2_files() -> tuple[str, str]:
     return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
+def assert_records_equal(ranks: list[dict], ref: dict, zero1: bool = False) -> None:
+    """Every rank's `train_and_record` record of a layout against one process's: losses, aux
+    losses and grad norms within 1e-5, every reduced gradient within 1e-5 (not with ZeRO-1, where
+    each rank holds a shard), the parameters after within 5e-5 (of PARAM_FLOOR at least)."""
+    def merged(key: str) -> dict:
+        out = {}
+        for r in ranks:
+            out.update(r[key] or {})
+        return out
+
+    for key in ("loss", "aux", "norm"):
+        for a, b in zip(ranks[0][key], ref[key]):
+            assert abs(a - b) <= 1e-5 * abs(b), f"{key}: {ranks[0][key]} != {ref[key]}"
+    if not zero1:
+        assert_close_dicts(merged("grads"), ref["grads"], 1e-5, "gradient")
+    assert_close_dicts(merged("final"), ref["final"], 5e-5, "parameter", PARAM_FLOOR)
+
+
+def build_for_layout(mcfg, moe, groups, *, pp: int, micro: int, mbs: int, seq: int,
+                     recompute: bool = False, zero1: bool = False):
+    """(model, optimizer, pipeline or None) as the layout-equivalence tests train them: seed 5,
+    AdamW (lr 1e-3, eps 1e-6, clip 1, ZeRO-1 with `zero1`), full uniform recompute of one layer
+    per chunk with `recompute`, the layers split evenly over `pp` stages under 1F1B. `seq`: the
+    sequence length this rank holds."""
+    from megatron.model.config import RecomputeConfig
+    from megatron.parallel.stages import StagePlan
+    from megatron.training.optimizer import Optimizer, OptimizerConfig
+    from megatron.training.pipeline import Pipeline
+    from ted_patches.build import build_model
+
+    plan = StagePlan(mcfg.num_layers, pp, 1, None, None, "1f1b") if pp > 1 else None
+    model = build_model(mcfg, moe, groups, seed=5, stages=plan,
+                        recompute=RecomputeConfig("full", "uniform", 1) if recompute else None)
+    opt = Optimizer(model, groups, OptimizerConfig(lr=1e-3, adam_eps=1e-6, clip_grad=1.0,
+                                                   use_distributed_optimizer=zero1))
+    pipe = None
+    if pp > 1:
+        pipe = Pipeline(model, plan, groups, micro // groups.dp.size, mbs, seq,
+                        torch.device("cpu"))
+    return model, opt, pipe
+
+
 def train_and_record(model, opt, groups, pipe, steps: int, micro: int, mbs: int, seq: int,
-                     vocab: int, zero1: bool) -> dict:
-    """`steps` train_steps on synthetic data; the losses, aux losses and grad norms, the first
-    step's reduced gradients (as the optimizer is about to use them; not with ZeRO-1, where each
-    rank holds a shard) and the parameters after, in full (the layout-equivalence tests' record)."""
+                     vocab: int, zero1: bool, batches=None) -> dict:
+    """`steps` train_steps on synthetic data (or `batches(step)`, this rank's micro-batches of a
+    step); the losses, aux losses and grad norms, the first step's reduced gradients (as the
+    optimizer is about to use them; not with ZeRO-1, where each rank holds a shard) and the
+    parameters after, in full (the layout-equivalence tests' record)."""
     from megatron.training.forward_backward import train_step
 
     def full(grads: bool) -> dict:
@@ -152,7 +200,8 @@ def train_and_record(model, opt, groups, pipe, steps: int, micro: int, mbs: int,
 
     opt.step = snapshot_then_step
     for i in range(steps):
-        batch = my_microbatches(i, groups, micro, mbs=mbs, seq=seq, vocab=vocab)
+        batch = (batches(i) if batches is not None
+                 else my_microbatches(i, groups, micro, mbs=mbs, seq=seq, vocab=vocab))
         metrics = train_step(model, opt, batch, groups, pipe)
         for key, value in (("loss", metrics.lm_loss), ("aux", metrics.aux_loss),
                            ("norm", metrics.grad_norm)):

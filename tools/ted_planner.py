@@ -1,6 +1,6 @@
 #!/usr/bin/env python
-"""TED layout planner: every valid (TP, SP, PP, EP, ETP, DP) of a GPT-MoE on a cluster, ranked, with
-per-GPU memory, per-step communication and an estimated step time (megatron/plan/).
+"""TED layout planner: every valid (TP, SP, CP, PP, EP, ETP, DP) of a GPT-MoE on a cluster,
+ranked, with per-GPU memory, per-step communication and an estimated step time (megatron/plan/).
 
 examples:
     python tools/ted_planner.py --preset 6.7b --cluster summit-v100-16gb --gpus 128 \\
@@ -24,11 +24,13 @@ examples:
 The model is given by pretrain_gpt_moe.py's own flags (all of them: what it would train is what
 is planned), or a --preset base with 16 experts every other layer, the flags that follow
 overriding it. --tensor-model-parallel-size / --pipeline-model-parallel-size /
---expert-model-parallel-size / --expert-tensor-parallel-size, when given, restrict the layouts to
+--expert-model-parallel-size / --expert-tensor-parallel-size / --context-parallel-size, when
+given, restrict the layouts to
 those sizes (e.g. --pipeline-model-parallel-size 1: no pipeline); --sequence-parallel restricts
 them to sequence parallelism at TP > 1, --no-sequence-parallel to none. Without them every TP,
 every experts' grid (ETP x EP dividing the GPUs of a stage: Megatron-Core's MoE parallel folding,
-ETP = TP the classic TED layout), SP on and off at TP > 1, and every PP that divides the layers and
+ETP = TP the classic TED layout), SP on and off at TP > 1, every CP whose 2 x CP chunks divide the
+sequence (and TP x CP the GPUs of a stage), and every PP that divides the layers and
 the GPUs is tried, with the schedule --pipeline-schedule names (default 1f1b) and its rule on the
 micro-batches per step (global batch / (micro batch x DP): 1f1b needs at least PP, interleaved a
 multiple of PP). --json prints one JSON object per layout; --plot FILE.png draws memory and step
@@ -36,9 +38,11 @@ time per layout (needs matplotlib; the memory axis is clipped at 1.5 x the GPU m
 bars marked with their size). Bad input: one `error:` line, exit status 2.
 
 columns (memory in GiB per GPU: the pipeline rank that needs the most; time in seconds per step):
-    TP, PP, EP, DP  tensor-, pipeline-, expert- and data-parallel sizes (GPUs = TP x PP x DP)
+    TP, PP, EP, DP  tensor-, pipeline-, expert- and data-parallel sizes (GPUs = TP x CP x PP x DP)
     SP              sequence parallelism (--sequence-parallel): "y" where the hidden state
                     outside attention and the MLPs is split over TP
+    CP              context parallelism (--context-parallel-size): the ranks splitting each
+                    sequence (keys and values all-gathered over them in every attention layer)
     ETP             the experts' own TP size (--expert-tensor-parallel-size; default TP)
     EDP             expert-data-parallel size, GPUs / (PP x ETP x EP): the replicas of each
                     expert shard
@@ -83,7 +87,7 @@ PROG = "ted_planner.py"
 GIB = 2**30
 LAYOUT_FLAGS = ("--tensor-model-parallel-size", "--pipeline-model-parallel-size",
                 "--expert-model-parallel-size", "--expert-tensor-parallel-size",
-                "--sequence-parallel")
+                "--sequence-parallel", "--context-parallel-size")
 
 
 class UsageError(Exception):
@@ -223,9 +227,9 @@ def _sizes(n: int) -> list[int]:
 
 
 def grid_layouts(stage: int, args, given: set[str]):
-    """(TP, SP, ETP, EP) of one pipeline stage's `stage` ranks, the flags given restricting
-    them: TP dividing the stage; the experts' grid ETP x EP dividing it too (expert-DP the
-    rest); SP on and off at TP > 1."""
+    """(TP, SP, CP, ETP, EP) of one pipeline stage's `stage` ranks, the flags given restricting
+    them: TP x CP dividing the stage, 2 x CP the sequence; the experts' grid ETP x EP dividing
+    the stage too (expert-DP the rest); SP on and off at TP > 1."""
     def pick(flag: str, value: int, sizes: list[int]) -> list[int]:
         return [value] if flag in given else sizes
 
@@ -239,8 +243,11 @@ def grid_layouts(stage: int, args, given: set[str]):
                            _sizes(stage)):
                 if stage % tp or etp < 1 or stage % (etp * ep):
                     continue
-                for sp in sorted({s and tp > 1 for s in sp_choices}):
-                    yield tp, sp, etp, ep
+                for cp in pick("--context-parallel-size", args.context_parallel_size,
+                               [c for c in _sizes(stage // tp)
+                                if args.seq_length % (2 * c) == 0]):
+                    for sp in sorted({s and tp > 1 for s in sp_choices}):
+                        yield tp, sp, cp, etp, ep
 
 
 def layout_configs(args, world: int, given: set[str]) -> tuple[list, list[str]]:
@@ -254,15 +261,16 @@ def layout_configs(args, world: int, given: set[str]) -> tuple[list, list[str]]:
                           and pp != args.pipeline_model_parallel_size):
             continue
         # build_config refuses what the model's sizes rule out
-        for tp, sp, etp, ep in grid_layouts(world // pp, args, given):
+        for tp, sp, cp, etp, ep in grid_layouts(world // pp, args, given):
             layout = argparse.Namespace(**vars(args))
             layout.tensor_model_parallel_size, layout.expert_model_parallel_size = tp, ep
-            layout.pipeline_model_parallel_size = pp
+            layout.pipeline_model_parallel_size, layout.context_parallel_size = pp, cp
             layout.expert_tensor_parallel_size, layout.sequence_parallel = etp, sp
             try:
                 configs.append(build_config(layout, world, vocab))
             except ConfigError as e:
-                refused.append(f"TP={tp}{' SP' if sp else ''} PP={pp} EP={ep} ETP={etp}: {e}")
+                refused.append(f"TP={tp}{' SP' if sp else ''} CP={cp} PP={pp} EP={ep} "
+                               f"ETP={etp}: {e}")
     return configs, refused
 
 
@@ -280,7 +288,7 @@ def plan_all(args, cluster: planner.Cluster, given: set[str]) -> list[planner.La
 def ranked(plans: list[planner.LayoutPlan]) -> list[planner.LayoutPlan]:
     """Fitting layouts fastest first, then the others by memory."""
     return sorted(plans, key=lambda p: (not p.fits, p.time.total if p.fits else p.memory.total,
-                                        p.tp, p.pp, p.ep, p.etp, p.sp))
+                                        p.tp, p.pp, p.ep, p.etp, p.sp, p.cp))
 
 
 # ---- output -------------------------------------------------------------------------------------
@@ -300,7 +308,7 @@ def table(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, args)
                      "DP rank")
     for note in sorted({n for p in plans for n in p.notes}):
         lines.append(f"note: {note}")
-    head = ("", "TP", "SP", "PP", "EP", "ETP", "DP", "EDP", "m", "params", "grads", "optim",
+    head = ("", "TP", "SP", "CP", "PP", "EP", "ETP", "DP", "EDP", "m", "params", "grads", "optim",
             "activ",
             "step pk", "total", "fits", "step s", "compute s", "comm s", "bubble s",
             "largest comm (GB/rank/step)")
@@ -310,7 +318,8 @@ def table(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, args)
         comm = sorted(((f"{k}/{g}", t.bytes) for (k, g), t in p.comm.items()),
                       key=lambda kv: -kv[1])[:3]
         rows.append((
-            "*" if p is best else "", str(p.tp), "y" if p.sp else "-", str(p.pp), str(p.ep),
+            "*" if p is best else "", str(p.tp), "y" if p.sp else "-", str(p.cp), str(p.pp),
+            str(p.ep),
             str(p.etp), str(p.dp), str(p.edp), str(p.microbatches),
             *(f"{v / GIB:.2f}" for v in (m.params, m.grads, m.optimizer, m.activations,
                                          m.step_peak, m.total)),
@@ -342,6 +351,7 @@ def describe(p: planner.LayoutPlan) -> str:
         pipe = (f" ({p.schedule}{chunks}, {p.microbatches} micro-batches, bubble "
                 f"{100 * p.bubble:.1f}%)")
     sp = " SP" if p.sp else ""
+    sp += f" CP={p.cp}" if p.cp > 1 else ""
     return f"TP={p.tp}{sp} PP={p.pp} EP={p.ep} ETP={p.etp} DP={p.dp} (expert-DP {p.edp}){pipe}"
 
 
@@ -356,7 +366,8 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
         raise UsageError("--plot needs matplotlib: pip install matplotlib") from None
     plans = ranked(plans)
     labels = [f"{p.tp}{'s' if p.sp else ''}x{p.pp}x{p.ep}x{p.dp}"
-              + (f" e{p.etp}" if p.etp != p.tp else "") + ("*" if p is best else "")
+              + (f" e{p.etp}" if p.etp != p.tp else "") + (f" c{p.cp}" if p.cp > 1 else "")
+              + ("*" if p is best else "")
               for p in plans]
     x = range(len(plans))
     fig, (top, bottom) = plt.subplots(2, 1, figsize=(max(6, 0.5 * len(plans) + 2), 7), sharex=True)
@@ -396,7 +407,7 @@ def plot(plans: list[planner.LayoutPlan], best, cluster: planner.Cluster, path: 
                         fontsize="x-small")
     bottom.set_ylabel("seconds per step")
     bottom.set_xticks(list(x), labels, rotation=60, fontsize="small")
-    bottom.set_xlabel("TP x PP x EP x DP (s: SP; eN: expert TP N; * recommended)")
+    bottom.set_xlabel("TP x PP x EP x DP (s: SP; eN: expert TP N; cN: CP N; * recommended)")
     bottom.legend(fontsize="small")
     fig.tight_layout()
     try:
@@ -422,9 +433,10 @@ def paper(cluster_name: str = "summit-v100-16gb", gpus: int = 128) -> str:
 
     def plans_for(base: str, extra=(), tp=None):
         args = pretrain_args(planner.preset_flags(base) + PAPER_SWITCHES + list(extra))
-        # the paper's layouts: no pipeline, the experts split over TP, no sequence parallelism
+        # the paper's layouts: no pipeline, the experts split over TP, no sequence or context
+        # parallelism
         given = {"--pipeline-model-parallel-size", "--expert-tensor-parallel-size",
-                 "--no-sequence-parallel"}
+                 "--no-sequence-parallel", "--context-parallel-size"}
         if tp is not None:
             args.tensor_model_parallel_size = tp
             given.add("--tensor-model-parallel-size")

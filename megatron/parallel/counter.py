@@ -72,10 +72,13 @@ class CollectiveCounter(TorchDispatchMode, CommLedger):
     def __init__(self, groups: TEDGroups | Iterable[Group]):
         super().__init__()
         if isinstance(groups, TEDGroups):
-            optional = (groups.etp, groups.etp_ep, groups.pp, groups.embedding)
-            # the experts' TP group is a process group of its own even where ETP = TP
+            optional = (groups.etp, groups.etp_ep, groups.pp, groups.embedding, groups.cp,
+                        groups.dp_cp)
+            # the experts' TP group is a process group of its own even where ETP = TP; so is
+            # megatron-core's DP x CP group even at CP 1 (the dense gradients' reduction)
             groups = (groups.tp, groups.dp, groups.ep, groups.edp, groups.world) + tuple(
-                g for g in optional if g is not None and g.pg is not groups.tp.pg)
+                g for g in optional if g is not None and g.pg is not None
+                and g.pg is not groups.tp.pg and g.pg is not groups.dp.pg)
         self._by_pg: dict[int, str] = {}
         self._by_c10d_name: dict[str, str] = {}
         self._pgs = []  # keeps the identities in _by_pg alive

@@ -1,7 +1,9 @@
 """The TED layout planner's model: per-GPU memory, per-step communication and step time of one
-(TP, SP, PP, EP, ETP, DP) layout, computed from the same `Config` that pretrain_gpt_moe.py trains:
-sequence parallelism (--sequence-parallel) and the experts' own grid (--expert-tensor-parallel-size,
-ETP x EP x expert-DP = the ranks of a stage) as the code runs them.
+(TP, SP, CP, PP, EP, ETP, DP) layout, computed from the same `Config` that pretrain_gpt_moe.py
+trains: sequence parallelism (--sequence-parallel), context parallelism (--context-parallel-size:
+each rank T / CP tokens, keys and values gathered over CP, each rank's own kept tokens sent to the
+experts padding-free, planned with balanced routing) and the experts' own grid
+(--expert-tensor-parallel-size, ETP x EP x expert-DP = the ranks of a stage) as the code runs them.
 
 Three parts, each a statement about this code base rather than about transformers in general:
 

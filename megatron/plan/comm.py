@@ -5,14 +5,21 @@ The tests check both against real CPU/gloo training steps, exactly.
 Shapes as in megatron/plan/shapes.py. Groups as megatron/parallel/topology.py builds them: tp,
 dp, ep (the experts' grid's), edp (the experts' grid's), etp (the experts' TP group: its own
 process group even where it holds the TP group's ranks), etp_ep (the experts' TP x EP block: the
-padded no-drop capacity's all-reduce), world, pp, embedding.
+padded no-drop capacity's all-reduce), world, pp, embedding, cp (context parallelism's),
+dp_cp (DP x CP: the dense gradients' reduction, megatron-core's group of its own also at CP 1).
 
 Sequence parallelism (t = TP, each TP rank holding [b, s/t, h] between blocks): a column-parallel
 linear all-gathers the sequence (forward, and again in backward for its weight gradient) and
 reduce-scatters its input gradient; a row-parallel one reduce-scatters its output (backward: an
 all-gather); those gathers run again in a recompute even with CAC (megatron.parallel.comm's
 `unstashed`). The MoE layer gathers the router's logits and, padded, the whole sequence (CAC
-keeps both), and its DTD slices' last gather sums the ranks' partial gradients in backward."""
+keeps both), and its DTD slices' last gather sums the ranks' partial gradients in backward.
+
+Context parallelism (megatron/parallel/context.py): each rank's T / CP tokens between blocks;
+per attention layer the keys and values all-gathered over CP (kept by CAC, replayed by a plain or
+selective recompute), their gradients reduce-scattered; per MoE layer the router's logits gathered
+over CP and each rank's own kept tokens dispatched padding-free; the loss's token count and the
+LM loss's share summed over CP; the dense gradients reduced over DP x CP."""
 
 from __future__ import annotations
 
@@ -29,13 +36,22 @@ from megatron.plan.params import (
     flat_groups,
     grad_bytes,
     param_bytes,
+    query_groups,
     sequence_parallel,
 )
-from megatron.plan.shapes import _layer_kinds, micro_shapes, num_microbatches
+from megatron.plan.shapes import (
+    _layer_kinds,
+    context_parallel,
+    local_tokens,
+    micro_shapes,
+    num_microbatches,
+    own_capacity,
+    slices,
+)
 from megatron.training.config import Config
 
 KINDS = ("all_reduce", "all_to_all", "all_gather", "reduce_scatter", "send", "recv")
-GROUPS = ("tp", "dp", "ep", "edp", "etp", "etp_ep", "world", "pp", "embedding")
+GROUPS = ("tp", "dp", "ep", "edp", "etp", "etp_ep", "world", "pp", "embedding", "cp", "dp_cp")
 
 
 # ---- communication -------------------------------------------------------------------------------
@@ -53,7 +69,8 @@ class _Tally:
         self.sizes = {"tp": topo.tp, "dp": topo.dp, "ep": topo.ep, "edp": topo.edp,
                       "etp": topo.etp, "etp_ep": topo.etp * topo.ep,
                       "world": topo.world_size, "pp": topo.pp,
-                      "embedding": 2 if topo.pp > 1 else 1}
+                      "embedding": 2 if topo.pp > 1 else 1, "cp": topo.cp,
+                      "dp_cp": topo.dp * topo.cp}
         self.calls: Counter = Counter()
         self.bytes: Counter = Counter()
 
@@ -92,6 +109,7 @@ def step_parts(cfg: Config, pp_rank: int = 0) -> tuple["_Tally", "_Tally"]:
     runs per micro-batch and the part after it (cached per frozen Config: callers only read
     them)."""
     rest = _optimizer_comm(cfg, pp_rank)
+    rest.add("all_reduce", "cp", 8)  # reduce_losses: the LM loss's shares summed over CP
     rest.add("all_reduce", "dp", 2 * 8)  # reduce_losses: [lm, aux] in float64
     rest.add("all_reduce", "pp", 2 * 8)  # reduce_over_stages: the same, over the pipeline
     return _microbatch_comm(cfg, pp_rank), rest
@@ -104,7 +122,7 @@ def per_microbatch(cfg: Config, pp_rank: int = 0) -> dict[tuple[str, str], Traff
 
 def _microbatch_comm(cfg: Config, pp_rank: int) -> _Tally:
     m, t = cfg.model, cfg.topology.tp
-    T, _ = micro_shapes(cfg)
+    T = local_tokens(cfg)  # this rank's tokens: under context parallelism its chunks, T / CP
     act = T * m.hidden_size * param_bytes(cfg)  # one [T, H] activation
     sp = sequence_parallel(cfg)
     part = act // t if sp else act  # the hidden state between blocks: [b, s/t, h] under SP
@@ -122,6 +140,7 @@ def _microbatch_comm(cfg: Config, pp_rank: int) -> _Tally:
         tally.merge(head.forward)
         tally.merge(head.backward)
         tally.add("all_reduce", "tp", T * _FP32, 3)
+        tally.add("all_reduce", "cp", _FP32)  # lm_loss: the whole sequence's token count
     # between stages on other ranks: forward the hidden state and the position ids (int64), back
     # the hidden state's gradient
     for st in pipeline.stages_of(cfg, pp_rank):
@@ -207,6 +226,7 @@ def _layer_comm(cfg: Config, index: int, kind: str, act: int, part: int) -> _Lay
         layer.backward.add("all_reduce", "tp", act // m.hidden_size * z)
     else:  # QKV column-parallel
         _column(layer, sp, act, part)
+    _context_attention(cfg, layer, act)
     if m.qk_layernorm and not m.multi_latent_attention:
         # per-head q/k norms: each weight's (and bias') partial gradient summed over TP
         norms = 4 if m.normalization == "LayerNorm" else 2
@@ -220,8 +240,34 @@ def _layer_comm(cfg: Config, index: int, kind: str, act: int, part: int) -> _Lay
         _mlp(layer, sp, act, part)
     if getattr(moe, "shared_expert_intermediate_size", None):  # a dense MLP beside them too
         _mlp(layer, sp, act, part)
-    _moe_comm(cfg, experts_in(cfg, index), layer.ours, layer.backward)
+    if context_parallel(cfg) > 1:
+        _moe_comm_own(cfg, experts_in(cfg, index), layer.ours, layer.backward)
+    else:
+        _moe_comm(cfg, experts_in(cfg, index), layer.ours, layer.backward)
     return layer
+
+
+def _context_attention(cfg: Config, layer: _LayerComm, act: int) -> None:
+    """Context parallelism (megatron/parallel/context.py): the keys and values all-gathered over
+    CP (this rank's [b, groups / TP, s / CP, d] each; CAC keeps them, a plain recompute gathers
+    again; selective recompute checkpoints the attention core alone, without a stash, so its
+    recompute gathers them again whatever CAC says); backward: their gradients reduce-scattered."""
+    m, cp = cfg.model, context_parallel(cfg)
+    if cp == 1:
+        return
+    tokens, t = act // m.hidden_size, cfg.topology.tp  # act's bytes per hidden unit: T e
+    if m.multi_latent_attention:
+        widths = (m.qk_head_dim + m.qk_pos_emb_head_dim, m.v_head_dim)
+        heads = m.num_attention_heads // t
+    else:
+        widths = (m.head_dim, m.head_dim)
+        heads = query_groups(m) // t
+    for w in widths:
+        nbytes = tokens * heads * w
+        layer.ours.add("all_gather", "cp", nbytes)
+        layer.backward.add("reduce_scatter", "cp", cp * nbytes)
+        if cfg.recompute.granularity == "selective":  # the core's recompute, in backward
+            layer.backward.add("all_gather", "cp", nbytes)
 
 
 def _moe_comm(cfg: Config, experts: int, fwd: _Tally, bwd: _Tally) -> None:
@@ -258,6 +304,44 @@ def _moe_comm(cfg: Config, experts: int, fwd: _Tally, bwd: _Tally) -> None:
         if sp:
             bwd.add("reduce_scatter", "tp", S * piece)
     # the fc2 bias gradient (Dispatcher.fc2_bias: copy_to_split over the experts' TP group)
+    if cfg.model.add_bias_linear:
+        bwd.add("all_reduce", "etp", experts // topo.ep * H * e)
+
+
+def _moe_comm_own(cfg: Config, experts: int, fwd: _Tally, bwd: _Tally) -> None:
+    """Context parallelism: the router's logits gathered over CP (under SP first over TP), so the
+    routing is the whole sequence's; each rank then sends its own kept tokens padding-free
+    (ted_patches/moe_layer.py; dispatcher.py's dispatch_packed, with the packed layout
+    accelerators run), `shapes.own_capacity` rows per expert: the padded dispatch's collectives
+    with that in place of C, after a count exchange over the experts' TP x EP block; under SP
+    each TP rank's own tokens go whole (no DTD slices to drop or gather)."""
+    topo, moe, e = cfg.topology, cfg.moe, param_bytes(cfg)
+    t, et, sp, cp = topo.tp, topo.etp, sequence_parallel(cfg), context_parallel(cfg)
+    T, _ = micro_shapes(cfg, experts)
+    H = cfg.model.hidden_size
+    S = slices(cfg)  # each sender's rows are 1 / S of its CP rank's kept ones
+    cut = S > 1 and not sp  # DTD slices of the TP ranks' shared tokens
+    replicated = S == 1 and t > 1
+    piece = experts * (own_capacity(cfg, experts) // S) * H * e  # one sender's rows
+    rb = _ROUTER_BYTES[moe.router_dtype]
+    if sp:
+        fwd.add("all_gather", "tp", T // (cp * t) * experts * rb)
+    fwd.add("all_gather", "cp", T // cp * experts * rb)
+    fwd.add("all_gather", "etp_ep", experts * 8)  # the kept counts (int64)
+    if cut:  # the DTD drop: keep my slice (backward: all-gather)
+        bwd.add("all_gather", "tp", piece)
+    fwd.add("all_to_all", "ep", piece, 2)
+    bwd.add("all_to_all", "ep", piece, 2)
+    if replicated:
+        bwd.add("all_reduce", "etp", piece)
+        fwd.add("all_reduce", "etp", piece)
+    else:
+        fwd.add("all_gather", "etp", piece)
+        bwd.add("reduce_scatter", "etp", et * piece)
+        fwd.add("reduce_scatter", "etp", et * piece)
+        bwd.add("all_gather", "etp", piece)
+    if cut:  # every TP rank's slice back (backward: this rank's own)
+        fwd.add("all_gather", "tp", piece)
     if cfg.model.add_bias_linear:
         bwd.add("all_reduce", "etp", experts // topo.ep * H * e)
 

@@ -1,5 +1,5 @@
-"""The layout search: one (TP, SP, PP, EP, ETP, DP) layout's plan (memory, communication, step time,
-whether it fits), the recommendation among layouts, and the GPT-3-style model presets. With a
+"""The layout search: one (TP, SP, CP, PP, EP, ETP, DP) layout's plan (memory, communication, step
+time, whether it fits), the recommendation among layouts, and the GPT-3-style model presets. With a
 pipeline the memory is the pipeline rank that needs the most (`memory.pp_rank`), the
 communication and time the rank that finishes its step last (`time.pp_rank`)."""
 
@@ -37,6 +37,7 @@ class LayoutPlan:
     bubble: float = 0.0  # the schedule's idle share of the step (megatron/plan/pipeline.py)
     etp: int = 0  # the experts' TP size (0: = tp)
     sp: bool = False  # sequence parallelism (at TP > 1)
+    cp: int = 1  # context parallelism: the ranks splitting each sequence
 
     def __post_init__(self):
         if not self.etp:
@@ -44,7 +45,7 @@ class LayoutPlan:
 
     def as_json(self, recommended: bool) -> dict:
         return dict(
-            tp=self.tp, sp=self.sp, pp=self.pp, ep=self.ep, etp=self.etp, dp=self.dp,
+            tp=self.tp, sp=self.sp, cp=self.cp, pp=self.pp, ep=self.ep, etp=self.etp, dp=self.dp,
             edp=self.edp, fits=self.fits,
             schedule=self.schedule, virtual_stages=self.virtual, microbatches=self.microbatches,
             bubble_fraction=self.bubble, memory_pp_rank=self.memory.pp_rank,
@@ -70,7 +71,11 @@ def plan_layout(cfg: Config, cluster: Cluster) -> LayoutPlan:
     if cfg.moe is not None and getattr(cfg.moe, "check_tp_routing", 0):
         notes.append("--check-tp-routing: its every-N-th TP all-reduce of a routing checksum is "
                      "not planned")
-    if not pads(cfg):
+    if getattr(topo, "cp", 1) > 1 and cfg.moe is not None:
+        notes.append("context parallelism: each rank's own kept tokens go to the experts "
+                     "padding-free, planned with balanced routing (min(C, T k / E) / CP rows per "
+                     "expert and rank)")
+    elif not pads(cfg):
         notes.append("padding-free dispatch: planned as the padded one (the kept tokens' sizes "
                      "depend on the routing; the padded sizes bound them)")
     if cfg.stages is not None and cfg.stages.schedule in ("zbv", "dualpipev"):
@@ -84,13 +89,14 @@ def plan_layout(cfg: Config, cluster: Cluster) -> LayoutPlan:
                       pp=topo.pp, schedule=stages.schedule if stages else "",
                       virtual=stages.virtual if stages else 1, microbatches=m,
                       bubble=pipeline.bubble_fraction(cfg, m), etp=topo.etp,
-                      sp=sequence_parallel(cfg))
+                      sp=sequence_parallel(cfg), cp=getattr(topo, "cp", 1))
 
 
 def recommend(plans: list[LayoutPlan]) -> Optional[LayoutPlan]:
-    """The fastest layout that fits (ties: less TP, then less PP, then less EP, less ETP, no SP)."""
+    """The fastest layout that fits (ties: less TP, then less PP, then less EP, less ETP, no SP,
+    less CP)."""
     fitting = [p for p in plans if p.fits]
-    return (min(fitting, key=lambda p: (p.time.total, p.tp, p.pp, p.ep, p.etp, p.sp))
+    return (min(fitting, key=lambda p: (p.time.total, p.tp, p.pp, p.ep, p.etp, p.sp, p.cp))
             if fitting else None)
 
 

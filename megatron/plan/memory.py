@@ -12,6 +12,11 @@ sequence. The gathers and reduce-scatters add whole-sequence transients (the gat
 row-parallel output and its copy by rank). The experts compute `shapes.expert_rows` rows with
 F split over their own TP group (ETP).
 
+Context parallelism: every per-token tensor is of the rank's T / CP tokens; attention keeps the
+keys and values gathered over CP (the whole sequence's) and its two chunks' output copy; the
+router's scores are the whole sequence's; the experts compute each rank's own kept rows
+(`shapes.own_capacity`).
+
 Shapes as in megatron/plan/shapes.py."""
 
 from __future__ import annotations
@@ -34,9 +39,12 @@ from megatron.plan import pipeline
 from megatron.plan.cache import per_config
 from megatron.plan.shapes import (
     _layer_kinds,
+    context_parallel,
     expert_rows,
+    local_tokens,
     micro_shapes,
     num_microbatches,
+    own_capacity,
     slices,
 )
 from megatron.training.config import Config
@@ -151,7 +159,7 @@ def _attention_block(cfg: Config, T: int) -> _Block:
         saved += T * (hs + kv) * (2 * _FP32 if e == _FP32 else 2 * _FP32 + e)
     core = T * hs * e + T * heads * _FP32  # attention output and log-sum-exp
     if cfg.recompute.granularity != "selective":
-        saved += core
+        saved += core + _context_kept(cfg, T, (kv, kv), hs)
     # the projection keeps the kernel's output folded back to [T, H/t]: a view, as flash kernels
     # lay their output out [b, s, heads, d]
     if m.hidden_dropout > 0:
@@ -159,8 +167,8 @@ def _attention_block(cfg: Config, T: int) -> _Block:
     saved += P * H * e + stats  # the residual stream after attention, kept by the second norm
     # backward: the kernel's q, k, v gradients and their [T, QKV/t] concatenation, and QKV's
     # weight gradient before it is added into the flat buffer
-    bwd = 2 * T * qkv * e + qkv * H * e
-    fwd = T * qkv * e
+    bwd = 2 * T * qkv * e + qkv * H * e + _context_grads(cfg, T, (kv, kv))
+    fwd = T * qkv * e + _context_grads(cfg, T, (kv, kv))
     if sp:  # the projection's output beside its copy by rank for the reduce-scatter; QKV's
         # backward: the gathered input, the input gradient, its copy by rank and the
         # reduce-scatter's output
@@ -189,12 +197,36 @@ def _mla_block(cfg: Config, T: int) -> _Block:
     saved += T * up * e + T * (heads + 1) * pe * 2 * _FP32  # rotated q and k rope dims (fp32)
     core = 2 * T * heads * q_dim * e + T * heads * m.v_head_dim * e + T * heads * _FP32
     if cfg.recompute.granularity != "selective":
-        saved += core
+        widths = (heads * q_dim, heads * m.v_head_dim)
+        saved += core + _context_kept(cfg, T, widths, heads * m.v_head_dim)
     if m.hidden_dropout > 0:
         saved += P * H
     weights = (H * latents + (m.q_lora_rank or H) * heads * q_dim
                + m.kv_lora_rank * heads * (m.qk_head_dim + m.v_head_dim))
-    return _Block(saved, fwd_transient=T * up * e, bwd_transient=2 * T * up * e + weights * e)
+    widths = (heads * q_dim, heads * m.v_head_dim)
+    return _Block(saved, fwd_transient=T * up * e + _context_grads(cfg, T, widths),
+                  bwd_transient=2 * T * up * e + weights * e + _context_grads(cfg, T, widths))
+
+
+def _context_kept(cfg: Config, T: int, widths: tuple[int, int], out: int) -> int:
+    """Context parallelism (megatron/parallel/context.py), what attention keeps beyond one
+    process's at T local tokens: the keys and values gathered over CP, the whole sequence's
+    ([b, heads, s, width] each, `widths` per token: the two query chunks' kernels keep views of
+    them), and the two chunks' outputs concatenated, a copy the projection keeps (`out` per
+    token). The kernel materializes no scores (the flash kernel on CPUs and the memory-efficient
+    one on GPUs take the chunk's mask)."""
+    cp = context_parallel(cfg)
+    if cp == 1:
+        return 0
+    return (cp * T * sum(widths) + T * out) * _act(cfg)
+
+
+def _context_grads(cfg: Config, T: int, widths: tuple[int, int]) -> int:
+    """Context parallelism: the largest moment of the gathers, forward (the parts beside their
+    reordered concatenation) or backward (the gathered keys' and values' gradients beside their
+    copy by rank for the reduce-scatter): twice the whole sequence's keys and values."""
+    cp = context_parallel(cfg)
+    return 0 if cp == 1 else 2 * cp * T * sum(widths) * _act(cfg)
 
 
 def _mlp_saved(rows: int, f: int, swiglu: bool, e: int) -> int:
@@ -218,6 +250,15 @@ def _mlp_transient(rows: int, f: int, H: int, swiglu: bool, e: int, weights: int
     return max(fc2, act, fc1) * e
 
 
+def _packed_transient(rows: int, f: int, H: int, swiglu: bool, e: int, weights: int) -> int:
+    """The packed experts' backward (ted_patches/experts.py's _PackedMLP, the padding-free path
+    on CPUs): both weight gradients of every local expert allocated at once, beside the output
+    gradient, the activation's and fc1's output gradients, x^T's copy and the input gradient.
+    GPUs' grouped GEMMs free as autograd goes (`_mlp_transient`): at most this there."""
+    stride = 2 if swiglu else 1
+    return (rows * (3 * H + f + stride * f) + weights * (stride + 1) * f * H) * e
+
+
 def _dense_mlp_block(cfg: Config, T: int) -> _Block:
     m, t, e = cfg.model, cfg.topology.tp, _act(cfg)
     f, H = m.ffn_hidden_size // t, m.hidden_size
@@ -233,14 +274,17 @@ def _dense_mlp_block(cfg: Config, T: int) -> _Block:
 def _moe_block(cfg: Config, T: int, layer: int) -> _Block:
     m, moe, topo, e = cfg.model, cfg.moe, cfg.topology, _act(cfg)
     H, E = m.hidden_size, experts_in(cfg, layer)
-    _, C = micro_shapes(cfg, E)
+    whole, C = micro_shapes(cfg, E)  # the router decides over the whole sequence (CP too)
+    cp = context_parallel(cfg)
+    if cp > 1:  # each rank's own kept tokens, padding-free
+        C = own_capacity(cfg, E)
     rows = expert_rows(cfg, E, C)
     fe = (moe.expert_ffn_hidden_size or m.ffn_hidden_size) // topo.etp
     P, sp = _held(cfg, T), sequence_parallel(cfg)
     # router: its fp32 input (the norm's output itself in fp32, a copy in half precision; under
     # SP its part), the probabilities [T, E] in fp32 (under SP from the gathered logits), and
     # the logits too when the z-loss is on
-    saved = P * H * _FP32 + (1 + (moe.z_loss_coeff != 0)) * T * E * _FP32
+    saved = P * H * _FP32 + (1 + (moe.z_loss_coeff != 0)) * whole * E * _FP32
     # the experts' input rows, fc1 and act
     saved += rows * H * e + _mlp_saved(rows, fe, m.swiglu, e)
     # combine: the row each assignment read, its gate weight
@@ -254,8 +298,10 @@ def _moe_block(cfg: Config, T: int, layer: int) -> _Block:
     # forward: the capacity buffer [E, C, H] and the gathered rows alongside the experts' input
     # (under SP padded, also the whole sequence gathered for the dispatch); the fc2 output and
     # its contiguous copy for the reduce-scatter. Backward: the experts' MLP.
-    fwd = E * C * H * e + rows * H * e + (T * H * e if sp else 0)
+    fwd = E * C * H * e + rows * H * e + (T * H * e if sp and cp == 1 else 0)
     bwd = _mlp_transient(rows, fe, H, m.swiglu, e, weights=local)
+    if cp > 1:  # padding-free: the packed experts' backward
+        bwd = max(bwd, _packed_transient(rows, fe, H, m.swiglu, e, local))
     shared = getattr(moe, "shared_expert_intermediate_size", None)
     if shared:  # ted_patches/shared_expert.py: a dense MLP on all T tokens beside the experts
         fs = shared // topo.tp
@@ -277,6 +323,8 @@ def cac_stash_bytes(cfg: Config, layer: int) -> int:
     E = experts_in(cfg, layer)
     T, C = micro_shapes(cfg, E)
     S, et = slices(cfg), topo.etp
+    if context_parallel(cfg) > 1:
+        return _own_stash_bytes(cfg, E)
     piece = E * C * m.hidden_size * e // S  # one slice of the capacity buffer
     out = 2 * piece
     if S == 1 and topo.tp > 1:  # reduce_from_split's all-reduced output
@@ -290,12 +338,40 @@ def cac_stash_bytes(cfg: Config, layer: int) -> int:
     return out
 
 
+def _own_stash_bytes(cfg: Config, E: int) -> int:
+    """cac_stash_bytes under context parallelism: the padding-free dispatch of each rank's own
+    tokens (the DTD slices' gather only where the TP ranks share their tokens), the logits
+    gathered over CP (and TP under SP), the kept counts."""
+    moe, topo, e = cfg.moe, cfg.topology, _act(cfg)
+    T, _ = micro_shapes(cfg, E)
+    S, et, sp = slices(cfg), topo.etp, sequence_parallel(cfg)
+    piece = E * (own_capacity(cfg, E) // S) * cfg.model.hidden_size * e
+    out = 2 * piece + E * 8 * topo.etp * topo.ep
+    if S == 1 and topo.tp > 1:
+        out += piece
+    elif et > 1:
+        out += et * piece + piece
+    if S > 1 and not sp:
+        out += S * piece
+    logits = 8 if moe.router_dtype == "fp64" else _FP32
+    return out + T * E * logits + (T // context_parallel(cfg) * E * logits if sp else 0)
+
+
 def _layer_stash(cfg: Config, layer: int, kind: str, T: int) -> int:
     """What CAC keeps of one layer: an MoE layer's (cac_stash_bytes) and, under SP, multi-latent
     attention's gathered sequence (the one sequence gather a CAC stash keeps)."""
     out = cac_stash_bytes(cfg, layer) if kind == "moe" else 0
     if getattr(cfg.model, "multi_latent_attention", False) and sequence_parallel(cfg):
         out += T * cfg.model.hidden_size * _act(cfg)
+    cp, m = context_parallel(cfg), cfg.model
+    if cp > 1:  # the keys and values gathered over CP
+        t = cfg.topology.tp
+        if getattr(m, "multi_latent_attention", False):
+            width = m.num_attention_heads // t * (m.qk_head_dim + m.qk_pos_emb_head_dim
+                                                  + m.v_head_dim)
+        else:
+            width = 2 * query_groups(m) * m.head_dim // t
+        out += cp * T * width * _act(cfg)
     return out
 
 
@@ -359,7 +435,7 @@ def _walk(cfg: Config, pp_rank: int, stage) -> tuple[dict[str, int], int]:
     """(the peak's candidate moments of one micro-batch through `stage`, the bytes it keeps from
     its forward to its backward)."""
     m = cfg.model
-    T, _ = micro_shapes(cfg)
+    T = local_tokens(cfg)  # this rank's tokens (under context parallelism its chunks)
     P = _held(cfg, T)  # the hidden state's tokens on this rank (its part under SP)
     e = _act(cfg)
     kinds = _layer_kinds(cfg)

@@ -189,10 +189,21 @@ def _moe(m: ModelConfig, moe: MoEConfig, experts: int, topo: Topology, name: str
 @per_config
 def total_parameters(cfg: Config) -> int:
     """Parameters of the whole model (each counted once over the world: every pipeline stage, no
-    copies), padded vocabulary rows included."""
-    t, ep, etp = cfg.topology.tp, cfg.topology.ep, cfg.topology.etp
-    return sum(p.numel * ((etp if p.expert else t) if p.tp_split else 1) * (ep if p.expert else 1)
-               for p in _table(cfg, range(cfg.model.num_layers), True, True))
+    copies), padded vocabulary rows included. The same for every layout of one model split over
+    the same (TP, EP, ETP), whatever the DP, CP, PP and SP: a search computes it once for them."""
+    topo = cfg.topology
+    key = (cfg.model, cfg.moe, topo.tp, topo.ep, topo.etp)
+    if key not in _TOTALS:
+        if len(_TOTALS) >= 1024:
+            _TOTALS.clear()
+        t, ep, etp = key[2:]
+        _TOTALS[key] = sum(
+            p.numel * ((etp if p.expert else t) if p.tp_split else 1) * (ep if p.expert else 1)
+            for p in _table(cfg, range(cfg.model.num_layers), True, True))
+    return _TOTALS[key]
+
+
+_TOTALS: dict = {}
 
 
 @dataclass(frozen=True)
@@ -204,7 +215,8 @@ class FlatSpec:
     decay: bool
     tp_split: bool
     numel: int  # parameters in it
-    group: str  # dp | edp: where its gradients are reduced and, with ZeRO-1, its state sharded
+    # dp_cp | edp: where its gradients are reduced and, with ZeRO-1, its state sharded
+    group: str
     shards: int  # ZeRO-1: the group's size; else 1
     copy: bool = False  # the tied embedding's last-stage copy (kept apart, as the optimizer does)
     # sequence parallelism: partial gradients, all-reduced over TP before the group's reduction
@@ -235,8 +247,10 @@ def _flat_groups(cfg: Config, pp_rank: int) -> tuple[FlatSpec, ...]:
     topo, zero = cfg.topology, cfg.optim.use_distributed_optimizer
     out = []
     for (expert, decay, tp_split, copy, partial), numel in keyed.items():
-        group = "edp" if expert else "dp"
-        size = topo.edp if expert else topo.dp
+        # dense: DP x CP (megatron-core's data-parallel group with context parallelism, its own
+        # process group also at CP 1: the context-parallel ranks' partial gradients summed)
+        group = "edp" if expert else "dp_cp"
+        size = topo.edp if expert else topo.dp * getattr(topo, "cp", 1)
         out.append(FlatSpec(expert, decay, tp_split, numel, group, size if zero else 1, copy,
                             tp_sum=partial))
     return tuple(out)

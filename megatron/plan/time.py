@@ -18,7 +18,15 @@ from megatron.parallel.topology import Topology
 from megatron.plan import pipeline
 from megatron.plan.comm import Traffic, comm_per_step, step_parts
 from megatron.plan.params import experts_in, sequence_parallel
-from megatron.plan.shapes import _layer_kinds, expert_rows, micro_shapes, num_microbatches
+from megatron.plan.shapes import (
+    _layer_kinds,
+    context_parallel,
+    expert_rows,
+    local_tokens,
+    micro_shapes,
+    num_microbatches,
+    own_capacity,
+)
 from megatron.training.config import Config
 
 
@@ -34,10 +42,12 @@ def replicated_attention_flops(m) -> int:
 def flops_per_rank(cfg: Config, pp_rank: int = 0) -> float:
     """FLOPs one rank of pipeline rank `pp_rank` computes in one step (its layers, and the output
     layer on the last stage): forward x 3 (backward twice the forward), plus the recomputed
-    forward. Experts count the capacity rows each rank computes, padding included."""
+    forward. Experts count the capacity rows each rank computes, padding included. Under context
+    parallelism a rank computes its T / CP tokens (their queries against the keys Megatron
+    counts, all s of them) and its experts the rows of each rank's own kept tokens."""
     m, topo = cfg.model, cfg.topology
     t = topo.tp
-    T, _ = micro_shapes(cfg)
+    T = local_tokens(cfg)
     H, s = m.hidden_size, cfg.train.seq_length
     gemm = 6 if m.swiglu else 4  # 2 FLOPs per multiply-add, 2 matrices (3 for SwiGLU)
     # projections (MLA's down projections replicated on the TP ranks), scores + context
@@ -53,6 +63,8 @@ def flops_per_rank(cfg: Config, pp_rank: int = 0) -> float:
         if kind == "moe":
             moe, E = cfg.moe, experts_in(cfg, i)
             _, C = micro_shapes(cfg, E)
+            if context_parallel(cfg) > 1:
+                C = own_capacity(cfg, E)
             fe = moe.expert_ffn_hidden_size or m.ffn_hidden_size
             # the router on this rank's tokens (its part of the sequence under SP); the experts
             # on their rows, F split over the experts' TP group
@@ -148,39 +160,51 @@ class Link:
     a2a_inter_bandwidth: float
 
 
+_TABLES = {"tp": Topology.tp_groups, "dp": Topology.dp_groups, "ep": Topology.ep_groups,
+           "edp": Topology.edp_groups, "etp": Topology.etp_groups,
+           "etp_ep": Topology.etp_ep_groups, "world": lambda topo: [list(range(topo.world_size))],
+           "pp": Topology.pp_groups, "embedding": Topology.embedding_groups,
+           "cp": Topology.cp_groups, "dp_cp": Topology.dp_cp_groups}
+
+
 def group_links(topo: Topology, cluster: Cluster) -> dict[str, Link]:
-    return dict(_group_links(topo, cluster))
+    return {name: _link(topo, cluster, name) for name in _TABLES}
 
 
-@functools.lru_cache(maxsize=1024)  # one per layout of a search; both arguments are frozen
-def _group_links(topo: Topology, cluster: Cluster) -> dict[str, Link]:
-    """Links of each group kind, from the rank tables: rank r lives on node r // gpus_per_node.
+class _Links(dict):
+    """group_links, each built when first asked for (a step uses a few of the kinds)."""
+
+    def __init__(self, topo: Topology, cluster: Cluster):
+        super().__init__()
+        self.topo, self.cluster = topo, cluster
+
+    def __missing__(self, name: str) -> Link:
+        self[name] = link = _link(self.topo, self.cluster, name)
+        return link
+
+
+@functools.lru_cache(maxsize=8192)  # per layout and group kind of a search; all frozen
+def _link(topo: Topology, cluster: Cluster, name: str) -> Link:
+    """The link of one group kind, from its rank table: rank r lives on node r // gpus_per_node.
     A group inside one node runs at the intra-node figures. One spanning nodes runs its ring at
     the share of the node's injection left to it (the node carries one ring crossing per group of
     this kind with members on it); its all-to-all sends each off-node peer's share through the
     node's injection, shared by all the node's ranks."""
-    tables = {"tp": topo.tp_groups(), "dp": topo.dp_groups(), "ep": topo.ep_groups(),
-              "edp": topo.edp_groups(), "etp": topo.etp_groups(),
-              "etp_ep": topo.etp_ep_groups(), "world": [list(range(topo.world_size))],
-              "pp": topo.pp_groups(), "embedding": topo.embedding_groups()}
+    groups = _TABLES[name](topo)
     gpn = cluster.gpus_per_node
-    out = {}
-    for name, groups in tables.items():
-        nodes_of = [{r // gpn for r in g} for g in groups]
-        size = len(groups[0])
-        if all(len(n) == 1 for n in nodes_of):
-            out[name] = Link(size, True, cluster.intra_bandwidth, cluster.intra_latency, size,
-                             cluster.intra_bandwidth)
-            continue
-        crossing: Counter = Counter()
-        for nodes in nodes_of:
-            crossing.update(nodes)
-        ring = min(cluster.intra_bandwidth, cluster.inter_bandwidth / max(crossing.values()))
-        on_node = min(min(Counter(r // gpn for r in g).values()) for g in groups)
-        ranks_per_node = min(gpn, topo.world_size)
-        out[name] = Link(size, False, ring, cluster.inter_latency, on_node,
-                         cluster.inter_bandwidth / ranks_per_node)
-    return out
+    nodes_of = [{r // gpn for r in g} for g in groups]
+    size = len(groups[0])
+    if all(len(n) == 1 for n in nodes_of):
+        return Link(size, True, cluster.intra_bandwidth, cluster.intra_latency, size,
+                    cluster.intra_bandwidth)
+    crossing: Counter = Counter()
+    for nodes in nodes_of:
+        crossing.update(nodes)
+    ring = min(cluster.intra_bandwidth, cluster.inter_bandwidth / max(crossing.values()))
+    on_node = min(min(Counter(r // gpn for r in g).values()) for g in groups)
+    ranks_per_node = min(gpn, topo.world_size)
+    return Link(size, False, ring, cluster.inter_latency, on_node,
+                cluster.inter_bandwidth / ranks_per_node)
 
 
 def p2p_link(cfg: Config, cluster: Cluster, pp_rank: int) -> Link:
@@ -202,7 +226,7 @@ def p2p_link(cfg: Config, cluster: Cluster, pp_rank: int) -> Link:
 
     def off_node(rank: int) -> bool:
         c = topo.coords(rank)
-        return any(topo.rank(tp=c.tp, dp=c.dp, pp=q) // gpn != rank // gpn
+        return any(topo.rank(tp=c.tp, dp=c.dp, pp=q, cp=c.cp) // gpn != rank // gpn
                    for q in neighbours[c.pp])
 
     me = topo.rank(pp=pp_rank)
@@ -263,7 +287,7 @@ def step_time(cfg: Config, cluster: Cluster, comm: Optional[dict] = None,
     (compute, the collectives inside a stage, the P2P sends) at the pace of the slowest, whose
     busy time B stretches by the bubble f: B f / (1 - f); then each its gradient reduction and
     optimizer step."""
-    links = group_links(cfg.topology, cluster)
+    links = _Links(cfg.topology, cluster)
     speed = cluster.peak_flops * cluster.efficiency
     P = pipeline.pp_size(cfg)
     if P == 1:
@@ -274,7 +298,8 @@ def step_time(cfg: Config, cluster: Cluster, comm: Optional[dict] = None,
     m = num_microbatches(cfg)
     ranks = []
     for r in pipeline.pp_ranks(cfg):
-        mine = {**links, "pp": p2p_link(cfg, cluster, r)}
+        mine = _Links(cfg.topology, cluster)
+        mine["pp"] = p2p_link(cfg, cluster, r)
         micro, _ = step_parts(cfg, r)
         busy = flops_per_rank(cfg, r) / speed + m * sum(
             collective_seconds(k, t, mine[g]) for (k, g), t in micro.result().items())

@@ -7,8 +7,9 @@ before dropping), summed over the step on every DP rank.
 `StepLayerStats` sums a rank's micro-batches (device tensors, no host synchronization; only
 when the flag is on); `reduce` packs every MoE layer of the model into one float64 tensor (zeros
 for the layers another pipeline stage holds) and all-reduces it over DP, then over the pipeline,
-once per step, so every rank holds every layer's statistics; `LayerLog` averages the reduced values over --log-interval for the
-log line and hands TensorBoard one scalar per layer and statistic.
+once per step, so every rank holds every layer's statistics; `LayerLog` averages the reduced
+values over --log-interval for the log line and hands TensorBoard one scalar per layer and
+statistic.
 """
 
 from __future__ import annotations

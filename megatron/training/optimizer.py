@@ -283,6 +283,15 @@ class Optimizer:
         self._overlapping = False
         self._grads_per_param = 1  # per bucket parameter, before an overlapped reduction starts
         self._late = {self.bucket_of[p] for p in self.shared}  # reduced after the embedding sum
+        # Buckets start their reductions in one fixed order on every rank, the reverse of the
+        # model's parameter order (about backward's): which bucket is complete first may differ
+        # between ranks (an MoE layer's backward graph depends on its tokens: padded or packed
+        # experts, a fused or a split GEMM), and a collective issued out of order would pair
+        # with another bucket's on a peer. `_next`: the first bucket of the order not started.
+        position = {p: i for i, p in enumerate(model.parameters())}
+        self._order = sorted((fg for fg in self.flat_groups if fg not in self._late),
+                             key=lambda fg: -max(position[p] for p in fg.params))
+        self._next = 0
         for p in self.params():
             p.register_post_accumulate_grad_hook(self._on_grad)
         if cfg.overlap_param_gather and cfg.use_distributed_optimizer:
@@ -302,6 +311,7 @@ class Optimizer:
         parameters has received `per_param` gradients (a pipeline: one per micro-batch)."""
         if self.cfg.overlap_grad_reduce:
             self._overlapping, self._ready, self._grads_per_param = True, {}, per_param
+            self._next = 0
 
     @torch.no_grad()
     def _on_grad(self, p: torch.Tensor) -> None:
@@ -309,10 +319,17 @@ class Optimizer:
         if self._overlapping:
             bucket = self.bucket_of[p]
             self._ready[bucket] = self._ready.get(bucket, 0) + 1
-            # the same order on every rank: backward's
-            if (self._ready[bucket] == len(bucket.params) * self._grads_per_param
-                    and bucket not in self._late):
-                bucket.start_reduce()
+            self._start_in_order(until_incomplete=True)
+
+    def _start_in_order(self, until_incomplete: bool) -> None:
+        """Start the reductions of the buckets of the fixed order from `_next` on: all of them,
+        or, `until_incomplete`, up to the first whose gradients are not all in yet."""
+        while self._next < len(self._order):
+            fg = self._order[self._next]
+            if until_incomplete and self._ready.get(fg, 0) < len(fg.params) * self._grads_per_param:
+                return
+            fg.start_reduce()
+            self._next += 1
 
     @torch.no_grad()
     def collect_gradients(self) -> None:
@@ -333,12 +350,14 @@ class Optimizer:
     def reduce_gradients(self) -> None:
         """Average the accumulated gradients over DP / expert-DP (step 1); call before `step`.
         Buckets an overlapped backward has started are waited for; the rest run now."""
-        started = self._ready if self._overlapping else {}
+        if not self._overlapping:
+            self._next = 0
         self._overlapping = False
         for p in self.shared:  # the first and last stage's copies: one gradient, their sum
             comm.all_reduce_(p.main_grad, self.groups.embedding)
+        self._start_in_order(until_incomplete=False)  # the rest of the order, then the copies'
         for fg in self.flat_groups:
-            if fg in self._late or started.get(fg, 0) < len(fg.params) * self._grads_per_param:
+            if fg in self._late:
                 fg.start_reduce()
         for fg in self.flat_groups:
             fg.finish_reduce()

@@ -17,6 +17,7 @@ from __future__ import annotations
 import time
 
 import torch
+import torch.distributed as dist
 from torch.distributed import pipelining
 
 from megatron.parallel import comm
@@ -129,7 +130,7 @@ class Pipeline:
         self.gpt, self.plan, self.groups, self.n = gpt, plan, groups, num_microbatches
         rank = groups.coords.pp
         self.chunks = [StageChunk(gpt, s, plan) for s in plan.stages_of(rank)]
-        shapes = _Shapes(gpt, micro_batch_size, seq_length)
+        shapes = self.shapes = _Shapes(gpt, micro_batch_size, seq_length)
         self.stages = [pipelining.PipelineStage(c, s, plan.num_stages, device, group=groups.pp.pg,
                                                 input_args=shapes.inputs(c),
                                                 output_args=shapes.outputs(c))
@@ -169,6 +170,9 @@ class Pipeline:
                                           for mb in microbatches])
         if train:
             self.schedule.step(*args, **kwargs)
+        elif self.plan.schedule in ("zbv", "dualpipev"):
+            with torch.no_grad():
+                self._forward_only(microbatches)
         else:
             with torch.no_grad():
                 self.schedule.eval(*args, **kwargs)
@@ -176,6 +180,38 @@ class Pipeline:
         # the share of the step this rank spent waiting on its neighbours
         self.bubble = max(0.0, 1.0 - sum(c.busy for c in self.chunks) / wall) if wall else 0.0
         return self._sums(args[0].device if args else microbatches[0]["tokens"].device)
+
+    def _forward_only(self, microbatches: list[dict]) -> None:
+        """Evaluation under the V-shaped schedules (torch's ZBV and DualPipeV run backward actions
+        in eval too, and fail): every micro-batch through the stages in order, each rank running
+        the stages it holds, the hidden state sent to the next stage's rank over the PP group
+        (kept where that rank holds it too); the LM losses from the last stage, as `_loss`."""
+        plan, pp = self.plan, self.groups.pp
+        me = self.groups.coords.pp
+        owner = {s: r for r in range(pp.size) for s in plan.stages_of(r)}
+        chunks = dict(zip(plan.stages_of(me), self.chunks))
+        last = plan.num_stages - 1
+        for mb in microbatches:
+            carry = None  # the hidden state when this rank ran the previous stage itself
+            for s in range(plan.num_stages):
+                if owner[s] != me:
+                    carry = None
+                    continue
+                if s == 0:
+                    out = chunks[s](mb["tokens"], mb["position_ids"])
+                else:
+                    if carry is None:
+                        carry = torch.empty(self.shapes.hidden_bs + (self.shapes.hidden,),
+                                            dtype=self.shapes.dtype,
+                                            device=mb["tokens"].device)
+                        dist.recv(carry, src=pp.ranks[owner[s - 1]], group=pp.pg)
+                    out = chunks[s](carry, mb["position_ids"])
+                if s == last:
+                    self._loss(out, torch.stack([mb["labels"], mb["loss_mask"].long()], 1))
+                    continue
+                carry = out[0]
+                if owner[s + 1] != me:
+                    dist.send(carry.contiguous(), dst=pp.ranks[owner[s + 1]], group=pp.pg)
 
     def _sums(self, device):
         lm = torch.stack(self.lm).double().sum() if self.lm else torch.zeros((), device=device,
