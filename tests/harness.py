@@ -28,7 +28,13 @@ from megatron.launch.initialize import free_port
 _PRELOAD = ["torch", "torch.distributed", "megatron.core", "megatron.core.parallel_state",
             "megatron.core.tensor_parallel"]
 _WORLDS: dict[tuple[int, int], "World"] = {}
-_GROUPS: dict[tuple[int, int], object] = {}
+# per layout: (its TEDGroups, the process groups building it created), most recently used last
+_GROUPS: dict[tuple, tuple] = {}
+# Layouts whose groups a world keeps alive at once: megatron-core makes some twenty process groups
+# per layout (more with CP), each gloo group holding threads and sockets, so a world that runs
+# many layouts would hold hundreds of threads per rank; the least recently used beyond these are
+# destroyed (a case may use up to this many layouts together).
+_LIVE_LAYOUTS = 4
 
 
 def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1, etp=None, sp: bool = False, cp: int = 1):
@@ -46,9 +52,17 @@ def ted_groups(tp: int = 1, ep: int = 1, pp: int = 1, etp=None, sp: bool = False
         dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{free_port()}", rank=0,
                                 world_size=1)
     key = (tp, ep, pp, etp or tp, cp)
-    if key not in _GROUPS:
-        _GROUPS[key] = init_ted_groups(Topology(dist.get_world_size(), tp, ep, pp, etp, cp=cp))
-    groups = _GROUPS[key]
+    if key in _GROUPS:
+        _GROUPS[key] = _GROUPS.pop(key)  # most recently used
+    else:
+        while len(_GROUPS) >= _LIVE_LAYOUTS:
+            _, created = _GROUPS.pop(next(iter(_GROUPS)))  # the least recently used
+            for pg in created:  # every rank evicts the same layout at the same call
+                dist.destroy_process_group(pg)
+        before = set(dist.distributed_c10d._world.pg_map)
+        groups = init_ted_groups(Topology(dist.get_world_size(), tp, ep, pp, etp, cp=cp))
+        _GROUPS[key] = (groups, set(dist.distributed_c10d._world.pg_map) - before)
+    groups = _GROUPS[key][0]
     groups.ledger.reset()
     if sp:  # the same groups; the layers communicate differently
         groups = dataclasses.replace(groups, topology=dataclasses.replace(groups.topology, sp=True))

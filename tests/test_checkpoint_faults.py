@@ -108,7 +108,9 @@ def test_flipped_bytes_in_a_stored_tensor_are_refused_naming_file_and_tensor(tmp
     assert code == 0 and "checkpoint saved at iteration 3" in out, err[-2000:]
     tensor = "model.layers.0.attention.qkv.weight"
     path = _flip(ckpt.iteration_dir(save, 3), tensor)
+    # both only read the checkpoint: started together (CI time)
     resumed = _launch("--train-iters", "6", "--load", save)
+    unchecked = _launch("--train-iters", "6", "--load", save, "--no-verify-checkpoint")
     code, out, err = _finish(resumed)
     assert code == 2 and "iteration " not in out, (out[-2000:], err[-2000:])
     lines = [line for line in err.splitlines() if "error" in line]
@@ -116,7 +118,6 @@ def test_flipped_bytes_in_a_stored_tensor_are_refused_naming_file_and_tensor(tmp
     assert "--no-verify-checkpoint" in lines[0] and "Traceback" not in err
     with pytest.raises(ckpt.CheckpointError, match=tensor):
         ckpt.read_stored_tensors(save)  # the tools' one-process reader checks too
-    unchecked = _launch("--train-iters", "6", "--load", save, "--no-verify-checkpoint")
     code, out, err = _finish(unchecked)
     assert code == 0 and "checksums not verified: --no-verify-checkpoint" in out, err[-2000:]
 

@@ -4,6 +4,7 @@ evaluate through megatron.training.pipeline.Pipeline._forward_only.)"""
 
 from __future__ import annotations
 
+import functools
 import re
 
 import pytest
@@ -14,6 +15,11 @@ from test_training import MODEL, logged, pretrain_case
 ARGV = MODEL + ("--num-experts 4 --moe-router-topk 2 --expert-interval 2 --moe-ffn-hidden-size 32 "
                 "--micro-batch-size 2 --global-batch-size 8 --train-iters 2 --eval-interval 2 "
                 "--num-layers 4 --lr-warmup-iters 1").split()
+
+
+@functools.cache
+def one_process() -> str:
+    return run(1, pretrain_case, ARGV)[0]["printed"]
 
 
 def evaluations(printed: str) -> list[float]:
@@ -27,7 +33,7 @@ def evaluations(printed: str) -> list[float]:
     (4, "--pipeline-schedule zbv --context-parallel-size 2"),
 ])
 def test_evaluation_under_the_v_schedules_equals_one_process(world, flags):
-    ref = run(1, pretrain_case, ARGV)[0]["printed"]
+    ref = one_process()
     got = run(world, pretrain_case, ARGV + ["--pipeline-model-parallel-size", "2"]
               + flags.split())[0]["printed"]
     want, have = evaluations(ref), evaluations(got)

@@ -64,7 +64,19 @@ def tracker(folder) -> int:
     return int((folder / "latest_checkpointed_iteration.txt").read_text())
 
 
+@pytest.fixture(scope="module")
+def startup_job(slurm, tmp_path_factory):
+    """The job of test_a_time_limit_warning_during_start_up_checkpoints_and_does_not_loop,
+    submitted with the file's first job: it spends most of its time waiting for slurmctld's
+    periodic time-limit check to send USR1, so it runs beside the other jobs (CI time)."""
+    folder = tmp_path_factory.mktemp("startup")
+    job = submit(slurm, folder, ("--time", "2", "--signal", "B:USR1@120"), TINY_ITERS="100000",
+                 TED_SAVE_INTERVAL="100000", TED_MAX_REQUEUES="1", TED_RESIGNAL_S="2")
+    return job, folder, time.monotonic()
+
+
 @pytest.mark.slurm
+@pytest.mark.usefixtures("startup_job")
 def test_sbatch_trains_checkpoints_and_resumes_after_its_time_limit_warning(slurm, tmp_path):
     start = time.monotonic()
     job = submit(slurm, tmp_path, TINY_ITERS="12", TED_SAVE_INTERVAL="5")
@@ -116,13 +128,11 @@ def test_sbatch_torchrun_per_node_variant(slurm, tmp_path):
 
 
 @pytest.mark.slurm
-def test_a_time_limit_warning_during_start_up_checkpoints_and_does_not_loop(slurm, tmp_path):
+def test_a_time_limit_warning_during_start_up_checkpoints_and_does_not_loop(slurm, startup_job):
     """USR1 at the job's start (its warning time is its whole time limit), a run that would never
     finish: each run is warned while its ranks start, saves at the first iteration it can, and
     the job requeues itself TED_MAX_REQUEUES times, not more."""
-    start = time.monotonic()
-    job = submit(slurm, tmp_path, ("--time", "2", "--signal", "B:USR1@120"), TINY_ITERS="100000",
-                 TED_SAVE_INTERVAL="100000", TED_MAX_REQUEUES="1", TED_RESIGNAL_S="2")
+    job, tmp_path, start = startup_job
     info = slurm.wait_state(job, {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL"},
                             timeout=400)
     out, err = logs(tmp_path, job)
