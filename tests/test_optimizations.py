@@ -109,7 +109,7 @@ def test_zero1_divides_optimizer_state_by_the_sharding_group():
     """fp32 params are their own master weights, so the state is the two Adam moments: 8 bytes per
     element, divided by DP (4) for dense parameters and by expert-DP (2) for expert parameters."""
     res = optimizer_results("float32")
-    sizes = {"dp": 4, "edp": 2}
+    sizes = {"dp_cp": 4, "edp": 2}  # dense: DP x CP (CP 1 here), the reduction group
     for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"],
                                                                 res["zero1"]["state"]):
         assert plain_bytes == 8 * numel
@@ -121,7 +121,7 @@ def test_bf16_params_keep_fp32_master_weights_and_tiled_is_bitwise():
     for k, v in res["plain"]["params"].items():
         assert v.dtype == torch.bfloat16
         assert torch.equal(res["tiled"]["params"][k], v), k
-    sizes = {"dp": 4, "edp": 2}
+    sizes = {"dp_cp": 4, "edp": 2}  # dense: DP x CP (CP 1 here), the reduction group
     for (group, numel, plain_bytes), (_, _, zero_bytes) in zip(res["plain"]["state"],
                                                                 res["zero1"]["state"]):
         assert plain_bytes == 12 * numel  # fp32 master + two moments
