@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from harness import run, ted_groups
+from util import planner_record
 from megatron import plan as planner
 from megatron.parallel.counter import CollectiveCounter
 from test_planner import cli, config, named_groups
@@ -104,13 +105,7 @@ def step_case(flags: str) -> dict:
                 assert not train_step(model, opt, mbs, groups, pipe).skipped
         else:
             train_step(model, opt, mbs, groups, pipe)
-    return dict(
-        pp_rank=groups.coords.pp, counter=counter.summary(), ledger=groups.ledger.summary(),
-        params=[(n, p.numel()) for n, p in model.named_parameters()],
-        flat=[(fg.group.name, fg.param_buf.numel(), fg.param_buf.element_size(),
-               fg.grad_buf.element_size()) for fg in opt.flat_groups],
-        state_bytes=opt.state_bytes(),
-    )
+    return planner_record(model, opt, groups, counter)
 
 
 def step_cases(cases: dict) -> dict:

@@ -136,6 +136,19 @@ def gpt2_files() -> tuple[str, str]:
     return os.path.join(data, "encoder.json"), os.path.join(data, "vocab.bpe")
 
 
+def planner_record(model, opt, groups, counter) -> dict:
+    """What the planner tests compare with the planner after a counted step: this rank's pipeline
+    rank, the collectives counted and recorded (counter, ledger), parameter sizes, the flat
+    groups' (reduction group, elements, parameter and gradient bytes) and the optimizer state."""
+    return dict(
+        pp_rank=groups.coords.pp, counter=counter.summary(), ledger=groups.ledger.summary(),
+        params=[(n, p.numel()) for n, p in model.named_parameters()],
+        flat=[(fg.group.name, fg.param_buf.numel(), fg.param_buf.element_size(),
+               fg.grad_buf.element_size()) for fg in opt.flat_groups],
+        state_bytes=opt.state_bytes(),
+    )
+
+
 def assert_records_equal(ranks: list[dict], ref: dict, zero1: bool = False) -> None:
     """Every rank's `train_and_record` record of a layout against one process's: losses, aux
     losses and grad norms within 1e-5, every reduced gradient within 1e-5 (not with ZeRO-1, where
