@@ -65,9 +65,8 @@ def layout_case(tp: int, ep: int, etp, sp: bool, cp: int, pp: int = 1, steps: in
                     router_group_topk=1 if kw.get("limited") else None,
                     aux_loss_type=kw.get("balance", "deepspeed"))
     zero1 = kw.get("zero1", False)
-    model, opt, pipe = build_for_layout(mcfg, moe, groups, pp=pp, micro=micro, mbs=MBS,
-                                        seq=SEQ // cp, recompute=kw.get("recompute", False),
-                                        zero1=zero1)
+    model, opt, pipe = build_for_layout(mcfg, moe, groups, pp=pp, micro=micro, mbs=MBS, seq=SEQ,
+                                        recompute=kw.get("recompute", False), zero1=zero1)
     dp, r = groups.dp.size, groups.dp.rank
 
     def batches(step: int) -> list[dict]:  # this DP rank's micro-batches, its CP chunks

@@ -20,6 +20,7 @@ import pytest
 import torch
 
 from harness import run, ted_groups
+from util import planner_record
 from megatron.parallel.counter import CollectiveCounter
 from megatron.parallel.topology import Group, Topology
 from megatron import plan as planner
@@ -102,14 +103,7 @@ def step_case(flags: str) -> dict:
     with counter:
         metrics = train_step(model, opt, mbs, groups)
     assert not metrics.skipped
-    return dict(
-        counter=counter.summary(), ledger=groups.ledger.summary(),
-        params=[(n, p.numel()) for n, p in model.named_parameters()],
-        flat=[(fg.group.name, fg.param_buf.numel(), fg.param_buf.element_size(),
-               fg.grad_buf.element_size())
-              for fg in opt.flat_groups],
-        state_bytes=opt.state_bytes(),
-    )
+    return planner_record(model, opt, groups, counter)
 
 
 def named_groups(groups) -> list:
@@ -244,46 +238,49 @@ PP_CASES = {
 }
 
 
-def pipeline_step_case(flags: str) -> dict:
-    """Two train_steps through the pipeline, the second under the counter (torch's stages
-    exchange 4-byte handshakes in their first step only), with the PP and embedding groups
-    named."""
+def counted_steps(flags: str, layout=None) -> dict:
+    """Two train_steps, the second under the counter (a pipeline's stages exchange 4-byte
+    handshakes in their first step only); what the planner must predict. `layout`: the
+    padding-free dispatch's (Dispatcher.layout; None: the rule CPUs pick)."""
     from megatron.training.forward_backward import train_step
     from megatron.training.optimizer import Optimizer
     from megatron.training.pipeline import Pipeline
     from ted_patches.build import build_model
+    from ted_patches.dispatcher import Dispatcher
     from util import my_microbatches
 
     cfg = config(flags, torch.distributed.get_world_size())
     topo = cfg.topology
-    groups = ted_groups(topo.tp, topo.ep, topo.pp)
+    groups = ted_groups(topo.tp, topo.ep, topo.pp, topo.etp, topo.sp, topo.cp)
+    torch.manual_seed(1)  # dropout masks
     model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed,
                         device=torch.device("cpu"), recompute=cfg.recompute, stages=cfg.stages)
     opt = Optimizer(model, groups, cfg.optim)
     t = cfg.train
     n = t.global_batch_size // t.micro_batch_size
-    pipe = Pipeline(model, cfg.stages, groups, n // groups.dp.size, t.micro_batch_size,
-                    t.seq_length, torch.device("cpu"))
+    pipe = None
+    if cfg.stages is not None:
+        pipe = Pipeline(model, cfg.stages, groups, n // groups.dp.size, t.micro_batch_size,
+                        t.seq_length, torch.device("cpu"))
     counter = CollectiveCounter(named_groups(groups))
-    for step in range(2):
-        mbs = my_microbatches(step, groups, n, mbs=t.micro_batch_size, seq=t.seq_length,
-                              vocab=cfg.model.vocab_size)
-        if step:
-            with counter:
-                assert not train_step(model, opt, mbs, groups, pipe).skipped
-        else:
-            train_step(model, opt, mbs, groups, pipe)
-    return dict(
-        pp_rank=groups.coords.pp, counter=counter.summary(),
-        params=[(n, p.numel()) for n, p in model.named_parameters()],
-        flat=[(fg.group.name, fg.param_buf.numel(), fg.param_buf.element_size(),
-               fg.grad_buf.element_size()) for fg in opt.flat_groups],
-        state_bytes=opt.state_bytes(),
-    )
+    Dispatcher.layout = layout
+    try:
+        for step in range(2):
+            mbs = my_microbatches(step, groups, n, mbs=t.micro_batch_size, seq=t.seq_length,
+                                  vocab=cfg.model.vocab_size)
+            if step:
+                groups.ledger.reset()
+                with counter:
+                    assert not train_step(model, opt, mbs, groups, pipe).skipped
+            else:
+                train_step(model, opt, mbs, groups, pipe)
+    finally:
+        Dispatcher.layout = None
+    return planner_record(model, opt, groups, counter)
 
 
 def pipeline_step_cases(names: list[str]) -> dict:
-    return {name: pipeline_step_case(PP_CASES[name][1]) for name in names}
+    return {name: counted_steps(PP_CASES[name][1]) for name in names}
 
 
 @functools.cache

@@ -14,13 +14,11 @@ import functools
 import json
 
 import pytest
-import torch
 
-from harness import run, ted_groups
-from util import planner_record
+from harness import run
 from megatron import plan as planner
-from megatron.parallel.counter import CollectiveCounter
-from test_planner import cli, config, named_groups
+from test_planner import cli, config
+from test_planner_sp import step_cases
 
 # top-k = E = 4: every token to every expert, none dropped (capacity T at factor 1)
 ALL = " --num-experts 4 --moe-router-topk 4"
@@ -59,49 +57,10 @@ DISPATCH = {("all_to_all", "ep"), ("all_gather", "etp"), ("reduce_scatter", "etp
             ("all_gather", "tp"), ("all_reduce", "etp")}
 
 
-# ---- real steps, on every rank ------------------------------------------------------------------
-def step_case(flags: str) -> dict:
-    """Two train_steps, the second under the counter; the padding-free dispatch in the packed
-    layout accelerators run (on CPUs nearly equal counts take the tight one, a zero row more)."""
-    from megatron.training.forward_backward import train_step
-    from megatron.training.optimizer import Optimizer
-    from megatron.training.pipeline import Pipeline
-    from ted_patches.build import build_model
-    from ted_patches.dispatcher import Dispatcher
-    from util import my_microbatches
-
-    cfg = config(flags, torch.distributed.get_world_size())
-    topo = cfg.topology
-    groups = ted_groups(topo.tp, topo.ep, topo.pp, topo.etp, topo.sp, topo.cp)
-    torch.manual_seed(1)
-    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed,
-                        device=torch.device("cpu"), recompute=cfg.recompute, stages=cfg.stages)
-    opt = Optimizer(model, groups, cfg.optim)
-    t = cfg.train
-    n = t.global_batch_size // t.micro_batch_size
-    pipe = None
-    if cfg.stages is not None:
-        pipe = Pipeline(model, cfg.stages, groups, n // groups.dp.size, t.micro_batch_size,
-                        t.seq_length // topo.cp, torch.device("cpu"))
-    counter = CollectiveCounter(named_groups(groups))
-    Dispatcher.layout = "packed"
-    try:
-        for step in range(2):
-            mbs = my_microbatches(step, groups, n, mbs=t.micro_batch_size, seq=t.seq_length,
-                                  vocab=cfg.model.vocab_size)
-            if step:
-                groups.ledger.reset()
-                with counter:
-                    assert not train_step(model, opt, mbs, groups, pipe).skipped
-            else:
-                train_step(model, opt, mbs, groups, pipe)
-    finally:
-        Dispatcher.layout = None
-    return planner_record(model, opt, groups, counter)
-
-
-def step_cases(cases: dict) -> dict:
-    return {name: step_case(flags) for name, flags in cases.items()}
+# ---- real steps, on every rank (test_planner_sp.step_cases) -------------------------------------
+# The padding-free dispatch in the packed layout accelerators run (on CPUs nearly equal counts
+# take the tight one, a zero row more).
+PACKED = "packed"
 
 
 @functools.cache
@@ -109,7 +68,7 @@ def measured(world: int) -> list:
     cases = {name: flags for name, (w, flags) in CASES.items() if w == world}
     if world == TOP2[0]:
         cases["top2"] = TOP2[1]
-    return run(world, step_cases, cases)
+    return run(world, step_cases, cases, PACKED)
 
 
 def _all_cases():

@@ -10,13 +10,10 @@ import functools
 import json
 
 import pytest
-import torch
 
-from harness import run, ted_groups
-from util import planner_record
+from harness import run
 from megatron import plan as planner
-from megatron.parallel.counter import CollectiveCounter
-from test_planner import cli, config, named_groups
+from test_planner import cli, config, counted_steps
 
 CLI = ("--preset 1.3b --cluster a100-40gb --gpus 64 --micro-batch-size 1 --global-batch-size 64 "
        "--fp16").split()
@@ -72,44 +69,9 @@ PP_CASES = {
 }
 
 
-# ---- real steps, on every rank ------------------------------------------------------------------
-def step_case(flags: str) -> dict:
-    """Two train_steps, the second under the counter (a pipeline's stages exchange 4-byte
-    handshakes in their first step only); what the planner must predict."""
-    from megatron.training.forward_backward import train_step
-    from megatron.training.optimizer import Optimizer
-    from megatron.training.pipeline import Pipeline
-    from ted_patches.build import build_model
-    from util import my_microbatches
-
-    cfg = config(flags, torch.distributed.get_world_size())
-    topo = cfg.topology
-    groups = ted_groups(topo.tp, topo.ep, topo.pp, topo.etp, topo.sp)
-    torch.manual_seed(1)  # dropout masks
-    model = build_model(cfg.model, cfg.moe, groups, seed=cfg.train.seed,
-                        device=torch.device("cpu"), recompute=cfg.recompute, stages=cfg.stages)
-    opt = Optimizer(model, groups, cfg.optim)
-    t = cfg.train
-    n = t.global_batch_size // t.micro_batch_size
-    pipe = None
-    if cfg.stages is not None:
-        pipe = Pipeline(model, cfg.stages, groups, n // groups.dp.size, t.micro_batch_size,
-                        t.seq_length, torch.device("cpu"))
-    counter = CollectiveCounter(named_groups(groups))
-    for step in range(2):
-        mbs = my_microbatches(step, groups, n, mbs=t.micro_batch_size, seq=t.seq_length,
-                              vocab=cfg.model.vocab_size)
-        if step:
-            groups.ledger.reset()
-            with counter:
-                assert not train_step(model, opt, mbs, groups, pipe).skipped
-        else:
-            train_step(model, opt, mbs, groups, pipe)
-    return planner_record(model, opt, groups, counter)
-
-
-def step_cases(cases: dict) -> dict:
-    return {name: step_case(flags) for name, flags in cases.items()}
+# ---- real steps, on every rank (test_planner.counted_steps) --------------------------------------
+def step_cases(cases: dict, layout=None) -> dict:
+    return {name: counted_steps(flags, layout) for name, flags in cases.items()}
 
 
 @functools.cache

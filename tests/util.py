@@ -171,8 +171,7 @@ def build_for_layout(mcfg, moe, groups, *, pp: int, micro: int, mbs: int, seq: i
                      recompute: bool = False, zero1: bool = False):
     """(model, optimizer, pipeline or None) as the layout-equivalence tests train them: seed 5,
     AdamW (lr 1e-3, eps 1e-6, clip 1, ZeRO-1 with `zero1`), full uniform recompute of one layer
-    per chunk with `recompute`, the layers split evenly over `pp` stages under 1F1B. `seq`: the
-    sequence length this rank holds."""
+    per chunk with `recompute`, the layers split evenly over `pp` stages under 1F1B."""
     from megatron.model.config import RecomputeConfig
     from megatron.parallel.stages import StagePlan
     from megatron.training.optimizer import Optimizer, OptimizerConfig

@@ -169,9 +169,7 @@ class GPTModel(torch.nn.Module):
         over CP to the mean; each rank's gradient is that of its own tokens)."""
         losses = vocab_parallel_cross_entropy(logits.float(), labels, self.groups.tp)
         mask = torch.ones_like(losses) if loss_mask is None else loss_mask.float()
-        count = mask.sum()
-        if self.groups.cp.size > 1:
-            count = comm.all_reduce_(count.detach().clone(), self.groups.cp)
+        count = comm.all_reduce_(mask.sum(), self.groups.cp)  # the whole sequence's
         return (losses * mask).sum() / count.clamp(min=1.0)
 
     def _run_layers(self, x, rope, start: int, end: int):

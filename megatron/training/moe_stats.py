@@ -20,26 +20,23 @@ import torch
 
 from megatron.parallel import comm
 from megatron.parallel.topology import TEDGroups
-from ted_patches.moe_layer import MoELayer
 
 # name in the log line / TensorBoard tag, for each statistic
 STATS = ("aux loss", "z loss", "dropped", "load max", "load min")
 
 
 def per_layer_logging(model: torch.nn.Module) -> bool:
-    """Whether the model's MoE layers ask for per-layer statistics (MoEConfig.per_layer_logging;
-    the same answer on every pipeline stage, including one that holds no MoE layer)."""
-    if hasattr(model, "moe_config"):  # built by ted_patches.build
-        return model.moe_config is not None and model.moe_config.per_layer_logging
-    return any(m.cfg.per_layer_logging for m in model.modules() if isinstance(m, MoELayer))
+    """Whether the model's MoE layers ask for per-layer statistics (MoEConfig.per_layer_logging,
+    which ted_patches.build keeps on the model: the same answer on every pipeline stage,
+    including one that holds no MoE layer)."""
+    moe = getattr(model, "moe_config", None)
+    return moe is not None and moe.per_layer_logging
 
 
 def moe_layer_experts(model: torch.nn.Module) -> dict[int, int]:
     """{MoE layer: its expert count} of the whole model (every pipeline stage's)."""
-    moe = getattr(model, "moe_config", None)
-    if moe is not None:
-        return {i: moe.experts_in(i) for i in moe.layers}
-    return {m.layer: m.cfg.num_experts for m in model.modules() if isinstance(m, MoELayer)}
+    moe = model.moe_config
+    return {i: moe.experts_in(i) for i in moe.layers}
 
 
 class StepLayerStats:

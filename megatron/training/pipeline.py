@@ -95,13 +95,12 @@ class _Shapes:
     learn the shapes (which would run an extra micro-batch, collectives and all)."""
 
     def __init__(self, gpt, micro_batch_size: int, seq_length: int):
-        """`seq_length`: of this rank's part of each sequence (s / CP under context
-        parallelism)."""
         cfg = gpt.cfg
-        self.bs = (micro_batch_size, seq_length)
-        # the hidden state under sequence parallelism: this rank's part of the sequence
+        # this rank's part of each sequence: s / CP under context parallelism, and the hidden
+        # state s / (CP x TP) under sequence parallelism too
+        self.bs = (micro_batch_size, seq_length // gpt.groups.cp.size)
         tp = gpt.groups.tp.size if gpt.groups.sequence_parallel else 1
-        self.hidden_bs = (micro_batch_size, seq_length // tp)
+        self.hidden_bs = (micro_batch_size, self.bs[1] // tp)
         self.dtype, self.hidden = cfg.params_dtype, cfg.hidden_size
         self.vocab = cfg.padded_vocab_size // gpt.groups.tp.size
 
@@ -166,8 +165,7 @@ class Pipeline:
             args = tuple(torch.cat([mb[k] for mb in microbatches])
                          for k in ("tokens", "position_ids"))
         if any(c.last for c in self.chunks):
-            kwargs["target"] = torch.cat([torch.stack([mb["labels"], mb["loss_mask"].long()], 1)
-                                          for mb in microbatches])
+            kwargs["target"] = torch.cat([_target(mb) for mb in microbatches])
         if train:
             self.schedule.step(*args, **kwargs)
         elif self.plan.schedule in ("zbv", "dualpipev"):
@@ -207,7 +205,7 @@ class Pipeline:
                         dist.recv(carry, src=pp.ranks[owner[s - 1]], group=pp.pg)
                     out = chunks[s](carry, mb["position_ids"])
                 if s == last:
-                    self._loss(out, torch.stack([mb["labels"], mb["loss_mask"].long()], 1))
+                    self._loss(out, _target(mb))
                     continue
                 carry = out[0]
                 if owner[s + 1] != me:
@@ -225,6 +223,11 @@ class Pipeline:
                     counts[a.layer] = a.counts_E + counts[a.layer] if a.layer in counts \
                         else a.counts_E
         return lm, aux, counts
+
+
+def _target(mb: dict) -> torch.Tensor:
+    """What the last stage's loss reads of a micro-batch: labels and loss mask, [b, 2, s]."""
+    return torch.stack([mb["labels"], mb["loss_mask"].long()], 1)
 
 
 def reduce_over_stages(values: torch.Tensor, groups: TEDGroups) -> torch.Tensor:

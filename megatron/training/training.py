@@ -117,7 +117,7 @@ def pretrain(cfg: Config, tokenizer, groups: TEDGroups, device) -> dict:
     pipeline = None
     if cfg.stages is not None:
         pipeline = Pipeline(model, cfg.stages, groups, t.num_microbatches(groups.dp.size),
-                            t.micro_batch_size, t.seq_length // groups.cp.size, device)
+                            t.micro_batch_size, t.seq_length, device)
     upcycled_from = None
     if cfg.moe is not None and cfg.moe.use_upcycling:  # --moe-use-upcycling: from a dense model
         upcycled_from = check_upcycling(cfg.model, cfg.moe, ck.load, ck.save)
